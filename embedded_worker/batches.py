@@ -1,0 +1,382 @@
+"""BatchService: many items through one workflow, none lost, each reproducible alone.
+
+Design notes
+- Every item is its own record and its own WorkflowRun with its own seed, so
+  any item can be re-run alone and a failure stays with its item. The device
+  coalesces the items' images into shared forwards (up to the batch's
+  `max_batch_size` at once, `preferred_batch_size` when dynamic sizing is
+  off), sized by memory and shrunk on out-of-memory without losing any.
+- A batch ends `completed` only when every item completed. Otherwise it ends
+  `failed` and says which items failed and why; `retry` re-runs exactly
+  those. The bare request the existing C# client sends (no items) becomes
+  `total_images` items with seeds seed + i.
+- Metrics come from what ran: a "batch" in BatchMetrics is a group of images
+  that started denoising together in one cohort.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import uuid
+from typing import TYPE_CHECKING
+
+from .errors import InvalidRequest, InvalidState, NotFound
+from .protocol import (
+    BatchConfiguration,
+    ControlBatchRequest,
+    DeleteBatchRequest,
+    ExecuteBatchRequest,
+    iso,
+    ok,
+)
+from .record_owner import RecordOwner
+from .runner import WorkflowRun
+from .state import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    FINAL,
+    PAUSED,
+    PENDING,
+    RUNNING,
+    BatchRecord,
+    ItemRecord,
+    Record,
+)
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+PAUSE_WAIT_SECONDS = 5.0
+
+
+class BatchService:
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self._runs: dict[str, WorkflowRun] = {}  # item record id -> run; guarded by engine.book.lock
+        self._plans: dict[str, object] = {}
+        self._adjustments: dict[str, int] = {}
+        self._lock = threading.Lock()  # guards `_adjustments`
+
+    # ---- commands --------------------------------------------------------------------------
+
+    def execute(self, request: ExecuteBatchRequest) -> dict:
+        engine = self.engine
+        engine.ensure_open()
+        batch_id = request.batch_id or str(uuid.uuid4())
+        existing = self._find(batch_id)
+        if existing is None:
+            existing = self._create(batch_id, request)
+            duplicate = False
+        else:
+            duplicate = True
+        if not request.background:
+            existing.finished.wait()
+        reply = self.describe(existing, include_items=False)
+        reply["duplicate"] = duplicate
+        return reply
+
+    def _create(self, batch_id: str, request: ExecuteBatchRequest) -> BatchRecord:
+        engine = self.engine
+        workflow = engine.workflows.take_for_run(request.workflow_id)
+        parameters = dict(request.parameters)
+        total = parameters.pop("total_images", None)
+        configuration = request.configuration or BatchConfiguration(total_images=total or 1)
+        items = self._item_parameters(request, parameters, total or configuration.total_images)
+        plans = [
+            engine.planner.for_workflow(
+                workflow, values, prefix=f"items.{index}.parameters." if request.items else "parameters."
+            )
+            for index, (_, values) in enumerate(items)
+        ]
+        natives = {plan.model_id: engine.native_size(plan.model_id) for plan in plans}
+        engine.check_capacity(len(items))
+        record = BatchRecord(
+            id=batch_id,
+            priority=request.priority,
+            workflow_id=workflow.id,
+            name=request.name or f"{workflow.id} x{len(items)}",
+            request=request.model_dump(mode="json", exclude_none=True),
+            configuration=configuration.model_dump(),
+        )
+        group_limit = configuration.max_batch_size if configuration.enable_dynamic_sizing else configuration.preferred_batch_size
+        with engine.book.lock:
+            existing = engine.book.batches.get(batch_id)
+            if existing is not None:
+                return existing
+            engine.book.add(record)
+            runs = []
+            for index, ((item_id, values), plan) in enumerate(zip(items, plans)):
+                item = ItemRecord(id=f"{batch_id}/{item_id}", priority=request.priority, batch_id=batch_id,
+                                  item_id=item_id, index=index, parameters=values, seed=values.get("seed"))
+                record.item_ids.append(item.id)
+                engine.book.add(item)
+                self._plans[item.id] = plan
+                runs.append(self._new_run(item, plan, natives[plan.model_id], group_limit))
+            engine.book.transition(record, PENDING)
+            for item, run in runs:
+                engine.book.transition(item, PENDING)
+        for _, run in runs:
+            run.start()
+        return record
+
+    def _item_parameters(self, request: ExecuteBatchRequest, parameters: dict, total: int) -> list[tuple[str, dict]]:
+        limit = self.engine.config.limits.max_items
+        count = len(request.items) if request.items else total
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise InvalidRequest(f"parameters.total_images: must be a positive integer, got {count!r}")
+        if count > limit:
+            field = "items" if request.items else "parameters.total_images"
+            raise InvalidRequest(f"{field}: {count} items exceed the limit of {limit}")
+        if request.items:
+            ids = [item.item_id or f"item-{i:04d}" for i, item in enumerate(request.items)]
+            if len(set(ids)) != len(ids):
+                raise InvalidRequest("items: item_id values must be unique within a batch")
+            return [(item_id, {**parameters, **item.parameters}) for item_id, item in zip(ids, request.items)]
+        seed = parameters.get("seed")
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**32)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise InvalidRequest(f"parameters.seed: must be an integer, got {seed!r}")
+        return [(f"item-{i:04d}", {**parameters, "seed": seed + i}) for i in range(count)]
+
+    def _new_run(self, item: ItemRecord, plan, native: tuple[int, int], group_limit: int) -> tuple[ItemRecord, WorkflowRun]:
+        engine = self.engine
+        owner = RecordOwner(engine.book, engine.outputs, item, item.batch_id, engine.config.output_dir,
+                            on_change=self._item_changed)
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, item.priority, native,
+                          group=item.batch_id, group_limit=group_limit)
+        self._runs[item.id] = run
+        return item, run
+
+    def status(self, batch_id: str, include_items: bool) -> dict:
+        return self.describe(self._record(batch_id), include_items)
+
+    def control(self, request: ControlBatchRequest) -> dict:
+        book = self.engine.book
+        record = self._record(request.batch_id)
+        verb = request.action
+        items = self._items(record)
+        if verb == "pause":
+            if record.status not in (PENDING, RUNNING):
+                raise InvalidState(f"{record.label()} cannot pause in current status: {record.status}")
+            for item in items:
+                if item.status in (PENDING, RUNNING):
+                    self._runs[item.id].pause()
+            book.wait_until(lambda: record.status not in (PENDING, RUNNING), PAUSE_WAIT_SECONDS)
+        elif verb == "resume":
+            book.require(record, PENDING, "resume")
+            for item in items:
+                if book.transition(item, PENDING):
+                    self._runs[item.id].resume()
+        elif verb == "cancel":
+            book.require(record, CANCELLED, "cancel")
+            self._cancel_items(items)
+        else:
+            self._retry(record, items)
+        reply = self.describe(record, request.include_items)
+        reply["action"] = verb
+        return reply
+
+    def _retry(self, record: BatchRecord, items: list[ItemRecord]) -> None:
+        engine = self.engine
+        failed = [item for item in items if item.status == FAILED]
+        if not failed:
+            raise InvalidState(f"{record.label()} has no failed items to retry (status: {record.status})")
+        configuration = BatchConfiguration.model_validate(record.configuration)
+        group_limit = configuration.max_batch_size if configuration.enable_dynamic_sizing else configuration.preferred_batch_size
+        with engine.book.lock:
+            if record.status in FINAL:
+                engine.book.begin_attempt(record)
+            runs = []
+            for item in failed:
+                engine.book.begin_attempt(item)
+                engine.outputs.release(record.id, item_id=item.item_id)
+                item.outputs = []
+                plan = self._plans[item.id]
+                runs.append(self._new_run(item, plan, engine.native_size(plan.model_id), group_limit))
+        for _, run in runs:
+            run.start()
+
+    def _cancel_items(self, items: list[ItemRecord]) -> None:
+        for item in items:
+            if self.engine.book.transition(item, CANCELLED):
+                run = self._runs.get(item.id)
+                if run is not None:
+                    run.cancel()
+
+    def delete(self, request: DeleteBatchRequest) -> dict:
+        engine = self.engine
+        record = self._record(request.batch_id)
+        items = self._items(record)
+        if record.status not in FINAL:
+            engine.book.transition(record, CANCELLED)
+        self._cancel_items(items)
+        released = engine.outputs.release(record.id)
+        if request.force_cleanup and engine.config.output_dir is not None:
+            shutil.rmtree(engine.config.output_dir / record.id, ignore_errors=True)
+        with engine.book.lock:
+            for item in items:
+                engine.book.remove(item)
+                self._runs.pop(item.id, None)
+                self._plans.pop(item.id, None)
+            engine.book.remove(record)
+        with self._lock:
+            self._adjustments.pop(record.id, None)
+        return ok(batch_id=record.id, deleted=True, released_outputs=len(released))
+
+    def cancel_all(self) -> None:
+        with self.engine.book.lock:
+            batches = [r for r in self.engine.book.batches.values() if r.status not in FINAL]
+        for record in batches:
+            self.engine.book.transition(record, CANCELLED, "the worker closed")
+            self._cancel_items(self._items(record))
+
+    def resized(self, groups: set, size: int, reason: str) -> None:
+        with self._lock:
+            for group in groups:
+                self._adjustments[group] = self._adjustments.get(group, 0) + 1
+
+    def counts(self) -> dict:
+        with self.engine.book.lock:
+            statuses = [r.status for r in self.engine.book.batches.values()]
+        return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
+
+    # ---- the batch follows its items ---------------------------------------------------------
+
+    def _item_changed(self, item: Record) -> None:
+        book = self.engine.book
+        with book.lock:
+            record = book.batches.get(item.batch_id)
+            if record is None or record.status in FINAL:
+                return
+            items = self._items(record)
+            statuses = [i.status for i in items]
+            if item.status == RUNNING and record.status == PENDING:
+                book.transition(record, RUNNING)
+            elif all(s in FINAL for s in statuses):
+                self._finish(record, items)
+            elif record.status in (PENDING, RUNNING) and all(s in FINAL or s == PAUSED for s in statuses):
+                book.transition(record, PAUSED)
+            record.current_batch_size = statuses.count(RUNNING)
+
+    def _finish(self, record: BatchRecord, items: list[ItemRecord]) -> None:
+        book = self.engine.book
+        if record.status == PAUSED:
+            book.transition(record, PENDING)
+        if record.status == PENDING:
+            book.transition(record, RUNNING)
+        failed = [i for i in items if i.status == FAILED]
+        cancelled = [i for i in items if i.status == CANCELLED]
+        if not failed and not cancelled:
+            book.transition(record, COMPLETED)
+        elif failed:
+            details = [{"item_id": i.item_id, "error": i.error,
+                        "error_code": (i.error_details or {}).get("error_code")} for i in failed]
+            book.transition(record, FAILED, f"{len(failed)} of {len(items)} items failed", details)
+        else:
+            book.transition(record, CANCELLED)
+
+    # ---- replies ---------------------------------------------------------------------------
+
+    def _find(self, batch_id: str) -> BatchRecord | None:
+        with self.engine.book.lock:
+            return self.engine.book.batches.get(batch_id)
+
+    def _record(self, batch_id: str) -> BatchRecord:
+        record = self._find(batch_id)
+        if record is None:
+            raise NotFound(f"Batch '{batch_id}' not found")
+        return record
+
+    def _items(self, record: BatchRecord) -> list[ItemRecord]:
+        with self.engine.book.lock:
+            return [self.engine.book.items[i] for i in record.item_ids if i in self.engine.book.items]
+
+    def describe(self, record: BatchRecord, include_items: bool) -> dict:
+        items = self._items(record)
+        statuses = [i.status for i in items]
+        runs = [self._runs.get(i.id) for i in items]
+        progress = sum((1.0 if i.status == COMPLETED else (r.progress if r else 0.0)) for i, r in zip(items, runs))
+        etas = [r.eta_seconds for r, i in zip(runs, items) if r is not None and i.status == RUNNING and r.eta_seconds]
+        reply = ok(
+            batch_id=record.id,
+            name=record.name,
+            workflow_id=record.workflow_id,
+            status=record.status,
+            total_items=len(items),
+            processed_items=statuses.count(COMPLETED),
+            failed_items=statuses.count(FAILED),
+            cancelled_items=statuses.count(CANCELLED),
+            pending_items=statuses.count(PENDING) + statuses.count(PAUSED),
+            running_items=statuses.count(RUNNING),
+            current_batch_size=statuses.count(RUNNING),
+            progress=int(100 * progress / max(1, len(items))),
+            eta_seconds=round(max(etas), 3) if etas else (0.0 if record.status in FINAL else None),
+            priority=record.priority,
+            attempt=record.attempt,
+            created_at=iso(record.created_at),
+            started_at=iso(record.started_at),
+            completed_at=iso(record.completed_at),
+            error=record.error,
+            outputs=[ref for item in items for ref in item.outputs],
+            metrics=self._metrics(record, runs),
+            configuration=dict(record.configuration),
+            board_slot=record.board_slot,
+        )
+        if record.error_details is not None:
+            reply["failed"] = record.error_details
+        if include_items:
+            reply["items"] = [self._item_state(i) for i in items]
+        return reply
+
+    def _metrics(self, record: BatchRecord, runs: list[WorkflowRun | None]) -> dict:
+        tasks = [t for r in runs if r is not None for t in r.all_tasks]
+        cohorts: dict[int, list] = {}
+        for task in tasks:
+            if task.cohort_id is not None:
+                cohorts.setdefault(task.cohort_id, []).append(task)
+        completed, failed, durations = 0, 0, []
+        for members in cohorts.values():
+            if not all(t.future.done() for t in members):
+                continue
+            if any(t.future.cancelled() or t.future.exception() is not None for t in members):
+                failed += 1
+                continue
+            completed += 1
+            started = min(t.run_started_at for t in members if t.run_started_at is not None)
+            durations.append(max(t.finished_at for t in members) - started)
+        monitors = self.engine.pool.monitors.values()
+        with self._lock:
+            adjustments = self._adjustments.get(record.id, 0)
+        return {
+            "total_batches": len(cohorts),
+            "completed_batches": completed,
+            "failed_batches": failed,
+            "total_images_generated": sum(1 for t in tasks if t.future.done() and not t.future.cancelled()
+                                          and t.future.exception() is None),
+            "average_batch_time": round(sum(durations) / len(durations), 4) if durations else 0.0,
+            "memory_usage_peak": max((m.peak_used for m in monitors), default=0),
+            "dynamic_adjustments": adjustments,
+        }
+
+    def _item_state(self, item: ItemRecord) -> dict:
+        run = self._runs.get(item.id)
+        state = {
+            "item_id": item.item_id,
+            "index": item.index,
+            "status": item.status,
+            "seed": item.seed,
+            "attempt": item.attempt,
+            "progress": int(100 * (1.0 if item.status == COMPLETED else (run.progress if run else 0.0))),
+            "error": item.error,
+            "outputs": list(item.outputs),
+            "started_at": iso(item.started_at),
+            "completed_at": iso(item.completed_at),
+        }
+        if item.error_details:
+            state["error_code"] = item.error_details.get("error_code")
+        return state
+

@@ -1,0 +1,128 @@
+"""WorkerConfig: everything a host can set, in one pydantic model.
+
+A host builds it from a dict, a JSON file or the `EMBEDDED_WORKER_CONFIG`
+environment variable (a JSON object or a path to a JSON file). Defaults run
+on a CPU with the built-in model; GPUs, fp16 and bigger batches switch on from
+detection and configuration, never by editing code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import InvalidRequest
+
+BUILTIN_MODEL_ID = "builtin:tiny-sd"
+CONFIG_ENV_VAR = "EMBEDDED_WORKER_CONFIG"
+
+
+def default_data_dir() -> Path:
+    """The per-user data folder (XDG on Linux, LOCALAPPDATA on Windows)."""
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "embedded_worker"
+
+
+class Limits(BaseModel):
+    """Bounds on what one request may ask for; requests beyond them are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queued_work: int = Field(1000, ge=1, description="sessions and batch items not yet final")
+    max_image_side: int = Field(2048, ge=8)
+    max_steps: int = Field(150, ge=1)
+    max_items: int = Field(1000, ge=1, description="items of one batch or images of one session")
+    max_prompt_chars: int = Field(4000, ge=1)
+
+
+class SchedulingConfig(BaseModel):
+    """Queue policy: one place, like Triton's dynamic batcher."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aging_per_second: float = Field(
+        0.1, ge=0, description="priority points a waiting task gains per second, so low priority never starves"
+    )
+    coalesce_wait_ms: float = Field(
+        15.0, ge=0, description="how long an idle device waits for compatible work to start it together"
+    )
+    max_batch_size: int = Field(8, ge=1, description="images in one denoising forward, before memory says otherwise")
+    workers_per_device: int = Field(1, ge=1, le=8)
+    cpu_threads: int = Field(2, ge=1, le=32, description="postprocessing and encoding pool")
+
+
+class WorkerConfig(BaseModel):
+    """The worker's whole configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    models: dict[str, str] = Field(
+        default_factory=dict, description="model id -> local diffusers folder; the built-in model is always present"
+    )
+    default_model: str = BUILTIN_MODEL_ID
+    max_loaded_models: int = Field(2, ge=1, description="pipelines one device worker keeps loaded")
+    model_cache_dir: Path | None = Field(None, description="where the built-in model is written once")
+    workflows_dir: Path | None = None
+    output_dir: Path | None = Field(None, description="PNG files with metadata are written here when set")
+    allowed_roots: list[Path] = Field(default_factory=list, description="folders a request may name paths inside")
+    limits: Limits = Field(default_factory=Limits)
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    gc_freeze: bool = Field(True, description="freeze collector generations after model load (GIL pauses)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"unknown device '{value}' (auto, cpu, cuda, cuda:N, mps)")
+
+    @model_validator(mode="after")
+    def _default_model_known(self) -> "WorkerConfig":
+        if self.default_model != BUILTIN_MODEL_ID and self.default_model not in self.models:
+            raise ValueError(f"default_model '{self.default_model}' is not in models")
+        return self
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir or default_data_dir() / "models"
+
+    @classmethod
+    def load(cls, source: "WorkerConfig | dict | str | os.PathLike | None" = None) -> "WorkerConfig":
+        """From a config, a dict, a JSON file path or JSON text; None reads the environment."""
+        if isinstance(source, WorkerConfig):
+            return source
+        if source is None:
+            source = os.environ.get(CONFIG_ENV_VAR)
+            if not source:
+                return cls()
+        if isinstance(source, (str, os.PathLike)):
+            source = _read_json_source(str(source))
+        try:
+            return cls.model_validate(source)
+        except ValueError as error:
+            raise InvalidRequest(f"invalid worker configuration: {error}") from error
+
+
+def _read_json_source(text: str) -> Any:
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidRequest(f"invalid worker configuration JSON: {error}") from error
+    path = Path(text)
+    if not path.is_file():
+        raise InvalidRequest(f"worker configuration file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"invalid worker configuration file {path}: {error}") from error

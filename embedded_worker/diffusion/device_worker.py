@@ -1,0 +1,422 @@
+"""DeviceWorker: one named thread that drives one device, one denoising step at a time.
+
+Design notes
+- Iteration-level batching: between any two steps the worker admits queued
+  images into its active set, and pauses, cancels and finishes others. Every
+  step is one UNet forward over all active images, whatever request each came
+  from, so eight single-image sessions cost about one batch of eight, and a
+  request that arrives mid-run joins at the next step instead of waiting for
+  the whole run to end.
+- The active set holds one forward key (model, size, guidance mode) at a
+  time. When a more urgent task of another key waits, the worker stops
+  admitting and drains, then switches: urgency decides, aging prevents
+  starvation.
+- A pipeline belongs to its worker and is touched from this thread only
+  (pipelines are not thread-safe). Model loads and unloads asked for by
+  other threads run here between steps (`call`).
+- Out of memory: the step is retried in smaller chunks (latents are only
+  changed once every chunk succeeded), so no image is lost or run twice.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import Cancelled, InternalError, ResourceExhausted, Unavailable, WorkerError, is_out_of_memory
+from .denoise import Cohort, Conditioning, decode_pixels, encode_prompt, join_conditioning, predict_noise, start_cohort
+from .memory import BatchSizer, MemoryMonitor
+from .models import ModelCatalog, load_pipeline
+from .task import DONE, PARKED, DenoiseTask
+from .work_queue import WorkQueue
+
+log = logging.getLogger("embedded_worker.device")
+
+PROMPT_CACHE_SIZE = 64
+_cohort_ids = itertools.count(1)
+ResizeHook = Callable[[set, int, str], None]
+
+
+@dataclass
+class WorkerCounters:
+    forwards: int = 0
+    steps: int = 0
+    images_done: int = 0
+    cohorts_started: int = 0
+    out_of_memory: int = 0
+
+
+class DeviceWorker:
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        queue: WorkQueue,
+        catalog: ModelCatalog,
+        monitor: MemoryMonitor,
+        sizer: BatchSizer,
+        coalesce_wait_s: float,
+        max_loaded_models: int,
+        gc_freeze: bool,
+        on_resize: ResizeHook,
+    ):
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.queue = queue
+        self.catalog = catalog
+        self.monitor = monitor
+        self.sizer = sizer
+        self.coalesce_wait_s = coalesce_wait_s
+        self.max_loaded_models = max_loaded_models
+        self.gc_freeze = gc_freeze
+        self.on_resize = on_resize
+        self.counters = WorkerCounters()
+        self.seconds_per_step: float | None = None
+        self.seconds_per_decode: float | None = None
+        self.capacity = sizer.max_batch_size
+        self._pipes: OrderedDict[str, tuple] = OrderedDict()  # model id -> (pipe, family); this thread only
+        self._prompts: OrderedDict[tuple, Conditioning] = OrderedDict()  # this thread only
+        self._cohorts: list[Cohort] = []  # this thread only
+        self._key: tuple | None = None
+        self._calls: deque[tuple[Callable, Future]] = deque()  # guarded by queue.cond
+        self._stopping = False  # guarded by queue.cond
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # ---- other threads -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.queue.cond:
+            self._stopping = True
+            self.queue.cond.notify_all()
+
+    def call(self, fn: Callable) -> Future:
+        """Run `fn(worker)` on this worker's thread between two steps."""
+        future: Future = Future()
+        with self.queue.cond:
+            if self._stopping:
+                future.set_exception(Unavailable("the worker is closing"))
+                return future
+            self._calls.append((fn, future))
+            self.queue.cond.notify_all()
+        return future
+
+    @property
+    def active_images(self) -> int:
+        return sum(c.size for c in list(self._cohorts))
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "loaded_models": list(self._pipes),
+            "active_images": self.active_images,
+            "capacity": self.capacity,
+            "seconds_per_step": self.seconds_per_step,
+            "forwards": self.counters.forwards,
+            "images_done": self.counters.images_done,
+            "cohorts_started": self.counters.cohorts_started,
+            "out_of_memory_events": self.counters.out_of_memory,
+        }
+
+    # ---- the worker thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                admitted = self._admit()
+                if admitted is None:
+                    break
+                self._run_calls()
+                self._start(admitted)
+                self._apply_controls()
+                if self._cohorts:
+                    self._step()
+                    self._finish()
+        self._shutdown()
+
+    def _admit(self) -> list[DenoiseTask] | None:
+        """Wait for work, then take what fits in the next forward; None when stopping."""
+        queue = self.queue
+        coalesce_until = None
+        with queue.cond:
+            while True:
+                if self._stopping:
+                    return None
+                if self._calls:
+                    return []
+                active = self.active_images
+                if active == 0:
+                    key = queue.best_key()
+                    if key is None:
+                        self._key = None
+                        queue.cond.wait()
+                        continue
+                    capacity = self.sizer.size(key, 0)
+                    if self.coalesce_wait_s > 0 and queue.count(key) < capacity:
+                        now = time.monotonic()
+                        coalesce_until = coalesce_until or now + self.coalesce_wait_s
+                        if now < coalesce_until:
+                            queue.cond.wait(coalesce_until - now)
+                            continue
+                    self._key = key
+                elif queue.outranked(self._key):
+                    return []  # drain the active set, then switch to the more urgent key
+                self.capacity = self.sizer.size(self._key, active)
+                taken = queue.take(self._key, self.capacity - active, self._acceptor())
+                for task in taken:
+                    task.mark_active()
+                return taken
+
+    def _acceptor(self) -> Callable[[DenoiseTask], bool]:
+        in_group: dict[str, int] = {}
+        for cohort in self._cohorts:
+            for task in cohort.members:
+                if task.group:
+                    in_group[task.group] = in_group.get(task.group, 0) + 1
+
+        def accept(task: DenoiseTask) -> bool:
+            if task.group is None or task.group_limit is None:
+                return True
+            if in_group.get(task.group, 0) >= task.group_limit:
+                return False
+            in_group[task.group] = in_group.get(task.group, 0) + 1
+            return True
+
+        return accept
+
+    def _run_calls(self) -> None:
+        with self.queue.cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for fn, future in calls:
+            try:
+                future.set_result(fn(self))
+            except BaseException as error:  # handed to the caller, who turns it into an envelope
+                future.set_exception(error)
+
+    def pipeline(self, model_id: str) -> tuple:
+        """(pipe, family) for `model_id`, loading it here, least recently used evicted."""
+        if model_id in self._pipes:
+            self._pipes.move_to_end(model_id)
+            return self._pipes[model_id]
+        while len(self._pipes) >= self.max_loaded_models:
+            self.unload(next(iter(self._pipes)))
+        folder = self.catalog.folder(model_id)
+        started = time.perf_counter()
+        pipe = load_pipeline(folder, self.device, self.dtype)
+        family = self.catalog.family(model_id)
+        self._pipes[model_id] = (pipe, family)
+        log.info("%s loaded %s in %.2f s", self.name, model_id, time.perf_counter() - started)
+        if self.gc_freeze:
+            gc.collect()
+            gc.freeze()  # a full collection over the model's objects held the GIL ~200 ms
+        return self._pipes[model_id]
+
+    def unload(self, model_id: str) -> bool:
+        if self._pipes.pop(model_id, None) is None:
+            return False
+        self._prompts = OrderedDict((k, v) for k, v in self._prompts.items() if k[0] != model_id)
+        gc.unfreeze()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.sizer.forget()
+        return True
+
+    def _start(self, tasks: list[DenoiseTask]) -> None:
+        """Put admitted tasks into cohorts: resumed ones bring theirs, fresh ones share by schedule."""
+        fresh: dict[tuple, list[DenoiseTask]] = {}
+        for task in tasks:
+            if task.parked is not None:
+                self._cohorts.append(task.parked)
+                task.parked = None
+                self._notify(task, "task_started")
+            else:
+                fresh.setdefault(task.spec.schedule_key(), []).append(task)
+        for members in fresh.values():
+            try:
+                pipe, family = self.pipeline(members[0].spec.model_id)
+                specs = [t.spec for t in members]
+                conditioning = join_conditioning([self._conditioning(pipe, family, s) for s in specs])
+                cohort = start_cohort(pipe, members, specs, conditioning)
+            except Exception as error:  # a bad model or input fails these images only
+                self._fail(members, error)
+                continue
+            self.counters.cohorts_started += 1
+            self._cohorts.append(cohort)
+            cohort_id = next(_cohort_ids)
+            for task in members:
+                task.total_steps = cohort.total_steps
+                task.cohort_id = cohort_id
+                self._notify(task, "task_started")
+
+    def _conditioning(self, pipe, family: str, spec) -> Conditioning:
+        key = (spec.model_id, spec.prompt, spec.negative_prompt, spec.uses_guidance, spec.height, spec.width)
+        if key in self._prompts:
+            self._prompts.move_to_end(key)
+            return self._prompts[key]
+        encoded = encode_prompt(pipe, family, spec)
+        self._prompts[key] = encoded
+        if len(self._prompts) > PROMPT_CACHE_SIZE:
+            self._prompts.popitem(last=False)
+        return encoded
+
+    def _apply_controls(self) -> None:
+        """Pauses and cancels take effect here, at a step boundary."""
+        kept: list[Cohort] = []
+        for cohort in self._cohorts:
+            leaving = [i for i, t in enumerate(cohort.members) if t.cancel_requested or t.pause_requested]
+            if not leaving:
+                kept.append(cohort)
+                continue
+            staying = cohort.size - len(leaving)
+            for position in reversed(leaving):
+                task = cohort.members[position]
+                alone = cohort if staying == 0 and cohort.size == 1 else cohort.split_off([position])
+                self._leave(task, alone)
+            if staying:
+                kept.append(cohort)
+        self._cohorts = kept
+
+    def _leave(self, task: DenoiseTask, cohort: Cohort) -> None:
+        with self.queue.cond:
+            if task.cancel_requested:
+                task.state = DONE
+            else:
+                task.state = PARKED
+                task.parked = cohort
+                task.pause_requested = False
+        if task.state == DONE:
+            task.future.set_exception(Cancelled("cancelled"))
+        else:
+            self._notify(task, "task_parked")
+
+    def _step(self) -> None:
+        key = self._key
+        images = self.active_images
+        chunk = min(images, self.capacity)
+        unet = self.pipeline(self._cohorts[0].specs[0].model_id)[0].unet
+        rows_per_image = 2 if self._cohorts[0].uses_guidance else 1
+        while True:
+            try:
+                used_before = self.monitor.begin()
+                started = time.perf_counter()
+                predict_noise(unet, self._cohorts, chunk * rows_per_image)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - started
+                self.monitor.end(key, chunk, used_before)
+                break
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    self._fail([t for c in self._cohorts for t in c.members], error)
+                    self._cohorts = []
+                    return
+                self.counters.out_of_memory += 1
+                self._release_memory()
+                if chunk == 1:
+                    self._fail([t for c in self._cohorts for t in c.members],
+                               ResourceExhausted("out of device memory at batch size 1"))
+                    self._cohorts = []
+                    return
+                chunk = self.sizer.out_of_memory(key, chunk)
+                self.capacity = chunk
+                self.on_resize(self._groups(), chunk, "out_of_memory")
+        self.sizer.clean_forward(key)
+        self.counters.forwards += -(-images // chunk)
+        self.counters.steps += 1
+        self.seconds_per_step = elapsed if self.seconds_per_step is None else 0.8 * self.seconds_per_step + 0.2 * elapsed
+        decode = self.seconds_per_decode or 0.0
+        for cohort in self._cohorts:
+            remaining = cohort.total_steps - cohort.step_index
+            for task in cohort.members:
+                task.step = cohort.step_index
+                task.eta_seconds = remaining * self.seconds_per_step + decode
+                self._notify(task, "task_stepped")
+
+    def _finish(self) -> None:
+        done = [c for c in self._cohorts if c.finished]
+        if not done:
+            return
+        self._cohorts = [c for c in self._cohorts if not c.finished]
+        for cohort in done:
+            pipe = self.pipeline(cohort.specs[0].model_id)[0]
+            chunk = max(1, self.capacity)
+            while True:
+                try:
+                    started = time.perf_counter()
+                    images = decode_pixels(pipe, cohort.latents, chunk)
+                    per_image = (time.perf_counter() - started) / cohort.size
+                    break
+                except Exception as error:
+                    if not is_out_of_memory(error) or chunk == 1:
+                        self._fail(cohort.members, error)
+                        images = None
+                        break
+                    self.counters.out_of_memory += 1
+                    self._release_memory()
+                    chunk //= 2
+            if images is None:
+                continue
+            self.seconds_per_decode = per_image if self.seconds_per_decode is None else 0.8 * self.seconds_per_decode + 0.2 * per_image
+            for task, pixels in zip(cohort.members, images):
+                with self.queue.cond:
+                    task.state = DONE
+                task.step = task.total_steps
+                task.eta_seconds = 0.0
+                task.finished_at = time.monotonic()
+                self.counters.images_done += 1
+                task.future.set_result(pixels)
+
+    def _groups(self) -> set:
+        return {t.group for c in self._cohorts for t in c.members if t.group}
+
+    def _release_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _fail(self, tasks: list[DenoiseTask], error: BaseException) -> None:
+        if not isinstance(error, WorkerError):
+            log.exception("%s: denoising failed", self.name, exc_info=error)
+            error = InternalError(f"{type(error).__name__}: {error}")
+        for task in tasks:
+            with self.queue.cond:
+                task.state = DONE
+            if not task.future.done():
+                task.future.set_exception(error)
+
+    def _notify(self, task: DenoiseTask, event: str) -> None:
+        if task.listener is not None:
+            try:
+                getattr(task.listener, event)(task)
+            except Exception:  # a listener bug must not stop the device
+                log.exception("%s: listener %s failed", self.name, event)
+
+    def _shutdown(self) -> None:
+        with self.queue.cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for _, future in calls:
+            future.set_exception(Unavailable("the worker is closing"))
+        tasks = [t for c in self._cohorts for t in c.members]
+        self._cohorts = []
+        self._fail(tasks, Unavailable("the worker closed before this image finished"))
+        self._pipes.clear()
+        self._prompts.clear()
+

@@ -1,0 +1,191 @@
+"""Device memory, the learned memory cost of an image, and the batch size that follows.
+
+Design notes
+- A bare usage ratio says nothing about the next batch. What matters is how
+  much one more image costs for this (model, size, guidance) and how much
+  room is left, so each forward is measured: the peak above the level before
+  it, divided by the images in it. On CUDA torch's allocator keeps the peak;
+  on Linux CPUs the kernel's VmHWM does, reset through /proc/self/clear_refs.
+- `BatchSizer` turns that into a size for the next forward, clamped by the
+  configuration, shrunk by half after an out-of-memory error and grown back
+  one image at a time after a run of clean forwards, never again to the size
+  that failed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+import torch
+
+GROW_AFTER_CLEAN_FORWARDS = 20
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    used: int
+    total: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.total - self.used)
+
+
+class MemoryProbe(Protocol):
+    def read(self) -> MemoryReading: ...
+
+    def reset_peak(self) -> None: ...
+
+    def peak_used(self) -> int: ...
+
+
+class CudaProbe:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._base_allocated = 0
+        self._base_used = 0
+
+    def read(self) -> MemoryReading:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return MemoryReading(total - free, total)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._base_allocated = torch.cuda.memory_allocated(self.device)
+        self._base_used = self.read().used
+
+    def peak_used(self) -> int:
+        return self._base_used + torch.cuda.max_memory_allocated(self.device) - self._base_allocated
+
+
+class ProcessProbe:
+    """System memory for room, this process's resident peak for cost (Linux VmHWM)."""
+
+    _status = Path("/proc/self/status")
+    _clear_refs = Path("/proc/self/clear_refs")
+
+    def __init__(self):
+        self._base_rss = 0
+        self._base_used = 0
+        self._can_reset = self._clear_refs.exists() and self._status.exists()
+
+    def read(self) -> MemoryReading:
+        memory = psutil.virtual_memory()
+        return MemoryReading(memory.total - memory.available, memory.total)
+
+    def reset_peak(self) -> None:
+        self._base_used = self.read().used
+        if self._can_reset:
+            try:
+                self._clear_refs.write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                self._can_reset = False
+        self._base_rss = psutil.Process().memory_info().rss
+
+    def peak_used(self) -> int:
+        if not self._can_reset:
+            return self.read().used
+        for line in self._status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return self._base_used + int(line.split()[1]) * 1024 - self._base_rss
+        return self.read().used
+
+
+def probe_for(device: torch.device) -> MemoryProbe:
+    return CudaProbe(device) if device.type == "cuda" else ProcessProbe()
+
+
+class MemoryMonitor:
+    """Reads one device's memory and learns what an image in a forward costs there."""
+
+    def __init__(self, probe: MemoryProbe):
+        self.probe = probe
+        self._lock = threading.Lock()  # guards `_cost` and `peak_used`
+        self._cost: dict[tuple, float] = {}
+        self.peak_used = 0
+
+    def begin(self) -> int:
+        self.probe.reset_peak()
+        return self.probe.read().used
+
+    def end(self, key: tuple, images: int, used_before: int) -> None:
+        peak = self.probe.peak_used()
+        per_image = max(0, peak - used_before) / max(1, images)
+        with self._lock:
+            self.peak_used = max(self.peak_used, peak)
+            if per_image > 0:
+                old = self._cost.get(key)
+                self._cost[key] = per_image if old is None else max(per_image, 0.8 * old + 0.2 * per_image)
+
+    def cost_per_image(self, key: tuple) -> float | None:
+        with self._lock:
+            return self._cost.get(key)
+
+    def recommend(self, key: tuple, threshold: float) -> int | None:
+        """Images that fit under `threshold` x total memory; None until a cost is known."""
+        cost = self.cost_per_image(key)
+        if not cost:
+            return None
+        reading = self.probe.read()
+        room = threshold * reading.total - reading.used
+        return max(0, math.floor(room / cost))
+
+    def snapshot(self) -> dict:
+        reading = self.probe.read()
+        return {"used_bytes": int(reading.used), "total_bytes": int(reading.total), "free_bytes": int(reading.free),
+                "peak_used_bytes": int(self.peak_used)}
+
+
+class BatchSizer:
+    """The size of the next forward for a forward key: memory, configuration and OOM history."""
+
+    def __init__(self, monitor: MemoryMonitor, max_batch_size: int, threshold: float = 0.9):
+        self.monitor = monitor
+        self.max_batch_size = max_batch_size
+        self.threshold = threshold
+        self._lock = threading.Lock()  # guards the two OOM maps
+        self._failed_at: dict[tuple, int] = {}
+        self._limit: dict[tuple, int] = {}
+        self._clean: dict[tuple, int] = {}
+
+    def size(self, key: tuple, active: int, wanted_max: int | None = None, wanted_min: int = 1,
+             threshold: float | None = None) -> int:
+        """How many images the next forward may hold; `active` are already in flight."""
+        size = min(self.max_batch_size, wanted_max or self.max_batch_size)
+        recommended = self.monitor.recommend(key, threshold or self.threshold)
+        if recommended is not None:
+            size = min(size, max(wanted_min, active + recommended))
+        with self._lock:
+            if key in self._limit:
+                size = min(size, self._limit[key])
+        return max(1, size)
+
+    def out_of_memory(self, key: tuple, size: int) -> int:
+        """Record a failure at `size`; the new limit is half of it."""
+        with self._lock:
+            self._failed_at[key] = min(size, self._failed_at.get(key, size))
+            self._limit[key] = max(1, size // 2)
+            self._clean[key] = 0
+            return self._limit[key]
+
+    def clean_forward(self, key: tuple) -> None:
+        """Grow the limit back by one after enough clean forwards, short of the size that failed."""
+        with self._lock:
+            if key not in self._limit:
+                return
+            self._clean[key] = self._clean.get(key, 0) + 1
+            if self._clean[key] >= GROW_AFTER_CLEAN_FORWARDS and self._limit[key] + 1 < self._failed_at[key]:
+                self._limit[key] += 1
+                self._clean[key] = 0
+
+    def forget(self) -> None:
+        """After models unload the old failures no longer describe the device."""
+        with self._lock:
+            self._failed_at.clear()
+            self._limit.clear()
+            self._clean.clear()

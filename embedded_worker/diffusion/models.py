@@ -1,0 +1,155 @@
+"""Where models live and how a device worker loads one.
+
+A model is a local diffusers-format folder (SD 1.x/2.x or SDXL class) or a
+built-in tiny model. Loading never reaches for a hub (`local_files_only`, and
+the worker sets HF_HUB_OFFLINE) and takes safetensors only: a folder that
+holds pickle weights is refused before anything is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidRequest, NotFound
+from .tiny_model import TINY_MODELS, ensure_tiny_model
+
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+}
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def set_offline_environment() -> None:
+    """Make any stray hub access fail at once instead of hanging on a closed network."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[name] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DISABLE_TELEMETRY", "1")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model_id: str
+    source: str  # a folder, or the built-in recipe name
+
+    @property
+    def builtin(self) -> bool:
+        return self.model_id in TINY_MODELS
+
+
+class ModelCatalog:
+    """Model ids the worker knows, resolved to folders on first use."""
+
+    def __init__(self, configured: dict[str, str], cache_dir: Path):
+        self._cache_dir = Path(cache_dir)
+        # guards `_entries` and `_folders`: `model.load` may add a model while workers read
+        self._lock = threading.Lock()
+        self._entries = {model_id: ModelEntry(model_id, model_id) for model_id in TINY_MODELS}
+        self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in configured.items()})
+        self._folders: dict[str, Path] = {}
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._entries)
+
+    def entry(self, model_id: str) -> ModelEntry:
+        with self._lock:
+            if model_id not in self._entries:
+                raise NotFound(f"Model '{model_id}' not found")
+            return self._entries[model_id]
+
+    def register(self, model_id: str, folder: Path) -> ModelEntry:
+        with self._lock:
+            entry = ModelEntry(model_id, str(folder))
+            self._entries[model_id] = entry
+            self._folders.pop(model_id, None)
+            return entry
+
+    def folder(self, model_id: str) -> Path:
+        """The checked folder of `model_id`, building a built-in model on first use."""
+        entry = self.entry(model_id)
+        with self._lock:
+            cached = self._folders.get(model_id)
+        if cached is not None:
+            return cached
+        if entry.builtin:
+            folder = ensure_tiny_model(model_id, self._cache_dir)
+        else:
+            folder = Path(entry.source)
+            check_model_folder(folder)
+        with self._lock:
+            self._folders[model_id] = folder
+        return folder
+
+    def family(self, model_id: str) -> str:
+        return read_family(self.folder(model_id))
+
+    def native_size(self, model_id: str) -> tuple[int, int]:
+        return native_size(self.folder(model_id))
+
+
+def read_family(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    class_name = index.get("_class_name", "")
+    if class_name not in FAMILIES:
+        raise InvalidRequest(f"model folder {folder}: pipeline class '{class_name}' is not supported (SD or SDXL)")
+    return FAMILIES[class_name]
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse what we cannot load safely: no folder, no index, or pickle weights."""
+    if not folder.is_dir():
+        raise NotFound(f"model folder not found: {folder}")
+    if not (folder / "model_index.json").is_file():
+        raise InvalidRequest(f"model folder {folder} has no model_index.json (diffusers format expected)")
+    read_family(folder)
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        names = [p.name for p in component.iterdir() if p.is_file()]
+        pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        has_safetensors = any(n.endswith(".safetensors") for n in names)
+        if pickled and not has_safetensors:
+            raise InvalidRequest(
+                f"model folder {folder}: '{component.name}' holds only pickle weights ({pickled[0]}); "
+                "only safetensors are loaded"
+            )
+
+
+def load_pipeline(folder: Path, device, dtype):
+    """A pipeline on `device` in `dtype`, loaded offline from safetensors."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    set_offline_environment()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    # SD folders may carry a safety checker; the service filters content itself, so it is not loaded
+    skip = {"safety_checker": None, "requires_safety_checker": False} if read_family(folder) == "sd" else {}
+    pipe = DiffusionPipeline.from_pretrained(
+        folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype, **skip
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for module in (getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    return pipe
+
+
+def native_size(folder: Path) -> tuple[int, int]:
+    """(width, height) the model was trained at, read from its configs without loading weights."""
+    unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    sample = unet.get("sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    side = int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return side, side

@@ -1,0 +1,72 @@
+"""DenoiseTask: one image on its way through a device, and what it tells its owner.
+
+The owner (a workflow run) holds the task and its `future`; the queue and a
+device worker move it between `queued`, `active` and `parked`. Owners never
+touch those states directly: they ask the DevicePool to pause, resume or
+cancel, and hear back through `listener`.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from typing import Protocol
+
+from .denoise import Cohort, ImageSpec
+
+NEW, QUEUED, ACTIVE, PARKED, DONE = "new", "queued", "active", "parked", "done"
+
+
+class TaskListener(Protocol):
+    def task_started(self, task: "DenoiseTask") -> None: ...
+
+    def task_stepped(self, task: "DenoiseTask") -> None: ...
+
+    def task_parked(self, task: "DenoiseTask") -> None: ...
+
+
+class DenoiseTask:
+    """One image: its spec, its place in the queue, its progress and its result."""
+
+    def __init__(
+        self,
+        spec: ImageSpec,
+        priority: int,
+        listener: TaskListener | None = None,
+        group: str | None = None,
+        group_limit: int | None = None,
+    ):
+        self.spec = spec
+        self.priority = priority
+        self.listener = listener
+        self.group = group  # a batch id: its members share `group_limit` places in a forward
+        self.group_limit = group_limit
+        self.future: Future = Future()
+        self.state = NEW  # guarded by the WorkQueue's lock
+        self.pause_requested = False
+        self.cancel_requested = False
+        self.parked: Cohort | None = None  # its own denoising state while paused
+        self.enqueued_at = 0.0  # monotonic; the queue's aging counts from here
+        self.queue_seconds = 0.0
+        self.run_started_at: float | None = None
+        self.step = 0
+        self.total_steps = spec.steps
+        self.eta_seconds: float | None = None
+        self.queue_entry: list | None = None
+        self.cohort_id: int | None = None  # which forward group it started in, for batch metrics
+        self.finished_at: float | None = None
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    def mark_queued(self) -> None:
+        self.state = QUEUED
+        self.enqueued_at = time.monotonic()
+
+    def mark_active(self) -> None:
+        now = time.monotonic()
+        self.queue_seconds += now - self.enqueued_at
+        if self.run_started_at is None:
+            self.run_started_at = now
+        self.state = ACTIVE

@@ -1,0 +1,305 @@
+"""ProcessingWorker: the facade a .NET host (or any Python caller) talks to.
+
+Thin by design: it validates the request against its pydantic model, routes
+it, and wraps the answer in an envelope. Nothing raises across it: every
+failure, including bugs, comes back as `{"success": false, "error",
+"error_code"}`. Replies are plain JSON-able Python; pixels cross only as
+numpy buffers (`get_output`, `allocate_input`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel
+
+from .config import WorkerConfig
+from .errors import InternalError, InvalidRequest, NotFound, Unavailable, WorkerError
+from .protocol import (
+    BatchRequest,
+    ControlBatchRequest,
+    ControlSessionRequest,
+    DeleteBatchRequest,
+    DeleteSessionRequest,
+    ExecuteBatchRequest,
+    ExecuteWorkflowRequest,
+    ListSessionsRequest,
+    OutputRequest,
+    Request,
+    SessionRequest,
+    WorkflowRequest,
+    failure,
+    ok,
+    parse,
+)
+
+log = logging.getLogger("embedded_worker")
+
+DOMAIN_ALIASES = {
+    "status": "get_status",
+    "list": "list_models",
+    "load": "load_model",
+    "unload": "unload_model",
+    "memory": "get_memory",
+    "devices": "list_devices",
+    "models": "list_models",
+}
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _snake(name: str) -> str:
+    return _CAMEL.sub("_", name.strip()).lower().replace("-", "_")
+
+
+class ProcessingWorker:
+    """The PROCESSING worker, in process: one method per protocol command."""
+
+    def __init__(self, config: WorkerConfig | dict | str | None = None, **overrides: Any):
+        from .engine import Engine
+        from .instructors.device import DeviceInstructor
+        from .instructors.model import ModelInstructor
+        from .instructors.operation import OperationInstructor
+
+        base = WorkerConfig.load(config)
+        self.config = base.model_copy(update=overrides) if overrides else base
+        self._engine = Engine(self.config)
+        self._closed = threading.Event()
+        self._instructors = {
+            "device": DeviceInstructor(self._engine),
+            "model": ModelInstructor(self._engine),
+            "inference": OperationInstructor(self._engine, "inference"),
+            "postprocessing": OperationInstructor(self._engine, "postprocessing"),
+        }
+        self._processing: dict[str, Callable[..., dict]] = {
+            name: getattr(self, name)
+            for name in (
+                "get_workflows", "get_workflow", "execute_workflow", "get_session_status", "control_session",
+                "delete_session", "execute_batch", "get_batch_status", "delete_batch", "control_batch",
+                "list_sessions", "get_status", "output_info", "release_input",
+            )
+        }
+
+    # ---- the boundary ---------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], Any]) -> dict:
+        """Run `fn` and envelope whatever happens; the one place errors become values."""
+        try:
+            if self._closed.is_set():
+                raise Unavailable("the worker is closed")
+            result = fn()
+            return result if isinstance(result, dict) and "success" in result else ok(**(result or {}))
+        except WorkerError as error:
+            return failure(error)
+        except Exception as error:  # a bug must not cross into the host
+            log.exception("unexpected error at the facade")
+            return failure(InternalError(f"{type(error).__name__}: {error}"))
+
+    @staticmethod
+    def _data(request: Any, kwargs: dict) -> dict:
+        if request is None:
+            data: dict = {}
+        elif isinstance(request, BaseModel):
+            data = request.model_dump(exclude_unset=True)
+        elif isinstance(request, dict):
+            data = dict(request)
+        elif isinstance(request, str):
+            data = _json_object(request)
+        else:
+            raise InvalidRequest(f"request must be a dict, a JSON object or a model, got {type(request).__name__}")
+        data.update(kwargs)
+        return data
+
+    # ---- the nine commands (and their companions) -----------------------------------------
+
+    def get_workflows(self, request: Any = None, **kwargs: Any) -> dict:
+        def run() -> dict:
+            parse(Request, self._data(request, kwargs))
+            engine = self._engine
+            return ok(workflows=engine.workflows.describe_all(), problems=engine.workflows.problems())
+
+        return self._call(run)
+
+    def get_workflow(self, request: Any = None, **kwargs: Any) -> dict:
+        def run() -> dict:
+            req = parse(WorkflowRequest, self._data(request, kwargs))
+            return ok(workflow=self._engine.workflows.describe(req.workflow_id))
+
+        return self._call(run)
+
+    def execute_workflow(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: self._engine.sessions.execute(
+            parse(ExecuteWorkflowRequest, self._data(request, kwargs))))
+
+    def get_session_status(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: self._engine.sessions.status(
+            parse(SessionRequest, self._data(_id_request(request, "session_id"), kwargs)).session_id))
+
+    def control_session(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: self._engine.sessions.control(
+            parse(ControlSessionRequest, self._data(request, kwargs))))
+
+    def delete_session(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: self._engine.sessions.delete(
+            parse(DeleteSessionRequest, self._data(_id_request(request, "session_id"), kwargs))))
+
+    def execute_batch(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: self._engine.batches.execute(
+            parse(ExecuteBatchRequest, self._data(request, kwargs))))
+
+    def get_batch_status(self, request: Any = None, **kwargs: Any) -> dict:
+        def run() -> dict:
+            req = parse(BatchRequest, self._data(_id_request(request, "batch_id"), kwargs))
+            return self._engine.batches.status(req.batch_id, req.include_items)
+
+        return self._call(run)
+
+    def delete_batch(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: self._engine.batches.delete(
+            parse(DeleteBatchRequest, self._data(_id_request(request, "batch_id"), kwargs))))
+
+    def control_batch(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: self._engine.batches.control(
+            parse(ControlBatchRequest, self._data(request, kwargs))))
+
+    def list_sessions(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: self._engine.sessions.list(parse(ListSessionsRequest, self._data(request, kwargs))))
+
+    def get_status(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: ok(**self._engine.status()))
+
+    # ---- pixels -----------------------------------------------------------------------------
+
+    def get_output(self, output_id: Any) -> np.ndarray | dict:
+        """The output's pixels: the read-only uint8 HxWxC array itself, or an error envelope."""
+        try:
+            if self._closed.is_set():
+                raise Unavailable("the worker is closed")
+            req = parse(OutputRequest, _id_request(output_id, "output_id"))
+            return self._engine.outputs.get(req.output_id).pixels
+        except WorkerError as error:
+            return failure(error)
+
+    def output_info(self, request: Any = None, **kwargs: Any) -> dict:
+        def run() -> dict:
+            req = parse(OutputRequest, self._data(_id_request(request, "output_id"), kwargs))
+            buffer = self._engine.outputs.get(req.output_id)
+            return ok(output=buffer.reference(), metadata=buffer.metadata, owner_id=buffer.owner_id)
+
+        return self._call(run)
+
+    def allocate_input(self, height: Any, width: Any, channels: Any = 3) -> dict:
+        """A writable uint8 HxWxC buffer for the host to fill, and the `input_id` that names it."""
+        def run() -> dict:
+            input_id, pixels = self._engine.outputs.allocate_input(height, width, channels)
+            return ok(input_id=input_id, height=height, width=width, channels=channels, buffer=pixels)
+
+        return self._call(run)
+
+    def release_input(self, request: Any = None, **kwargs: Any) -> dict:
+        def run() -> dict:
+            data = self._data(_id_request(request, "input_id"), kwargs)
+            input_id = data.get("input_id")
+            if not isinstance(input_id, str) or not self._engine.outputs.release_input(input_id):
+                raise NotFound(f"Input '{input_id}' not found")
+            return ok(input_id=input_id, released=True)
+
+        return self._call(run)
+
+    # ---- the command entry -----------------------------------------------------------------
+
+    def execute(self, command: Any, request: Any = None) -> dict | str:
+        """The drop-in for the C# `ExecuteAsync(workerType, command, request)`.
+
+        `command` may carry a domain prefix (`inference.batch_process`). A JSON
+        string in gives a JSON string out. The distributed form
+        `{"type", "request_id", "data"}` (as `request`, or alone as `command`)
+        is answered as `{"success", "request_id", "data"}`.
+        """
+        as_json = isinstance(request, str) or (request is None and isinstance(command, str)
+                                                and command.lstrip().startswith("{"))
+        try:
+            if request is None and (isinstance(command, dict) or (isinstance(command, str) and command.lstrip().startswith("{"))):
+                command, request = None, command
+            data = self._data(request, {})
+        except WorkerError as error:
+            reply = failure(error)
+            return json.dumps(reply) if as_json else reply
+        if isinstance(data.get("type"), str) and isinstance(data.get("data", {}), dict) and "data" in data:
+            reply = self._route(data["type"], data["data"] or {})
+            body = {k: v for k, v in reply.items() if k not in ("success", "error", "error_code", "details")}
+            reply = {"success": reply["success"], "request_id": data.get("request_id"), "data": body,
+                     **{k: reply[k] for k in ("error", "error_code", "details") if k in reply}}
+        else:
+            reply = self._route(command, data)
+        return json.dumps(reply) if as_json else reply
+
+    def _route(self, command: Any, data: dict) -> dict:
+        def run() -> dict:
+            if not isinstance(command, str) or not command.strip():
+                raise InvalidRequest("command: required, e.g. 'execute_workflow' or 'inference.text2img'")
+            domain, _, name = command.strip().rpartition(".")
+            domain, name = _snake(domain or "processing"), _snake(name)
+            if domain == "processing":
+                handler = self._processing.get(name)
+                if handler is None:
+                    raise InvalidRequest(f"command: unknown command '{command}'",
+                                         details={"known": sorted(self._processing)})
+                return handler(data)
+            instructor = self._instructors.get(domain)
+            if instructor is None:
+                raise InvalidRequest(f"command: unknown domain '{domain}'",
+                                     details={"known": ["processing", *sorted(self._instructors)]})
+            name = DOMAIN_ALIASES.get(name, name)
+            if name not in instructor.commands:
+                raise InvalidRequest(f"command: unknown command '{command}'",
+                                     details={"known": [f"{domain}.{c}" for c in instructor.commands]})
+            handler = getattr(instructor, name, None)
+            return handler(data) if handler is not None else instructor.run(name, data)
+
+        return self._call(run)
+
+    # ---- lifetime ----------------------------------------------------------------------------
+
+    def close(self, timeout: float = 30.0) -> dict:
+        """Stop intake, cancel unfinished work, join every thread. Call before PythonEngine.Shutdown()."""
+        if self._closed.is_set():
+            return ok(closed=True, threads_stopped=True)
+        self._closed.set()
+        try:
+            stopped = self._engine.close(float(timeout))
+        except Exception as error:
+            log.exception("close failed")
+            return failure(InternalError(f"close failed: {error}"))
+        return ok(closed=True, threads_stopped=stopped)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __enter__(self) -> "ProcessingWorker":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _id_request(request: Any, field: str) -> Any:
+    """A bare id (a string) is shorthand for `{field: id}`."""
+    if isinstance(request, str) and not request.lstrip().startswith("{"):
+        return {field: request}
+    return request
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"request: malformed JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"request: must be a JSON object, got {type(value).__name__}")
+    return value

@@ -1,0 +1,97 @@
+"""RecordOwner: what a run's events mean for the record it works for.
+
+A session and a batch item are both "a record with a run": the run reports
+that it is running, has progressed, paused or finished, and this class turns
+each report into a state transition (through the StateBook, the only place a
+status changes), progress fields and registered outputs. Events from an
+earlier attempt (before a restart) are recognised and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from .errors import WorkerError
+from .operations import StepImage
+from .output_files import write_output_file
+from .outputs import OutputStore
+from .runner import WorkflowRun
+from .state import CANCELLED, COMPLETED, FAILED, PAUSED, RUNNING, Record, StateBook
+
+log = logging.getLogger("embedded_worker.records")
+
+
+class RecordOwner:
+    def __init__(
+        self,
+        book: StateBook,
+        outputs: OutputStore,
+        record: Record,
+        owner_id: str,
+        output_folder=None,
+        on_change: Callable[[Record], None] | None = None,
+    ):
+        self.book = book
+        self.outputs = outputs
+        self.record = record
+        self.owner_id = owner_id  # whose outputs these are: the session, or the item's batch
+        self.output_folder = output_folder
+        self.on_change = on_change or (lambda record: None)
+        self.attempt = record.attempt
+
+    def _current(self) -> bool:
+        return self.record.attempt == self.attempt
+
+    def run_running(self, run: WorkflowRun) -> None:
+        if self._current() and self.record.status != RUNNING:
+            if self.record.status == PAUSED:
+                return  # a late start of an image that is being paused
+            if self.book.transition(self.record, RUNNING):
+                self.on_change(self.record)
+
+    def run_progress(self, run: WorkflowRun) -> None:
+        if not self._current():
+            return
+        record = self.record
+        record.substep_progress = run.substep_progress
+        record.eta_seconds = run.eta_seconds
+        if hasattr(record, "current_step"):
+            record.current_step = run.current_step
+            record.current_operation = run.current_operation
+        self.on_change(record)
+
+    def run_paused(self, run: WorkflowRun) -> None:
+        if self._current() and self.book.transition(self.record, PAUSED):
+            self.on_change(self.record)
+
+    def run_finished(self, run: WorkflowRun, images: list[StepImage], error: WorkerError | None) -> None:
+        if not self._current():
+            return
+        record = self.record
+        if error is None:
+            try:
+                record.outputs = [self._keep(image, run) for image in images]
+            except Exception as failure:  # an unwritable folder fails the work; nothing claims success
+                log.error("%s: outputs could not be written: %s", record.label(), failure)
+                self.outputs.release(self.owner_id, item_id=getattr(record, "item_id", None))
+                self.book.transition(record, FAILED, f"outputs could not be written: {failure}",
+                                     {"error_code": "internal"})
+                self.on_change(record)
+                return
+            self.book.transition(record, COMPLETED)
+        else:
+            if error.code == "cancelled":
+                self.book.transition(record, CANCELLED)
+            else:
+                self.book.transition(record, FAILED, error.message, {"error_code": error.code, "details": error.details})
+        self.on_change(record)
+
+    def _keep(self, image: StepImage, run: WorkflowRun) -> dict:
+        item_id = getattr(self.record, "item_id", None)
+        buffer = self.outputs.add(self.owner_id, image.pixels, item_id=item_id, seed=image.seed,
+                                  metadata=dict(image.metadata))
+        if self.output_folder is not None:
+            folder = self.output_folder / self.owner_id
+            buffer.path = str(write_output_file(buffer, folder, run.plan.file_format, run.plan.file_quality))
+        return buffer.reference()

@@ -1,0 +1,376 @@
+"""WorkflowRun: one execution of a RunPlan, step after step, for one owner.
+
+Design notes
+- No thread per run. A run launches a step's work (images on the DevicePool,
+  or a function on the CPU pool) and continues when that work reports back.
+  Continuations never run on the device thread: the device must never wait
+  on postprocessing or file I/O, so they hop to the CPU pool.
+- The owner (a session, or a batch item) hears `run_running`,
+  `run_progress`, `run_paused` and, exactly once, `run_finished`; it owns the
+  status, the run owns only how far the work has got.
+- Pause: images on the device park at the next step boundary (their state is
+  kept); a CPU step finishes, then the run waits before the next step.
+  Resume continues exactly there. Cancel is final at once; images still on
+  the device stop at their next step boundary and skip the VAE decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from concurrent.futures import Executor, Future
+from typing import Protocol
+
+from .diffusion.device_pool import DevicePool
+from .diffusion.task import DenoiseTask
+from .errors import Cancelled, InternalError, InvalidRequest, WorkerError
+from .operations import StepImage, image_specs
+from .planning import PlannedStep, RunPlan
+
+log = logging.getLogger("embedded_worker.runner")
+
+
+class RunOwner(Protocol):
+    def run_running(self, run: "WorkflowRun") -> None: ...
+
+    def run_progress(self, run: "WorkflowRun") -> None: ...
+
+    def run_paused(self, run: "WorkflowRun") -> None: ...
+
+    def run_finished(self, run: "WorkflowRun", images: list[StepImage], error: WorkerError | None) -> None: ...
+
+
+class StepWork:
+    """What one launched step has in flight: its images on the device or its CPU future."""
+
+    def __init__(self, step: PlannedStep):
+        self.step = step
+        self.tasks: list[DenoiseTask] = []
+        self.cpu: Future | None = None
+        self.results: list[StepImage] | None = None
+        self.error: WorkerError | None = None
+
+    @property
+    def fraction(self) -> float:
+        if self.results is not None or self.error is not None:
+            return 1.0
+        if self.tasks:
+            return sum(t.progress for t in self.tasks) / len(self.tasks)
+        return 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        etas = [t.eta_seconds for t in self.tasks if t.eta_seconds is not None]
+        return max(etas) if etas else None
+
+
+class WorkflowRun:
+    def __init__(
+        self,
+        plan: RunPlan,
+        owner: RunOwner,
+        pool: DevicePool,
+        cpu: Executor,
+        priority: int,
+        native_size: tuple[int, int],
+        group: str | None = None,
+        group_limit: int | None = None,
+    ):
+        self.plan = plan
+        self.owner = owner
+        self.pool = pool
+        self.cpu = cpu
+        self.priority = priority
+        self.native_size = native_size
+        self.group = group
+        self.group_limit = group_limit
+        # guards everything below: device and CPU threads report here concurrently
+        self._lock = threading.RLock()
+        self.next_step = 0
+        self.images: list[StepImage] = []
+        self.work: list[StepWork] = []
+        self.all_tasks: list[DenoiseTask] = []  # every image this run sent to a device, for metrics
+        self.completed_steps = 0
+        self.pause_requested = False
+        self.paused = False
+        self.cancelled = False
+        self.finished = False
+
+    # ---- control, from any thread --------------------------------------------------------
+
+    def start(self) -> None:
+        self.cpu.submit(self._launch_next)
+
+    def pause(self) -> None:
+        with self._lock:
+            if self.finished or self.pause_requested:
+                return
+            self.pause_requested = True
+            tasks = self._live_tasks()
+            idle = not self.work
+        for task in tasks:
+            self.pool.pause(task)
+        if idle or (not tasks and not self._cpu_in_flight()):
+            self._become_paused()
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.finished or not self.pause_requested:
+                return
+            self.pause_requested = False
+            was_paused, self.paused = self.paused, False
+            tasks = self._live_tasks()
+            between_steps = not self.work
+        for task in tasks:
+            self.pool.resume(task)
+        if was_paused and between_steps:
+            self.cpu.submit(self._launch_next)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.cancelled = True
+            tasks = self._live_tasks()
+        for task in tasks:
+            self.pool.cancel(task)
+        self._finish([], Cancelled("cancelled"))
+
+    # ---- progress, read by status calls ---------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan.steps)
+
+    @property
+    def current_step(self) -> int:
+        """1-based index of the step in progress (or the last one, when done)."""
+        return min(self.completed_steps + 1, self.total_steps)
+
+    @property
+    def current_operation(self) -> str:
+        work = self.work
+        if work:
+            return work[0].step.label if len(work) == 1 else "+".join(w.step.label for w in work)
+        index = min(self.next_step, self.total_steps - 1)
+        return self.plan.steps[index].label
+
+    @property
+    def substep_progress(self) -> float:
+        work = self.work
+        return sum(w.fraction for w in work) / len(work) if work else 0.0
+
+    @property
+    def progress(self) -> float:
+        """0..1 over all steps, counting the denoising inside the current one."""
+        if self.finished and not self.cancelled:
+            return 1.0
+        done = self.completed_steps
+        if self.plan.parallel:
+            return sum(w.fraction for w in self.work) / max(1, self.total_steps) if self.work else done / max(1, self.total_steps)
+        return min(1.0, (done + self.substep_progress) / max(1, self.total_steps))
+
+    @property
+    def eta_seconds(self) -> float | None:
+        etas = [w.eta_seconds for w in self.work if w.eta_seconds is not None]
+        return max(etas) if etas else None
+
+    @property
+    def queue_seconds(self) -> float:
+        return max((t.queue_seconds for w in self.work for t in w.tasks), default=0.0)
+
+    # ---- the run's own progress ---------------------------------------------------------------
+
+    def _live_tasks(self) -> list[DenoiseTask]:
+        return [t for w in self.work for t in w.tasks if not t.future.done()]
+
+    def _cpu_in_flight(self) -> bool:
+        return any(w.cpu is not None and not w.cpu.done() for w in self.work)
+
+    def _become_paused(self) -> None:
+        with self._lock:
+            if self.paused or self.finished or not self.pause_requested:
+                return
+            if any(t.state != "parked" for t in self._live_tasks()) or self._cpu_in_flight():
+                return
+            self.paused = True
+        self.owner.run_paused(self)
+
+    def _launch_next(self) -> None:
+        """Launch the next step (all of them at once in parallel mode), or finish."""
+        try:
+            with self._lock:
+                if self.finished or self.cancelled:
+                    return
+                if self.pause_requested:
+                    self.paused = True
+                    pause_now = True
+                else:
+                    pause_now = False
+                    steps = self.plan.steps[self.next_step :] if self.plan.parallel else self.plan.steps[self.next_step : self.next_step + 1]
+                    self.work = [StepWork(step) for step in steps]
+                    self.next_step += len(steps)
+            if pause_now:
+                self.owner.run_paused(self)
+                return
+            if not self.work:
+                self._finish(self.images, None)
+                return
+            for work in list(self.work):
+                self._launch(work)
+        except Exception as error:  # a bug here must still end the run with an envelope
+            self._finish([], _as_worker_error(error))
+
+    def _launch(self, work: StepWork) -> None:
+        step = work.step
+        inputs = step.inputs if step.inputs is not None else self.images
+        if step.operation.needs_input and not inputs:
+            self._step_failed(work, InvalidRequest(f"{step.label} needs an input image and has none"))
+            return
+        if step.operation.on_device:
+            specs = image_specs(step.params, inputs, self.plan.model_id, self.native_size)
+            work.tasks = [
+                DenoiseTask(spec, self.priority, listener=self, group=self.group, group_limit=self.group_limit)
+                for spec in specs
+            ]
+            self.all_tasks.extend(work.tasks)
+            for task in work.tasks:
+                task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
+            try:
+                for task in work.tasks:
+                    self.pool.submit(task)
+            except WorkerError as error:
+                for task in work.tasks:
+                    self.pool.cancel(task)
+                self._step_failed(work, error)
+            return
+        self.owner.run_running(self)
+        work.cpu = self.cpu.submit(step.operation.run, step.params, inputs)
+        work.cpu.add_done_callback(lambda future: self._cpu_done(work, future))
+
+    def _device_done(self, work: StepWork) -> None:
+        if not all(task.future.done() for task in work.tasks):
+            return
+        with self._lock:
+            if work.results is not None or work.error is not None:
+                return
+            errors = [t.future.exception() for t in work.tasks if t.future.cancelled() or t.future.exception()]
+            if errors:
+                work.error = _as_worker_error(errors[0])
+            else:
+                work.results = [
+                    StepImage(t.future.result(), t.spec.seed, _image_metadata(t, self.plan)) for t in work.tasks
+                ]
+        if work.error is not None:
+            self._step_failed(work, work.error)
+        else:
+            self.cpu.submit(self._step_done)
+
+    def _cpu_done(self, work: StepWork, future: Future) -> None:
+        error = future.exception()
+        with self._lock:
+            if error is None:
+                work.results = future.result()
+            else:
+                work.error = _as_worker_error(error)
+        if error is not None:
+            self._step_failed(work, work.error)
+        else:
+            self._step_done()
+
+    def _step_failed(self, work: StepWork, error: WorkerError) -> None:
+        with self._lock:
+            work.error = error
+            if self.finished:
+                return
+            if self.plan.parallel and not all(w.results is not None or w.error is not None for w in self.work):
+                return  # parallel: wait for the others, then report every failure together
+            failures = [w for w in self.work if w.error is not None]
+            tasks = self._live_tasks()
+        for task in tasks:
+            self.pool.cancel(task)
+        if self.cancelled:
+            return
+        failure = _aggregate([(w.step, w.error) for w in failures])
+        self._finish([], failure)
+
+    def _step_done(self) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            if not all(w.results is not None or w.error is not None for w in self.work):
+                return
+            if any(w.error is not None for w in self.work):
+                return  # _step_failed reports it
+            self.images = [image for w in self.work for image in w.results]
+            self.completed_steps += len(self.work)
+            self.work = []
+        self.owner.run_progress(self)
+        self._launch_next()
+
+    def _finish(self, images: list[StepImage], error: WorkerError | None) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.finished = True
+        try:
+            self.owner.run_finished(self, images, error)
+        except Exception:
+            log.exception("run owner failed to record the end of a run")
+
+    # ---- TaskListener: called on the device thread; keep them short -----------------------------
+
+    def task_started(self, task: DenoiseTask) -> None:
+        self.owner.run_running(self)
+
+    def task_stepped(self, task: DenoiseTask) -> None:
+        self.owner.run_progress(self)
+
+    def task_parked(self, task: DenoiseTask) -> None:
+        self._become_paused()
+
+
+def _aggregate(failures: list[tuple[PlannedStep, WorkerError]]) -> WorkerError:
+    """One error naming every failed operation: its domain, operation, message and code."""
+    details = [
+        {"domain": step.operation.domain, "operation": step.operation.name, "error": error.message,
+         "error_code": error.code}
+        for step, error in failures
+    ]
+    message = "; ".join(f"{d['domain']}.{d['operation']}: {d['error']}" for d in details)
+    kinds = {type(error) for _, error in failures}
+    kind = kinds.pop() if len(kinds) == 1 else InternalError
+    return kind(message, details=details)
+
+
+def _image_metadata(task: DenoiseTask, plan: RunPlan) -> dict:
+    spec = task.spec
+    return {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "seed": spec.seed,
+        "steps": spec.steps,
+        "guidance_scale": spec.guidance_scale,
+        "scheduler": spec.scheduler,
+        "width": spec.width,
+        "height": spec.height,
+        "model": spec.model_id,
+        "workflow": plan.workflow_id,
+        "strength": spec.strength if spec.init_image is not None else None,
+    }
+
+
+def _as_worker_error(error: BaseException | None) -> WorkerError:
+    if isinstance(error, WorkerError):
+        return error
+    if error is None:
+        return Cancelled("cancelled")
+    from concurrent.futures import CancelledError
+
+    if isinstance(error, CancelledError):
+        return Cancelled("cancelled")
+    trace = "".join(traceback.format_exception(error, limit=-3)).strip()
+    log.error("step failed: %s", trace)
+    return InternalError(f"{type(error).__name__}: {error}", details={"traceback": trace})
+

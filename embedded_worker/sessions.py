@@ -1,0 +1,233 @@
+"""SessionService: one session per workflow execution, from request to deletion.
+
+A session is a record (status, times, outputs) and a WorkflowRun doing the
+work. The same caller id twice gives back the first session, never a second
+run. Every status change goes through the StateBook; this module only asks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from .errors import InvalidState, NotFound
+from .protocol import ControlSessionRequest, DeleteSessionRequest, ExecuteWorkflowRequest, ListSessionsRequest, iso, ok
+from .record_owner import RecordOwner
+from .runner import WorkflowRun
+from .state import CANCELLED, COMPLETED, FINAL, PAUSED, PENDING, RUNNING, SessionRecord
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .planning import RunPlan
+
+PAUSE_WAIT_SECONDS = 5.0
+
+
+class SessionService:
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self._runs: dict[str, WorkflowRun] = {}  # guarded by engine.book.lock
+        self._plans: dict[str, "RunPlan"] = {}
+        self._workflows: dict[str, dict] = {}
+
+    # ---- commands --------------------------------------------------------------------------
+
+    def execute(self, request: ExecuteWorkflowRequest) -> dict:
+        engine = self.engine
+        engine.ensure_open()
+        session_id = request.session_id or request.coordination_id or str(uuid.uuid4())
+        existing = self._find(session_id)
+        if existing is None:
+            plan, workflow, fallback = self._plan(request)
+            native = engine.native_size(plan.model_id)  # may wait for a first model build: not under the lock
+            engine.check_capacity(1)
+            record = SessionRecord(
+                id=session_id,
+                priority=request.priority,
+                workflow_id=plan.workflow_id,
+                request=request.model_dump(mode="json", exclude_none=True),
+                total_steps=len(plan.steps),
+            )
+            with engine.book.lock:
+                existing = engine.book.sessions.get(session_id)
+                if existing is None:
+                    engine.book.add(record)
+                    self._plans[session_id] = plan
+                    self._workflows[session_id] = workflow
+                    self._start(record, plan, native)
+        record = existing or record
+        if not request.background:
+            record.finished.wait()
+        reply = self.describe(record)
+        queue_s, run_s = engine.estimate(self._plans[record.id], fallback if existing is None else 0.0)
+        reply["estimated_time"] = round(queue_s + run_s, 3)
+        reply["workflow"] = self._workflows[record.id]
+        reply["duplicate"] = existing is not None
+        return reply
+
+    def _plan(self, request: ExecuteWorkflowRequest) -> tuple["RunPlan", dict, float]:
+        engine = self.engine
+        if request.domains is not None:
+            plan = engine.planner.for_coordination(request.domains, request.coordination_mode == "parallel",
+                                                   request.workflow_id)
+            workflow = {
+                "id": request.workflow_id or request.coordination_id or "inline-coordination",
+                "name": "inline coordination",
+                "description": f"{request.coordination_mode} coordination of {len(plan.steps)} operations",
+                "category": "coordination",
+                "steps": [
+                    {"order": i + 1, "domain": s.operation.domain, "operation": s.operation.name,
+                     "description": s.operation.description}
+                    for i, s in enumerate(plan.steps)
+                ],
+            }
+            return plan, workflow, 5.0
+        definition = engine.workflows.take_for_run(request.workflow_id)
+        plan = engine.planner.for_workflow(definition, request.parameters)
+        return plan, engine.workflows.describe(definition.id), definition.estimated_duration
+
+    def _start(self, record: SessionRecord, plan: "RunPlan", native: tuple[int, int]) -> None:
+        engine = self.engine
+        owner = RecordOwner(engine.book, engine.outputs, record, record.id, engine.config.output_dir)
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, native)
+        self._runs[record.id] = run
+        engine.book.transition(record, PENDING)
+        run.start()
+
+    def status(self, session_id: str) -> dict:
+        return self.describe(self._record(session_id))
+
+    def control(self, request: ControlSessionRequest) -> dict:
+        book = self.engine.book
+        record = self._record(request.session_id)
+        run = self._runs.get(record.id)
+        verb = request.action
+        if verb == "pause":
+            if record.status not in (PENDING, RUNNING):
+                raise InvalidState(f"{record.label()} cannot pause in current status: {record.status}")
+            run.pause()
+            book.wait_until(lambda: record.status not in (PENDING, RUNNING), PAUSE_WAIT_SECONDS)
+        elif verb == "resume":
+            book.require(record, PENDING, "resume")
+            run.resume()
+        elif verb == "cancel":
+            book.require(record, CANCELLED, "cancel")
+            run.cancel()
+        else:
+            self._restart(record)
+        reply = self.describe(record)
+        reply["action"] = verb
+        return reply
+
+    def _restart(self, record: SessionRecord) -> None:
+        engine = self.engine
+        old = self._runs.get(record.id)
+        engine.book.begin_attempt(record)  # raises for a completed session
+        if old is not None:
+            old.cancel()  # its owner ignores events from the previous attempt
+        engine.outputs.release(record.id)
+        record.outputs = []
+        plan = self._plans[record.id]
+        owner = RecordOwner(engine.book, engine.outputs, record, record.id, engine.config.output_dir)
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, engine.native_size(plan.model_id))
+        self._runs[record.id] = run
+        run.start()
+
+    def delete(self, request: DeleteSessionRequest) -> dict:
+        engine = self.engine
+        record = self._record(request.session_id)
+        if record.status not in FINAL:
+            engine.book.transition(record, CANCELLED)
+        run = self._runs.pop(record.id, None)
+        if run is not None:
+            run.cancel()
+        released = engine.outputs.release(record.id)
+        if request.force_cleanup and engine.config.output_dir is not None:
+            shutil.rmtree(engine.config.output_dir / record.id, ignore_errors=True)
+        with engine.book.lock:
+            engine.book.remove(record)
+            self._plans.pop(record.id, None)
+            self._workflows.pop(record.id, None)
+        return ok(session_id=record.id, deleted=True, released_outputs=len(released))
+
+    def list(self, request: ListSessionsRequest) -> dict:
+        with self.engine.book.lock:
+            records = sorted(self.engine.book.sessions.values(), key=lambda r: r.created_at)
+        if request.status:
+            records = [r for r in records if r.status == request.status.lower()]
+        return ok(sessions=[self._summary(r) for r in records[-request.limit :]], total=len(records))
+
+    def cancel_all(self) -> None:
+        with self.engine.book.lock:
+            records = [r for r in self.engine.book.sessions.values() if r.status not in FINAL]
+        for record in records:
+            if self.engine.book.transition(record, CANCELLED, "the worker closed"):
+                run = self._runs.get(record.id)
+                if run is not None:
+                    run.cancel()
+
+    def counts(self) -> dict:
+        with self.engine.book.lock:
+            statuses = [r.status for r in self.engine.book.sessions.values()]
+        return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
+
+    # ---- replies ---------------------------------------------------------------------------
+
+    def _find(self, session_id: str) -> SessionRecord | None:
+        with self.engine.book.lock:
+            return self.engine.book.sessions.get(session_id)
+
+    def _record(self, session_id: str) -> SessionRecord:
+        record = self._find(session_id)
+        if record is None:
+            raise NotFound(f"Session '{session_id}' not found")
+        return record
+
+    def _summary(self, record: SessionRecord) -> dict:
+        return {"session_id": record.id, "workflow_id": record.workflow_id, "status": record.status,
+                "priority": record.priority, "created_at": iso(record.created_at),
+                "completed_at": iso(record.completed_at)}
+
+    def describe(self, record: SessionRecord) -> dict:
+        run = self._runs.get(record.id)
+        status = record.status
+        now = time.time()
+        progress = 1.0 if status == COMPLETED else (run.progress if run is not None else 0.0)
+        queued_at = record.queued_at or record.created_at
+        queue_seconds = (record.started_at or (record.completed_at or now)) - queued_at
+        run_seconds = ((record.completed_at or now) - record.started_at) if record.started_at else 0.0
+        eta = None
+        if status in FINAL:
+            eta = 0.0
+        elif run is not None and run.eta_seconds is not None and status != PAUSED:
+            eta = run.eta_seconds
+        reply = ok(
+            session_id=record.id,
+            workflow_id=record.workflow_id,
+            status=status,
+            current_step=run.current_step if run is not None else 0,
+            total_steps=record.total_steps,
+            progress=int(progress * 100),
+            detailed_progress={
+                "current_operation": run.current_operation if run is not None else "",
+                "substep_progress": round(run.substep_progress if run is not None else 0.0, 4),
+                "eta_seconds": None if eta is None else round(eta, 3),
+                "queue_seconds": round(queue_seconds, 3),
+                "run_seconds": round(run_seconds, 3),
+            },
+            priority=record.priority,
+            attempt=record.attempt,
+            created_at=iso(record.created_at),
+            started_at=iso(record.started_at),
+            completed_at=iso(record.completed_at),
+            error=record.error,
+            outputs=list(record.outputs),
+            board_slot=record.board_slot,
+        )
+        if record.error_details:
+            reply["error_code"] = record.error_details.get("error_code")
+            if record.error_details.get("details") is not None:
+                reply["error_details"] = record.error_details["details"]
+        return reply

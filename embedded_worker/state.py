@@ -1,0 +1,197 @@
+"""Session, batch and item records, and the one place their status changes.
+
+Design notes
+- The protocol's seven statuses are the same for sessions, batches and batch
+  items. `transition` is the only writer of `status`: it checks the move
+  against `_LEGAL`, stamps the times, persists the record, and only then
+  returns, so a status is durable before any caller can report it.
+- `completed`, `failed` and `cancelled` are final: nothing the engine does
+  moves them. The one exit is an explicit `restart` of a failed or cancelled
+  record, which starts a new attempt (counted in `attempt`). A completed
+  record is never re-run: its outputs are the answer.
+- Progress fields (step, substep, ETA) are plain attribute writes from the
+  device thread; they are not statuses and need no lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import InvalidState
+
+CREATED = "created"
+PENDING = "pending"
+RUNNING = "running"
+PAUSED = "paused"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+ALL_STATUSES = (CREATED, PENDING, RUNNING, PAUSED, COMPLETED, FAILED, CANCELLED)
+FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+
+_LEGAL: dict[str, frozenset[str]] = {
+    CREATED: frozenset({PENDING, CANCELLED, FAILED}),
+    PENDING: frozenset({RUNNING, PAUSED, CANCELLED, FAILED}),
+    RUNNING: frozenset({PAUSED, COMPLETED, FAILED, CANCELLED}),
+    PAUSED: frozenset({PENDING, CANCELLED, FAILED}),
+    COMPLETED: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+RESTARTABLE = frozenset({PENDING, RUNNING, PAUSED, FAILED, CANCELLED})
+
+
+def is_legal(current: str, target: str) -> bool:
+    return target in _LEGAL[current]
+
+
+@dataclass(eq=False)
+class Record:
+    """What every tracked unit of work has: identity, status and its times."""
+
+    id: str
+    priority: int = 5
+    status: str = CREATED
+    attempt: int = 1
+    created_at: float = field(default_factory=time.time)
+    queued_at: float | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    error: str | None = None
+    error_details: Any = None
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    kind = "record"
+
+    def label(self) -> str:
+        return f"{self.kind.capitalize()} '{self.id}'"
+
+
+@dataclass(eq=False)
+class SessionRecord(Record):
+    workflow_id: str | None = None
+    request: dict = field(default_factory=dict)
+    total_steps: int = 0
+    current_step: int = 0
+    current_operation: str = ""
+    substep_progress: float = 0.0
+    eta_seconds: float | None = None
+    outputs: list[dict] = field(default_factory=list)
+    step_errors: list[dict] = field(default_factory=list)
+    board_slot: int = -1
+
+    kind = "session"
+
+
+@dataclass(eq=False)
+class ItemRecord(Record):
+    batch_id: str = ""
+    item_id: str = ""  # the caller's id; `id` is "<batch_id>/<item_id>", unique across batches
+    index: int = 0
+    parameters: dict = field(default_factory=dict)
+    seed: int | None = None
+    substep_progress: float = 0.0
+    eta_seconds: float | None = None
+    outputs: list[dict] = field(default_factory=list)
+
+    kind = "item"
+
+    def label(self) -> str:
+        return f"Item '{self.item_id}' of batch '{self.batch_id}'"
+
+
+@dataclass(eq=False)
+class BatchRecord(Record):
+    workflow_id: str = ""
+    name: str = ""
+    request: dict = field(default_factory=dict)
+    configuration: dict = field(default_factory=dict)
+    item_ids: list[str] = field(default_factory=list)
+    current_batch_size: int = 0
+    metrics: dict = field(default_factory=dict)
+    board_slot: int = -1
+
+    kind = "batch"
+
+
+Persist = Callable[[Record], None]
+
+
+class StateBook:
+    """Owns every record; every status change goes through `transition`."""
+
+    def __init__(self, persist: Persist | None = None):
+        self._persist = persist or (lambda record: None)
+        # guards the three maps and every status change, so a check-then-move is atomic
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # notified after every status change
+        self.sessions: dict[str, SessionRecord] = {}
+        self.batches: dict[str, BatchRecord] = {}
+        self.items: dict[str, ItemRecord] = {}
+
+    def add(self, record: Record) -> None:
+        with self.lock:
+            self._table(record)[record.id] = record
+            self._persist(record)
+
+    def remove(self, record: Record) -> None:
+        with self.lock:
+            self._table(record).pop(record.id, None)
+
+    def save(self, record: Record) -> None:
+        """Persist non-status fields (outputs, step) of a record."""
+        with self.lock:
+            self._persist(record)
+
+    def transition(self, record: Record, target: str, error: str | None = None, details: Any = None) -> bool:
+        """Move `record` to `target`; False (and no change) when the move is illegal."""
+        with self.lock:
+            if not is_legal(record.status, target):
+                return False
+            now = time.time()
+            record.status = target
+            if target == PENDING and record.queued_at is None:
+                record.queued_at = now
+            if target == RUNNING and record.started_at is None:
+                record.started_at = now
+            if target in FINAL:
+                record.completed_at = now
+                if error is not None:
+                    record.error = error
+                    record.error_details = details
+            self._persist(record)
+            if target in FINAL:
+                record.finished.set()
+            self.changed.notify_all()
+            return True
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until `predicate()` holds after some status change, or `timeout` passes."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def require(self, record: Record, target: str, verb: str) -> None:
+        """Like `transition`, but an illegal move is the caller's error."""
+        if not self.transition(record, target):
+            raise InvalidState(f"{record.label()} cannot {verb} in current status: {record.status}")
+
+    def begin_attempt(self, record: Record) -> None:
+        """Restart: a new attempt of the same request, from `pending`."""
+        with self.lock:
+            if record.status not in RESTARTABLE:
+                raise InvalidState(f"{record.label()} cannot restart in current status: {record.status}")
+            record.attempt += 1
+            record.status = PENDING
+            record.queued_at = time.time()
+            record.started_at = record.completed_at = None
+            record.error = record.error_details = None
+            record.finished = threading.Event()
+            self._persist(record)
+            self.changed.notify_all()
+
+    def _table(self, record: Record) -> dict:
+        return {"session": self.sessions, "batch": self.batches, "item": self.items}[record.kind]

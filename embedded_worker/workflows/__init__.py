@@ -1,0 +1,1 @@
+"""Workflow definitions: declarative files validated by pydantic, built-in and user-supplied."""
