@@ -91,7 +91,8 @@ class BatchService:
             )
             for index, (_, values) in enumerate(items)
         ]
-        natives = {plan.model_id: engine.native_size(plan.model_id) for plan in plans}
+        for model_id in {plan.model_id for plan in plans}:
+            engine.native_size(model_id)  # may wait for a first model build: not under the lock
         engine.check_capacity(len(items))
         record = BatchRecord(
             id=batch_id,
@@ -114,7 +115,7 @@ class BatchService:
                 record.item_ids.append(item.id)
                 engine.book.add(item)
                 self._plans[item.id] = plan
-                runs.append(self._new_run(item, plan, natives[plan.model_id], group_limit))
+                runs.append(self._new_run(item, plan, group_limit))
             engine.book.transition(record, PENDING)
             for item, run in runs:
                 engine.book.transition(item, PENDING)
@@ -142,11 +143,11 @@ class BatchService:
             raise InvalidRequest(f"parameters.seed: must be an integer, got {seed!r}")
         return [(f"item-{i:04d}", {**parameters, "seed": seed + i}) for i in range(count)]
 
-    def _new_run(self, item: ItemRecord, plan, native: tuple[int, int], group_limit: int) -> tuple[ItemRecord, WorkflowRun]:
+    def _new_run(self, item: ItemRecord, plan, group_limit: int) -> tuple[ItemRecord, WorkflowRun]:
         engine = self.engine
         owner = RecordOwner(engine.book, engine.outputs, item, item.batch_id, engine.config.output_dir,
                             on_change=self._item_changed)
-        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, item.priority, native,
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, item.priority, engine.native_size,
                           group=item.batch_id, group_limit=group_limit)
         self._runs[item.id] = run
         return item, run
@@ -196,7 +197,7 @@ class BatchService:
                 engine.outputs.release(record.id, item_id=item.item_id)
                 item.outputs = []
                 plan = self._plans[item.id]
-                runs.append(self._new_run(item, plan, engine.native_size(plan.model_id), group_limit))
+                runs.append(self._new_run(item, plan, group_limit))
         for _, run in runs:
             run.start()
 

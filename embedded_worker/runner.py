@@ -20,7 +20,7 @@ import logging
 import threading
 import traceback
 from concurrent.futures import Executor, Future
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import DenoiseTask
@@ -73,7 +73,7 @@ class WorkflowRun:
         pool: DevicePool,
         cpu: Executor,
         priority: int,
-        native_size: tuple[int, int],
+        native_size: Callable[[str], tuple[int, int]],
         group: str | None = None,
         group_limit: int | None = None,
     ):
@@ -82,7 +82,7 @@ class WorkflowRun:
         self.pool = pool
         self.cpu = cpu
         self.priority = priority
-        self.native_size = native_size
+        self.native_size = native_size  # model id -> (width, height) it was trained at
         self.group = group
         self.group_limit = group_limit
         # guards everything below: device and CPU threads report here concurrently
@@ -94,8 +94,10 @@ class WorkflowRun:
         self.completed_steps = 0
         self.pause_requested = False
         self.paused = False
+        self.parked_between_steps = False  # set only by _launch_next; resume consumes it
         self.cancelled = False
         self.finished = False
+        self.succeeded = False
 
     # ---- control, from any thread --------------------------------------------------------
 
@@ -103,28 +105,26 @@ class WorkflowRun:
         self.cpu.submit(self._launch_next)
 
     def pause(self) -> None:
+        """Park every image at its next step boundary; `run_paused` follows once all are parked."""
         with self._lock:
             if self.finished or self.pause_requested:
                 return
             self.pause_requested = True
             tasks = self._live_tasks()
-            idle = not self.work
         for task in tasks:
             self.pool.pause(task)
-        if idle or (not tasks and not self._cpu_in_flight()):
-            self._become_paused()
 
     def resume(self) -> None:
         with self._lock:
             if self.finished or not self.pause_requested:
                 return
             self.pause_requested = False
-            was_paused, self.paused = self.paused, False
+            self.paused = False
+            relaunch, self.parked_between_steps = self.parked_between_steps, False
             tasks = self._live_tasks()
-            between_steps = not self.work
         for task in tasks:
             self.pool.resume(task)
-        if was_paused and between_steps:
+        if relaunch:
             self.cpu.submit(self._launch_next)
 
     def cancel(self) -> None:
@@ -164,7 +164,7 @@ class WorkflowRun:
     @property
     def progress(self) -> float:
         """0..1 over all steps, counting the denoising inside the current one."""
-        if self.finished and not self.cancelled:
+        if self.succeeded:
             return 1.0
         done = self.completed_steps
         if self.plan.parallel:
@@ -205,6 +205,7 @@ class WorkflowRun:
                     return
                 if self.pause_requested:
                     self.paused = True
+                    self.parked_between_steps = True
                     pause_now = True
                 else:
                     pause_now = False
@@ -217,33 +218,45 @@ class WorkflowRun:
             if not self.work:
                 self._finish(self.images, None)
                 return
-            for work in list(self.work):
-                self._launch(work)
         except Exception as error:  # a bug here must still end the run with an envelope
             self._finish([], _as_worker_error(error))
+            return
+        for work in list(self.work):
+            try:
+                self._launch(work)
+            except Exception as error:  # a model that cannot load, an input that cannot be read
+                self._settle(work, error=_as_worker_error(error))
 
     def _launch(self, work: StepWork) -> None:
         step = work.step
         inputs = step.inputs if step.inputs is not None else self.images
         if step.operation.needs_input and not inputs:
-            self._step_failed(work, InvalidRequest(f"{step.label} needs an input image and has none"))
+            self._settle(work, error=InvalidRequest(f"{step.label} needs an input image and has none"))
             return
         if step.operation.on_device:
-            specs = image_specs(step.params, inputs, self.plan.model_id, self.native_size)
-            work.tasks = [
+            model_id = step.params.model or self.plan.model_id
+            specs = image_specs(step.params, inputs, model_id, self.native_size(model_id))
+            tasks = [
                 DenoiseTask(spec, self.priority, listener=self, group=self.group, group_limit=self.group_limit)
                 for spec in specs
             ]
-            self.all_tasks.extend(work.tasks)
-            for task in work.tasks:
+            with self._lock:
+                work.tasks = tasks
+                self.all_tasks.extend(tasks)
+            for task in tasks:
                 task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
             try:
-                for task in work.tasks:
+                for task in tasks:
                     self.pool.submit(task)
             except WorkerError as error:
-                for task in work.tasks:
+                for task in tasks:
                     self.pool.cancel(task)
-                self._step_failed(work, error)
+                self._settle(work, error=error)
+                return
+            with self._lock:
+                pause = self.pause_requested  # a pause that came while the step was being launched
+            for task in tasks if pause else ():
+                self.pool.pause(task)
             return
         self.owner.run_running(self)
         work.cpu = self.cpu.submit(step.operation.run, step.params, inputs)
@@ -252,60 +265,39 @@ class WorkflowRun:
     def _device_done(self, work: StepWork) -> None:
         if not all(task.future.done() for task in work.tasks):
             return
-        with self._lock:
-            if work.results is not None or work.error is not None:
-                return
-            errors = [t.future.exception() for t in work.tasks if t.future.cancelled() or t.future.exception()]
-            if errors:
-                work.error = _as_worker_error(errors[0])
-            else:
-                work.results = [
-                    StepImage(t.future.result(), t.spec.seed, _image_metadata(t, self.plan)) for t in work.tasks
-                ]
-        if work.error is not None:
-            self._step_failed(work, work.error)
+        errors = [t.future.exception() for t in work.tasks if t.future.cancelled() or t.future.exception()]
+        if errors:
+            self._settle(work, error=_as_worker_error(errors[0]))
         else:
-            self.cpu.submit(self._step_done)
+            images = [StepImage(t.future.result(), t.spec.seed, _image_metadata(t, self.plan)) for t in work.tasks]
+            self.cpu.submit(self._settle, work, images)  # off the device thread
 
     def _cpu_done(self, work: StepWork, future: Future) -> None:
         error = future.exception()
-        with self._lock:
-            if error is None:
-                work.results = future.result()
-            else:
-                work.error = _as_worker_error(error)
-        if error is not None:
-            self._step_failed(work, work.error)
+        if error is None:
+            self._settle(work, future.result())
         else:
-            self._step_done()
+            self._settle(work, error=_as_worker_error(error))
 
-    def _step_failed(self, work: StepWork, error: WorkerError) -> None:
+    def _settle(self, work: StepWork, images: list[StepImage] | None = None, error: WorkerError | None = None) -> None:
+        """One launched step ended; once all have, fail with every error or go on to the next step."""
         with self._lock:
-            work.error = error
-            if self.finished:
+            if work.results is not None or work.error is not None:
                 return
-            if self.plan.parallel and not all(w.results is not None or w.error is not None for w in self.work):
-                return  # parallel: wait for the others, then report every failure together
-            failures = [w for w in self.work if w.error is not None]
-            tasks = self._live_tasks()
-        for task in tasks:
-            self.pool.cancel(task)
-        if self.cancelled:
+            work.results, work.error = (images, None) if error is None else (None, error)
+            if self.finished or not all(w.results is not None or w.error is not None for w in self.work):
+                return
+            failures = [(w.step, w.error) for w in self.work if w.error is not None]
+            if not failures:
+                self.images = [image for w in self.work for image in w.results]
+                self.completed_steps += len(self.work)
+                self.work = []
+            tasks = self._live_tasks() if failures else []
+        if failures:
+            for task in tasks:
+                self.pool.cancel(task)
+            self._finish([], _aggregate(failures))
             return
-        failure = _aggregate([(w.step, w.error) for w in failures])
-        self._finish([], failure)
-
-    def _step_done(self) -> None:
-        with self._lock:
-            if self.finished:
-                return
-            if not all(w.results is not None or w.error is not None for w in self.work):
-                return
-            if any(w.error is not None for w in self.work):
-                return  # _step_failed reports it
-            self.images = [image for w in self.work for image in w.results]
-            self.completed_steps += len(self.work)
-            self.work = []
         self.owner.run_progress(self)
         self._launch_next()
 
@@ -314,6 +306,7 @@ class WorkflowRun:
             if self.finished:
                 return
             self.finished = True
+            self.succeeded = error is None
         try:
             self.owner.run_finished(self, images, error)
         except Exception:

@@ -41,7 +41,7 @@ class SessionService:
         existing = self._find(session_id)
         if existing is None:
             plan, workflow, fallback = self._plan(request)
-            native = engine.native_size(plan.model_id)  # may wait for a first model build: not under the lock
+            engine.native_size(plan.model_id)  # may wait for a first model build: not under the lock
             engine.check_capacity(1)
             record = SessionRecord(
                 id=session_id,
@@ -56,7 +56,7 @@ class SessionService:
                     engine.book.add(record)
                     self._plans[session_id] = plan
                     self._workflows[session_id] = workflow
-                    self._start(record, plan, native)
+                    self._start(record, plan)
         record = existing or record
         if not request.background:
             record.finished.wait()
@@ -88,10 +88,10 @@ class SessionService:
         plan = engine.planner.for_workflow(definition, request.parameters)
         return plan, engine.workflows.describe(definition.id), definition.estimated_duration
 
-    def _start(self, record: SessionRecord, plan: "RunPlan", native: tuple[int, int]) -> None:
+    def _start(self, record: SessionRecord, plan: "RunPlan") -> None:
         engine = self.engine
         owner = RecordOwner(engine.book, engine.outputs, record, record.id, engine.config.output_dir)
-        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, native)
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, engine.native_size)
         self._runs[record.id] = run
         engine.book.transition(record, PENDING)
         run.start()
@@ -131,7 +131,7 @@ class SessionService:
         record.outputs = []
         plan = self._plans[record.id]
         owner = RecordOwner(engine.book, engine.outputs, record, record.id, engine.config.output_dir)
-        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, engine.native_size(plan.model_id))
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, engine.native_size)
         self._runs[record.id] = run
         run.start()
 

@@ -1,0 +1,53 @@
+"""Eight threads calling status and control while work runs: envelopes always, states always legal."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from embedded_worker.state import ALL_STATUSES, FINAL
+
+from .conftest import generate, session_status, wait_for
+
+
+def test_eight_threads_of_status_and_control_while_sessions_run(worker):
+    ids = [f"c{i}" for i in range(6)]
+    for index, session_id in enumerate(ids):
+        assert generate(worker, session_id=session_id, steps=30, seed=index, background=True)["success"]
+    stop = threading.Event()
+    problems: list[str] = []
+    seen: dict[str, set] = {s: set() for s in ids}
+
+    def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            session_id = rng.choice(ids)
+            if rng.random() < 0.8:
+                reply = worker.get_session_status(session_id=session_id)
+                if not reply["success"] or reply["status"] not in ALL_STATUSES or not 0 <= reply["progress"] <= 100:
+                    problems.append(repr(reply))
+                seen[session_id].add(reply.get("status"))
+            else:
+                reply = worker.control_session(session_id=session_id, action=rng.choice(["pause", "resume"]))
+                if not reply["success"] and reply.get("error_code") != "invalid_state":
+                    problems.append(repr(reply))
+
+    threads = [threading.Thread(target=hammer, args=(n,), name=f"hammer-{n}") for n in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: sum(session_status(worker, s)["status"] == "completed" for s in ids) >= 2, timeout=120)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not problems, problems[:3]
+    for session_id in ids:  # whatever the storm left paused is resumed and must finish
+        if session_status(worker, session_id)["status"] == "paused":
+            worker.control_session(session_id=session_id, action="resume")
+    for session_id in ids:
+        wait_for(lambda: session_status(worker, session_id)["status"] in FINAL, timeout=120)
+        final = session_status(worker, session_id)
+        assert final["status"] == "completed" and len(final["outputs"]) == 1, final
+        assert worker.control_session(session_id=session_id, action="pause")["error_code"] == "invalid_state"
+    assert any("paused" in statuses for statuses in seen.values())

@@ -1,0 +1,85 @@
+"""The protocol's status machine: every legal move allowed, every other refused, finals final."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from embedded_worker.errors import InvalidState
+from embedded_worker.state import (
+    ALL_STATUSES,
+    CANCELLED,
+    COMPLETED,
+    CREATED,
+    FAILED,
+    FINAL,
+    PAUSED,
+    PENDING,
+    RUNNING,
+    SessionRecord,
+    StateBook,
+)
+
+LEGAL = {
+    (CREATED, PENDING), (CREATED, CANCELLED), (CREATED, FAILED),
+    (PENDING, RUNNING), (PENDING, PAUSED), (PENDING, CANCELLED), (PENDING, FAILED),
+    (RUNNING, PAUSED), (RUNNING, COMPLETED), (RUNNING, FAILED), (RUNNING, CANCELLED),
+    (PAUSED, PENDING), (PAUSED, CANCELLED), (PAUSED, FAILED),
+}
+
+
+def record_in(book: StateBook, status: str) -> SessionRecord:
+    record = SessionRecord(id=f"s-{status}")
+    record.status = status
+    book.add(record)
+    return record
+
+
+@pytest.mark.parametrize(("current", "target"), list(itertools.product(ALL_STATUSES, ALL_STATUSES)))
+def test_every_transition_is_legal_exactly_when_the_protocol_allows_it(current, target):
+    persisted = []
+    book = StateBook(persist=persisted.append)
+    record = record_in(book, current)
+    persisted.clear()
+    moved = book.transition(record, target)
+    assert moved == ((current, target) in LEGAL)
+    assert record.status == (target if moved else current)
+    assert persisted == ([record] if moved else [])  # persisted before transition() returned
+
+
+@pytest.mark.parametrize("final", sorted(FINAL))
+def test_final_states_have_no_way_out_but_an_explicit_restart(final):
+    book = StateBook()
+    record = record_in(book, final)
+    assert all(not book.transition(record, target) for target in ALL_STATUSES)
+    assert record.status == final
+    if final == COMPLETED:
+        with pytest.raises(InvalidState, match="cannot restart in current status: completed"):
+            book.begin_attempt(record)
+    else:
+        book.begin_attempt(record)
+        assert (record.status, record.attempt, record.completed_at) == (PENDING, 2, None)
+
+
+def test_times_are_stamped_by_the_transitions_that_mean_them():
+    book = StateBook()
+    record = record_in(book, CREATED)
+    book.transition(record, PENDING)
+    assert record.queued_at is not None and record.started_at is None
+    book.transition(record, RUNNING)
+    started = record.started_at
+    book.transition(record, PAUSED)
+    book.transition(record, PENDING)
+    book.transition(record, RUNNING)
+    assert record.started_at == started  # a resume is not a new start
+    assert not record.finished.is_set()
+    book.transition(record, FAILED, "boom", {"error_code": "internal"})
+    assert record.finished.is_set() and record.completed_at >= started and record.error == "boom"
+
+
+def test_require_names_the_record_and_status_in_its_error():
+    book = StateBook()
+    record = record_in(book, COMPLETED)
+    with pytest.raises(InvalidState, match=r"Session 's-completed' cannot pause in current status: completed"):
+        book.require(record, PAUSED, "pause")
