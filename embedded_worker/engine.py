@@ -17,7 +17,8 @@ from .batches import BatchService
 from .config import WorkerConfig
 from .diffusion.device_pool import DevicePool, ProbeFactory
 from .diffusion.memory import probe_for
-from .diffusion.models import ModelCatalog, set_offline_environment
+from .diffusion.models import ModelCatalog
+from .diffusion.offline import set_offline_environment
 from .errors import NotFound, ResourceExhausted, Unavailable
 from .outputs import OutputStore
 from .planning import Planner, RunPlan

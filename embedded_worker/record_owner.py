@@ -30,7 +30,7 @@ class RecordOwner:
         record: Record,
         owner_id: str,
         output_folder=None,
-        on_change: Callable[[Record], None] | None = None,
+        on_change: Callable[[Record], None] | None = None,  # after each status change
     ):
         self.book = book
         self.outputs = outputs
@@ -59,7 +59,6 @@ class RecordOwner:
         if hasattr(record, "current_step"):
             record.current_step = run.current_step
             record.current_operation = run.current_operation
-        self.on_change(record)
 
     def run_paused(self, run: WorkflowRun) -> None:
         if self._current() and self.book.transition(self.record, PAUSED):

@@ -338,8 +338,9 @@ def _aggregate(failures: list[tuple[PlannedStep, WorkerError]]) -> WorkerError:
 
 
 def _image_metadata(task: DenoiseTask, plan: RunPlan) -> dict:
+    """What made the image, for output files and `output_info`; absent values are left out."""
     spec = task.spec
-    return {
+    metadata = {
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
         "seed": spec.seed,
@@ -352,6 +353,7 @@ def _image_metadata(task: DenoiseTask, plan: RunPlan) -> dict:
         "workflow": plan.workflow_id,
         "strength": spec.strength if spec.init_image is not None else None,
     }
+    return {key: value for key, value in metadata.items() if value is not None}
 
 
 def _as_worker_error(error: BaseException | None) -> WorkerError:

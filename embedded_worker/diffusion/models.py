@@ -9,12 +9,12 @@ holds pickle weights is refused before anything is unpickled.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidRequest, NotFound
+from .offline import set_offline_environment
 from .tiny_model import TINY_MODELS, ensure_tiny_model
 
 FAMILIES = {
@@ -24,14 +24,6 @@ FAMILIES = {
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
 }
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-def set_offline_environment() -> None:
-    """Make any stray hub access fail at once instead of hanging on a closed network."""
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[name] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("DISABLE_TELEMETRY", "1")
 
 
 @dataclass(frozen=True)
@@ -124,18 +116,12 @@ def check_model_folder(folder: Path) -> None:
 def load_pipeline(folder: Path, device, dtype):
     """A pipeline on `device` in `dtype`, loaded offline from safetensors."""
     from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
     set_offline_environment()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
     # SD folders may carry a safety checker; the service filters content itself, so it is not loaded
     skip = {"safety_checker": None, "requires_safety_checker": False} if read_family(folder) == "sd" else {}
     pipe = DiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype, **skip
+        folder, local_files_only=True, use_safetensors=True, dtype=dtype, **skip
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

@@ -18,6 +18,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .offline import set_offline_environment
+
 RECIPE_VERSION = "v1"
 TINY_MODELS = {"builtin:tiny-sd": "sd", "builtin:tiny-sdxl": "sdxl"}
 
@@ -182,6 +184,7 @@ def ensure_tiny_model(model_id: str, cache_dir: Path) -> Path:
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        set_offline_environment()
         try:
             _BUILDERS[family]().save_pretrained(staging, safe_serialization=True)
             try:

@@ -1,0 +1,37 @@
+"""`make bench`: every benchmark, printed as tables and written to benchmarks/results/.
+
+    python -m benchmarks.run            # everything
+    python -m benchmarks.run --quick    # fewer rounds, for a smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from .common import table, write_results
+from .worker_bench import status_rows, throughput_against_pipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "embedded_worker_bench_models"))
+    args = parser.parse_args(argv)
+    rounds, seconds = (2, 1.0) if args.quick else (6, 3.0)
+    sections = {
+        "Status call latency from Python (get_session_status)": status_rows(args.model_cache, seconds),
+        "Images/s: worker vs the diffusers pipeline's own call (tiny SD, 32 px, CPU)":
+            throughput_against_pipeline(args.model_cache, rounds=rounds),
+    }
+    for title, rows in sections.items():
+        print(table(title, rows))
+    notes = {"goal_status_p99_us_under_load": 1000, "goal_overhead_pct": 5}
+    json_path, md_path = write_results("bench", sections, notes)
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""The worker from Python: status-call latency, and throughput against the raw diffusers pipeline."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker.diffusion.models import ModelCatalog, load_pipeline
+
+from .common import median, percentiles
+
+PROMPT = "a lighthouse on a cliff at sunset"
+
+
+def make_worker(model_cache: str, **scheduling) -> ProcessingWorker:
+    return ProcessingWorker(WorkerConfig.model_validate({"model_cache_dir": model_cache,
+                                                         "scheduling": {"coalesce_wait_ms": 5.0, **scheduling}}))
+
+
+def status_latency(worker: ProcessingWorker, seconds: float, load: bool) -> dict:
+    """Time get_session_status calls for `seconds`, with or without a batch on the device."""
+    done = worker.execute_workflow(session_id="probe", workflow_id="img-generation-basic", background=False,
+                                   parameters={"prompt": PROMPT, "steps": 4, "seed": 1})
+    assert done["status"] == "completed"
+    batch_id = None
+    if load:
+        batch_id = "load"
+        worker.execute_batch(batch_id=batch_id, workflow_id="img-generation-basic",
+                             parameters={"prompt": PROMPT, "steps": 40, "seed": 0, "total_images": 400})
+        while worker.get_batch_status(batch_id=batch_id)["running_items"] == 0:
+            time.sleep(0.01)
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        reply = worker.get_session_status(session_id="probe")
+        samples.append(time.perf_counter() - started)
+        assert reply["success"]
+    busy = load and worker.get_batch_status(batch_id=batch_id)["running_items"] > 0
+    if batch_id:
+        worker.delete_batch(batch_id=batch_id)
+    worker.delete_session(session_id="probe")
+    return {"condition": "while a batch runs" if load else "idle", **percentiles(samples),
+            "device_busy_throughout": busy if load else "n/a"}
+
+
+def raw_pipeline_rate(pipe, batch: int, steps: int, rounds: int) -> list[float]:
+    rates = []
+    for round_index in range(rounds):
+        generators = [torch.Generator().manual_seed(round_index * batch + i) for i in range(batch)]
+        started = time.perf_counter()
+        pipe([PROMPT] * batch, generator=generators, num_inference_steps=steps, height=32, width=32,
+             output_type="np")
+        rates.append(batch / (time.perf_counter() - started))
+    return rates
+
+
+def worker_rate(worker: ProcessingWorker, batch: int, steps: int, rounds: int) -> list[float]:
+    rates = []
+    for round_index in range(rounds):
+        started = time.perf_counter()
+        reply = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters={
+            "prompt": PROMPT, "steps": steps, "seed": round_index * batch, "total_images": batch})
+        rates.append(batch / (time.perf_counter() - started))
+        assert reply["status"] == "completed", reply
+        worker.delete_batch(batch_id=reply["batch_id"])
+    return rates
+
+
+def throughput_against_pipeline(model_cache: str, batches=(1, 8), steps: int = 20, rounds: int = 6) -> list[dict]:
+    """Images/s through the worker and through the pipeline's own call, interleaved round by round."""
+    folder = ModelCatalog({}, model_cache).folder("builtin:tiny-sd")
+    pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
+    rows = []
+    for batch in batches:
+        worker = make_worker(model_cache, max_batch_size=batch, coalesce_wait_ms=50.0)
+        try:
+            raw_pipeline_rate(pipe, batch, steps, 1)  # warm both
+            worker_rate(worker, batch, steps, 1)
+            raw, ours = [], []
+            for _ in range(rounds):
+                raw += raw_pipeline_rate(pipe, batch, steps, 1)
+                ours += worker_rate(worker, batch, steps, 1)
+        finally:
+            worker.close(30)
+        raw_rate, our_rate = median(raw), median(ours)
+        rows.append({"batch": batch, "steps": steps, "pipeline_img_s": round(raw_rate, 2),
+                     "worker_img_s": round(our_rate, 2),
+                     "overhead_pct": round(100 * (raw_rate - our_rate) / raw_rate, 1),
+                     "rounds": rounds})
+    return rows
+
+
+def status_rows(model_cache: str, seconds: float) -> list[dict]:
+    worker = make_worker(model_cache)
+    try:
+        return [status_latency(worker, seconds, load=False), status_latency(worker, seconds, load=True)]
+    finally:
+        worker.close(30)
+
+
+

@@ -1,0 +1,165 @@
+"""`python -m embedded_worker`: list workflows, run one with a progress bar, or run the demo.
+
+    python -m embedded_worker workflows
+    python -m embedded_worker run img-generation-basic --param prompt="a red fox" --param num_images=4 --out out/
+    python -m embedded_worker demo --out demo_output
+
+Images are written as PNG files (with their generation metadata) plus a
+contact sheet, all through the same facade a .NET host uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .facade import ProcessingWorker
+
+BAR_WIDTH = 30
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """key=value, the value read as JSON when it is JSON (numbers, true, null), else as text."""
+    key, separator, value = text.partition("=")
+    if not separator or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got '{text}'")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def progress_line(status: dict) -> str:
+    filled = round(BAR_WIDTH * status["progress"] / 100)
+    detail = status["detailed_progress"]
+    eta = detail.get("eta_seconds")
+    eta_text = f" eta {eta:5.1f}s" if eta is not None else ""
+    return (f"\r[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {status['progress']:3d}% "
+            f"{status['status']:<9} {detail['current_operation']:<28}{eta_text}")
+
+
+def follow(worker: ProcessingWorker, session_id: str, stream=None) -> dict:
+    """Draw a progress bar until the session is final; return its final status."""
+    stream = stream or sys.stderr
+    while True:
+        status = worker.get_session_status(session_id=session_id)
+        if not status["success"]:
+            return status
+        stream.write(progress_line(status))
+        stream.flush()
+        if status["status"] in ("completed", "failed", "cancelled"):
+            stream.write("\n")
+            return status
+        time.sleep(0.1)
+
+
+def contact_sheet(images: list[np.ndarray], columns: int | None = None, cell: int = 128) -> Image.Image:
+    """A grid of `images`, each scaled to fit a `cell` x `cell` square (tiny ones enlarged crisply)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * cell, rows * cell), "white")
+    for index, pixels in enumerate(images):
+        image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels[:, :, :3]).convert("RGB")
+        scale = cell / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+        x, y = (index % columns) * cell, (index // columns) * cell
+        sheet.paste(image, (x + (cell - image.width) // 2, y + (cell - image.height) // 2))
+    return sheet
+
+
+def save_outputs(worker: ProcessingWorker, outputs: list[dict], folder: Path, stem: str) -> list[np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for index, reference in enumerate(outputs):
+        pixels = worker.get_output(reference["output_id"])
+        images.append(pixels)
+        info = worker.output_info(reference["output_id"])
+        from PIL.PngImagePlugin import PngInfo
+
+        text = PngInfo()
+        for key, value in info["metadata"].items():
+            text.add_text(key, value if isinstance(value, str) else json.dumps(value))
+        Image.fromarray(pixels).save(folder / f"{stem}-{index:02d}-seed{reference['seed']}.png", pnginfo=text)
+    return images
+
+
+def command_workflows(worker: ProcessingWorker, args: argparse.Namespace) -> int:
+    reply = worker.get_workflows()
+    for workflow in reply["workflows"]:
+        steps = " -> ".join(f"{s['domain']}.{s['operation']}" for s in workflow["steps"])
+        print(f"{workflow['id']:<22} {workflow['name']:<36} {steps}")
+    for problem in reply["problems"]:
+        print(f"skipped {problem['path']}: {problem['reason']}", file=sys.stderr)
+    return 0
+
+
+def command_run(worker: ProcessingWorker, args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    reply = worker.execute_workflow(workflow_id=args.workflow, parameters=dict(args.param or []),
+                                    priority=args.priority)
+    if not reply["success"]:
+        print(f"error ({reply['error_code']}): {reply['error']}", file=sys.stderr)
+        return 2
+    final = follow(worker, reply["session_id"])
+    if final.get("status") != "completed":
+        print(f"{final.get('status')}: {final.get('error')}", file=sys.stderr)
+        return 1
+    images = save_outputs(worker, final["outputs"], args.out, args.workflow)
+    contact_sheet(images).save(args.out / f"{args.workflow}-contact-sheet.png")
+    print(f"{len(images)} image(s) in {time.perf_counter() - started:.2f} s -> {args.out}")
+    return 0
+
+
+def command_demo(worker: ProcessingWorker, args: argparse.Namespace) -> int:
+    """The main job on the built-in model: one session with a progress bar, then a batch of eight."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("workflows:", ", ".join(w["id"] for w in worker.get_workflows()["workflows"]))
+    started = time.perf_counter()
+    session = worker.execute_workflow(workflow_id="img-upscale-enhance",
+                                      parameters={"prompt": "a lighthouse at dusk", "seed": 42, "factor": 4})
+    final = follow(worker, session["session_id"])
+    if final.get("status") != "completed":
+        print(f"session {final.get('status')}: {final.get('error')}", file=sys.stderr)
+        return 1
+    save_outputs(worker, final["outputs"], args.out, "session")
+    print(f"session: {final['outputs'][0]['width']} px upscaled image in {time.perf_counter() - started:.2f} s")
+    started = time.perf_counter()
+    batch = worker.execute_batch(batch_id="demo-batch", workflow_id="img-generation-basic", background=False,
+                                 parameters={"prompt": "a lighthouse at dusk", "seed": 100, "total_images": 8})
+    if batch.get("status") != "completed":
+        print(f"batch {batch.get('status')}: {batch.get('error')}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - started
+    images = save_outputs(worker, batch["outputs"], args.out, "batch")
+    contact_sheet(images, columns=4).save(args.out / "batch-contact-sheet.png")
+    metrics = batch["metrics"]
+    print(f"batch: 8 images, seeds {batch['outputs'][0]['seed']}..{batch['outputs'][-1]['seed']}, "
+          f"{elapsed:.2f} s ({8 / elapsed:.1f} img/s), {metrics['total_batches']} denoising group(s)")
+    print(f"wrote PNG files and contact sheets to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embedded_worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="worker configuration: a JSON file or JSON text")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("workflows", help="list the workflows")
+    run = commands.add_parser("run", help="run a workflow and write its images")
+    run.add_argument("workflow")
+    run.add_argument("--param", action="append", type=parse_param, metavar="KEY=VALUE")
+    run.add_argument("--priority", type=int, default=5)
+    run.add_argument("--out", type=Path, default=Path("outputs"))
+    demo = commands.add_parser("demo", help="the main job on the built-in model")
+    demo.add_argument("--out", type=Path, default=Path("demo_output"))
+    args = parser.parse_args(argv)
+    handlers = {"workflows": command_workflows, "run": command_run, "demo": command_demo}
+    with ProcessingWorker(args.config) as worker:
+        return handlers[args.command](worker, args)
