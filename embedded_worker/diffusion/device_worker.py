@@ -218,7 +218,13 @@ class DeviceWorker:
             self.unload(next(iter(self._pipes)))
         folder = self.catalog.folder(model_id)
         started = time.perf_counter()
-        pipe = load_pipeline(folder, self.device, self.dtype)
+        try:
+            pipe = load_pipeline(folder, self.device, self.dtype)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise ResourceExhausted(f"model '{model_id}' does not fit in {self.device} memory") from error
+            raise Unavailable(f"model '{model_id}' could not be loaded from {folder}: "
+                              f"{type(error).__name__}: {error}") from error
         family = self.catalog.family(model_id)
         self._pipes[model_id] = (pipe, family)
         log.info("%s loaded %s in %.2f s", self.name, model_id, time.perf_counter() - started)

@@ -133,8 +133,11 @@ def load_pipeline(folder: Path, device, dtype):
 
 def native_size(folder: Path) -> tuple[int, int]:
     """(width, height) the model was trained at, read from its configs without loading weights."""
-    unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InvalidRequest(f"model folder {folder} is incomplete: {error}") from None
     sample = unet.get("sample_size", 64)
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     side = int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)

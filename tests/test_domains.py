@@ -1,0 +1,101 @@
+"""device.*, model.*, inference.* and postprocessing.* commands, and loading real model folders."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from embedded_worker.diffusion.tiny_model import ensure_tiny_model
+
+
+@pytest.fixture
+def model_copy(model_cache, tmp_path):
+    """A 'real' model folder: the tiny model saved like any local diffusers model."""
+    folder = tmp_path / "models" / "my-sd"
+    shutil.copytree(ensure_tiny_model("builtin:tiny-sd", model_cache), folder)
+    return folder
+
+
+def test_device_commands_describe_the_cpu(worker):
+    devices = worker.execute("device.list_devices", {})["devices"]
+    assert devices[0]["type"] == "cpu" and devices[0]["dtype"] == "float32"
+    memory = worker.execute("device.memory", {})["memory"]
+    assert all(m["total_bytes"] > m["used_bytes"] > 0 for m in memory.values())
+    status = worker.execute("device.status", {})
+    assert status["workers"][0]["name"].startswith("ew-device-cpu")
+
+
+def test_a_local_model_folder_loads_runs_and_unloads(make_worker, model_copy):
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    loaded = worker.execute("model.load", {"model_id": "my-sd", "path": str(model_copy)})
+    assert loaded["success"], loaded
+    assert any(m["model_id"] == "my-sd" and m["loaded_on"] for m in loaded["models"])
+    reply = worker.execute("inference.text2img", {"prompt": "x", "model": "my-sd", "steps": 3, "seed": 3,
+                                                  "background": False})
+    assert reply["status"] == "completed" and reply["outputs"][0]["width"] == 32
+    assert worker.execute("model.unload", {"model_id": "my-sd"})["unloaded_from"] == 1
+    assert not any(m["loaded_on"] for m in worker.execute("model.list", {})["models"] if m["model_id"] == "my-sd")
+
+
+def test_pickle_weights_are_refused_before_anything_is_unpickled(make_worker, model_copy):
+    unet = model_copy / "unet"
+    from safetensors.torch import load_file
+
+    state = load_file(unet / "diffusion_pytorch_model.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, unet / "diffusion_pytorch_model.bin")
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    reply = worker.execute("model.load", {"model_id": "pickled", "path": str(model_copy)})
+    assert reply["error_code"] == "invalid_request"
+    assert "only pickle weights" in reply["error"] and "only safetensors are loaded" in reply["error"]
+
+
+def test_model_paths_outside_the_allowed_roots_are_refused(make_worker, model_copy, tmp_path):
+    worker = make_worker(allowed_roots=[str(tmp_path / "elsewhere")])
+    reply = worker.execute("model.load", {"model_id": "x", "path": str(model_copy)})
+    assert reply["error_code"] == "invalid_request" and "outside the allowed roots" in reply["error"]
+    escape = tmp_path / "elsewhere" / ".." / "models" / "my-sd"
+    assert worker.execute("model.load", {"model_id": "x", "path": str(escape)})["error_code"] == "invalid_request"
+
+
+def test_a_model_that_fails_to_load_gives_a_clear_error_and_nothing_else_fails(make_worker, model_copy, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: configs fine, weights broken
+    worker = make_worker(models={"incomplete": str(incomplete), "truncated": str(model_copy)})
+
+    refused = worker.execute("inference.text2img", {"prompt": "x", "model": "incomplete"})
+    assert refused["error_code"] == "invalid_request" and "is incomplete" in refused["error"]
+    failed = worker.execute("inference.text2img", {"prompt": "x", "model": "truncated", "background": False})
+    assert failed["status"] == "failed" and failed["error_code"] == "unavailable", failed
+    assert "model 'truncated' could not be loaded" in failed["error"]
+    assert worker.execute("model.load", {"model_id": "truncated"})["success"] is False
+    healthy = worker.execute("inference.text2img", {"prompt": "x", "steps": 3, "background": False})
+    assert healthy["status"] == "completed"  # the failure stayed with its session
+
+
+def test_postprocessing_commands_take_an_output(worker):
+    source = worker.execute("inference.text2img", {"prompt": "x", "steps": 3, "background": False})
+    output_id = source["outputs"][0]["output_id"]
+    bigger = worker.execute("postprocessing.upscale", {"output_id": output_id, "factor": 2, "background": False})
+    assert bigger["outputs"][0]["width"] == 64
+    resized = worker.execute("postprocessing.resize", {"output_id": output_id, "width": 48, "height": 16,
+                                                       "background": False})
+    assert (resized["outputs"][0]["width"], resized["outputs"][0]["height"]) == (48, 16)
+    assert worker.execute("postprocessing.upscale", {"factor": 2})["error_code"] == "invalid_request"
+
+
+def test_sdxl_family_runs_through_the_worker(worker):
+    reply = worker.execute("inference.text2img", {"prompt": "x", "model": "builtin:tiny-sdxl", "steps": 3,
+                                                  "seed": 2, "background": False})
+    assert reply["status"] == "completed", reply
+
+
+def test_inference_batch_process_is_execute_batch(worker):
+    reply = worker.execute("inference.batch_process", {"workflow_id": "img-generation-basic", "background": False,
+                                                       "parameters": {"steps": 3, "total_images": 2, "seed": 5}})
+    assert reply["status"] == "completed" and [o["seed"] for o in reply["outputs"]] == [5, 6]
