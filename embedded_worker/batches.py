@@ -16,9 +16,11 @@ Design notes
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import threading
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -34,22 +36,28 @@ from .protocol import (
 from .record_owner import RecordOwner
 from .runner import WorkflowRun
 from .state import (
+    ADDED,
     CANCELLED,
+    CHANGED,
     COMPLETED,
     FAILED,
     FINAL,
     PAUSED,
     PENDING,
+    REMOVED,
     RUNNING,
     BatchRecord,
     ItemRecord,
     Record,
 )
+from .progress_board import state_code
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 PAUSE_WAIT_SECONDS = 5.0
+BOARD_INTERVAL_SECONDS = 0.05
+log = logging.getLogger("embedded_worker.batches")
 
 
 class BatchService:
@@ -58,7 +66,9 @@ class BatchService:
         self._runs: dict[str, WorkflowRun] = {}  # item record id -> run; guarded by engine.book.lock
         self._plans: dict[str, object] = {}
         self._adjustments: dict[str, int] = {}
-        self._lock = threading.Lock()  # guards `_adjustments`
+        self._published: dict[str, float] = {}
+        self._lock = threading.Lock()  # guards `_adjustments` and `_published`
+        engine.book.listeners.append(self._record_event)
 
     # ---- commands --------------------------------------------------------------------------
 
@@ -108,6 +118,7 @@ class BatchService:
             if existing is not None:
                 return existing
             engine.book.add(record)
+            log.info("Batch '%s' accepted: %d item(s) of %s", batch_id, len(items), workflow.id)
             runs = []
             for index, ((item_id, values), plan) in enumerate(zip(items, plans)):
                 item = ItemRecord(id=f"{batch_id}/{item_id}", priority=request.priority, batch_id=batch_id,
@@ -146,7 +157,7 @@ class BatchService:
     def _new_run(self, item: ItemRecord, plan, group_limit: int) -> tuple[ItemRecord, WorkflowRun]:
         engine = self.engine
         owner = RecordOwner(engine.book, engine.outputs, item, item.batch_id, engine.config.output_dir,
-                            on_change=self._item_changed)
+                            on_progress=self._item_progress)
         run = WorkflowRun(plan, owner, engine.pool, engine.cpu, item.priority, engine.native_size,
                           group=item.batch_id, group_limit=group_limit)
         self._runs[item.id] = run
@@ -245,7 +256,46 @@ class BatchService:
             statuses = [r.status for r in self.engine.book.batches.values()]
         return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
 
-    # ---- the batch follows its items ---------------------------------------------------------
+    # ---- the batch follows its items; the board follows the batch ---------------------------------
+
+    def _record_event(self, record: Record, event: str) -> None:
+        if record.kind == "item" and event == CHANGED:
+            self._item_changed(record)
+        elif record.kind == "batch":
+            board = self.engine.board
+            if event == ADDED:
+                record.board_slot = board.claim("batch", record.id)
+            elif event == REMOVED:
+                board.release(record.id)
+            else:
+                self._publish(record)
+
+    def _item_progress(self, item: Record, run: WorkflowRun) -> None:
+        """Denoising progress of an item: republish its batch, at most every BOARD_INTERVAL."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._published.get(item.batch_id, 0.0) < BOARD_INTERVAL_SECONDS:
+                return
+            self._published[item.batch_id] = now
+        record = self._find(item.batch_id)
+        if record is not None:
+            self._publish(record)
+
+    def _publish(self, record: BatchRecord) -> None:
+        if record.board_slot < 0:
+            return
+        items = self._items(record)
+        statuses = [i.status for i in items]
+        progress = sum(1.0 if i.status == COMPLETED else (self._runs[i.id].progress if i.id in self._runs else 0.0)
+                       for i in items)
+        self.engine.board.publish(record.board_slot, {
+            "state": state_code(record.status),
+            "progress_bp": int(10000 * progress / max(1, len(items))),
+            "items_done": statuses.count(COMPLETED),
+            "items_failed": statuses.count(FAILED),
+            "items_total": len(items),
+            "attempt": record.attempt,
+        })
 
     def _item_changed(self, item: Record) -> None:
         book = self.engine.book
@@ -261,6 +311,8 @@ class BatchService:
                 self._finish(record, items)
             elif record.status in (PENDING, RUNNING) and all(s in FINAL or s == PAUSED for s in statuses):
                 book.transition(record, PAUSED)
+            else:
+                self._publish(record)
             record.current_batch_size = statuses.count(RUNNING)
 
     def _finish(self, record: BatchRecord, items: list[ItemRecord]) -> None:

@@ -77,6 +77,9 @@ class WorkerConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     gc_freeze: bool = Field(True, description="freeze collector generations after model load (GIL pauses)")
+    board_slots: int = Field(1024, ge=1, le=1_000_000, description="rows of the progress board")
+    log_capacity: int = Field(10_000, ge=1, description="log records kept for the host to drain")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("device")
     @classmethod

@@ -22,6 +22,7 @@ from .diffusion.offline import set_offline_environment
 from .errors import NotFound, ResourceExhausted, Unavailable
 from .outputs import OutputStore
 from .planning import Planner, RunPlan
+from .progress_board import ProgressBoard
 from .sessions import SessionService
 from .state import FINAL, StateBook
 from .workflows.catalog import WorkflowCatalog
@@ -35,6 +36,7 @@ class Engine:
         self.config = config
         self.started_at = time.time()
         self.book = StateBook()
+        self.board = ProgressBoard(config.board_slots)
         self.models = ModelCatalog(config.models, config.resolved_model_cache_dir)
         self.workflows = WorkflowCatalog(config.workflows_dir, model_known=self._model_known)
         self.outputs = OutputStore(config.limits.max_image_side)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from .config import WorkerConfig
 from .errors import InternalError, InvalidRequest, NotFound, Unavailable, WorkerError
+from .log_bridge import LogBridge
 from .protocol import (
     BatchRequest,
     ControlBatchRequest,
@@ -66,7 +67,11 @@ class ProcessingWorker:
         from .instructors.operation import OperationInstructor
 
         base = WorkerConfig.load(config)
-        self.config = base.model_copy(update=overrides) if overrides else base
+        self.config = WorkerConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
+        self._logs = LogBridge(self.config.log_capacity, getattr(logging, self.config.log_level))
+        if log.getEffectiveLevel() > self._logs.level:
+            log.setLevel(self._logs.level)  # else the records never reach the bridge
+        log.addHandler(self._logs)
         self._engine = Engine(self.config)
         self._closed = threading.Event()
         self._instructors = {
@@ -80,7 +85,7 @@ class ProcessingWorker:
             for name in (
                 "get_workflows", "get_workflow", "execute_workflow", "get_session_status", "control_session",
                 "delete_session", "execute_batch", "get_batch_status", "delete_batch", "control_batch",
-                "list_sessions", "get_status", "output_info", "release_input",
+                "list_sessions", "get_status", "output_info", "release_input", "board_layout",
             )
         }
 
@@ -210,6 +215,35 @@ class ProcessingWorker:
 
         return self._call(run)
 
+    # ---- what a host reads without calls: the progress board, and its logs ----------------------
+
+    def progress_board(self) -> np.ndarray:
+        """The board itself (read-only int64 slots x fields); take its buffer once, read it forever."""
+        return self._engine.board.view()
+
+    def board_layout(self, request: Any = None, **kwargs: Any) -> dict:
+        return self._call(lambda: ok(**self._engine.board.layout()))
+
+    def read_board_slot(self, slot: Any) -> dict:
+        """One slot, read with the same sequence protocol a host uses (for Python callers and tests)."""
+        def run() -> dict:
+            layout = self._engine.board.layout()
+            if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < layout["slots"]:
+                raise InvalidRequest(f"slot: must be an integer from 0 to {layout['slots'] - 1}, got {slot!r}")
+            return ok(slot=slot, **self._engine.board.read(slot))
+
+        return self._call(run)
+
+    def drain_logs(self, max_records: Any = 1000) -> dict:
+        """The worker's log records since the last drain (oldest first) and how many were dropped."""
+        def run() -> dict:
+            if not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1:
+                raise InvalidRequest(f"max_records: must be a positive integer, got {max_records!r}")
+            records, dropped = self._logs.drain(max_records)
+            return ok(records=records, dropped=dropped)
+
+        return self._call(run)
+
     # ---- the command entry -----------------------------------------------------------------
 
     def execute(self, command: Any, request: Any = None) -> dict | str:
@@ -275,6 +309,8 @@ class ProcessingWorker:
         except Exception as error:
             log.exception("close failed")
             return failure(InternalError(f"close failed: {error}"))
+        finally:
+            log.removeHandler(self._logs)
         return ok(closed=True, threads_stopped=stopped)
 
     @property

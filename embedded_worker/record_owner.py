@@ -30,14 +30,14 @@ class RecordOwner:
         record: Record,
         owner_id: str,
         output_folder=None,
-        on_change: Callable[[Record], None] | None = None,  # after each status change
+        on_progress: Callable[[Record, WorkflowRun], None] | None = None,
     ):
         self.book = book
         self.outputs = outputs
         self.record = record
         self.owner_id = owner_id  # whose outputs these are: the session, or the item's batch
         self.output_folder = output_folder
-        self.on_change = on_change or (lambda record: None)
+        self.on_progress = on_progress or (lambda record, run: None)  # each denoising step: keep it cheap
         self.attempt = record.attempt
 
     def _current(self) -> bool:
@@ -47,8 +47,7 @@ class RecordOwner:
         if self._current() and self.record.status != RUNNING:
             if self.record.status == PAUSED:
                 return  # a late start of an image that is being paused
-            if self.book.transition(self.record, RUNNING):
-                self.on_change(self.record)
+            self.book.transition(self.record, RUNNING)
 
     def run_progress(self, run: WorkflowRun) -> None:
         if not self._current():
@@ -59,10 +58,11 @@ class RecordOwner:
         if hasattr(record, "current_step"):
             record.current_step = run.current_step
             record.current_operation = run.current_operation
+        self.on_progress(record, run)
 
     def run_paused(self, run: WorkflowRun) -> None:
-        if self._current() and self.book.transition(self.record, PAUSED):
-            self.on_change(self.record)
+        if self._current():
+            self.book.transition(self.record, PAUSED)
 
     def run_finished(self, run: WorkflowRun, images: list[StepImage], error: WorkerError | None) -> None:
         if not self._current():
@@ -76,15 +76,15 @@ class RecordOwner:
                 self.outputs.release(self.owner_id, item_id=getattr(record, "item_id", None))
                 self.book.transition(record, FAILED, f"outputs could not be written: {failure}",
                                      {"error_code": "internal"})
-                self.on_change(record)
                 return
             self.book.transition(record, COMPLETED)
+            log.info("%s completed with %d output(s)", record.label(), len(record.outputs))
         else:
             if error.code == "cancelled":
                 self.book.transition(record, CANCELLED)
             else:
                 self.book.transition(record, FAILED, error.message, {"error_code": error.code, "details": error.details})
-        self.on_change(record)
+                log.warning("%s failed (%s): %s", record.label(), error.code, error.message)
 
     def _keep(self, image: StepImage, run: WorkflowRun) -> dict:
         item_id = getattr(self.record, "item_id", None)

@@ -7,6 +7,7 @@ run. Every status change goes through the StateBook; this module only asks.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 import uuid
@@ -16,13 +17,15 @@ from .errors import InvalidState, NotFound
 from .protocol import ControlSessionRequest, DeleteSessionRequest, ExecuteWorkflowRequest, ListSessionsRequest, iso, ok
 from .record_owner import RecordOwner
 from .runner import WorkflowRun
-from .state import CANCELLED, COMPLETED, FINAL, PAUSED, PENDING, RUNNING, SessionRecord
+from .progress_board import state_code
+from .state import ADDED, CANCELLED, COMPLETED, FINAL, PAUSED, PENDING, REMOVED, RUNNING, SessionRecord
 
 if TYPE_CHECKING:
     from .engine import Engine
     from .planning import RunPlan
 
 PAUSE_WAIT_SECONDS = 5.0
+log = logging.getLogger("embedded_worker.sessions")
 
 
 class SessionService:
@@ -31,6 +34,37 @@ class SessionService:
         self._runs: dict[str, WorkflowRun] = {}  # guarded by engine.book.lock
         self._plans: dict[str, "RunPlan"] = {}
         self._workflows: dict[str, dict] = {}
+        engine.book.listeners.append(self._record_event)
+
+    # ---- the progress board ----------------------------------------------------------------
+
+    def _record_event(self, record, event: str) -> None:
+        if record.kind != "session":
+            return
+        board = self.engine.board
+        if event == ADDED:
+            record.board_slot = board.claim("session", record.id)
+        elif event == REMOVED:
+            board.release(record.id)
+            return
+        self._publish(record, self._runs.get(record.id))
+
+    def _publish(self, record: SessionRecord, run: WorkflowRun | None) -> None:
+        if record.board_slot < 0:
+            return
+        values = {"state": state_code(record.status), "total_steps": record.total_steps, "attempt": record.attempt}
+        if run is not None:
+            tasks = [t for w in run.work for t in w.tasks]
+            eta = run.eta_seconds
+            values.update(
+                progress_bp=10000 if record.status == COMPLETED else int(run.progress * 10000),
+                current_step=run.current_step,
+                denoise_step=max((t.step for t in tasks), default=0),
+                denoise_total=max((t.total_steps for t in tasks), default=0),
+                items_done=len(record.outputs),
+                eta_ms=0 if record.status in FINAL else (-1 if eta is None else int(eta * 1000)),
+            )
+        self.engine.board.publish(record.board_slot, values)
 
     # ---- commands --------------------------------------------------------------------------
 
@@ -53,6 +87,8 @@ class SessionService:
             with engine.book.lock:
                 existing = engine.book.sessions.get(session_id)
                 if existing is None:
+                    log.info("Session '%s' accepted: %s, priority %d", session_id, plan.workflow_id or "inline",
+                             request.priority)
                     engine.book.add(record)
                     self._plans[session_id] = plan
                     self._workflows[session_id] = workflow
@@ -90,11 +126,15 @@ class SessionService:
 
     def _start(self, record: SessionRecord, plan: "RunPlan") -> None:
         engine = self.engine
-        owner = RecordOwner(engine.book, engine.outputs, record, record.id, engine.config.output_dir)
-        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, engine.native_size)
+        run = WorkflowRun(plan, self._owner(record), engine.pool, engine.cpu, record.priority, engine.native_size)
         self._runs[record.id] = run
         engine.book.transition(record, PENDING)
         run.start()
+
+    def _owner(self, record: SessionRecord) -> RecordOwner:
+        engine = self.engine
+        return RecordOwner(engine.book, engine.outputs, record, record.id, engine.config.output_dir,
+                           on_progress=self._publish)
 
     def status(self, session_id: str) -> dict:
         return self.describe(self._record(session_id))
@@ -130,8 +170,7 @@ class SessionService:
         engine.outputs.release(record.id)
         record.outputs = []
         plan = self._plans[record.id]
-        owner = RecordOwner(engine.book, engine.outputs, record, record.id, engine.config.output_dir)
-        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, engine.native_size)
+        run = WorkflowRun(plan, self._owner(record), engine.pool, engine.cpu, record.priority, engine.native_size)
         self._runs[record.id] = run
         run.start()
 

@@ -118,14 +118,15 @@ class BatchRecord(Record):
     kind = "batch"
 
 
-Persist = Callable[[Record], None]
+ADDED, CHANGED, REMOVED = "added", "changed", "removed"
+Listener = Callable[[Record, str], None]
 
 
 class StateBook:
     """Owns every record; every status change goes through `transition`."""
 
-    def __init__(self, persist: Persist | None = None):
-        self._persist = persist or (lambda record: None)
+    def __init__(self, listeners: list[Listener] | None = None):
+        self.listeners: list[Listener] = list(listeners or [])  # called under the lock, in order
         # guards the three maps and every status change, so a check-then-move is atomic
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # notified after every status change
@@ -133,19 +134,24 @@ class StateBook:
         self.batches: dict[str, BatchRecord] = {}
         self.items: dict[str, ItemRecord] = {}
 
+    def _tell(self, record: Record, event: str) -> None:
+        for listener in self.listeners:
+            listener(record, event)
+
     def add(self, record: Record) -> None:
         with self.lock:
             self._table(record)[record.id] = record
-            self._persist(record)
+            self._tell(record, ADDED)
 
     def remove(self, record: Record) -> None:
         with self.lock:
-            self._table(record).pop(record.id, None)
+            if self._table(record).pop(record.id, None) is not None:
+                self._tell(record, REMOVED)
 
     def save(self, record: Record) -> None:
-        """Persist non-status fields (outputs, step) of a record."""
+        """Tell the listeners about non-status fields (outputs, step) of a record."""
         with self.lock:
-            self._persist(record)
+            self._tell(record, CHANGED)
 
     def transition(self, record: Record, target: str, error: str | None = None, details: Any = None) -> bool:
         """Move `record` to `target`; False (and no change) when the move is illegal."""
@@ -163,7 +169,7 @@ class StateBook:
                 if error is not None:
                     record.error = error
                     record.error_details = details
-            self._persist(record)
+            self._tell(record, CHANGED)
             if target in FINAL:
                 record.finished.set()
             self.changed.notify_all()
@@ -190,7 +196,7 @@ class StateBook:
             record.started_at = record.completed_at = None
             record.error = record.error_details = None
             record.finished = threading.Event()
-            self._persist(record)
+            self._tell(record, CHANGED)
             self.changed.notify_all()
 
     def _table(self, record: Record) -> dict:

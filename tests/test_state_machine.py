@@ -39,13 +39,13 @@ def record_in(book: StateBook, status: str) -> SessionRecord:
 @pytest.mark.parametrize(("current", "target"), list(itertools.product(ALL_STATUSES, ALL_STATUSES)))
 def test_every_transition_is_legal_exactly_when_the_protocol_allows_it(current, target):
     persisted = []
-    book = StateBook(persist=persisted.append)
+    book = StateBook([lambda record, event: persisted.append((record, event))])
     record = record_in(book, current)
     persisted.clear()
     moved = book.transition(record, target)
     assert moved == ((current, target) in LEGAL)
     assert record.status == (target if moved else current)
-    assert persisted == ([record] if moved else [])  # persisted before transition() returned
+    assert persisted == ([(record, "changed")] if moved else [])  # told before transition() returned
 
 
 @pytest.mark.parametrize("final", sorted(FINAL))

@@ -1,0 +1,43 @@
+"""LogBridge: the worker's log records, queued for the host to drain.
+
+A .NET host has no Python console. The worker's records (logger
+`embedded_worker` and below) go into a bounded queue that the host drains
+when it likes; when nobody drains, the oldest records are dropped and
+counted, so memory stays bounded and the loss is visible.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+from .protocol import iso
+
+
+class LogBridge(logging.Handler):
+    def __init__(self, capacity: int, level: int = logging.INFO):
+        super().__init__(level)
+        self._records: collections.deque[logging.LogRecord] = collections.deque(maxlen=capacity)
+        self._guard = threading.Lock()  # guards the deque and `dropped` together
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._guard:
+            if len(self._records) == self._records.maxlen:
+                self.dropped += 1
+            self._records.append(record)
+
+    def drain(self, limit: int) -> tuple[list[dict], int]:
+        """Up to `limit` records, oldest first, and how many were dropped so far."""
+        with self._guard:
+            taken = [self._records.popleft() for _ in range(min(limit, len(self._records)))]
+            dropped = self.dropped
+        return [self._describe(record) for record in taken], dropped
+
+    def _describe(self, record: logging.LogRecord) -> dict:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+        return {"time": iso(record.created), "level": record.levelname, "logger": record.name,
+                "thread": record.threadName, "message": message}
