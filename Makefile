@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 HOST := dotnet_host_sample
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo bench soak host clean
+.PHONY: setup test demo bench soak host mono clean
 
 setup: $(STAMP)
 
@@ -20,17 +20,35 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
 	touch $@
 
-test: setup
-	$(PY) -m pytest -q
+test: setup host
+	EMBEDDED_WORKER_REQUIRE_DOTNET=1 $(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m embedded_worker demo --out demo_output
+	@if command -v dotnet >/dev/null && dotnet --list-sdks 2>/dev/null | grep -q .; then \
+	  EMBEDDED_WORKER_VENV=$(CURDIR)/$(VENV) dotnet run --project $(HOST) -- --out demo_output; \
+	else \
+	  $(MAKE) --no-print-directory host && $(HOST)/run.sh --out demo_output; \
+	fi
 
-bench: setup
+bench: setup host
 	$(PY) -m benchmarks.run
+
+# The .NET host: built with Mono's mcs here; Mono is installed when missing and we are root.
+host: setup mono
+	$(HOST)/build.sh
+
+mono:
+	@command -v mcs >/dev/null && command -v mono >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Mono (mono-devel) for the .NET host"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mono-devel >/dev/null; \
+	  else \
+	    echo "The .NET host needs Mono: apt-get install -y mono-devel (as root), or a .NET SDK: dotnet run --project $(HOST)"; \
+	    exit 1; \
+	  fi; }
 
 soak: setup
 	$(PY) -m pytest -q -m soak -p no:cacheprovider tests
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) demo_output $(HOST)/bin $(HOST)/obj

@@ -11,12 +11,14 @@ import tempfile
 from pathlib import Path
 
 from .common import table, write_results
+from .host_bench import host_rows
 from .worker_bench import status_rows, throughput_against_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-host", action="store_true", help="skip the .NET host figures (no Mono here)")
     parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "embedded_worker_bench_models"))
     args = parser.parse_args(argv)
     rounds, seconds = (2, 1.0) if args.quick else (6, 3.0)
@@ -25,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         "Images/s: worker vs the diffusers pipeline's own call (tiny SD, 32 px, CPU)":
             throughput_against_pipeline(args.model_cache, rounds=rounds),
     }
+    if not args.no_host:
+        sections.update(host_rows())
     for title, rows in sections.items():
         print(table(title, rows))
-    notes = {"goal_status_p99_us_under_load": 1000, "goal_overhead_pct": 5}
+    notes = {"goal_status_p99_us_under_load": 1000, "goal_overhead_pct": 5, "goal_typed_status_p50_us_from_csharp": 10,
+             "goal_board_read_us": 0.1}
     json_path, md_path = write_results("bench", sections, notes)
     print(f"wrote {json_path} and {md_path}")
     return 0

@@ -37,6 +37,7 @@ from .protocol import (
     failure,
     ok,
     parse,
+    parse_id,
 )
 
 log = logging.getLogger("embedded_worker")
@@ -141,6 +142,9 @@ class ProcessingWorker:
             parse(ExecuteWorkflowRequest, self._data(request, kwargs))))
 
     def get_session_status(self, request: Any = None, **kwargs: Any) -> dict:
+        if isinstance(request, str) and not kwargs and not request.lstrip().startswith("{"):
+            # the polling hot path: a bare id, checked by the same Id type the request model uses
+            return self._call(lambda: self._engine.sessions.status(parse_id(request, "session_id")))
         return self._call(lambda: self._engine.sessions.status(
             parse(SessionRequest, self._data(_id_request(request, "session_id"), kwargs)).session_id))
 

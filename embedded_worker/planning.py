@@ -33,6 +33,11 @@ class PlannedStep:
     def label(self) -> str:
         return self.operation.qualified
 
+    @property
+    def weight(self) -> int:
+        """Its share of a run's progress: denoising steps dominate, a CPU step counts as one."""
+        return getattr(self.params, "steps", 1) if self.operation.on_device else 1
+
 
 @dataclass
 class RunPlan:

@@ -9,9 +9,19 @@ Validation failures become `invalid_request` envelopes naming the field.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidRequest, WorkerError
 
@@ -199,6 +209,18 @@ def parse(model: type[M], data: Any, prefix: str = "", context: dict | None = No
         raise InvalidRequest(text, details=problems) from None
 
 
+_ID = TypeAdapter(Id)
+
+
+def parse_id(value: Any, field: str) -> str:
+    """A bare id, validated as the request models validate their ids."""
+    try:
+        return _ID.validate_python(value)
+    except ValidationError as error:
+        text, problems = describe_errors(error, prefix=field)
+        raise InvalidRequest(text, details=problems) from None
+
+
 def ok(**fields: Any) -> dict:
     return {"success": True, **fields}
 
@@ -210,6 +232,7 @@ def failure(error: WorkerError) -> dict:
     return envelope
 
 
+@functools.lru_cache(maxsize=8192)  # status polls format the same few stamps over and over
 def iso(timestamp: float | None) -> str | None:
     """ISO-8601 UTC, the only way a time crosses the boundary."""
     if timestamp is None:

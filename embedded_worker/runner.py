@@ -98,6 +98,8 @@ class WorkflowRun:
         self.cancelled = False
         self.finished = False
         self.succeeded = False
+        self._weights = [step.weight for step in plan.steps]  # progress shares, fixed for the run
+        self._total_weight = max(1, sum(self._weights))
 
     # ---- control, from any thread --------------------------------------------------------
 
@@ -163,13 +165,14 @@ class WorkflowRun:
 
     @property
     def progress(self) -> float:
-        """0..1 over all steps, counting the denoising inside the current one."""
+        """0..1 over all steps, each weighted (PlannedStep.weight), counting the denoising inside."""
         if self.succeeded:
             return 1.0
-        done = self.completed_steps
-        if self.plan.parallel:
-            return sum(w.fraction for w in self.work) / max(1, self.total_steps) if self.work else done / max(1, self.total_steps)
-        return min(1.0, (done + self.substep_progress) / max(1, self.total_steps))
+        work = self.work
+        running = sum(w.step.weight * w.fraction for w in work) if work else 0.0
+        if self.plan.parallel and work:
+            return min(1.0, running / self._total_weight)
+        return min(1.0, (sum(self._weights[: self.completed_steps]) + running) / self._total_weight)
 
     @property
     def eta_seconds(self) -> float | None:

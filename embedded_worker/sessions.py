@@ -242,29 +242,30 @@ class SessionService:
             eta = 0.0
         elif run is not None and run.eta_seconds is not None and status != PAUSED:
             eta = run.eta_seconds
-        reply = ok(
-            session_id=record.id,
-            workflow_id=record.workflow_id,
-            status=status,
-            current_step=run.current_step if run is not None else 0,
-            total_steps=record.total_steps,
-            progress=int(progress * 100),
-            detailed_progress={
+        reply = {  # a literal, not ok(**...): this is the polling hot path
+            "success": True,
+            "session_id": record.id,
+            "workflow_id": record.workflow_id,
+            "status": status,
+            "current_step": run.current_step if run is not None else 0,
+            "total_steps": record.total_steps,
+            "progress": int(progress * 100),
+            "detailed_progress": {
                 "current_operation": run.current_operation if run is not None else "",
-                "substep_progress": round(run.substep_progress if run is not None else 0.0, 4),
-                "eta_seconds": None if eta is None else round(eta, 3),
-                "queue_seconds": round(queue_seconds, 3),
-                "run_seconds": round(run_seconds, 3),
+                "substep_progress": run.substep_progress if run is not None else 0.0,
+                "eta_seconds": eta,
+                "queue_seconds": queue_seconds,
+                "run_seconds": run_seconds,
             },
-            priority=record.priority,
-            attempt=record.attempt,
-            created_at=iso(record.created_at),
-            started_at=iso(record.started_at),
-            completed_at=iso(record.completed_at),
-            error=record.error,
-            outputs=list(record.outputs),
-            board_slot=record.board_slot,
-        )
+            "priority": record.priority,
+            "attempt": record.attempt,
+            "created_at": iso(record.created_at),
+            "started_at": iso(record.started_at),
+            "completed_at": iso(record.completed_at),
+            "error": record.error,
+            "outputs": list(record.outputs),
+            "board_slot": record.board_slot,
+        }
         if record.error_details:
             reply["error_code"] = record.error_details.get("error_code")
             if record.error_details.get("details") is not None:

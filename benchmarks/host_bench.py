@@ -1,0 +1,54 @@
+"""The .NET host's figures: it runs the Mono build's --bench mode and reads what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .common import RESULTS
+
+HOST = Path(__file__).resolve().parents[1] / "dotnet_host_sample"
+
+
+def host_rows() -> dict[str, list[dict]]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "host_raw.json"
+    environment = {**os.environ, "EMBEDDED_WORKER_VENV": sys.prefix}
+    subprocess.run([str(HOST / "run.sh"), "--bench", str(path)], check=True, env=environment, timeout=1200,
+                   capture_output=True)
+    measured = json.loads(path.read_text())
+    calls = [_row(r, "call") for r in measured["status_and_board"] + measured["out_of_process"] if "call" in r]
+    handoffs = [_row(r, "what") for r in measured["output_handoff"] + measured["out_of_process"] if "what" in r]
+    typed = _find(calls, "typed GetSessionStatus", "idle")
+    remote = _find(calls, "JSON-lines get_session_status", "idle")
+    big = next(r for r in handoffs if r["path"] == "in-process buffer" and r["what"].startswith("8 x"))
+    remote_big = next(r for r in handoffs if r["path"].startswith("out of process"))
+    ratios = [
+        {"comparison": "status: out-of-process p50 / typed in-process p50", "ratio": round(remote["p50_us"] / typed["p50_us"], 1),
+         "goal": ">= 10"},
+        {"comparison": "8x512x512x3 output: out-of-process / in-process handoff", "ratio": round(remote_big["p50_us"] / big["p50_us"]),
+         "goal": ">= 1000"},
+    ]
+    return {
+        "From C# on Mono: calls and board reads (microseconds)": calls,
+        "From C#: output handoff (microseconds per whole result)": handoffs,
+        "From C#: in-process against the out-of-process JSON-lines worker": ratios,
+    }
+
+
+def _row(raw: dict, label: str) -> dict:
+    row = {label: raw[label], "condition": raw.get("condition", raw.get("path", ""))}
+    if label == "what":
+        row["path"] = raw["path"]
+        del row["condition"]
+    for key in ("n", "p50_us", "p99_us", "max_us"):
+        value = raw.get(key)
+        row[key] = round(value, 3) if isinstance(value, float) else value
+    return row
+
+
+def _find(rows: list[dict], call: str, condition: str) -> dict:
+    return next(r for r in rows if r["call"] == call and r["condition"] == condition)

@@ -1,0 +1,267 @@
+// The host's side of `make bench`: the in-process worker from C#, and the
+// out-of-process JSON-lines worker ServiceProcessing used before, measured in
+// the same run on the same machine. Results go to a JSON file that the
+// Python benchmark runner folds into its tables.
+using System;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.IO;
+using System.Text;
+using System.Threading;
+
+namespace EmbeddedWorkerHost
+{
+    public static class HostBenchmarks
+    {
+        const string Prompt = "a lighthouse on a cliff at sunset";
+
+        public static int Run(PythonRuntime runtime, string resultPath)
+        {
+            var worker = new EmbeddedProcessingWorker(runtime);
+            var rows = new List<object>();
+            var handoff = new List<object>();
+            var probe = worker.ExecuteWorkflow(new { session_id = "probe", workflow_id = "img-generation-basic",
+                                                     parameters = new { steps = 4, seed = 1 }, background = false });
+            if (probe.Text("status") != "completed") throw new InvalidOperationException("probe failed: " + probe);
+            int slot = (int)probe.Number("board_slot");
+            var statusJson = "{\"session_id\": \"probe\", \"action\": \"get_status\"}";
+
+            using (var board = worker.OpenBoard())
+            {
+                foreach (var loaded in new[] { false, true })
+                {
+                    string condition = loaded ? "while a batch runs" : "idle";
+                    string batchId = loaded ? StartLoad(worker) : null;
+                    rows.Add(Row("typed GetSessionStatus", condition, Time(20000, () => worker.GetSessionStatus("probe"))));
+                    rows.Add(Row("Execute (dynamic Reply)", condition,
+                                 Time(10000, () => worker.Execute("get_session_status", new { session_id = "probe" }))));
+                    rows.Add(Row("ExecuteJson (JSON string)", condition,
+                                 Time(10000, () => worker.ExecuteJson("get_session_status", statusJson))));
+                    rows.Add(BoardRow(board, slot, condition));
+                    if (loaded)
+                    {
+                        rows.Add(Row("typed GetSessionStatus, 4 threads", condition, Threads(4, 5000,
+                            () => worker.GetSessionStatus("probe"))));
+                        var busy = worker.GetBatchStatus(batchId);
+                        if (busy.Status != "running")
+                            Console.Error.WriteLine("warning: the load batch was " + busy.Status + " at the end");
+                        worker.DeleteBatch(batchId);
+                    }
+                }
+            }
+
+            var outputs = MakeLargeResult(worker);
+            handoff.Add(Handoff(worker, outputs, "8 x 512x512x3 (6 MiB)"));
+            handoff.Add(Handoff(worker, new List<object>(probe.List("outputs")), "1 x 32x32x3 (3 KiB)"));
+
+            var outOfProcess = new List<object>();
+            using (var remote = new JsonLinesWorker(runtime.PythonExecutable, runtime.RepoRoot))
+            {
+                var remoteProbe = remote.Call("execute_workflow", "{\"session_id\": \"probe\", \"workflow_id\": " +
+                    "\"img-generation-basic\", \"parameters\": {\"steps\": 4, \"seed\": 1}, \"background\": false}");
+                if (!remoteProbe.Contains("\"completed\"")) throw new InvalidOperationException("remote probe failed");
+                outOfProcess.Add(Row("JSON-lines get_session_status", "idle",
+                                     Time(3000, () => remote.Call("get_session_status", statusJson))));
+                var remoteOutputs = remote.Call("execute_workflow", LargeResultJson());
+                var ids = Extract(remoteOutputs, "\"output_id\": \"");
+                outOfProcess.Add(RemoteHandoff(remote, ids, "8 x 512x512x3 (6 MiB) as base64 JSON"));
+            }
+
+            var result = new Dictionary<string, object>
+            {
+                { "status_and_board", rows }, { "output_handoff", handoff }, { "out_of_process", outOfProcess },
+            };
+            File.WriteAllText(resultPath, new Reply(result).ToString());
+            Console.WriteLine("host benchmark written to " + resultPath);
+            return 0;
+        }
+
+        static string StartLoad(EmbeddedProcessingWorker worker)
+        {
+            var batch = worker.ExecuteBatch(new { workflow_id = "img-generation-basic",
+                parameters = new { prompt = Prompt, steps = 40, seed = 0, total_images = 400 } });
+            string id = batch.Text("batch_id");
+            while (worker.GetBatchStatus(id).Status != "running") Thread.Sleep(10);
+            return id;
+        }
+
+        static object[] LargeResultDomains()
+        {
+            return new object[]
+            {
+                new { domain = "inference", operation = "text2img", parameters = new { prompt = Prompt, steps = 4, seed = 3, num_images = 8 } },
+                new { domain = "postprocessing", operation = "resize", parameters = new { width = 512, height = 512 } },
+            };
+        }
+
+        static string LargeResultJson()
+        {
+            return "{\"background\": false, \"domains\": [" +
+                   "{\"domain\": \"inference\", \"operation\": \"text2img\", \"parameters\": {\"prompt\": \"" + Prompt + "\", \"steps\": 4, \"seed\": 3, \"num_images\": 8}}," +
+                   "{\"domain\": \"postprocessing\", \"operation\": \"resize\", \"parameters\": {\"width\": 512, \"height\": 512}}]}";
+        }
+
+        static List<object> MakeLargeResult(EmbeddedProcessingWorker worker)
+        {
+            var reply = worker.ExecuteWorkflow(new { domains = LargeResultDomains(), background = false });
+            if (reply.Text("status") != "completed") throw new InvalidOperationException("large result failed: " + reply);
+            return new List<object>(reply.List("outputs"));
+        }
+
+        static Dictionary<string, object> Handoff(EmbeddedProcessingWorker worker, List<object> outputs, string what)
+        {
+            var samples = new List<double>();
+            long checksum = 0;
+            for (int round = 0; round < 300; round++)
+            {
+                var watch = Stopwatch.StartNew();
+                foreach (Reply output in outputs)
+                {
+                    Reply error;
+                    using (var view = worker.GetOutput(output.Text("output_id"), out error))
+                        checksum += view[view.Height - 1, view.Width - 1, 2];  // touch the far end of the memory
+                }
+                samples.Add(watch.Elapsed.TotalMilliseconds * 1000);
+            }
+            var row = Stats(samples);
+            row["what"] = what;
+            row["path"] = "in-process buffer";
+            row["checksum"] = checksum;
+            return row;
+        }
+
+        static Dictionary<string, object> RemoteHandoff(JsonLinesWorker remote, List<string> ids, string what)
+        {
+            var samples = new List<double>();
+            long bytes = 0;
+            for (int round = 0; round < 8; round++)
+            {
+                var watch = Stopwatch.StartNew();
+                foreach (var id in ids)
+                {
+                    var reply = remote.Call("get_output", "{\"output_id\": \"" + id + "\"}");
+                    bytes = Convert.FromBase64String(Extract(reply, "\"pixels\": \"")[0]).LongLength;
+                }
+                samples.Add(watch.Elapsed.TotalMilliseconds * 1000);
+            }
+            var row = Stats(samples);
+            row["what"] = what;
+            row["path"] = "out of process, JSON lines";
+            row["bytes_per_image"] = bytes;
+            return row;
+        }
+
+        static Dictionary<string, object> BoardRow(ProgressBoard board, int slot, string condition)
+        {
+            const int reads = 2000000;
+            BoardRow row;
+            var watch = Stopwatch.StartNew();
+            for (int i = 0; i < reads; i++) board.TryRead(slot, out row);
+            double nanoseconds = watch.Elapsed.TotalMilliseconds * 1e6 / reads;
+            return new Dictionary<string, object>
+            {
+                { "call", "board TryRead (no GIL)" }, { "condition", condition }, { "n", (long)reads },
+                { "p50_us", nanoseconds / 1000.0 }, { "p99_us", null }, { "max_us", null },
+            };
+        }
+
+        static Dictionary<string, object> Row(string call, string condition, List<double> samples)
+        {
+            var row = Stats(samples);
+            row["call"] = call;
+            row["condition"] = condition;
+            return row;
+        }
+
+        static List<double> Time(int count, Action action)
+        {
+            for (int i = 0; i < Math.Min(200, count); i++) action();
+            var samples = new List<double>(count);
+            var watch = new Stopwatch();
+            for (int i = 0; i < count; i++)
+            {
+                watch.Restart();
+                action();
+                samples.Add(watch.Elapsed.TotalMilliseconds * 1000);
+            }
+            return samples;
+        }
+
+        static List<double> Threads(int threads, int perThread, Action action)
+        {
+            var all = new List<double>();
+            var workers = new Thread[threads];
+            for (int t = 0; t < threads; t++)
+            {
+                workers[t] = new Thread(() =>
+                {
+                    var mine = Time(perThread, action);
+                    lock (all) all.AddRange(mine);
+                });
+                workers[t].Start();
+            }
+            foreach (var thread in workers) thread.Join();
+            return all;
+        }
+
+        static Dictionary<string, object> Stats(List<double> microseconds)
+        {
+            microseconds.Sort();
+            Func<double, double> at = q => microseconds[Math.Min(microseconds.Count - 1, (int)(q * microseconds.Count))];
+            return new Dictionary<string, object>
+            {
+                { "n", (long)microseconds.Count }, { "p50_us", at(0.5) }, { "p99_us", at(0.99) },
+                { "max_us", microseconds[microseconds.Count - 1] },
+            };
+        }
+
+        static List<string> Extract(string json, string marker)
+        {
+            var found = new List<string>();
+            for (int at = json.IndexOf(marker); at >= 0; at = json.IndexOf(marker, at + 1))
+            {
+                int start = at + marker.Length;
+                found.Add(json.Substring(start, json.IndexOf('"', start) - start));
+            }
+            return found;
+        }
+
+        /// <summary>The previous architecture: a Python process behind stdin/stdout, one JSON line each way.</summary>
+        sealed class JsonLinesWorker : IDisposable
+        {
+            readonly Process process;
+            long next;
+
+            public JsonLinesWorker(string python, string repoRoot)
+            {
+                var start = new ProcessStartInfo(python, "-u -m benchmarks.jsonl_worker")
+                {
+                    RedirectStandardInput = true,
+                    RedirectStandardOutput = true,
+                    UseShellExecute = false,
+                    WorkingDirectory = repoRoot,
+                };
+                process = Process.Start(start);
+                process.StandardInput.AutoFlush = true;
+                var ready = process.StandardOutput.ReadLine();
+                if (ready == null || !ready.Contains("ready")) throw new InvalidOperationException("JSON-lines worker did not start");
+            }
+
+            public string Call(string command, string requestJson)
+            {
+                var line = new StringBuilder();
+                line.Append("{\"id\": ").Append(next++).Append(", \"command\": \"").Append(command)
+                    .Append("\", \"request\": ").Append(requestJson).Append('}');
+                process.StandardInput.WriteLine(line.ToString());
+                return process.StandardOutput.ReadLine();
+            }
+
+            public void Dispose()
+            {
+                process.StandardInput.Close();
+                if (!process.WaitForExit(30000)) process.Kill();
+                process.Dispose();
+            }
+        }
+    }
+}

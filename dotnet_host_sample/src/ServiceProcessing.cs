@@ -1,0 +1,119 @@
+// A sample of what the real ServiceProcessing does with the worker: a
+// workflow cache, sessions (execute, poll, pause/resume/cancel/restart,
+// delete) and batches (execute, status, delete). It talks only through
+// IPythonWorkerService, exactly as the real service talks to its worker.
+using System;
+using System.Collections.Generic;
+using System.Threading;
+using System.Threading.Tasks;
+
+namespace EmbeddedWorkerHost
+{
+    public sealed class ServiceProcessing
+    {
+        static readonly TimeSpan CacheLifetime = TimeSpan.FromMinutes(5);
+
+        readonly IPythonWorkerService worker;
+        readonly object cacheLock = new object();
+        Dictionary<string, Reply> workflowCache;
+        DateTime cachedAt;
+
+        public ServiceProcessing(IPythonWorkerService worker)
+        {
+            this.worker = worker;
+        }
+
+        Task<Reply> Processing(string command, object request)
+        {
+            return worker.ExecuteAsync(PythonWorkerType.Processing, command, request);
+        }
+
+        public async Task<IList<Reply>> GetWorkflowsAsync(bool refresh = false)
+        {
+            lock (cacheLock)
+                if (!refresh && workflowCache != null && DateTime.UtcNow - cachedAt < CacheLifetime)
+                    return new List<Reply>(workflowCache.Values);
+            var reply = await Processing("get_workflows", new { action = "get_workflows" }).ConfigureAwait(false);
+            if (!reply.Success) throw new InvalidOperationException("get_workflows failed: " + reply.Error);
+            var fresh = new Dictionary<string, Reply>();
+            foreach (Reply workflow in reply.List("workflows")) fresh[workflow.Text("id")] = workflow;
+            lock (cacheLock)
+            {
+                workflowCache = fresh;
+                cachedAt = DateTime.UtcNow;
+            }
+            return new List<Reply>(fresh.Values);
+        }
+
+        public Task<Reply> StartSessionAsync(string workflowId, object parameters, int priority = 5)
+        {
+            return Processing("execute_workflow", new
+            {
+                session_id = Guid.NewGuid(),
+                workflow_id = workflowId,
+                parameters = parameters,
+                priority = priority,
+                background = true,
+                action = "execute_workflow",
+            });
+        }
+
+        public Task<Reply> GetSessionStatusAsync(string sessionId)
+        {
+            return Processing("get_session_status", new { session_id = sessionId, action = "get_status" });
+        }
+
+        public Task<Reply> ControlSessionAsync(string sessionId, string action)
+        {
+            return Processing("control_session", new { session_id = sessionId, action = action, parameters = (object)null });
+        }
+
+        public Task<Reply> PauseAsync(string sessionId) { return ControlSessionAsync(sessionId, "pause"); }
+        public Task<Reply> ResumeAsync(string sessionId) { return ControlSessionAsync(sessionId, "resume"); }
+        public Task<Reply> CancelAsync(string sessionId) { return ControlSessionAsync(sessionId, "cancel"); }
+        public Task<Reply> RestartAsync(string sessionId) { return ControlSessionAsync(sessionId, "restart"); }
+
+        public Task<Reply> DeleteSessionAsync(string sessionId)
+        {
+            return Processing("delete_session", new { session_id = sessionId, force_cleanup = true, action = "delete_session" });
+        }
+
+        /// <summary>The request the existing client sends: no items, the count in parameters.total_images.</summary>
+        public Task<Reply> StartBatchAsync(string workflowId, object parameters)
+        {
+            return Processing("execute_batch", new
+            {
+                batch_id = Guid.NewGuid(),
+                workflow_id = workflowId,
+                parameters = parameters,
+                background = true,
+                action = "execute_batch",
+            });
+        }
+
+        public Task<Reply> GetBatchStatusAsync(string batchId)
+        {
+            return Processing("get_batch_status", new { batch_id = batchId, action = "get_status" });
+        }
+
+        public Task<Reply> DeleteBatchAsync(string batchId)
+        {
+            return Processing("delete_batch", new { batch_id = batchId, force_cleanup = true, action = "delete_batch" });
+        }
+
+        /// <summary>Poll the session until it is final (or `timeout`), as the real service's status loop does.</summary>
+        public async Task<Reply> WaitForSessionAsync(string sessionId, TimeSpan poll, TimeSpan timeout)
+        {
+            var deadline = DateTime.UtcNow + timeout;
+            while (true)
+            {
+                var status = await GetSessionStatusAsync(sessionId).ConfigureAwait(false);
+                var state = status.Text("status");
+                if (!status.Success || state == "completed" || state == "failed" || state == "cancelled"
+                    || DateTime.UtcNow > deadline)
+                    return status;
+                await Task.Delay(poll).ConfigureAwait(false);
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+"""The .NET host (Mono build): the demo scenario end to end, and the test suite inside it.
+
+Marked `dotnet`: they need Mono's `mcs` and `mono`. `make test` installs
+Mono when missing and sets EMBEDDED_WORKER_REQUIRE_DOTNET, so there they
+fail instead of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedded_worker import ProcessingWorker, WorkerConfig
+
+from .conftest import assert_same_up_to_batch_rounding
+
+pytestmark = pytest.mark.dotnet
+HOST = Path(__file__).resolve().parents[1] / "dotnet_host_sample"
+
+
+@pytest.fixture(scope="module")
+def host_build():
+    if not (shutil.which("mcs") and shutil.which("mono")):
+        if os.environ.get("EMBEDDED_WORKER_REQUIRE_DOTNET"):
+            pytest.fail("Mono (mcs, mono) is required here: apt-get install -y mono-devel")
+        pytest.skip("Mono is not installed")
+    venv = Path(sys.prefix)
+    subprocess.run([str(HOST / "build.sh")], check=True, env={**os.environ, "EMBEDDED_WORKER_VENV": str(venv)},
+                   capture_output=True, timeout=300)
+    return venv
+
+
+def run_host(venv: Path, model_cache: Path, *arguments: str, timeout: float) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "EMBEDDED_WORKER_VENV": str(venv),
+                   "EMBEDDED_WORKER_CONFIG": json.dumps({"model_cache_dir": str(model_cache)})}
+    return subprocess.run([str(HOST / "run.sh"), *arguments], env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(host_build, model_cache, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("host_demo")
+    result = run_host(host_build, model_cache, "--out", str(folder), "--summary", str(folder / "summary.json"),
+                      timeout=600)
+    return result, folder
+
+
+def test_the_demo_exits_cleanly_and_says_what_it_did(demo):
+    result, _ = demo
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo passed: 10 PNG files" in result.stdout
+    assert "batch: 8 images" in result.stdout and "pause at step" in result.stdout
+    assert "[python INFO]" in result.stdout  # Python's log records reached the host
+    assert "CHECK FAILED" not in result.stdout
+
+
+def test_the_host_wrote_decodable_pngs_of_the_right_size(demo):
+    _, folder = demo
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["checks_failed"] == 0 and len(summary["files"]) == 10
+    assert summary["python_log_records"] > 0
+    for entry in summary["files"]:
+        image = Image.open(entry["path"])
+        assert image.size == (entry["width"], entry["height"]) and image.mode == "RGB"
+
+
+def test_the_host_pngs_hold_the_pixels_python_makes_with_the_same_seeds(demo, model_cache):
+    _, folder = demo
+    files = json.loads((folder / "summary.json").read_text())["files"]
+    written = {(f["stem"], f["seed"]): np.asarray(Image.open(f["path"])) for f in files}
+    with ProcessingWorker(WorkerConfig(model_cache_dir=model_cache)) as worker:
+        session = worker.execute_workflow(workflow_id="img-generation-basic", background=False,
+                                          parameters={"prompt": "a lighthouse at dusk", "seed": 42, "steps": 60})
+        assert np.array_equal(written[("session", 42)], worker.get_output(session["outputs"][0]["output_id"]))
+
+        batch = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters={
+            "prompt": "a lighthouse at dusk", "seed": 100, "steps": 20, "total_images": 8})
+        for output in batch["outputs"]:
+            assert_same_up_to_batch_rounding(written[("batch", output["seed"])], worker.get_output(output["output_id"]))
+
+        allocated = worker.allocate_input(32, 32)
+        x = np.arange(32, dtype=np.uint8)
+        allocated["buffer"][:, :, 0] = (x * 8)[None, :]
+        allocated["buffer"][:, :, 1] = (x * 8)[:, None]
+        allocated["buffer"][:, :, 2] = 128
+        img2img = worker.execute_workflow(workflow_id="img2img-basic", background=False, parameters={
+            "init_image": allocated["input_id"], "strength": 0.6, "steps": 20, "seed": 5})
+        assert np.array_equal(written[("img2img", 5)], worker.get_output(img2img["outputs"][0]["output_id"]))
+
+
+def test_the_test_suite_passes_inside_the_embedded_interpreter(host_build, model_cache):
+    result = run_host(host_build, model_cache, "--selftest", "-x", timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "selftest: pytest inside the embedded interpreter exited with 0" in result.stdout
+    assert " passed" in result.stdout
+
+
+def test_the_host_refuses_to_start_without_a_virtual_environment(host_build, tmp_path):
+    environment = {k: v for k, v in os.environ.items() if k != "EMBEDDED_WORKER_VENV"}
+    result = subprocess.run(["mono", str(HOST / "bin" / "EmbeddedWorkerHost.exe"), "--venv", str(tmp_path / "none")],
+                            env={**environment, "MONO_THREADS_SUSPEND": "preemptive"}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no Python virtual environment found" in result.stderr
