@@ -43,7 +43,7 @@ namespace EmbeddedWorkerHost
         readonly PythonRuntime runtime;
         readonly PyObject worker;
         readonly PyObject sessionStatus, batchStatus;  // bound methods, looked up once for the polling path
-        bool closed;
+        bool closed;  // set and read under the GIL, so no call can use a disposed bound method
 
         public EmbeddedProcessingWorker(PythonRuntime runtime, object config = null)
         {
@@ -133,6 +133,12 @@ namespace EmbeddedWorkerHost
             var status = new SessionStatus();
             if (!Guarded(() =>
             {
+                if (closed)
+                {
+                    status.ErrorCode = "unavailable";
+                    status.Error = "the worker is closed";
+                    return;
+                }
                 using (var id = PyConvert.ToPython(sessionId))
                 using (var reply = sessionStatus.Invoke(id))
                 {
@@ -158,6 +164,12 @@ namespace EmbeddedWorkerHost
             var status = new BatchStatus();
             if (!Guarded(() =>
             {
+                if (closed)
+                {
+                    status.ErrorCode = "unavailable";
+                    status.Error = "the worker is closed";
+                    return;
+                }
                 using (var id = PyConvert.ToPython(batchId))
                 using (var reply = batchStatus.Invoke(id))
                 {
@@ -259,10 +271,11 @@ namespace EmbeddedWorkerHost
         public Reply Close(TimeSpan timeout)
         {
             if (closed || runtime.IsShutDown) return Reply.Failure("unavailable", "the worker is closed");
-            closed = true;
-            var reply = Call("close", timeout.TotalSeconds);
+            var reply = Call("close", timeout.TotalSeconds);  // meanwhile Python answers callers `unavailable`
             using (Py.GIL())
             {
+                if (closed) return reply;
+                closed = true;
                 sessionStatus.Dispose();
                 batchStatus.Dispose();
             }

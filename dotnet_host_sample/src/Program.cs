@@ -78,6 +78,7 @@ namespace EmbeddedWorkerHost
             var total = Stopwatch.StartNew();
             var worker = new EmbeddedProcessingWorker(runtime);
             var service = new ServiceProcessing(worker);
+            string sessionId;
             using (var board = worker.OpenBoard())
             using (var logs = new LogPump(worker, record => Console.WriteLine(
                 "  [python " + record.Text("level") + "] " + record.Text("message")), TimeSpan.FromMilliseconds(200)))
@@ -94,7 +95,7 @@ namespace EmbeddedWorkerHost
                 var started = service.StartSessionAsync("img-generation-basic",
                     new { prompt = "a lighthouse at dusk", seed = 42, steps = 60 }).Result;
                 checks.That(started.Success, "session accepted: " + started.Error);
-                string sessionId = started.Text("session_id");
+                sessionId = started.Text("session_id");
                 var final = FollowOnBoard(board, (int)started.Number("board_slot"), sessionId);
                 var status = worker.GetSessionStatus(sessionId);
                 checks.That(status.Status == "completed", "session completed (" + status.Status + ")");
@@ -172,17 +173,46 @@ namespace EmbeddedWorkerHost
                 // 5. bad input from C# is an envelope, never an exception
                 var missing = worker.GetSessionStatus(null);
                 checks.That(!missing.Success && missing.ErrorCode == "invalid_request", "null id -> invalid_request");
+                checks.That(worker.GetSessionStatus("").ErrorCode == "invalid_request", "empty id -> invalid_request");
                 var unknown = worker.Execute("processing.teleport", new { });
                 checks.That(unknown.ErrorCode == "invalid_request", "unknown command -> invalid_request");
+                var wrongType = worker.ExecuteWorkflow(new { workflow_id = "img-generation-basic", priority = "high" });
+                checks.That(wrongType.ErrorCode == "invalid_request", "priority \"high\" -> invalid_request");
+                var nullParameters = worker.ExecuteWorkflow(new { workflow_id = "img-generation-basic",
+                                                                  parameters = (object)null, background = false });
+                checks.That(nullParameters.Text("status") == "completed", "null parameters run with the defaults");
                 Reply badShape;
                 var none = worker.AllocateInput(-1, 32, out badShape);
                 checks.That(none == null && badShape.ErrorCode == "invalid_request", "bad input shape -> invalid_request");
+                var json = worker.ExecuteJson("get_session_status", "{not json");
+                checks.That(json.Contains("\"invalid_request\""), "malformed JSON -> invalid_request");
 
                 service.DeleteSessionAsync(controlledId).Wait();
                 logs.Drain();
                 summary["python_log_records"] = logs.Delivered;
                 summary["python_log_dropped"] = logs.Dropped;
             }
+
+            // 6. a thread that calls while the worker closes gets `unavailable`, never an exception
+            int wrong = 0, refused = 0;
+            bool stop = false;
+            var caller = new Thread(() =>
+            {
+                while (!Volatile.Read(ref stop))
+                {
+                    var reply = worker.GetSessionStatus(sessionId);
+                    if (!reply.Success && reply.ErrorCode == "unavailable") refused++;
+                    else if (!reply.Success) wrong++;
+                }
+            });
+            caller.Start();
+            Thread.Sleep(50);
+            var closedReply = worker.Close(TimeSpan.FromSeconds(30));
+            Thread.Sleep(50);
+            Volatile.Write(ref stop, true);
+            caller.Join();
+            checks.That(closedReply.Success && Equals(closedReply["threads_stopped"], true), "worker closed, threads joined");
+            checks.That(wrong == 0 && refused > 0, "calls during and after close: " + refused + " unavailable, " + wrong + " other");
             summary["files"] = files;
             summary["checks_failed"] = checks.Failed;
             summary["seconds"] = total.Elapsed.TotalSeconds;
