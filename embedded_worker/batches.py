@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .errors import InvalidRequest, InvalidState, NotFound
 from .protocol import (
@@ -33,6 +33,7 @@ from .protocol import (
     iso,
     ok,
 )
+from .diffusion.task import BatchSizing
 from .record_owner import RecordOwner
 from .runner import WorkflowRun
 from .state import (
@@ -60,6 +61,15 @@ BOARD_INTERVAL_SECONDS = 0.05
 log = logging.getLogger("embedded_worker.batches")
 
 
+def batch_sizing(batch_id: str, configuration: BatchConfiguration) -> BatchSizing:
+    """Dynamic sizing: up to max_batch_size in flight, shrunk by memory down to min_batch_size.
+    Fixed sizing: preferred_batch_size in flight, only an out-of-memory error shrinks it."""
+    if configuration.enable_dynamic_sizing:
+        return BatchSizing(batch_id, configuration.max_batch_size, configuration.min_batch_size,
+                           configuration.memory_threshold)
+    return BatchSizing(batch_id, configuration.preferred_batch_size, configuration.preferred_batch_size, None)
+
+
 class BatchService:
     def __init__(self, engine: "Engine"):
         self.engine = engine
@@ -67,7 +77,8 @@ class BatchService:
         self._plans: dict[str, object] = {}
         self._adjustments: dict[str, int] = {}
         self._published: dict[str, float] = {}
-        self._lock = threading.Lock()  # guards `_adjustments` and `_published`
+        self._observers: dict[str, list[Callable[[dict], None]]] = {}
+        self._lock = threading.Lock()  # guards `_adjustments`, `_published` and `_observers`
         engine.book.listeners.append(self._record_event)
 
     # ---- commands --------------------------------------------------------------------------
@@ -103,6 +114,10 @@ class BatchService:
         ]
         for model_id in {plan.model_id for plan in plans}:
             engine.native_size(model_id)  # may wait for a first model build: not under the lock
+        parallel = {"requested": 1, "added": [], "refused": []}
+        if configuration.parallel_processing and configuration.max_parallel_batches > 1:
+            parallel = {"requested": configuration.max_parallel_batches,
+                        **engine.pool.ensure_parallel(configuration.max_parallel_batches, plans[0].model_id)}
         engine.check_capacity(len(items))
         record = BatchRecord(
             id=batch_id,
@@ -111,8 +126,9 @@ class BatchService:
             name=request.name or f"{workflow.id} x{len(items)}",
             request=request.model_dump(mode="json", exclude_none=True),
             configuration=configuration.model_dump(),
+            parallel=parallel,
         )
-        group_limit = configuration.max_batch_size if configuration.enable_dynamic_sizing else configuration.preferred_batch_size
+        sizing = batch_sizing(batch_id, configuration)
         with engine.book.lock:
             existing = engine.book.batches.get(batch_id)
             if existing is not None:
@@ -126,7 +142,7 @@ class BatchService:
                 record.item_ids.append(item.id)
                 engine.book.add(item)
                 self._plans[item.id] = plan
-                runs.append(self._new_run(item, plan, group_limit))
+                runs.append(self._new_run(item, plan, sizing))
             engine.book.transition(record, PENDING)
             for item, run in runs:
                 engine.book.transition(item, PENDING)
@@ -154,12 +170,11 @@ class BatchService:
             raise InvalidRequest(f"parameters.seed: must be an integer, got {seed!r}")
         return [(f"item-{i:04d}", {**parameters, "seed": seed + i}) for i in range(count)]
 
-    def _new_run(self, item: ItemRecord, plan, group_limit: int) -> tuple[ItemRecord, WorkflowRun]:
+    def _new_run(self, item: ItemRecord, plan, sizing: BatchSizing) -> tuple[ItemRecord, WorkflowRun]:
         engine = self.engine
         owner = RecordOwner(engine.book, engine.outputs, item, item.batch_id, engine.config.output_dir,
                             on_progress=self._item_progress)
-        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, item.priority, engine.native_size,
-                          group=item.batch_id, group_limit=group_limit)
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, item.priority, engine.native_size, sizing)
         self._runs[item.id] = run
         return item, run
 
@@ -197,8 +212,7 @@ class BatchService:
         failed = [item for item in items if item.status == FAILED]
         if not failed:
             raise InvalidState(f"{record.label()} has no failed items to retry (status: {record.status})")
-        configuration = BatchConfiguration.model_validate(record.configuration)
-        group_limit = configuration.max_batch_size if configuration.enable_dynamic_sizing else configuration.preferred_batch_size
+        sizing = batch_sizing(record.id, BatchConfiguration.model_validate(record.configuration))
         with engine.book.lock:
             if record.status in FINAL:
                 engine.book.begin_attempt(record)
@@ -208,7 +222,7 @@ class BatchService:
                 engine.outputs.release(record.id, item_id=item.item_id)
                 item.outputs = []
                 plan = self._plans[item.id]
-                runs.append(self._new_run(item, plan, group_limit))
+                runs.append(self._new_run(item, plan, sizing))
         for _, run in runs:
             run.start()
 
@@ -237,6 +251,7 @@ class BatchService:
             engine.book.remove(record)
         with self._lock:
             self._adjustments.pop(record.id, None)
+            self._observers.pop(record.id, None)
         return ok(batch_id=record.id, deleted=True, released_outputs=len(released))
 
     def cancel_all(self) -> None:
@@ -282,20 +297,69 @@ class BatchService:
             self._publish(record)
 
     def _publish(self, record: BatchRecord) -> None:
-        if record.board_slot < 0:
-            return
-        items = self._items(record)
+        """The batch's figures to the board and to every tracker of it."""
+        figures = self.figures(record, self._items(record))
+        if record.board_slot >= 0:
+            self.engine.board.publish(record.board_slot, {
+                "state": state_code(record.status),
+                "progress_bp": int(100 * figures["progress"]),
+                "items_done": figures["processed_items"],
+                "items_failed": figures["failed_items"],
+                "items_total": figures["total_items"],
+                "eta_ms": -1 if figures["eta_seconds"] is None else int(1000 * figures["eta_seconds"]),
+                "attempt": record.attempt,
+            })
+        with self._lock:
+            observers = list(self._observers.get(record.id, ()))
+        for observer in observers:  # on the CPU pool: a slow callback must not hold up the device
+            self.engine.cpu.submit(observer, dict(figures))
+
+    def observe(self, batch_id: str, observer: Callable[[dict], None]) -> Callable[[], None]:
+        """Call `observer(figures)` after every change of the batch; returns the way to stop."""
+        record = self._record(batch_id)
+        with self._lock:
+            self._observers.setdefault(batch_id, []).append(observer)
+
+        def stop() -> None:
+            with self._lock:
+                if observer in self._observers.get(batch_id, []):
+                    self._observers[batch_id].remove(observer)
+
+        self.engine.cpu.submit(observer, self.figures(record, self._items(record)))
+        return stop
+
+    def figures(self, record: BatchRecord, items: list[ItemRecord]) -> dict:
+        """Counts, progress (0-100), pace and ETA: what the status reply, the board and trackers show."""
         statuses = [i.status for i in items]
-        progress = sum(1.0 if i.status == COMPLETED else (self._runs[i.id].progress if i.id in self._runs else 0.0)
-                       for i in items)
-        self.engine.board.publish(record.board_slot, {
-            "state": state_code(record.status),
-            "progress_bp": int(10000 * progress / max(1, len(items))),
-            "items_done": statuses.count(COMPLETED),
-            "items_failed": statuses.count(FAILED),
-            "items_total": len(items),
-            "attempt": record.attempt,
-        })
+        runs = [self._runs.get(i.id) for i in items]
+        progress = sum(1.0 if i.status == COMPLETED else (r.progress if r else 0.0) for i, r in zip(items, runs))
+        done = statuses.count(COMPLETED)
+        remaining = sum(1 for status in statuses if status not in FINAL)
+        now = time.time()
+        elapsed = ((record.completed_at or now) - record.started_at) if record.started_at else 0.0
+        pace = done / elapsed if done and elapsed > 0 else 0.0
+        if record.status in FINAL or not remaining:
+            eta = 0.0
+        elif pace > 0:
+            eta = remaining / pace
+        else:
+            running = [r.eta_seconds for r, i in zip(runs, items) if r and i.status == RUNNING and r.eta_seconds]
+            waves = remaining / max(1, statuses.count(RUNNING))
+            eta = max(running) * waves if running else None
+        return {
+            "batch_id": record.id,
+            "status": record.status,
+            "total_items": len(items),
+            "processed_items": done,
+            "failed_items": statuses.count(FAILED),
+            "cancelled_items": statuses.count(CANCELLED),
+            "pending_items": statuses.count(PENDING) + statuses.count(PAUSED),
+            "running_items": statuses.count(RUNNING),
+            "current_batch_size": statuses.count(RUNNING),
+            "progress": 100 * progress / max(1, len(items)),
+            "images_per_second": pace,
+            "eta_seconds": eta,
+        }
 
     def _item_changed(self, item: Record) -> None:
         book = self.engine.book
@@ -350,24 +414,11 @@ class BatchService:
 
     def describe(self, record: BatchRecord, include_items: bool) -> dict:
         items = self._items(record)
-        statuses = [i.status for i in items]
-        runs = [self._runs.get(i.id) for i in items]
-        progress = sum((1.0 if i.status == COMPLETED else (r.progress if r else 0.0)) for i, r in zip(items, runs))
-        etas = [r.eta_seconds for r, i in zip(runs, items) if r is not None and i.status == RUNNING and r.eta_seconds]
+        figures = self.figures(record, items)
         reply = ok(
-            batch_id=record.id,
+            **figures,
             name=record.name,
             workflow_id=record.workflow_id,
-            status=record.status,
-            total_items=len(items),
-            processed_items=statuses.count(COMPLETED),
-            failed_items=statuses.count(FAILED),
-            cancelled_items=statuses.count(CANCELLED),
-            pending_items=statuses.count(PENDING) + statuses.count(PAUSED),
-            running_items=statuses.count(RUNNING),
-            current_batch_size=statuses.count(RUNNING),
-            progress=int(100 * progress / max(1, len(items))),
-            eta_seconds=round(max(etas), 3) if etas else (0.0 if record.status in FINAL else None),
             priority=record.priority,
             attempt=record.attempt,
             created_at=iso(record.created_at),
@@ -375,10 +426,12 @@ class BatchService:
             completed_at=iso(record.completed_at),
             error=record.error,
             outputs=[ref for item in items for ref in item.outputs],
-            metrics=self._metrics(record, runs),
+            metrics=self._metrics(record, [self._runs.get(i.id) for i in items]),
             configuration=dict(record.configuration),
+            parallel=dict(record.parallel),
             board_slot=record.board_slot,
         )
+        reply["progress"] = int(figures["progress"])
         if record.error_details is not None:
             reply["failed"] = record.error_details
         if include_items:

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from .config import WorkerConfig
 from .errors import InternalError, InvalidRequest, NotFound, Unavailable, WorkerError
+from .batch_tracker import BatchProgressTracker
 from .log_bridge import LogBridge
 from .protocol import (
     BatchRequest,
@@ -218,6 +219,15 @@ class ProcessingWorker:
             return ok(input_id=input_id, released=True)
 
         return self._call(run)
+
+    def track_batch(self, batch_id: Any, on_update: Callable[[dict], None] | None = None):
+        """A BatchProgressTracker for a Python caller; an error envelope for an unknown batch."""
+        try:
+            if self._closed.is_set():
+                raise Unavailable("the worker is closed")
+            return BatchProgressTracker(self._engine.batches, parse_id(batch_id, "batch_id"), on_update)
+        except WorkerError as error:
+            return failure(error)
 
     # ---- what a host reads without calls: the progress board, and its logs ----------------------
 

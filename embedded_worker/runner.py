@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from concurrent.futures import Executor, Future
 from typing import Callable, Protocol
 
 from .diffusion.device_pool import DevicePool
-from .diffusion.task import DenoiseTask
+from .diffusion.task import BatchSizing, DenoiseTask
 from .errors import Cancelled, InternalError, InvalidRequest, WorkerError
 from .operations import StepImage, image_specs
 from .planning import PlannedStep, RunPlan
@@ -74,8 +75,7 @@ class WorkflowRun:
         cpu: Executor,
         priority: int,
         native_size: Callable[[str], tuple[int, int]],
-        group: str | None = None,
-        group_limit: int | None = None,
+        sizing: BatchSizing | None = None,
     ):
         self.plan = plan
         self.owner = owner
@@ -83,8 +83,8 @@ class WorkflowRun:
         self.cpu = cpu
         self.priority = priority
         self.native_size = native_size  # model id -> (width, height) it was trained at
-        self.group = group
-        self.group_limit = group_limit
+        self.sizing = sizing
+        self.submitted_at = time.monotonic()  # its images queue in the order their requests came
         # guards everything below: device and CPU threads report here concurrently
         self._lock = threading.RLock()
         self.next_step = 0
@@ -240,7 +240,7 @@ class WorkflowRun:
             model_id = step.params.model or self.plan.model_id
             specs = image_specs(step.params, inputs, model_id, self.native_size(model_id))
             tasks = [
-                DenoiseTask(spec, self.priority, listener=self, group=self.group, group_limit=self.group_limit)
+                DenoiseTask(spec, self.priority, listener=self, sizing=self.sizing, submitted_at=self.submitted_at)
                 for spec in specs
             ]
             with self._lock:

@@ -110,6 +110,7 @@ class BatchRecord(Record):
     name: str = ""
     request: dict = field(default_factory=dict)
     configuration: dict = field(default_factory=dict)
+    parallel: dict = field(default_factory=dict)  # device workers asked for and what memory allowed
     item_ids: list[str] = field(default_factory=list)
     current_batch_size: int = 0
     metrics: dict = field(default_factory=dict)

@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 
-from embedded_worker.diffusion import task as task_module
 from embedded_worker.diffusion.denoise import ImageSpec
 from embedded_worker.diffusion.task import DenoiseTask
 from embedded_worker.diffusion.work_queue import WorkQueue
@@ -15,9 +14,8 @@ from embedded_worker.diffusion.work_queue import WorkQueue
 from .conftest import assert_same_up_to_batch_rounding, device_worker, generate, session_status, wait_for
 
 
-def queued(queue: WorkQueue, monkeypatch, priority: int, at: float, name: str) -> DenoiseTask:
-    monkeypatch.setattr(task_module.time, "monotonic", lambda: at)
-    task = DenoiseTask(ImageSpec(model_id="m", prompt=name), priority)
+def queued(queue: WorkQueue, priority: int, at: float, name: str) -> DenoiseTask:
+    task = DenoiseTask(ImageSpec(model_id="m", prompt=name), priority, submitted_at=at)
     queue.put(task)
     return task
 
@@ -28,25 +26,25 @@ def take_all(queue: WorkQueue) -> list[str]:
         return [t.spec.prompt for t in queue.take(key, 100, lambda t: True)]
 
 
-def test_higher_priority_first_then_first_come_first_served(monkeypatch):
+def test_higher_priority_first_then_first_come_first_served():
     queue = WorkQueue(aging_per_second=0.0)
     for at, (priority, name) in enumerate([(1, "low"), (10, "urgent-a"), (5, "mid"), (10, "urgent-b")]):
-        queued(queue, monkeypatch, priority, float(at), name)
+        queued(queue, priority, float(at), name)
     assert take_all(queue) == ["urgent-a", "urgent-b", "mid", "low"]
 
 
-def test_aging_lets_long_waiting_low_priority_work_overtake(monkeypatch):
+def test_aging_lets_long_waiting_low_priority_work_overtake():
     queue = WorkQueue(aging_per_second=0.1)  # a point of priority per 10 s of waiting
-    queued(queue, monkeypatch, 1, 0.0, "waited-100s")
-    queued(queue, monkeypatch, 10, 100.0, "fresh-urgent")
-    queued(queue, monkeypatch, 5, 95.0, "waited-5s")
+    queued(queue, 1, 0.0, "waited-100s")
+    queued(queue, 10, 100.0, "fresh-urgent")
+    queued(queue, 5, 95.0, "waited-5s")
     assert take_all(queue) == ["waited-100s", "fresh-urgent", "waited-5s"]
 
 
-def test_withdrawn_tasks_are_skipped(monkeypatch):
+def test_withdrawn_tasks_are_skipped():
     queue = WorkQueue(aging_per_second=0.0)
-    first = queued(queue, monkeypatch, 5, 0.0, "first")
-    queued(queue, monkeypatch, 5, 1.0, "second")
+    first = queued(queue, 5, 0.0, "first")
+    queued(queue, 5, 1.0, "second")
     assert queue.withdraw(first, "parked") and not queue.withdraw(first, "parked")
     assert take_all(queue) == ["second"] and queue.pending() == 0
 
@@ -59,6 +57,7 @@ def test_sessions_start_in_priority_order_on_a_busy_device(make_worker):
         reply = worker.execute_workflow(session_id=session_id, workflow_id="img-generation-basic", priority=priority,
                                         parameters={"prompt": "x", "steps": 3, "seed": 1})
         assert reply["success"]
+    wait_for(lambda: worker._engine.pool.pending() == 4)  # all queued behind the blocker
     worker.control_session(session_id="blocker", action="cancel")
     for session_id in ("p1", "p10-a", "p5", "p10-b"):
         wait_for(lambda: session_status(worker, session_id)["status"] == "completed")

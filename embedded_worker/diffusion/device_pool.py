@@ -24,6 +24,7 @@ from .task import ACTIVE, DONE, NEW, PARKED, QUEUED, DenoiseTask
 from .work_queue import WorkQueue
 
 ProbeFactory = Callable[[torch.device], MemoryProbe]
+MAX_WORKERS_PER_DEVICE = 8
 
 
 class DevicePool:
@@ -37,33 +38,65 @@ class DevicePool:
         scheduling = config.scheduling
         self.catalog = catalog
         self.queue = WorkQueue(scheduling.aging_per_second)
+        self.config = config
+        self.on_resize = on_resize
         self.monitors: dict[str, MemoryMonitor] = {}
+        self.sizers: dict[str, BatchSizer] = {}
         self.workers: list[DeviceWorker] = []
-        for device in resolve_devices(config.device):
+        self._devices = resolve_devices(config.device)
+        for device in self._devices:
             monitor = MemoryMonitor(probe_factory(device))
-            sizer = BatchSizer(monitor, scheduling.max_batch_size)
             self.monitors[str(device)] = monitor
-            for index in range(scheduling.workers_per_device):
-                self.workers.append(
-                    DeviceWorker(
-                        name=f"ew-device-{device.type}{device.index or 0}-{index}",
-                        device=device,
-                        dtype=resolve_dtype(config.dtype, device),
-                        queue=self.queue,
-                        catalog=catalog,
-                        monitor=monitor,
-                        sizer=sizer,
-                        coalesce_wait_s=scheduling.coalesce_wait_ms / 1000.0,
-                        max_loaded_models=config.max_loaded_models,
-                        gc_freeze=config.gc_freeze,
-                        on_resize=on_resize,
-                    )
-                )
+            self.sizers[str(device)] = BatchSizer(monitor, scheduling.max_batch_size)
+            for _ in range(scheduling.workers_per_device):
+                self._add_worker(device)
         self._closed = False  # guarded by queue.cond
+
+    def _add_worker(self, device: torch.device) -> DeviceWorker:
+        scheduling = self.config.scheduling
+        index = sum(1 for w in self.workers if w.device == device)
+        worker = DeviceWorker(
+            name=f"ew-device-{device.type}{device.index or 0}-{index}",
+            device=device,
+            dtype=resolve_dtype(self.config.dtype, device),
+            queue=self.queue,
+            catalog=self.catalog,
+            monitor=self.monitors[str(device)],
+            sizer=self.sizers[str(device)],
+            coalesce_wait_s=scheduling.coalesce_wait_ms / 1000.0,
+            max_loaded_models=self.config.max_loaded_models,
+            gc_freeze=self.config.gc_freeze,
+            on_resize=self.on_resize,
+        )
+        self.workers.append(worker)
+        return worker
 
     def start(self) -> None:
         for worker in self.workers:
             worker.start()
+
+    def ensure_parallel(self, workers: int, model_id: str) -> dict:
+        """At least `workers` device workers per device (each its own pipeline copy), where memory allows.
+
+        A further copy is added only while the device has room for the model
+        (its safetensors bytes, at the worker's dtype) half as much again.
+        """
+        added, refused = [], []
+        model_bytes = self.catalog.weight_bytes(model_id)
+        with self.queue.cond:
+            if self._closed:
+                return {"added": added, "refused": refused}
+            for device in self._devices:
+                while sum(1 for w in self.workers if w.device == device) < min(workers, MAX_WORKERS_PER_DEVICE):
+                    need = model_bytes * resolve_dtype(self.config.dtype, device).itemsize / 4 * 1.5
+                    free = self.monitors[str(device)].probe.read().free
+                    if free < need:
+                        refused.append({"device": str(device), "free_bytes": int(free), "needed_bytes": int(need)})
+                        break
+                    worker = self._add_worker(device)
+                    worker.start()
+                    added.append(worker.name)
+        return {"added": added, "refused": refused}
 
     def submit(self, task: DenoiseTask) -> None:
         with self.queue.cond:

@@ -20,6 +20,7 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import logging
@@ -85,12 +86,15 @@ class DeviceWorker:
         self.seconds_per_step: float | None = None
         self.seconds_per_decode: float | None = None
         self.capacity = sizer.max_batch_size
+        self._capacity_reason = "configured"
+        self._reported_capacity: int | None = None  # the size the groups in flight were last told of
         self._pipes: OrderedDict[str, tuple] = OrderedDict()  # model id -> (pipe, family); this thread only
         self._prompts: OrderedDict[tuple, Conditioning] = OrderedDict()  # this thread only
         self._cohorts: list[Cohort] = []  # this thread only
         self._key: tuple | None = None
         self._calls: deque[tuple[Callable, Future]] = deque()  # guarded by queue.cond
         self._stopping = False  # guarded by queue.cond
+        self._stream = None  # this worker's CUDA stream, made on its own thread
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # ---- other threads -------------------------------------------------------------------
@@ -136,7 +140,10 @@ class DeviceWorker:
     # ---- the worker thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
+        # each worker its own CUDA stream, so parallel workers on one GPU overlap instead of queueing
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._stream = stream
+        with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             while True:
                 admitted = self._admit()
                 if admitted is None:
@@ -166,7 +173,7 @@ class DeviceWorker:
                         self._key = None
                         queue.cond.wait()
                         continue
-                    capacity = self.sizer.size(key, 0)
+                    capacity, _ = self.sizer.size(key, *self._preferences(queue.peek(key)))
                     if self.coalesce_wait_s > 0 and queue.count(key) < capacity:
                         now = time.monotonic()
                         coalesce_until = coalesce_until or now + self.coalesce_wait_s
@@ -176,25 +183,35 @@ class DeviceWorker:
                     self._key = key
                 elif queue.outranked(self._key):
                     return []  # drain the active set, then switch to the more urgent key
-                self.capacity = self.sizer.size(self._key, active)
+                minimum, threshold = self._preferences(queue.peek(self._key))
+                self.capacity, self._capacity_reason = self.sizer.size(self._key, minimum, threshold)
                 taken = queue.take(self._key, self.capacity - active, self._acceptor())
                 for task in taken:
                     task.mark_active()
                 return taken
 
+    def _preferences(self, next_task: DenoiseTask | None) -> tuple[int, float | None]:
+        """The strictest batch preferences among the images in flight and the next one to admit:
+        (minimum size, memory threshold)."""
+        tasks = [t for c in self._cohorts for t in c.members] + ([next_task] if next_task is not None else [])
+        sizings = [t.sizing for t in tasks if t.sizing is not None]
+        thresholds = [s.memory_threshold for s in sizings if s.memory_threshold is not None]
+        return max((s.minimum for s in sizings), default=1), min(thresholds, default=None)
+
     def _acceptor(self) -> Callable[[DenoiseTask], bool]:
         in_group: dict[str, int] = {}
         for cohort in self._cohorts:
             for task in cohort.members:
-                if task.group:
-                    in_group[task.group] = in_group.get(task.group, 0) + 1
+                if task.sizing is not None:
+                    in_group[task.sizing.group] = in_group.get(task.sizing.group, 0) + 1
 
         def accept(task: DenoiseTask) -> bool:
-            if task.group is None or task.group_limit is None:
+            if task.sizing is None:
                 return True
-            if in_group.get(task.group, 0) >= task.group_limit:
+            group = task.sizing.group
+            if in_group.get(group, 0) >= task.sizing.limit:
                 return False
-            in_group[task.group] = in_group.get(task.group, 0) + 1
+            in_group[group] = in_group.get(group, 0) + 1
             return True
 
         return accept
@@ -315,6 +332,10 @@ class DeviceWorker:
     def _step(self) -> None:
         key = self._key
         images = self.active_images
+        if self.capacity != self._reported_capacity:
+            if self._reported_capacity is not None:
+                self.on_resize(self._groups(), self.capacity, self._capacity_reason)
+            self._reported_capacity = self.capacity
         chunk = min(images, self.capacity)
         unet = self.pipeline(self._cohorts[0].specs[0].model_id)[0].unet
         rows_per_image = 2 if self._cohorts[0].uses_guidance else 1
@@ -323,8 +344,8 @@ class DeviceWorker:
                 used_before = self.monitor.begin()
                 started = time.perf_counter()
                 predict_noise(unet, self._cohorts, chunk * rows_per_image)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                if self._stream is not None:
+                    self._stream.synchronize()
                 elapsed = time.perf_counter() - started
                 self.monitor.end(key, chunk, used_before)
                 break
@@ -341,7 +362,8 @@ class DeviceWorker:
                     self._cohorts = []
                     return
                 chunk = self.sizer.out_of_memory(key, chunk)
-                self.capacity = chunk
+                self.capacity = self._reported_capacity = chunk
+                self._capacity_reason = "out_of_memory"
                 self.on_resize(self._groups(), chunk, "out_of_memory")
         self.sizer.clean_forward(key)
         self.counters.forwards += -(-images // chunk)
@@ -390,7 +412,7 @@ class DeviceWorker:
                 task.future.set_result(pixels)
 
     def _groups(self) -> set:
-        return {t.group for c in self._cohorts for t in c.members if t.group}
+        return {t.sizing.group for c in self._cohorts for t in c.members if t.sizing is not None}
 
     def _release_memory(self) -> None:
         gc.collect()

@@ -153,17 +153,21 @@ class BatchSizer:
         self._limit: dict[tuple, int] = {}
         self._clean: dict[tuple, int] = {}
 
-    def size(self, key: tuple, active: int, wanted_max: int | None = None, wanted_min: int = 1,
-             threshold: float | None = None) -> int:
-        """How many images the next forward may hold; `active` are already in flight."""
-        size = min(self.max_batch_size, wanted_max or self.max_batch_size)
+    def size(self, key: tuple, minimum: int = 1, threshold: float | None = None) -> tuple[int, str]:
+        """How many images the next forward may hold, and what bounds it.
+
+        A forward's activations are transient, so the room measured between
+        forwards is what the next forward's images may fill; the latents of
+        images in flight are already counted in it.
+        """
+        size, reason = self.max_batch_size, "configured"
         recommended = self.monitor.recommend(key, threshold or self.threshold)
-        if recommended is not None:
-            size = min(size, max(wanted_min, active + recommended))
+        if recommended is not None and recommended < size:
+            size, reason = max(minimum, recommended), "memory"
         with self._lock:
-            if key in self._limit:
-                size = min(size, self._limit[key])
-        return max(1, size)
+            if key in self._limit and self._limit[key] < size:
+                size, reason = self._limit[key], "out_of_memory"
+        return max(1, size), reason
 
     def out_of_memory(self, key: tuple, size: int) -> int:
         """Record a failure at `size`; the new limit is half of it."""

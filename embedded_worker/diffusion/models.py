@@ -86,6 +86,10 @@ class ModelCatalog:
     def native_size(self, model_id: str) -> tuple[int, int]:
         return native_size(self.folder(model_id))
 
+    def weight_bytes(self, model_id: str) -> int:
+        """Bytes of safetensors weights: what one loaded copy costs, near enough, at float32."""
+        return sum(p.stat().st_size for p in self.folder(model_id).rglob("*.safetensors"))
+
 
 def read_family(folder: Path) -> str:
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Protocol
 
 from .denoise import Cohort, ImageSpec
@@ -25,6 +26,16 @@ class TaskListener(Protocol):
     def task_parked(self, task: "DenoiseTask") -> None: ...
 
 
+@dataclass(frozen=True)
+class BatchSizing:
+    """What a batch asks of the forwards its images share (its BatchConfiguration)."""
+
+    group: str  # the batch id
+    limit: int  # at most this many of its images in flight at once
+    minimum: int = 1  # memory pressure never shrinks its forwards below this
+    memory_threshold: float | None = None  # fraction of device memory its forwards may fill
+
+
 class DenoiseTask:
     """One image: its spec, its place in the queue, its progress and its result."""
 
@@ -33,20 +44,21 @@ class DenoiseTask:
         spec: ImageSpec,
         priority: int,
         listener: TaskListener | None = None,
-        group: str | None = None,
-        group_limit: int | None = None,
+        sizing: BatchSizing | None = None,
+        submitted_at: float | None = None,
     ):
         self.spec = spec
         self.priority = priority
         self.listener = listener
-        self.group = group  # a batch id: its members share `group_limit` places in a forward
-        self.group_limit = group_limit
+        self.sizing = sizing
         self.future: Future = Future()
         self.state = NEW  # guarded by the WorkQueue's lock
         self.pause_requested = False
         self.cancel_requested = False
         self.parked: Cohort | None = None  # its own denoising state while paused
-        self.enqueued_at = 0.0  # monotonic; the queue's aging counts from here
+        # monotonic; when the request was accepted: FIFO order and aging count from here
+        self.submitted_at = time.monotonic() if submitted_at is None else submitted_at
+        self.enqueued_at = 0.0  # monotonic; when it last entered the queue (queue wait is measured from here)
         self.queue_seconds = 0.0
         self.run_started_at: float | None = None
         self.step = 0
