@@ -19,7 +19,7 @@ def make_worker(model_cache: str, **scheduling) -> ProcessingWorker:
                                                          "scheduling": {"coalesce_wait_ms": 5.0, **scheduling}}))
 
 
-def status_latency(worker: ProcessingWorker, seconds: float, load: bool) -> dict:
+def status_latency(worker: ProcessingWorker, seconds: float, load: bool, samples: list | None = None) -> dict:
     """Time get_session_status calls for `seconds`, with or without a batch on the device."""
     done = worker.execute_workflow(session_id="probe", workflow_id="img-generation-basic", background=False,
                                    parameters={"prompt": PROMPT, "steps": 4, "seed": 1})
@@ -31,7 +31,7 @@ def status_latency(worker: ProcessingWorker, seconds: float, load: bool) -> dict
                              parameters={"prompt": PROMPT, "steps": 40, "seed": 0, "total_images": 400})
         while worker.get_batch_status(batch_id=batch_id)["running_items"] == 0:
             time.sleep(0.01)
-    samples = []
+    samples = [] if samples is None else samples
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started = time.perf_counter()
@@ -71,8 +71,7 @@ def worker_rate(worker: ProcessingWorker, batch: int, steps: int, rounds: int) -
 
 def throughput_against_pipeline(model_cache: str, batches=(1, 8), steps: int = 20, rounds: int = 6) -> list[dict]:
     """Images/s through the worker and through the pipeline's own call, interleaved round by round."""
-    folder = ModelCatalog({}, model_cache).folder("builtin:tiny-sd")
-    pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
+    pipe = tiny_pipeline(model_cache)
     rows = []
     for batch in batches:
         worker = make_worker(model_cache, max_batch_size=batch, coalesce_wait_ms=50.0)
@@ -93,12 +92,19 @@ def throughput_against_pipeline(model_cache: str, batches=(1, 8), steps: int = 2
     return rows
 
 
-def status_rows(model_cache: str, seconds: float) -> list[dict]:
+def status_rows(model_cache: str, seconds: float, loaded_samples: list) -> list[dict]:
+    """Idle and under load; the loaded samples (seconds) are kept for the histogram."""
     worker = make_worker(model_cache)
     try:
-        return [status_latency(worker, seconds, load=False), status_latency(worker, seconds, load=True)]
+        return [status_latency(worker, seconds, load=False),
+                status_latency(worker, seconds, load=True, samples=loaded_samples)]
     finally:
         worker.close(30)
+
+
+def tiny_pipeline(model_cache: str):
+    folder = ModelCatalog({}, model_cache).folder("builtin:tiny-sd")
+    return load_pipeline(folder, torch.device("cpu"), torch.float32)
 
 
 
