@@ -48,7 +48,7 @@ mono:
 	  fi; }
 
 soak: setup
-	$(PY) -m pytest -q -m soak -p no:cacheprovider tests
+	$(PY) -m pytest -q -s -m soak -p no:cacheprovider tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) demo_output $(HOST)/bin $(HOST)/obj

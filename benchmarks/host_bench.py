@@ -16,7 +16,8 @@ HOST = Path(__file__).resolve().parents[1] / "dotnet_host_sample"
 def host_rows() -> dict[str, list[dict]]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "host_raw.json"
-    environment = {**os.environ, "EMBEDDED_WORKER_VENV": sys.prefix}
+    environment = {**os.environ, "EMBEDDED_WORKER_VENV": sys.prefix,
+                   "EMBEDDED_WORKER_CONFIG": json.dumps({"state_path": ":memory:"})}
     subprocess.run([str(HOST / "run.sh"), "--bench", str(path)], check=True, env=environment, timeout=1200,
                    capture_output=True)
     measured = json.loads(path.read_text())

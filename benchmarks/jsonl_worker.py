@@ -30,7 +30,7 @@ def serve(worker: ProcessingWorker, lines, out) -> None:
 
 
 def main() -> int:
-    with ProcessingWorker() as worker:
+    with ProcessingWorker({"state_path": ":memory:"}) as worker:  # beside a host that holds the state file
         sys.stdout.write(json.dumps({"ready": True}) + "\n")
         sys.stdout.flush()
         serve(worker, sys.stdin, sys.stdout)

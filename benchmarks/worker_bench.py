@@ -14,8 +14,8 @@ from .common import median, percentiles
 PROMPT = "a lighthouse on a cliff at sunset"
 
 
-def make_worker(model_cache: str, **scheduling) -> ProcessingWorker:
-    return ProcessingWorker(WorkerConfig.model_validate({"model_cache_dir": model_cache,
+def make_worker(model_cache: str, state_path: str = ":memory:", **scheduling) -> ProcessingWorker:
+    return ProcessingWorker(WorkerConfig.model_validate({"model_cache_dir": model_cache, "state_path": state_path,
                                                          "scheduling": {"coalesce_wait_ms": 5.0, **scheduling}}))
 
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Callable
 
-from .errors import InvalidRequest, InvalidState, NotFound
+from .errors import InvalidRequest, InvalidState, NotFound, WorkerError
 from .protocol import (
     BatchConfiguration,
     ControlBatchRequest,
@@ -35,12 +34,14 @@ from .protocol import (
 )
 from .diffusion.task import BatchSizing
 from .record_owner import RecordOwner
+from .recovery import QUARANTINE_AFTER
 from .runner import WorkflowRun
 from .state import (
     ADDED,
     CANCELLED,
     CHANGED,
     COMPLETED,
+    CREATED,
     FAILED,
     FINAL,
     PAUSED,
@@ -79,6 +80,7 @@ class BatchService:
         self._published: dict[str, float] = {}
         self._observers: dict[str, list[Callable[[dict], None]]] = {}
         self._lock = threading.Lock()  # guards `_adjustments`, `_published` and `_observers`
+        self._control = threading.RLock()  # one control or delete at a time: a delete never meets a retry halfway
         engine.book.listeners.append(self._record_event)
 
     # ---- commands --------------------------------------------------------------------------
@@ -170,39 +172,93 @@ class BatchService:
             raise InvalidRequest(f"parameters.seed: must be an integer, got {seed!r}")
         return [(f"item-{i:04d}", {**parameters, "seed": seed + i}) for i in range(count)]
 
-    def _new_run(self, item: ItemRecord, plan, sizing: BatchSizing) -> tuple[ItemRecord, WorkflowRun]:
+    def _new_run(self, item: ItemRecord, plan, sizing: BatchSizing,
+                 isolated: bool = False) -> tuple[ItemRecord, WorkflowRun]:
         engine = self.engine
-        owner = RecordOwner(engine.book, engine.outputs, item, item.batch_id, engine.config.output_dir,
+        owner = RecordOwner(engine.book, engine.outputs, item, item.batch_id,
                             on_progress=self._item_progress)
-        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, item.priority, engine.native_size, sizing)
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, item.priority, engine.native_size, sizing, isolated)
         self._runs[item.id] = run
         return item, run
+
+    def recover(self, record: BatchRecord, items: list[ItemRecord]) -> dict:
+        """A batch the last process left unfinished: its unfinished items requeued, kept paused, failed or
+        quarantined; a suspect (running when the process died) runs alone so a second death names it."""
+        engine, book = self.engine, self.engine.book
+        outcome = {"requeued": 0, "paused": 0, "failed": 0, "quarantined": 0}
+        try:
+            workflow = engine.workflows.take_for_run(record.workflow_id)
+        except WorkerError as error:
+            workflow, reason = None, f"cannot resume after a restart: {error.message}"
+        if engine.config.recovery == "fail":
+            workflow, reason = None, "the worker restarted before this item finished"
+        sizing = batch_sizing(record.id, BatchConfiguration.model_validate(record.configuration))
+        runs = []
+        with book.lock:
+            for item in (i for i in items if i.status not in FINAL):
+                if item.status == RUNNING:
+                    item.recoveries += 1
+                if workflow is None or item.recoveries >= QUARANTINE_AFTER:
+                    quarantined = workflow is not None
+                    why = (f"quarantined: the worker process ended while this item ran, on {item.recoveries} "
+                           f"consecutive starts") if quarantined else reason
+                    book.transition(item, FAILED, why, {"error_code": "internal" if quarantined else "unavailable"})
+                    outcome["quarantined" if quarantined else "failed"] += 1
+                    continue
+                try:
+                    plan = engine.planner.for_workflow(workflow, item.parameters)
+                    engine.native_size(plan.model_id)
+                except WorkerError as error:
+                    book.transition(item, FAILED, f"cannot resume after a restart: {error.message}",
+                                    {"error_code": error.code})
+                    outcome["failed"] += 1
+                    continue
+                paused = item.status == PAUSED
+                if item.status == CREATED:
+                    book.transition(item, PENDING)
+                elif not paused:
+                    book.begin_attempt(item)
+                self._plans[item.id] = plan
+                item_run = self._new_run(item, plan, sizing, isolated=item.recoveries > 0)[1]
+                runs.append((item_run, paused))
+                outcome["paused" if paused else "requeued"] += 1
+            if record.status == CREATED:
+                book.transition(record, PENDING)
+            elif record.status != PAUSED:
+                book.begin_attempt(record)
+            if all(i.status in FINAL for i in items):
+                self._finish(record, items)
+        for item_run, paused in runs:
+            item_run.start(paused=paused)
+        return outcome
 
     def status(self, batch_id: str, include_items: bool) -> dict:
         return self.describe(self._record(batch_id), include_items)
 
     def control(self, request: ControlBatchRequest) -> dict:
         book = self.engine.book
-        record = self._record(request.batch_id)
         verb = request.action
-        items = self._items(record)
-        if verb == "pause":
-            if record.status not in (PENDING, RUNNING):
-                raise InvalidState(f"{record.label()} cannot pause in current status: {record.status}")
-            for item in items:
-                if item.status in (PENDING, RUNNING):
-                    self._runs[item.id].pause()
+        with self._control:
+            record = self._record(request.batch_id)
+            items = self._items(record)
+            if verb == "pause":
+                if record.status not in (PENDING, RUNNING):
+                    raise InvalidState(f"{record.label()} cannot pause in current status: {record.status}")
+                for item in items:
+                    if item.status in (PENDING, RUNNING) and item.id in self._runs:
+                        self._runs[item.id].pause()
+            elif verb == "resume":
+                book.require(record, PENDING, "resume")
+                for item in items:
+                    if item.id in self._runs and book.transition(item, PENDING):
+                        self._runs[item.id].resume()
+            elif verb == "cancel":
+                book.require(record, CANCELLED, "cancel")
+                self._cancel_items(items)
+            else:
+                self._retry(record, items)
+        if verb == "pause":  # outside the lock: other controls may come while the step boundary nears
             book.wait_until(lambda: record.status not in (PENDING, RUNNING), PAUSE_WAIT_SECONDS)
-        elif verb == "resume":
-            book.require(record, PENDING, "resume")
-            for item in items:
-                if book.transition(item, PENDING):
-                    self._runs[item.id].resume()
-        elif verb == "cancel":
-            book.require(record, CANCELLED, "cancel")
-            self._cancel_items(items)
-        else:
-            self._retry(record, items)
         reply = self.describe(record, request.include_items)
         reply["action"] = verb
         return reply
@@ -234,15 +290,17 @@ class BatchService:
                     run.cancel()
 
     def delete(self, request: DeleteBatchRequest) -> dict:
+        with self._control:
+            return self._delete(request)
+
+    def _delete(self, request: DeleteBatchRequest) -> dict:
         engine = self.engine
         record = self._record(request.batch_id)
         items = self._items(record)
         if record.status not in FINAL:
             engine.book.transition(record, CANCELLED)
         self._cancel_items(items)
-        released = engine.outputs.release(record.id)
-        if request.force_cleanup and engine.config.output_dir is not None:
-            shutil.rmtree(engine.config.output_dir / record.id, ignore_errors=True)
+        released = engine.outputs.release(record.id, delete_files=request.force_cleanup)
         with engine.book.lock:
             for item in items:
                 engine.book.remove(item)

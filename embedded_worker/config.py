@@ -42,6 +42,15 @@ class Limits(BaseModel):
     max_prompt_chars: int = Field(4000, ge=1)
 
 
+class Retention(BaseModel):
+    """How much finished history the durable store keeps; older sessions and batches are pruned with their files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_finished: int = Field(1000, ge=1, description="finished sessions plus finished batches")
+    max_age_hours: float = Field(168.0, gt=0)
+
+
 class SchedulingConfig(BaseModel):
     """Queue policy: one place, like Triton's dynamic batcher."""
 
@@ -72,7 +81,14 @@ class WorkerConfig(BaseModel):
     max_loaded_models: int = Field(2, ge=1, description="pipelines one device worker keeps loaded")
     model_cache_dir: Path | None = Field(None, description="where the built-in model is written once")
     workflows_dir: Path | None = None
-    output_dir: Path | None = Field(None, description="PNG files with metadata are written here when set")
+    state_path: str | None = Field(
+        None, description="the SQLite state file; none: state.sqlite3 in the user's data folder; ':memory:' keeps "
+        "state in memory (tests)")
+    recovery: Literal["requeue", "fail"] = Field(
+        "requeue", description="what a restart does with work that was unfinished when the process died")
+    retention: Retention = Field(default_factory=Retention)
+    output_dir: Path | None = Field(
+        None, description="image files with metadata; with a durable state file it defaults to outputs/ beside it")
     allowed_roots: list[Path] = Field(default_factory=list, description="folders a request may name paths inside")
     limits: Limits = Field(default_factory=Limits)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
@@ -98,6 +114,25 @@ class WorkerConfig(BaseModel):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return self.model_cache_dir or default_data_dir() / "models"
+
+    @property
+    def resolved_state_path(self) -> str:
+        return self.state_path or str(default_data_dir() / "state.sqlite3")
+
+    @property
+    def durable(self) -> bool:
+        return self.resolved_state_path != ":memory:"
+
+    @property
+    def resolved_output_dir(self) -> Path | None:
+        if self.output_dir is not None or not self.durable:
+            return self.output_dir
+        return Path(self.resolved_state_path).parent / "outputs"
+
+    @property
+    def raw_pixels_dir(self) -> Path | None:
+        """Where outputs' raw pixels are kept for mapping back after a restart (durable state only)."""
+        return Path(self.resolved_state_path).parent / "pixels" if self.durable else None
 
     @classmethod
     def load(cls, source: "WorkerConfig | dict | str | os.PathLike | None" = None) -> "WorkerConfig":

@@ -23,11 +23,15 @@ from .errors import NotFound, ResourceExhausted, Unavailable
 from .outputs import OutputStore
 from .planning import Planner, RunPlan
 from .progress_board import ProgressBoard
+from .protocol import DeleteBatchRequest, DeleteSessionRequest, parse
+from .recovery import recover
 from .sessions import SessionService
 from .state import FINAL, StateBook
+from .store import StateStore
 from .workflows.catalog import WorkflowCatalog
 
 log = logging.getLogger("embedded_worker")
+PRUNE_INTERVAL_SECONDS = 60.0
 
 
 class Engine:
@@ -35,19 +39,32 @@ class Engine:
         set_offline_environment()
         self.config = config
         self.started_at = time.time()
-        self.book = StateBook()
+        self.store = StateStore(config.resolved_state_path)
+        try:
+            self._start(config, probe_factory)
+        except BaseException:
+            self.store.close()  # a worker that never started must not keep the state file locked
+            raise
+
+    def _start(self, config: WorkerConfig, probe_factory: ProbeFactory) -> None:
+        self.book = StateBook([self.store.record_event])  # first listener: on disk before anything else
         self.board = ProgressBoard(config.board_slots)
         self.models = ModelCatalog(config.models, config.resolved_model_cache_dir)
         self.workflows = WorkflowCatalog(config.workflows_dir, model_known=self._model_known)
-        self.outputs = OutputStore(config.limits.max_image_side)
+        self.outputs = OutputStore(config.limits.max_image_side, config.resolved_output_dir, config.raw_pixels_dir,
+                                   self.store if self.store.durable else None)
         self.planner = Planner(config, self.models, self.outputs)
         self.cpu = ThreadPoolExecutor(config.scheduling.cpu_threads, thread_name_prefix="ew-post")
         self.pool = DevicePool(config, self.models, on_resize=self._resized, probe_factory=probe_factory)
         self.sessions = SessionService(self)
         self.batches = BatchService(self)
         self._closing = threading.Event()
+        self._pruned_at = 0.0
+        self.book.listeners.append(self._maybe_prune)
         self.pool.start()
         self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
+        self.recovery_report = recover(self)
+        self.prune()
 
     def _model_known(self, model_id: str) -> bool:
         try:
@@ -88,6 +105,36 @@ class Engine:
         queued_forwards = self.pool.pending() / batch
         return queued_forwards * steps * per_step, steps * per_step
 
+    # ---- retention ------------------------------------------------------------------------
+
+    def _maybe_prune(self, record, event: str) -> None:
+        """After a session or batch finishes: prune on the CPU pool, at most every PRUNE_INTERVAL."""
+        if record.kind == "item" or record.status not in FINAL or self._closing.is_set():
+            return
+        now = time.monotonic()
+        if now - self._pruned_at >= PRUNE_INTERVAL_SECONDS or \
+                len(self.book.sessions) + len(self.book.batches) > self.config.retention.max_finished:
+            self._pruned_at = now
+            self.cpu.submit(self.prune)
+
+    def prune(self) -> int:
+        """Delete the oldest finished sessions and batches beyond the count or past the age; their files too."""
+        retention = self.config.retention
+        with self.book.lock:
+            finished = sorted((r for r in [*self.book.sessions.values(), *self.book.batches.values()]
+                               if r.status in FINAL), key=lambda r: r.completed_at or 0.0)
+        cutoff = time.time() - retention.max_age_hours * 3600
+        excess = max(0, len(finished) - retention.max_finished)
+        victims = [r for i, r in enumerate(finished) if i < excess or (r.completed_at or 0.0) < cutoff]
+        for record in victims:
+            if record.kind == "session":
+                self.sessions.delete(parse(DeleteSessionRequest, {"session_id": record.id}))
+            else:
+                self.batches.delete(parse(DeleteBatchRequest, {"batch_id": record.id}))
+        if victims:
+            log.info("retention: pruned %d finished sessions and batches", len(victims))
+        return len(victims)
+
     # ---- status and close ----------------------------------------------------------------
 
     def status(self) -> dict:
@@ -103,18 +150,32 @@ class Engine:
             "processing": {"sessions": sessions, "batches": batches, "outputs": self.outputs.count(),
                            "workflows": len(self.workflows.describe_all()),
                            "workflow_problems": self.workflows.problems()},
+            "recovery": self.recovery_report,
+            "state": {"path": self.store.path, "durable": self.store.durable},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "closing": self._closing.is_set(),
         }
 
-    def close(self, timeout: float) -> bool:
-        """Refuse new work, cancel what is unfinished, stop every thread; True if all stopped in time."""
+    def close(self, timeout: float, pending: str) -> bool:
+        """Refuse new work, then per `pending`: "suspend" keeps unfinished work stored for the next start,
+        "cancel" cancels it, "finish" lets it finish within `timeout` and suspends the rest. Every thread
+        is joined; True if all stopped in time. The store is consistent either way."""
         if self._closing.is_set():
             return not any(w.thread.is_alive() for w in self.pool.workers)
         self._closing.set()
         deadline = time.monotonic() + timeout
-        self.sessions.cancel_all()
-        self.batches.cancel_all()
+        if pending == "finish":
+            self.book.wait_until(self._all_final, timeout)
+        if pending == "cancel":
+            self.sessions.cancel_all()
+            self.batches.cancel_all()
+        else:
+            self.book.freeze()  # what is still unfinished stays as stored, to resume at the next start
         joined = self.pool.close(max(0.0, deadline - time.monotonic()))
         self.cpu.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
         return joined
+
+    def _all_final(self) -> bool:
+        with self.book.lock:
+            return all(r.status in FINAL for r in [*self.book.sessions.values(), *self.book.items.values()])

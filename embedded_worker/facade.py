@@ -313,13 +313,22 @@ class ProcessingWorker:
 
     # ---- lifetime ----------------------------------------------------------------------------
 
-    def close(self, timeout: float = 30.0) -> dict:
-        """Stop intake, cancel unfinished work, join every thread. Call before PythonEngine.Shutdown()."""
+    def close(self, timeout: Any = 30.0, pending: Any = "suspend") -> dict:
+        """Stop intake, settle unfinished work, join every thread. Call before PythonEngine.Shutdown().
+
+        `pending`: "suspend" (unfinished work stays stored and resumes at the
+        next start), "cancel", or "finish" (let it finish within `timeout`,
+        then suspend the rest).
+        """
+        if pending not in ("suspend", "cancel", "finish"):
+            return failure(InvalidRequest(f"pending: must be suspend, cancel or finish, got {pending!r}"))
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            return failure(InvalidRequest(f"timeout: must be a non-negative number of seconds, got {timeout!r}"))
         if self._closed.is_set():
             return ok(closed=True, threads_stopped=True)
         self._closed.set()
         try:
-            stopped = self._engine.close(float(timeout))
+            stopped = self._engine.close(float(timeout), pending)
         except Exception as error:
             log.exception("close failed")
             return failure(InternalError(f"close failed: {error}"))

@@ -1,4 +1,4 @@
-"""Output files: encoded with their metadata, synced, then renamed into place.
+"""Output files: encoded with their metadata (or raw, for mapping back), synced, then renamed into place.
 
 A file either exists complete or not at all, and it is on disk before the
 work that made it is reported completed.
@@ -9,16 +9,38 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .outputs import OutputBuffer
+import numpy as np
+
 from .postprocess import encode
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
-def write_output_file(buffer: OutputBuffer, folder: Path, image_format: str = "png", quality: int = 90) -> Path:
+def write_output_file(output_id: str, pixels: np.ndarray, metadata: dict, folder: Path, image_format: str = "png",
+                      quality: int = 90) -> Path:
+    path = folder / f"{output_id}.{EXTENSIONS[image_format]}"
+    return _write_synced(path, encode(pixels, image_format, metadata, quality))
+
+
+def write_raw_pixels(output_id: str, pixels: np.ndarray, folder: Path) -> Path:
+    """The pixels as an .npy file, which np.load maps straight back into a read-only array."""
+    path = folder / f"{output_id}.npy"
+    staging = path.with_name(path.name + ".partial")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{buffer.output_id}.{EXTENSIONS[image_format]}"
-    data = encode(buffer.pixels, image_format, buffer.metadata, quality)
+    with open(staging, "wb") as handle:
+        np.save(handle, pixels, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    return path
+
+
+def map_raw_pixels(path: Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _write_synced(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".partial")
     with open(staging, "wb") as handle:
         handle.write(data)

@@ -5,6 +5,11 @@ and read-only, so a .NET host can read it through the buffer protocol and
 nobody can change it underneath. `get(output_id)` returns that very object.
 It lives until its owner (a session or batch) is deleted.
 
+With a durable state file, every output is also written before its owner can
+complete: an image file with its metadata (the user's artifact) and its raw
+pixels, which after a restart are mapped straight back into a read-only
+array (np.load with mmap), no decoding, no copy.
+
 An input is the reverse: the worker allocates a writable array, the host
 fills it in place, then names its `input_id` as an image parameter.
 """
@@ -14,10 +19,13 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .errors import InvalidRequest, NotFound
+from .output_files import map_raw_pixels, write_output_file, write_raw_pixels
+from .pixels import as_output_pixels
 
 OUTPUT_PREFIX = "out_"
 INPUT_PREFIX = "in_"
@@ -49,44 +57,64 @@ class OutputBuffer:
         return reference
 
 
-def as_output_pixels(pixels: np.ndarray) -> np.ndarray:
-    """The array itself when it already is C-contiguous uint8 HWC, else one copy into such an array."""
-    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
-        raise InvalidRequest(f"image must be HxWxC with 1, 3 or 4 channels, got shape {pixels.shape}")
-    if pixels.dtype != np.uint8 or not pixels.flags["C_CONTIGUOUS"]:
-        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    pixels.setflags(write=False)
-    return pixels
-
-
 class OutputStore:
-    """Every live output and input buffer, by id."""
+    """Every live output and input buffer, by id; outputs also on disk when configured."""
 
-    def __init__(self, max_input_side: int):
+    def __init__(self, max_input_side: int, files_dir: Path | None = None, raw_dir: Path | None = None,
+                 store=None):
         self.max_input_side = max_input_side
+        self.files_dir = files_dir  # image files with metadata, one folder per owner
+        self.raw_dir = raw_dir  # raw pixels for mapping back after a restart
+        self.store = store  # the StateStore rows that find them again
         self._lock = threading.Lock()  # guards both maps
         self._outputs: dict[str, OutputBuffer] = {}
         self._inputs: dict[str, np.ndarray] = {}
 
-    def add(self, owner_id: str, pixels: np.ndarray, **fields) -> OutputBuffer:
-        buffer = OutputBuffer(OUTPUT_PREFIX + uuid.uuid4().hex, owner_id, as_output_pixels(pixels), **fields)
+    def add(self, owner_id: str, pixels: np.ndarray, item_id: str | None = None, seed: int | None = None,
+            metadata: dict | None = None, image_format: str = "png", quality: int = 90) -> OutputBuffer:
+        """Keep an output; its files are written and synced before this returns."""
+        buffer = OutputBuffer(OUTPUT_PREFIX + uuid.uuid4().hex, owner_id, as_output_pixels(pixels), item_id, seed,
+                              metadata=dict(metadata or {}))
+        raw_path = None
+        if self.raw_dir is not None:
+            raw_path = str(write_raw_pixels(buffer.output_id, buffer.pixels, self.raw_dir / owner_id))
+        if self.files_dir is not None:
+            buffer.path = str(write_output_file(buffer.output_id, buffer.pixels, buffer.metadata,
+                                                self.files_dir / owner_id, image_format, quality))
+        if self.store is not None:
+            self.store.add_output(buffer.output_id, owner_id, item_id, seed, raw_path, buffer.path, buffer.metadata)
         with self._lock:
             self._outputs[buffer.output_id] = buffer
         return buffer
-
-    def restore(self, buffer: OutputBuffer) -> None:
-        with self._lock:
-            self._outputs[buffer.output_id] = buffer
 
     def get(self, output_id: str) -> OutputBuffer:
         with self._lock:
             buffer = self._outputs.get(output_id)
         if buffer is None:
+            buffer = self._map_back(output_id)
+        if buffer is None:
             raise NotFound(f"Output '{output_id}' not found")
         return buffer
 
-    def release(self, owner_id: str, item_id: str | None = None) -> list[OutputBuffer]:
-        """Forget the outputs of an owner (or of one of its items); the host's views stay valid."""
+    def _map_back(self, output_id: str) -> OutputBuffer | None:
+        """An output kept by an earlier process: its raw pixels mapped read-only from disk."""
+        found = self.store.find_output(output_id) if self.store is not None else None
+        if found is None or not found["raw_path"]:
+            return None
+        try:
+            pixels = map_raw_pixels(Path(found["raw_path"]))
+        except OSError:
+            raise NotFound(f"Output '{output_id}' is missing on disk: {found['raw_path']}") from None
+        buffer = OutputBuffer(output_id, found["owner_id"], pixels, found["item_id"], found["seed"],
+                              found["file_path"], found["metadata"])
+        with self._lock:
+            return self._outputs.setdefault(output_id, buffer)
+
+    def release(self, owner_id: str, item_id: str | None = None, delete_files: bool = True) -> list[OutputBuffer]:
+        """Forget the outputs of an owner (or of one of its items); the host's views stay valid.
+
+        Raw pixel files always go; image files too unless `delete_files` is false.
+        """
         with self._lock:
             released = [
                 b for b in self._outputs.values()
@@ -94,6 +122,11 @@ class OutputStore:
             ]
             for buffer in released:
                 del self._outputs[buffer.output_id]
+        rows = self.store.remove_outputs(owner_id, item_id) if self.store is not None else []
+        paths = [row["raw_path"] for row in rows] + [b.path for b in released if b.path and delete_files]
+        paths += [row["file_path"] for row in rows if delete_files]
+        for path in {p for p in paths if p}:
+            Path(path).unlink(missing_ok=True)
         return released
 
     def count(self) -> int:

@@ -136,10 +136,12 @@ class Planner:
             raise InvalidRequest(f"{field_name}: {error.message}") from None
         path = confine_path(reference, self.config.allowed_roots, field_name)
         try:
-            pixels, metadata = decode(path.read_bytes())
+            data = path.read_bytes()
         except OSError as error:
             raise InvalidRequest(f"{field_name}: cannot read {path}: {error.strerror}") from None
-        except Exception as error:
+        try:
+            pixels, metadata = decode(data)
+        except Exception as error:  # Pillow raises many kinds for many broken files
             raise InvalidRequest(f"{field_name}: {path} is not a readable image ({type(error).__name__})") from None
         return [StepImage(pixels, None, metadata)]
 

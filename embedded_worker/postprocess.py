@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 from PIL.PngImagePlugin import PngInfo
 
-from .outputs import as_output_pixels
+from .pixels import as_output_pixels
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 EXIF_IMAGE_DESCRIPTION = 0x010E

@@ -14,7 +14,6 @@ from typing import Callable
 
 from .errors import WorkerError
 from .operations import StepImage
-from .output_files import write_output_file
 from .outputs import OutputStore
 from .runner import WorkflowRun
 from .state import CANCELLED, COMPLETED, FAILED, PAUSED, RUNNING, Record, StateBook
@@ -29,14 +28,12 @@ class RecordOwner:
         outputs: OutputStore,
         record: Record,
         owner_id: str,
-        output_folder=None,
         on_progress: Callable[[Record, WorkflowRun], None] | None = None,
     ):
         self.book = book
         self.outputs = outputs
         self.record = record
         self.owner_id = owner_id  # whose outputs these are: the session, or the item's batch
-        self.output_folder = output_folder
         self.on_progress = on_progress or (lambda record, run: None)  # each denoising step: keep it cheap
         self.attempt = record.attempt
 
@@ -87,10 +84,7 @@ class RecordOwner:
                 log.warning("%s failed (%s): %s", record.label(), error.code, error.message)
 
     def _keep(self, image: StepImage, run: WorkflowRun) -> dict:
-        item_id = getattr(self.record, "item_id", None)
-        buffer = self.outputs.add(self.owner_id, image.pixels, item_id=item_id, seed=image.seed,
-                                  metadata=dict(image.metadata))
-        if self.output_folder is not None:
-            folder = self.output_folder / self.owner_id
-            buffer.path = str(write_output_file(buffer, folder, run.plan.file_format, run.plan.file_quality))
+        buffer = self.outputs.add(self.owner_id, image.pixels, item_id=getattr(self.record, "item_id", None),
+                                  seed=image.seed, metadata=image.metadata, image_format=run.plan.file_format,
+                                  quality=run.plan.file_quality)
         return buffer.reference()

@@ -76,6 +76,7 @@ class WorkflowRun:
         priority: int,
         native_size: Callable[[str], tuple[int, int]],
         sizing: BatchSizing | None = None,
+        isolated: bool = False,
     ):
         self.plan = plan
         self.owner = owner
@@ -84,6 +85,7 @@ class WorkflowRun:
         self.priority = priority
         self.native_size = native_size  # model id -> (width, height) it was trained at
         self.sizing = sizing
+        self.isolated = isolated
         self.submitted_at = time.monotonic()  # its images queue in the order their requests came
         # guards everything below: device and CPU threads report here concurrently
         self._lock = threading.RLock()
@@ -103,7 +105,12 @@ class WorkflowRun:
 
     # ---- control, from any thread --------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Begin with the first step, or (paused) wait before it until `resume`."""
+        if paused:
+            with self._lock:
+                self.pause_requested = self.paused = self.parked_between_steps = True
+            return
         self.cpu.submit(self._launch_next)
 
     def pause(self) -> None:
@@ -240,7 +247,8 @@ class WorkflowRun:
             model_id = step.params.model or self.plan.model_id
             specs = image_specs(step.params, inputs, model_id, self.native_size(model_id))
             tasks = [
-                DenoiseTask(spec, self.priority, listener=self, sizing=self.sizing, submitted_at=self.submitted_at)
+                DenoiseTask(spec, self.priority, listener=self, sizing=self.sizing, submitted_at=self.submitted_at,
+                            isolated=self.isolated)
                 for spec in specs
             ]
             with self._lock:

@@ -8,17 +8,38 @@ run. Every status change goes through the StateBook; this module only asks.
 from __future__ import annotations
 
 import logging
-import shutil
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING
 
-from .errors import InvalidState, NotFound
-from .protocol import ControlSessionRequest, DeleteSessionRequest, ExecuteWorkflowRequest, ListSessionsRequest, iso, ok
+from .errors import InvalidState, NotFound, WorkerError
+from .protocol import (
+    ControlSessionRequest,
+    DeleteSessionRequest,
+    ExecuteWorkflowRequest,
+    ListSessionsRequest,
+    iso,
+    ok,
+    parse,
+)
 from .record_owner import RecordOwner
+from .recovery import QUARANTINE_AFTER
 from .runner import WorkflowRun
 from .progress_board import state_code
-from .state import ADDED, CANCELLED, COMPLETED, FINAL, PAUSED, PENDING, REMOVED, RUNNING, SessionRecord
+from .state import (
+    ADDED,
+    CANCELLED,
+    COMPLETED,
+    CREATED,
+    FAILED,
+    FINAL,
+    PAUSED,
+    PENDING,
+    REMOVED,
+    RUNNING,
+    SessionRecord,
+)
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -34,6 +55,7 @@ class SessionService:
         self._runs: dict[str, WorkflowRun] = {}  # guarded by engine.book.lock
         self._plans: dict[str, "RunPlan"] = {}
         self._workflows: dict[str, dict] = {}
+        self._control = threading.RLock()  # one control or delete at a time: a delete never meets a restart halfway
         engine.book.listeners.append(self._record_event)
 
     # ---- the progress board ----------------------------------------------------------------
@@ -97,9 +119,10 @@ class SessionService:
         if not request.background:
             record.finished.wait()
         reply = self.describe(record)
-        queue_s, run_s = engine.estimate(self._plans[record.id], fallback if existing is None else 0.0)
+        plan = self._plans.get(record.id)
+        queue_s, run_s = engine.estimate(plan, fallback if existing is None else 0.0) if plan else (0.0, 0.0)
         reply["estimated_time"] = round(queue_s + run_s, 3)
-        reply["workflow"] = self._workflows[record.id]
+        reply["workflow"] = self._workflows.get(record.id) or {"id": record.workflow_id}
         reply["duplicate"] = existing is not None
         return reply
 
@@ -133,30 +156,69 @@ class SessionService:
 
     def _owner(self, record: SessionRecord) -> RecordOwner:
         engine = self.engine
-        return RecordOwner(engine.book, engine.outputs, record, record.id, engine.config.output_dir,
+        return RecordOwner(engine.book, engine.outputs, record, record.id,
                            on_progress=self._publish)
+
+    def recover(self, record: SessionRecord) -> str:
+        """A session the last process left unfinished: requeued, kept paused, failed or quarantined."""
+        engine, book = self.engine, self.engine.book
+        if engine.config.recovery == "fail":
+            book.transition(record, FAILED, "the worker restarted before this session finished",
+                            {"error_code": "unavailable"})
+            return "failed"
+        if record.status == RUNNING:
+            record.recoveries += 1
+        if record.recoveries >= QUARANTINE_AFTER:
+            book.transition(record, FAILED, f"quarantined: the worker process ended while this session ran, on "
+                            f"{record.recoveries} consecutive starts", {"error_code": "internal"})
+            return "quarantined"
+        try:
+            plan, workflow, _ = self._plan(parse(ExecuteWorkflowRequest, record.request))
+            engine.native_size(plan.model_id)
+        except WorkerError as error:
+            book.transition(record, FAILED, f"cannot resume after a restart: {error.message}",
+                            {"error_code": error.code})
+            return "failed"
+        paused = record.status == PAUSED
+        with book.lock:
+            self._plans[record.id] = plan
+            self._workflows[record.id] = workflow
+            if record.status == CREATED:
+                book.transition(record, PENDING)
+            elif not paused:
+                book.begin_attempt(record)
+            run = WorkflowRun(plan, self._owner(record), engine.pool, engine.cpu, record.priority,
+                              engine.native_size, isolated=record.recoveries > 0)
+            self._runs[record.id] = run
+        run.start(paused=paused)
+        return "paused" if paused else "requeued"
 
     def status(self, session_id: str) -> dict:
         return self.describe(self._record(session_id))
 
     def control(self, request: ControlSessionRequest) -> dict:
         book = self.engine.book
-        record = self._record(request.session_id)
-        run = self._runs.get(record.id)
         verb = request.action
-        if verb == "pause":
-            if record.status not in (PENDING, RUNNING):
-                raise InvalidState(f"{record.label()} cannot pause in current status: {record.status}")
-            run.pause()
+        with self._control:
+            record = self._record(request.session_id)
+            run = self._runs.get(record.id)
+            if verb == "pause":
+                if record.status not in (PENDING, RUNNING) or run is None:
+                    raise InvalidState(f"{record.label()} cannot pause in current status: {record.status}")
+                run.pause()
+            elif verb == "resume":
+                if run is None:
+                    raise InvalidState(f"{record.label()} cannot resume in current status: {record.status}")
+                book.require(record, PENDING, "resume")
+                run.resume()
+            elif verb == "cancel":
+                book.require(record, CANCELLED, "cancel")
+                if run is not None:
+                    run.cancel()
+            else:
+                self._restart(record)
+        if verb == "pause":  # outside the lock: other controls may come while the step boundary nears
             book.wait_until(lambda: record.status not in (PENDING, RUNNING), PAUSE_WAIT_SECONDS)
-        elif verb == "resume":
-            book.require(record, PENDING, "resume")
-            run.resume()
-        elif verb == "cancel":
-            book.require(record, CANCELLED, "cancel")
-            run.cancel()
-        else:
-            self._restart(record)
         reply = self.describe(record)
         reply["action"] = verb
         return reply
@@ -176,19 +238,18 @@ class SessionService:
 
     def delete(self, request: DeleteSessionRequest) -> dict:
         engine = self.engine
-        record = self._record(request.session_id)
-        if record.status not in FINAL:
-            engine.book.transition(record, CANCELLED)
-        run = self._runs.pop(record.id, None)
-        if run is not None:
-            run.cancel()
-        released = engine.outputs.release(record.id)
-        if request.force_cleanup and engine.config.output_dir is not None:
-            shutil.rmtree(engine.config.output_dir / record.id, ignore_errors=True)
-        with engine.book.lock:
-            engine.book.remove(record)
-            self._plans.pop(record.id, None)
-            self._workflows.pop(record.id, None)
+        with self._control:
+            record = self._record(request.session_id)
+            if record.status not in FINAL:
+                engine.book.transition(record, CANCELLED)
+            run = self._runs.pop(record.id, None)
+            if run is not None:
+                run.cancel()
+            released = engine.outputs.release(record.id, delete_files=request.force_cleanup)
+            with engine.book.lock:
+                engine.book.remove(record)
+                self._plans.pop(record.id, None)
+                self._workflows.pop(record.id, None)
         return ok(session_id=record.id, deleted=True, released_outputs=len(released))
 
     def list(self, request: ListSessionsRequest) -> dict:

@@ -63,6 +63,7 @@ class Record:
     completed_at: float | None = None
     error: str | None = None
     error_details: Any = None
+    recoveries: int = 0  # starts that found it running: the process died under it that often
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
     kind = "record"
@@ -131,6 +132,7 @@ class StateBook:
         # guards the three maps and every status change, so a check-then-move is atomic
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # notified after every status change
+        self.frozen = False  # set by a suspending close: statuses stay as last stored, for the next start
         self.sessions: dict[str, SessionRecord] = {}
         self.batches: dict[str, BatchRecord] = {}
         self.items: dict[str, ItemRecord] = {}
@@ -157,7 +159,7 @@ class StateBook:
     def transition(self, record: Record, target: str, error: str | None = None, details: Any = None) -> bool:
         """Move `record` to `target`; False (and no change) when the move is illegal."""
         with self.lock:
-            if not is_legal(record.status, target):
+            if self.frozen or not is_legal(record.status, target):
                 return False
             now = time.time()
             record.status = target
@@ -180,6 +182,11 @@ class StateBook:
         """Block until `predicate()` holds after some status change, or `timeout` passes."""
         with self.changed:
             return self.changed.wait_for(predicate, timeout)
+
+    def freeze(self) -> None:
+        """No status changes from now on: a suspending close keeps unfinished work resumable."""
+        with self.lock:
+            self.frozen = True
 
     def require(self, record: Record, target: str, verb: str) -> None:
         """Like `transition`, but an illegal move is the caller's error."""

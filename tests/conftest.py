@@ -27,7 +27,7 @@ def make_worker(model_cache, tmp_path):
     made: list[ProcessingWorker] = []
 
     def make(**overrides) -> ProcessingWorker:
-        settings = {"model_cache_dir": str(model_cache), "workflows_dir": None}
+        settings = {"model_cache_dir": str(model_cache), "workflows_dir": None, "state_path": ":memory:"}
         scheduling = {"coalesce_wait_ms": 5.0, **overrides.pop("scheduling", {})}
         settings.update(overrides)
         worker = ProcessingWorker(WorkerConfig.model_validate({**settings, "scheduling": scheduling}))
@@ -62,6 +62,19 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.005):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def settle(worker: ProcessingWorker, session_ids, timeout: float = 120.0) -> dict[str, dict]:
+    """Resume whatever a control storm left paused (a pause may land after any one check) until
+    every session is final; their final statuses."""
+    def final_or_resumed(session_id: str) -> bool:
+        status = worker.get_session_status(session_id=session_id)
+        if status.get("status") == "paused":
+            worker.control_session(session_id=session_id, action="resume")
+        return status.get("status") in ("completed", "failed", "cancelled")
+
+    wait_for(lambda: all([final_or_resumed(s) for s in session_ids]), timeout=timeout, interval=0.05)
+    return {s: worker.get_session_status(session_id=s) for s in session_ids}
 
 
 def session_status(worker: ProcessingWorker, session_id: str) -> dict:

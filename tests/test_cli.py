@@ -16,12 +16,12 @@ def test_param_values_are_json_when_they_can_be():
 
 
 def test_workflows_lists_the_builtins(model_cache, capsys):
-    assert main(["--config", json.dumps({"model_cache_dir": str(model_cache)}), "workflows"]) == 0
+    assert main(["--config", json.dumps({"model_cache_dir": str(model_cache), "state_path": ":memory:"}), "workflows"]) == 0
     assert "img-generation-basic" in capsys.readouterr().out
 
 
 def test_run_writes_pngs_and_a_contact_sheet(model_cache, tmp_path, capsys):
-    code = main(["--config", json.dumps({"model_cache_dir": str(model_cache)}), "run", "img-generation-basic",
+    code = main(["--config", json.dumps({"model_cache_dir": str(model_cache), "state_path": ":memory:"}), "run", "img-generation-basic",
                  "--param", "prompt=a red fox", "--param", "num_images=3", "--param", "steps=4",
                  "--param", "seed=9", "--out", str(tmp_path)])
     assert code == 0
@@ -33,6 +33,6 @@ def test_run_writes_pngs_and_a_contact_sheet(model_cache, tmp_path, capsys):
 
 
 def test_run_reports_bad_parameters_and_fails(model_cache, tmp_path, capsys):
-    code = main(["--config", json.dumps({"model_cache_dir": str(model_cache)}), "run", "img-generation-basic",
+    code = main(["--config", json.dumps({"model_cache_dir": str(model_cache), "state_path": ":memory:"}), "run", "img-generation-basic",
                  "--param", "steps=9999", "--out", str(tmp_path)])
     assert code == 2 and "parameters.steps" in capsys.readouterr().err

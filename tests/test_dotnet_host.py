@@ -20,7 +20,7 @@ from PIL import Image
 
 from embedded_worker import ProcessingWorker, WorkerConfig
 
-from .conftest import assert_same_up_to_batch_rounding
+from .conftest import assert_same_up_to_batch_rounding, wait_for
 
 pytestmark = pytest.mark.dotnet
 HOST = Path(__file__).resolve().parents[1] / "dotnet_host_sample"
@@ -38,9 +38,11 @@ def host_build():
     return venv
 
 
-def run_host(venv: Path, model_cache: Path, *arguments: str, timeout: float) -> subprocess.CompletedProcess:
+def run_host(venv: Path, model_cache: Path, *arguments: str, timeout: float,
+             state_path: str = ":memory:") -> subprocess.CompletedProcess:
     environment = {**os.environ, "EMBEDDED_WORKER_VENV": str(venv),
-                   "EMBEDDED_WORKER_CONFIG": json.dumps({"model_cache_dir": str(model_cache)})}
+                   "EMBEDDED_WORKER_CONFIG": json.dumps({"model_cache_dir": str(model_cache),
+                                                         "state_path": state_path})}
     return subprocess.run([str(HOST / "run.sh"), *arguments], env=environment, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -76,7 +78,7 @@ def test_the_host_pngs_hold_the_pixels_python_makes_with_the_same_seeds(demo, mo
     _, folder = demo
     files = json.loads((folder / "summary.json").read_text())["files"]
     written = {(f["stem"], f["seed"]): np.asarray(Image.open(f["path"])) for f in files}
-    with ProcessingWorker(WorkerConfig(model_cache_dir=model_cache)) as worker:
+    with ProcessingWorker(WorkerConfig(model_cache_dir=model_cache, state_path=":memory:")) as worker:
         session = worker.execute_workflow(workflow_id="img-generation-basic", background=False,
                                           parameters={"prompt": "a lighthouse at dusk", "seed": 42, "steps": 60})
         assert np.array_equal(written[("session", 42)], worker.get_output(session["outputs"][0]["output_id"]))
@@ -109,3 +111,31 @@ def test_the_host_refuses_to_start_without_a_virtual_environment(host_build, tmp
                             env={**environment, "MONO_THREADS_SUSPEND": "preemptive"}, cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "no Python virtual environment found" in result.stderr
+
+
+def test_kill_nine_of_the_mono_host_mid_batch_then_restart(host_build, model_cache, tmp_path):
+    state = tmp_path / "state.sqlite3"
+    environment = {**os.environ, "EMBEDDED_WORKER_VENV": str(host_build),
+                   "EMBEDDED_WORKER_CONFIG": json.dumps({"model_cache_dir": str(model_cache),
+                                                         "state_path": str(state)})}
+    host = subprocess.Popen([str(HOST / "run.sh"), "--hold-batch", "host-crash", "--items", "10"], env=environment,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    done_before = {}
+    for line in host.stdout:
+        if line.startswith("done "):
+            _, item, output_id, seed = line.split()
+            done_before[item] = (output_id, int(seed))
+            if len(done_before) >= 3:
+                break
+    os.killpg(host.pid, 9)  # the whole host process, mid-batch
+    host.wait(timeout=30)
+    assert len(done_before) >= 3
+    with ProcessingWorker(WorkerConfig(model_cache_dir=model_cache, state_path=str(state))) as restarted:
+        restarted.execute_batch(batch_id="host-crash", workflow_id="img-generation-basic")  # stored: runs once
+        wait_for(lambda: restarted.get_batch_status(batch_id="host-crash")["status"] == "completed", timeout=300)
+        final = restarted.get_batch_status(batch_id="host-crash")
+        assert sorted(o["seed"] for o in final["outputs"]) == list(range(500, 510))
+        by_item = {o["item_id"]: o["output_id"] for o in final["outputs"]}
+        assert len(by_item) == 10
+        for item, (output_id, seed) in done_before.items():
+            assert by_item[item] == output_id and restarted.get_output(output_id).shape == (32, 32, 3)

@@ -36,6 +36,8 @@ namespace EmbeddedWorkerHost
             {
                 if (Array.IndexOf(args, "--selftest") >= 0) return SelfTest(runtime, args);
                 if (Option(args, "--bench") != null) return HostBenchmarks.Run(runtime, Option(args, "--bench"));
+                if (Option(args, "--hold-batch") != null)
+                    return HoldBatch(runtime, Option(args, "--hold-batch"), int.Parse(Option(args, "--items") ?? "8"));
                 return Demo(runtime, Option(args, "--out") ?? "demo_output", Option(args, "--summary"));
             }
             finally
@@ -221,6 +223,36 @@ namespace EmbeddedWorkerHost
                 ? "demo passed: " + files.Count + " PNG files in " + outputFolder + ", " + total.ElapsedMilliseconds + " ms"
                 : "demo FAILED: " + checks.Failed + " check(s)");
             return checks.Failed == 0 ? 0 : 1;
+        }
+
+        /// <summary>Run (or, after a crash, resume) one batch, printing each completed item: the crash tests' host.</summary>
+        static int HoldBatch(PythonRuntime runtime, string batchId, int items)
+        {
+            var worker = new EmbeddedProcessingWorker(runtime);
+            var accepted = worker.ExecuteBatch(new
+            {
+                batch_id = batchId,
+                workflow_id = "img-generation-basic",
+                parameters = new { prompt = "calm", seed = 500, steps = 8, total_images = items },
+                configuration = new { total_images = items, max_batch_size = 2 },
+            });
+            if (!accepted.Success) { Console.WriteLine("refused: " + accepted.Error); return 1; }
+            var printed = new HashSet<string>();
+            while (true)
+            {
+                var status = worker.GetBatch(batchId);
+                foreach (Reply output in status.List("outputs"))
+                    if (printed.Add(output.Text("output_id")))
+                        Console.WriteLine("done " + output.Text("item_id") + " " + output.Text("output_id") + " "
+                                          + output.Number("seed"));
+                if (status.Text("status") == "completed" || status.Text("status") == "failed"
+                    || status.Text("status") == "cancelled")
+                {
+                    Console.WriteLine("final " + status.Text("status"));
+                    return 0;
+                }
+                Thread.Sleep(20);
+            }
         }
 
         static BoardRow FollowOnBoard(ProgressBoard board, int slot, string id)

@@ -102,7 +102,8 @@ class DevicePool:
         with self.queue.cond:
             if self._closed:
                 raise Unavailable("the worker is closing")
-            self.queue.put(task)
+            if task.state == NEW:  # not cancelled between its creation and now
+                self.queue.put(task)
 
     def pause(self, task: DenoiseTask) -> None:
         """Queued: parked at once. Running: at the next step boundary."""

@@ -148,12 +148,17 @@ class DeviceWorker:
                 admitted = self._admit()
                 if admitted is None:
                     break
-                self._run_calls()
-                self._start(admitted)
-                self._apply_controls()
-                if self._cohorts:
-                    self._step()
-                    self._finish()
+                try:
+                    self._run_calls()
+                    self._start(admitted)
+                    self._apply_controls()
+                    if self._cohorts:
+                        self._step()
+                        self._finish()
+                except Exception as error:  # a bug must cost the images in flight, never the device thread
+                    log.exception("%s: unexpected error; failing the images in flight", self.name)
+                    self._fail([t for c in self._cohorts for t in c.members] + admitted, error)
+                    self._cohorts = []
         self._shutdown()
 
     def _admit(self) -> list[DenoiseTask] | None:
@@ -200,21 +205,33 @@ class DeviceWorker:
 
     def _acceptor(self) -> Callable[[DenoiseTask], bool]:
         in_group: dict[str, int] = {}
-        for cohort in self._cohorts:
-            for task in cohort.members:
-                if task.sizing is not None:
-                    in_group[task.sizing.group] = in_group.get(task.sizing.group, 0) + 1
+        active = [t for c in self._cohorts for t in c.members]
+        for task in active:
+            if task.sizing is not None:
+                in_group[task.sizing.group] = in_group.get(task.sizing.group, 0) + 1
+        taken: list[DenoiseTask] = []
 
         def accept(task: DenoiseTask) -> bool:
-            if task.sizing is None:
-                return True
-            group = task.sizing.group
-            if in_group.get(group, 0) >= task.sizing.limit:
+            # an isolated image runs alone: nothing joins it and it joins nothing
+            if any(t.isolated for t in active + taken) or (task.isolated and (active or taken)):
                 return False
-            in_group[group] = in_group.get(group, 0) + 1
+            if not self._fits_group(task, in_group):
+                return False
+            taken.append(task)
             return True
 
         return accept
+
+    @staticmethod
+    def _fits_group(task: DenoiseTask, in_group: dict[str, int]) -> bool:
+        """A batch's images take at most its `limit` places in flight."""
+        if task.sizing is None:
+            return True
+        group = task.sizing.group
+        if in_group.get(group, 0) >= task.sizing.limit:
+            return False
+        in_group[group] = in_group.get(group, 0) + 1
+        return True
 
     def _run_calls(self) -> None:
         with self.queue.cond:
@@ -272,6 +289,10 @@ class DeviceWorker:
             else:
                 fresh.setdefault(task.spec.schedule_key(), []).append(task)
         for members in fresh.values():
+            for task in members:
+                # running (and so stored) before any work on it: if the process dies in what follows, the
+                # next start knows which images were on the device and treats them as suspects
+                self._notify(task, "task_started")
             try:
                 pipe, family = self.pipeline(members[0].spec.model_id)
                 specs = [t.spec for t in members]
@@ -286,7 +307,6 @@ class DeviceWorker:
             for task in members:
                 task.total_steps = cohort.total_steps
                 task.cohort_id = cohort_id
-                self._notify(task, "task_started")
 
     def _conditioning(self, pipe, family: str, spec) -> Conditioning:
         key = (spec.model_id, spec.prompt, spec.negative_prompt, spec.uses_guidance, spec.height, spec.width)
@@ -324,10 +344,10 @@ class DeviceWorker:
                 task.state = PARKED
                 task.parked = cohort
                 task.pause_requested = False
-        if task.state == DONE:
-            task.future.set_exception(Cancelled("cancelled"))
-        else:
+        if task.state != DONE:
             self._notify(task, "task_parked")
+        elif not task.future.done():
+            task.future.set_exception(Cancelled("cancelled"))
 
     def _step(self) -> None:
         key = self._key
@@ -409,7 +429,8 @@ class DeviceWorker:
                 task.eta_seconds = 0.0
                 task.finished_at = time.monotonic()
                 self.counters.images_done += 1
-                task.future.set_result(pixels)
+                if not task.future.done():
+                    task.future.set_result(pixels)
 
     def _groups(self) -> set:
         return {t.sizing.group for c in self._cohorts for t in c.members if t.sizing is not None}

@@ -46,11 +46,13 @@ class DenoiseTask:
         listener: TaskListener | None = None,
         sizing: BatchSizing | None = None,
         submitted_at: float | None = None,
+        isolated: bool = False,
     ):
         self.spec = spec
         self.priority = priority
         self.listener = listener
         self.sizing = sizing
+        self.isolated = isolated  # a suspect after a crash: it shares no forward, so a next crash names it
         self.future: Future = Future()
         self.state = NEW  # guarded by the WorkQueue's lock
         self.pause_requested = False

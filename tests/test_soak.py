@@ -1,0 +1,133 @@
+"""Load: many sessions, many threads of status and control, faults injected; nothing lost or stuck.
+
+`make soak` runs the long version (200 sessions, 16 threads, 60 s) and prints what it held;
+`make test` runs a short one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import pytest
+
+from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker.diffusion.tiny_model import ensure_tiny_model
+
+from .conftest import settle, wait_for
+
+
+@dataclass
+class Tally:
+    requests: int = 0
+    faults_injected: int = 0
+    controls: int = 0
+    accepted: set = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, **counts) -> None:
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+
+def soak(model_cache, tmp_path, sessions: int, threads: int, seconds: float) -> dict:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(ensure_tiny_model("builtin:tiny-sd", model_cache), broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a real fault: some sessions ask for a model that cannot load
+    threads_before = threading.active_count()
+    process = psutil.Process()
+    config = WorkerConfig(model_cache_dir=model_cache, state_path=str(tmp_path / "state.sqlite3"),
+                          models={"broken": str(broken)}, limits={"max_queued_work": 10_000},
+                          scheduling={"coalesce_wait_ms": 5})
+    worker = ProcessingWorker(config)
+    tally = Tally()
+    rng = random.Random(7)
+
+    def submit(index: int) -> None:
+        faulty = index % 17 == 5
+        parameters = {"prompt": f"soak {index}", "seed": index, "steps": rng.randint(3, 8)}
+        if faulty:
+            parameters["model"] = "broken"
+        workflow = "img-upscale-enhance" if index % 5 == 0 else "img-generation-basic"
+        reply = worker.execute_workflow(session_id=f"soak-{index}", workflow_id=workflow, parameters=parameters,
+                                        priority=rng.randint(1, 10))
+        assert reply["success"], reply
+        tally.add(requests=1, faults_injected=int(faulty))
+        with tally.lock:
+            tally.accepted.add(reply["session_id"])
+
+    for index in range(sessions):
+        submit(index)
+    rss_start = process.memory_info().rss
+    stop = threading.Event()
+    errors: list = []
+
+    def load(seed: int) -> None:
+        local = random.Random(seed)
+        while not stop.wait(0.002):
+            session_id = f"soak-{local.randrange(sessions)}"
+            roll = local.random()
+            if roll < 0.75:
+                reply = worker.get_session_status(session_id=session_id)
+            elif roll < 0.9:
+                reply = worker.control_session(session_id=session_id,
+                                               action=local.choice(["pause", "resume", "resume", "restart"]))
+                tally.add(controls=1)
+            elif roll < 0.97:
+                reply = worker.execute(local.choice(["execute_workflow", "control_session", "bogus"]),
+                                       local.choice(["{", "[]", '{"priority": 99}', '{"session_id": ""}']))
+                tally.add(faults_injected=1)
+            else:
+                reply = worker.get_status()
+            tally.add(requests=1)
+            if isinstance(reply, str):
+                continue
+            if not reply["success"] and reply["error_code"] not in ("invalid_state", "invalid_request", "not_found"):
+                errors.append(reply)
+
+    workers = [threading.Thread(target=load, args=(n,), name=f"soak-{n}") for n in range(threads)]
+    for thread in workers:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in workers:
+        thread.join(60)
+    finals = settle(worker, sorted(tally.accepted), timeout=600)
+    lost = [s for s, r in finals.items() if not r["success"]]
+    lost += [s for s, r in finals.items() if r["status"] == "completed"
+             and not all(worker.get_output(o["output_id"]) is not None for o in r["outputs"] if r["outputs"])]
+    lost += [s for s, r in finals.items() if r["status"] == "completed" and not r["outputs"]]
+    rss_growth = process.memory_info().rss - rss_start
+    statuses = [r["status"] for r in finals.values()]
+    closed = worker.close(timeout=60)
+    wait_for(lambda: threading.active_count() <= threads_before, timeout=30)
+    summary = {
+        "requests": tally.requests, "sessions": len(tally.accepted), "threads": threads, "seconds": seconds,
+        "controls": tally.controls, "faults_injected": tally.faults_injected,
+        "completed": statuses.count("completed"), "failed": statuses.count("failed"),
+        "cancelled": statuses.count("cancelled"), "items_lost": len(lost), "unexpected_errors": len(errors),
+        "rss_growth_mb": round(rss_growth / 2**20, 1), "threads_after_close": threading.active_count(),
+        "threads_before": threads_before, "closed_cleanly": closed["threads_stopped"],
+    }
+    print("\nsoak held: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    assert not errors, errors[:3]
+    assert lost == [] and summary["items_lost"] == 0
+    assert summary["failed"] >= 1 and summary["completed"] > sessions // 2
+    assert rss_growth < 512 * 2**20
+    assert closed["threads_stopped"] and threading.active_count() <= threads_before
+    return summary
+
+
+def test_short_soak(model_cache, tmp_path):
+    soak(model_cache, tmp_path, sessions=30, threads=6, seconds=6)
+
+
+@pytest.mark.soak
+def test_soak(model_cache, tmp_path):
+    soak(model_cache, tmp_path, sessions=200, threads=16, seconds=60)
