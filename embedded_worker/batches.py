@@ -34,7 +34,7 @@ from .protocol import (
 )
 from .diffusion.task import BatchSizing
 from .record_owner import RecordOwner
-from .recovery import QUARANTINE_AFTER
+from .recovery import suspect_check
 from .runner import WorkflowRun
 from .state import (
     ADDED,
@@ -196,14 +196,11 @@ class BatchService:
         runs = []
         with book.lock:
             for item in (i for i in items if i.status not in FINAL):
-                if item.status == RUNNING:
-                    item.recoveries += 1
-                if workflow is None or item.recoveries >= QUARANTINE_AFTER:
-                    quarantined = workflow is not None
-                    why = (f"quarantined: the worker process ended while this item ran, on {item.recoveries} "
-                           f"consecutive starts") if quarantined else reason
-                    book.transition(item, FAILED, why, {"error_code": "internal" if quarantined else "unavailable"})
-                    outcome["quarantined" if quarantined else "failed"] += 1
+                quarantine = suspect_check(item)
+                if workflow is None or quarantine is not None:
+                    book.transition(item, FAILED, quarantine or reason,
+                                    {"error_code": "internal" if quarantine else "unavailable"})
+                    outcome["quarantined" if quarantine else "failed"] += 1
                     continue
                 try:
                     plan = engine.planner.for_workflow(workflow, item.parameters)

@@ -60,6 +60,7 @@ class Engine:
         self.batches = BatchService(self)
         self._closing = threading.Event()
         self._pruned_at = 0.0
+        self._pruning = threading.Lock()  # one prune at a time
         self.book.listeners.append(self._maybe_prune)
         self.pool.start()
         self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
@@ -119,6 +120,10 @@ class Engine:
 
     def prune(self) -> int:
         """Delete the oldest finished sessions and batches beyond the count or past the age; their files too."""
+        with self._pruning:
+            return self._prune()
+
+    def _prune(self) -> int:
         retention = self.config.retention
         with self.book.lock:
             finished = sorted((r for r in [*self.book.sessions.values(), *self.book.batches.values()]
@@ -127,10 +132,13 @@ class Engine:
         excess = max(0, len(finished) - retention.max_finished)
         victims = [r for i, r in enumerate(finished) if i < excess or (r.completed_at or 0.0) < cutoff]
         for record in victims:
-            if record.kind == "session":
-                self.sessions.delete(parse(DeleteSessionRequest, {"session_id": record.id}))
-            else:
-                self.batches.delete(parse(DeleteBatchRequest, {"batch_id": record.id}))
+            try:
+                if record.kind == "session":
+                    self.sessions.delete(parse(DeleteSessionRequest, {"session_id": record.id}))
+                else:
+                    self.batches.delete(parse(DeleteBatchRequest, {"batch_id": record.id}))
+            except NotFound:
+                pass  # the caller deleted it meanwhile
         if victims:
             log.info("retention: pruned %d finished sessions and batches", len(victims))
         return len(victims)

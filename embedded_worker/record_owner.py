@@ -46,6 +46,12 @@ class RecordOwner:
                 return  # a late start of an image that is being paused
             self.book.transition(self.record, RUNNING)
 
+    def run_on_device(self, run: WorkflowRun, on_device: bool) -> None:
+        """Stored, so that after a crash the next start knows whose images were on the device."""
+        if self._current() and self.record.on_device != on_device:
+            self.record.on_device = on_device
+            self.book.save(self.record)
+
     def run_progress(self, run: WorkflowRun) -> None:
         if not self._current():
             return

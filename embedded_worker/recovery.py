@@ -2,9 +2,11 @@
 
 Completed work is listed and its outputs map back from disk. Unfinished work
 is requeued from its stored request (same seeds, so the same pixels), or
-failed when so configured. Work that was running when the process died is a
-suspect: it runs alone, and if the process dies under it again it is
-quarantined as failed with the reason, instead of killing every start.
+failed when so configured. Work whose images were on the device when the
+process died is a suspect: it runs alone, and if the process dies under it
+again it is quarantined as failed with the reason, instead of killing every
+start. Anything still unfinished after RESTART_LIMIT starts is failed too, so
+no cause of death can loop forever.
 """
 
 from __future__ import annotations
@@ -18,7 +20,22 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("embedded_worker.recovery")
-QUARANTINE_AFTER = 2  # starts that found it running: then it is taken to be what kills the process
+QUARANTINE_AFTER = 2  # starts that found it on the device: then it is taken to be what kills the process
+RESTART_LIMIT = 5  # starts that found it unfinished, whatever the cause
+
+
+def suspect_check(record) -> str | None:
+    """Count this start against `record`; the reason to quarantine it, if it has run out of chances."""
+    record.restarts += 1
+    if record.on_device:
+        record.recoveries += 1
+        record.on_device = False
+    if record.recoveries >= QUARANTINE_AFTER:
+        return (f"quarantined: the worker process ended while its images were on the device, on "
+                f"{record.recoveries} consecutive starts")
+    if record.restarts >= RESTART_LIMIT:
+        return f"quarantined: still unfinished after {record.restarts} starts of the worker"
+    return None
 
 
 def recover(engine: "Engine") -> dict:

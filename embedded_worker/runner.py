@@ -35,6 +35,8 @@ log = logging.getLogger("embedded_worker.runner")
 class RunOwner(Protocol):
     def run_running(self, run: "WorkflowRun") -> None: ...
 
+    def run_on_device(self, run: "WorkflowRun", on_device: bool) -> None: ...
+
     def run_progress(self, run: "WorkflowRun") -> None: ...
 
     def run_paused(self, run: "WorkflowRun") -> None: ...
@@ -276,6 +278,7 @@ class WorkflowRun:
     def _device_done(self, work: StepWork) -> None:
         if not all(task.future.done() for task in work.tasks):
             return
+        self.owner.run_on_device(self, False)
         errors = [t.future.exception() for t in work.tasks if t.future.cancelled() or t.future.exception()]
         if errors:
             self._settle(work, error=_as_worker_error(errors[0]))
@@ -326,12 +329,15 @@ class WorkflowRun:
     # ---- TaskListener: called on the device thread; keep them short -----------------------------
 
     def task_started(self, task: DenoiseTask) -> None:
+        self.owner.run_on_device(self, True)
         self.owner.run_running(self)
 
     def task_stepped(self, task: DenoiseTask) -> None:
         self.owner.run_progress(self)
 
     def task_parked(self, task: DenoiseTask) -> None:
+        if all(t.state == "parked" for t in self._live_tasks()):
+            self.owner.run_on_device(self, False)
         self._become_paused()
 
 

@@ -24,7 +24,7 @@ from .protocol import (
     parse,
 )
 from .record_owner import RecordOwner
-from .recovery import QUARANTINE_AFTER
+from .recovery import suspect_check
 from .runner import WorkflowRun
 from .progress_board import state_code
 from .state import (
@@ -166,11 +166,9 @@ class SessionService:
             book.transition(record, FAILED, "the worker restarted before this session finished",
                             {"error_code": "unavailable"})
             return "failed"
-        if record.status == RUNNING:
-            record.recoveries += 1
-        if record.recoveries >= QUARANTINE_AFTER:
-            book.transition(record, FAILED, f"quarantined: the worker process ended while this session ran, on "
-                            f"{record.recoveries} consecutive starts", {"error_code": "internal"})
+        reason = suspect_check(record)
+        if reason is not None:
+            book.transition(record, FAILED, reason, {"error_code": "internal"})
             return "quarantined"
         try:
             plan, workflow, _ = self._plan(parse(ExecuteWorkflowRequest, record.request))

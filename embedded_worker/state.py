@@ -63,7 +63,9 @@ class Record:
     completed_at: float | None = None
     error: str | None = None
     error_details: Any = None
-    recoveries: int = 0  # starts that found it running: the process died under it that often
+    on_device: bool = False  # its images are on a device now (stored: a crash then names it a suspect)
+    recoveries: int = 0  # starts that found it on a device: the process died under it that often
+    restarts: int = 0  # starts that found it unfinished, for whatever reason
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
     kind = "record"

@@ -78,5 +78,5 @@ def test_an_item_that_kills_the_process_twice_is_quarantined(model_cache, tmp_pa
     assert final["status"] == "failed" and final["processed_items"] == 5 and final["failed_items"] == 1
     [poisoned] = [i for i in final["items"] if i["status"] == "failed"]
     assert poisoned["item_id"] == "item-03"
-    assert "quarantined" in poisoned["error"] and "2 consecutive starts" in poisoned["error"]
+    assert "quarantined" in poisoned["error"] and "on the device, on 2 consecutive starts" in poisoned["error"]
     assert sorted(o["seed"] for o in final["outputs"]) == [500, 501, 502, 504, 505]
