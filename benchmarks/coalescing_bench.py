@@ -58,7 +58,8 @@ def coalescing_rows(model_cache: str, pipe, rounds: int) -> tuple[list[dict], di
     coalesced, one_by_one, raw_batch = median(together), median(alone), median(raw)
     rows = [
         {"how": "8 concurrent sessions, coalesced", "img_s": round(coalesced, 2),
-         "vs_one_by_one": round(coalesced / one_by_one, 2), "vs_raw_batch_pct": round(100 * (coalesced / raw_batch - 1), 1)},
+         "vs_one_by_one": round(coalesced / one_by_one, 2),
+         "vs_raw_batch_pct": round(100 * (coalesced / raw_batch - 1), 1)},
         {"how": "8 sessions one by one", "img_s": round(one_by_one, 2), "vs_one_by_one": 1.0,
          "vs_raw_batch_pct": round(100 * (one_by_one / raw_batch - 1), 1)},
         {"how": "raw diffusers call, batch 8", "img_s": round(raw_batch, 2),

@@ -23,7 +23,9 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Callable
 
+from .diffusion.task import BatchSizing
 from .errors import InvalidRequest, InvalidState, NotFound, WorkerError
+from .progress_board import state_code
 from .protocol import (
     BatchConfiguration,
     ControlBatchRequest,
@@ -32,7 +34,6 @@ from .protocol import (
     iso,
     ok,
 )
-from .diffusion.task import BatchSizing
 from .record_owner import RecordOwner
 from .recovery import suspect_check
 from .runner import WorkflowRun
@@ -52,7 +53,6 @@ from .state import (
     ItemRecord,
     Record,
 )
-from .progress_board import state_code
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -146,7 +146,7 @@ class BatchService:
                 self._plans[item.id] = plan
                 runs.append(self._new_run(item, plan, sizing))
             engine.book.transition(record, PENDING)
-            for item, run in runs:
+            for item, _ in runs:
                 engine.book.transition(item, PENDING)
         for _, run in runs:
             run.start()

@@ -18,9 +18,9 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel
 
+from .batch_tracker import BatchProgressTracker
 from .config import WorkerConfig
 from .errors import InternalError, InvalidRequest, NotFound, Unavailable, WorkerError
-from .batch_tracker import BatchProgressTracker
 from .log_bridge import LogBridge
 from .protocol import (
     BatchRequest,
@@ -143,7 +143,7 @@ class ProcessingWorker:
             parse(ExecuteWorkflowRequest, self._data(request, kwargs))))
 
     def get_session_status(self, request: Any = None, **kwargs: Any) -> dict:
-        if isinstance(request, str) and not kwargs and not request.lstrip().startswith("{"):
+        if isinstance(request, str) and not kwargs and not _json_text(request):
             # the polling hot path: a bare id, checked by the same Id type the request model uses
             return self._call(lambda: self._engine.sessions.status(parse_id(request, "session_id")))
         return self._call(lambda: self._engine.sessions.status(
@@ -268,11 +268,10 @@ class ProcessingWorker:
         `{"type", "request_id", "data"}` (as `request`, or alone as `command`)
         is answered as `{"success", "request_id", "data"}`.
         """
-        as_json = isinstance(request, str) or (request is None and isinstance(command, str)
-                                                and command.lstrip().startswith("{"))
+        as_json = isinstance(request, str) or (request is None and _json_text(command))
         try:
-            if request is None and (isinstance(command, dict) or (isinstance(command, str) and command.lstrip().startswith("{"))):
-                command, request = None, command
+            if request is None and (isinstance(command, dict) or _json_text(command)):
+                command, request = None, command  # the distributed form, alone
             data = self._data(request, {})
         except WorkerError as error:
             reply = failure(error)
@@ -347,9 +346,13 @@ class ProcessingWorker:
         self.close()
 
 
+def _json_text(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("{")
+
+
 def _id_request(request: Any, field: str) -> Any:
     """A bare id (a string) is shorthand for `{field: id}`."""
-    if isinstance(request, str) and not request.lstrip().startswith("{"):
+    if isinstance(request, str) and not _json_text(request):
         return {field: request}
     return request
 
@@ -358,7 +361,8 @@ def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise InvalidRequest(f"request: malformed JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+        where = f"line {error.lineno} column {error.colno}"
+        raise InvalidRequest(f"request: malformed JSON: {error.msg} at {where}") from None
     if not isinstance(value, dict):
         raise InvalidRequest(f"request: must be a JSON object, got {type(value).__name__}")
     return value

@@ -145,7 +145,9 @@ class Operation:
         return f"{self.domain}.{self.name}"
 
 
-def image_specs(params: GenerateParams, inputs: list[StepImage], model_id: str, native: tuple[int, int]) -> list[ImageSpec]:
+def image_specs(
+    params: GenerateParams, inputs: list[StepImage], model_id: str, native: tuple[int, int]
+) -> list[ImageSpec]:
     """The images a generate operation asks for: seed + i for image i."""
     seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**32)
     width = params.width or native[0]

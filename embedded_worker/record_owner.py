@@ -86,7 +86,8 @@ class RecordOwner:
             if error.code == "cancelled":
                 self.book.transition(record, CANCELLED)
             else:
-                self.book.transition(record, FAILED, error.message, {"error_code": error.code, "details": error.details})
+                details = {"error_code": error.code, "details": error.details}
+                self.book.transition(record, FAILED, error.message, details)
                 log.warning("%s failed (%s): %s", record.label(), error.code, error.message)
 
     def _keep(self, image: StepImage, run: WorkflowRun) -> dict:

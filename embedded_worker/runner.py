@@ -221,7 +221,8 @@ class WorkflowRun:
                     pause_now = True
                 else:
                     pause_now = False
-                    steps = self.plan.steps[self.next_step :] if self.plan.parallel else self.plan.steps[self.next_step : self.next_step + 1]
+                    end = len(self.plan.steps) if self.plan.parallel else self.next_step + 1
+                    steps = self.plan.steps[self.next_step : end]
                     self.work = [StepWork(step) for step in steps]
                     self.next_step += len(steps)
             if pause_now:

@@ -14,6 +14,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from .errors import InvalidState, NotFound, WorkerError
+from .progress_board import state_code
 from .protocol import (
     ControlSessionRequest,
     DeleteSessionRequest,
@@ -26,7 +27,6 @@ from .protocol import (
 from .record_owner import RecordOwner
 from .recovery import suspect_check
 from .runner import WorkflowRun
-from .progress_board import state_code
 from .state import (
     ADDED,
     CANCELLED,

@@ -137,5 +137,5 @@ def test_kill_nine_of_the_mono_host_mid_batch_then_restart(host_build, model_cac
         assert sorted(o["seed"] for o in final["outputs"]) == list(range(500, 510))
         by_item = {o["item_id"]: o["output_id"] for o in final["outputs"]}
         assert len(by_item) == 10
-        for item, (output_id, seed) in done_before.items():
+        for item, (output_id, _) in done_before.items():
             assert by_item[item] == output_id and restarted.get_output(output_id).shape == (32, 32, 3)

@@ -11,7 +11,7 @@ from embedded_worker.diffusion.denoise import ImageSpec
 from embedded_worker.diffusion.task import DenoiseTask
 from embedded_worker.diffusion.work_queue import WorkQueue
 
-from .conftest import assert_same_up_to_batch_rounding, device_worker, generate, session_status, wait_for
+from .conftest import assert_same_up_to_batch_rounding, device_worker, generate, session_status, settle, wait_for
 
 
 def queued(queue: WorkQueue, priority: int, at: float, name: str) -> DenoiseTask:
@@ -59,8 +59,7 @@ def test_sessions_start_in_priority_order_on_a_busy_device(make_worker):
         assert reply["success"]
     wait_for(lambda: worker._engine.pool.pending() == 4)  # all queued behind the blocker
     worker.control_session(session_id="blocker", action="cancel")
-    for session_id in ("p1", "p10-a", "p5", "p10-b"):
-        wait_for(lambda: session_status(worker, session_id)["status"] == "completed")
+    settle(worker, ["p1", "p10-a", "p5", "p10-b"])
     started = sorted(["p1", "p10-a", "p5", "p10-b"], key=lambda s: session_status(worker, s)["started_at"])
     assert started == ["p10-a", "p10-b", "p5", "p1"]
 

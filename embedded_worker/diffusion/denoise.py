@@ -347,7 +347,8 @@ def decode_pixels(pipe, latents: torch.Tensor, max_images: int) -> list[np.ndarr
         vae.to(torch.float32)
     latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
     mean, std = _latent_stats(vae, latents)
-    latents = latents * std / vae.config.scaling_factor + mean if mean is not None else latents / vae.config.scaling_factor
+    scale = vae.config.scaling_factor
+    latents = latents * std / scale + mean if mean is not None else latents / scale
     images: list[np.ndarray] = []
     for start in range(0, latents.shape[0], max_images):
         decoded = vae.decode(latents[start : start + max_images], return_dict=False)[0]

@@ -388,7 +388,7 @@ class DeviceWorker:
         self.sizer.clean_forward(key)
         self.counters.forwards += -(-images // chunk)
         self.counters.steps += 1
-        self.seconds_per_step = elapsed if self.seconds_per_step is None else 0.8 * self.seconds_per_step + 0.2 * elapsed
+        self.seconds_per_step = _smoothed(self.seconds_per_step, elapsed)
         decode = self.seconds_per_decode or 0.0
         for cohort in self._cohorts:
             remaining = cohort.total_steps - cohort.step_index
@@ -421,7 +421,7 @@ class DeviceWorker:
                     chunk //= 2
             if images is None:
                 continue
-            self.seconds_per_decode = per_image if self.seconds_per_decode is None else 0.8 * self.seconds_per_decode + 0.2 * per_image
+            self.seconds_per_decode = _smoothed(self.seconds_per_decode, per_image)
             for task, pixels in zip(cohort.members, images):
                 with self.queue.cond:
                     task.state = DONE
@@ -469,3 +469,7 @@ class DeviceWorker:
         self._pipes.clear()
         self._prompts.clear()
 
+
+def _smoothed(average: float | None, sample: float) -> float:
+    """An exponential moving average: steady enough for an ETA, quick to follow a change of load."""
+    return sample if average is None else 0.8 * average + 0.2 * sample

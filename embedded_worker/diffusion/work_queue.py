@@ -35,7 +35,8 @@ class WorkQueue:
     def put(self, task: DenoiseTask) -> None:
         with self.cond:
             task.mark_queued()
-            entry = [self.aging_per_second * task.submitted_at - task.priority, task.submitted_at, next(self._order), task]
+            rank = self.aging_per_second * task.submitted_at - task.priority
+            entry = [rank, task.submitted_at, next(self._order), task]
             task.queue_entry = entry
             heapq.heappush(self._heaps.setdefault(task.spec.forward_key(), []), entry)
             self.cond.notify_all()

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import tomllib
 from pydantic import ValidationError
 
 from ..errors import NotFound, Unavailable
