@@ -321,11 +321,6 @@ class BatchService:
             for group in groups:
                 self._adjustments[group] = self._adjustments.get(group, 0) + 1
 
-    def counts(self) -> dict:
-        with self.engine.book.lock:
-            statuses = [r.status for r in self.engine.book.batches.values()]
-        return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
-
     # ---- the batch follows its items; the board follows the batch ---------------------------------
 
     def _record_event(self, record: Record, event: str) -> None:

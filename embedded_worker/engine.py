@@ -147,8 +147,8 @@ class Engine:
 
     def status(self) -> dict:
         pool = self.pool.status()
-        sessions = self.sessions.counts()
-        batches = self.batches.counts()
+        sessions = self.book.counts("session")
+        batches = self.book.counts("batch")
         return {
             "device": {"devices": pool["workers"], "memory": pool["memory"]},
             "model": {"models": self.models.ids(), "default_model": self.config.default_model},

@@ -266,11 +266,6 @@ class SessionService:
                 if run is not None:
                     run.cancel()
 
-    def counts(self) -> dict:
-        with self.engine.book.lock:
-            statuses = [r.status for r in self.engine.book.sessions.values()]
-        return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
-
     # ---- replies ---------------------------------------------------------------------------
 
     def _find(self, session_id: str) -> SessionRecord | None:

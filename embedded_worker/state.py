@@ -180,6 +180,12 @@ class StateBook:
             self.changed.notify_all()
             return True
 
+    def counts(self, kind: str) -> dict:
+        """How many records of a kind are in each status, and in all."""
+        with self.lock:
+            statuses = [r.status for r in {"session": self.sessions, "batch": self.batches}[kind].values()]
+        return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
+
     def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Block until `predicate()` holds after some status change, or `timeout` passes."""
         with self.changed:

@@ -15,27 +15,27 @@ using Python.Runtime;
 
 namespace EmbeddedWorkerHost
 {
-    public sealed class SessionStatus
+    /// <summary>What every status poll answers: the status, when it ended, and why it failed.</summary>
+    public abstract class StatusReading
     {
         public bool Success;
         public string Status;
-        public int Progress;
-        public int CurrentStep;
         public string CompletedAt;
         public string Error;
         public string ErrorCode;
     }
 
-    public sealed class BatchStatus
+    public sealed class SessionStatus : StatusReading
     {
-        public bool Success;
-        public string Status;
+        public int Progress;
+        public int CurrentStep;
+    }
+
+    public sealed class BatchStatus : StatusReading
+    {
         public int ProcessedItems;
         public int FailedItems;
         public int TotalItems;
-        public string CompletedAt;
-        public string Error;
-        public string ErrorCode;
     }
 
     public sealed class EmbeddedProcessingWorker : IPythonWorkerService, IDisposable
@@ -130,38 +130,27 @@ namespace EmbeddedWorkerHost
 
         public SessionStatus GetSessionStatus(string sessionId)
         {
-            var status = new SessionStatus();
-            if (!Guarded(() =>
+            return Poll(sessionStatus, sessionId, new SessionStatus(), (reply, status) =>
             {
-                if (closed)
-                {
-                    status.ErrorCode = "unavailable";
-                    status.Error = "the worker is closed";
-                    return;
-                }
-                using (var id = PyConvert.ToPython(sessionId))
-                using (var reply = sessionStatus.Invoke(id))
-                {
-                    status.Success = Read<bool>(reply, "success");
-                    if (!status.Success)
-                    {
-                        status.Error = Read<string>(reply, "error");
-                        status.ErrorCode = Read<string>(reply, "error_code");
-                        return;
-                    }
-                    status.Status = Read<string>(reply, "status");
-                    status.Progress = (int)Read<long>(reply, "progress");
-                    status.CurrentStep = (int)Read<long>(reply, "current_step");
-                    status.CompletedAt = Read<string>(reply, "completed_at");
-                    if (status.Status == "failed") status.Error = Read<string>(reply, "error");
-                }
-            }, out status.ErrorCode, out status.Error)) status.Success = false;
-            return status;
+                status.Progress = (int)Read<long>(reply, "progress");
+                status.CurrentStep = (int)Read<long>(reply, "current_step");
+            });
         }
 
         public BatchStatus GetBatchStatus(string batchId)
         {
-            var status = new BatchStatus();
+            return Poll(batchStatus, batchId, new BatchStatus(), (reply, status) =>
+            {
+                status.ProcessedItems = (int)Read<long>(reply, "processed_items");
+                status.FailedItems = (int)Read<long>(reply, "failed_items");
+                status.TotalItems = (int)Read<long>(reply, "total_items");
+            });
+        }
+
+        /// <summary>One status poll through a cached bound method, reading only the fields asked for.</summary>
+        T Poll<T>(PyObject method, string id, T status, Action<PyObject, T> readFields) where T : StatusReading
+        {
+            string code, message;
             if (!Guarded(() =>
             {
                 if (closed)
@@ -170,8 +159,8 @@ namespace EmbeddedWorkerHost
                     status.Error = "the worker is closed";
                     return;
                 }
-                using (var id = PyConvert.ToPython(batchId))
-                using (var reply = batchStatus.Invoke(id))
+                using (var key = PyConvert.ToPython(id))
+                using (var reply = method.Invoke(key))
                 {
                     status.Success = Read<bool>(reply, "success");
                     if (!status.Success)
@@ -181,13 +170,16 @@ namespace EmbeddedWorkerHost
                         return;
                     }
                     status.Status = Read<string>(reply, "status");
-                    if (status.Status == "failed") status.Error = Read<string>(reply, "error");
-                    status.ProcessedItems = (int)Read<long>(reply, "processed_items");
-                    status.FailedItems = (int)Read<long>(reply, "failed_items");
-                    status.TotalItems = (int)Read<long>(reply, "total_items");
                     status.CompletedAt = Read<string>(reply, "completed_at");
+                    if (status.Status == "failed") status.Error = Read<string>(reply, "error");
+                    readFields(reply, status);
                 }
-            }, out status.ErrorCode, out status.Error)) status.Success = false;
+            }, out code, out message))
+            {
+                status.Success = false;
+                status.ErrorCode = code;
+                status.Error = message;
+            }
             return status;
         }
 

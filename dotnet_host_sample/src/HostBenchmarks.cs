@@ -110,20 +110,16 @@ namespace EmbeddedWorkerHost
 
         static Dictionary<string, object> Handoff(EmbeddedProcessingWorker worker, List<object> outputs, string what)
         {
-            var samples = new List<double>();
             long checksum = 0;
-            for (int round = 0; round < 300; round++)
+            var row = Stats(Time(300, () =>
             {
-                var watch = Stopwatch.StartNew();
                 foreach (Reply output in outputs)
                 {
                     Reply error;
                     using (var view = worker.GetOutput(output.Text("output_id"), out error))
                         checksum += view[view.Height - 1, view.Width - 1, 2];  // touch the far end of the memory
                 }
-                samples.Add(watch.Elapsed.TotalMilliseconds * 1000);
-            }
-            var row = Stats(samples);
+            }));
             row["what"] = what;
             row["path"] = "in-process buffer";
             row["checksum"] = checksum;
@@ -132,19 +128,15 @@ namespace EmbeddedWorkerHost
 
         static Dictionary<string, object> RemoteHandoff(JsonLinesWorker remote, List<string> ids, string what)
         {
-            var samples = new List<double>();
             long bytes = 0;
-            for (int round = 0; round < 8; round++)
+            var row = Stats(Time(8, () =>
             {
-                var watch = Stopwatch.StartNew();
                 foreach (var id in ids)
                 {
                     var reply = remote.Call("get_output", "{\"output_id\": \"" + id + "\"}");
                     bytes = Convert.FromBase64String(Extract(reply, "\"pixels\": \"")[0]).LongLength;
                 }
-                samples.Add(watch.Elapsed.TotalMilliseconds * 1000);
-            }
-            var row = Stats(samples);
+            }));
             row["what"] = what;
             row["path"] = "out of process, JSON lines";
             row["bytes_per_image"] = bytes;
