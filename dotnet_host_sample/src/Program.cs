@@ -91,6 +91,9 @@ namespace EmbeddedWorkerHost
                 foreach (var workflow in workflows)
                     Console.WriteLine("  " + workflow.Text("id") + ": " + workflow.Text("name"));
                 checks.That(workflows.Count >= 3, "three built-in workflows listed");
+                dynamic basic = worker.GetWorkflow("img-generation-basic");  // member access, no JSON anywhere
+                checks.That(basic.success == true && basic.workflow.id == "img-generation-basic"
+                            && basic.workflow.steps.Count == 2, "dynamic reply: reply.workflow.id");
 
                 // 1. one session, progress from the board
                 clock.Restart();
