@@ -13,7 +13,7 @@ from pathlib import Path
 from .coalescing_bench import coalescing_rows, sweep, write_plots
 from .common import RESULTS, table, write_results
 from .host_bench import host_rows
-from .worker_bench import status_rows, throughput_against_pipeline, tiny_pipeline
+from .worker_bench import durability_rows, status_rows, throughput_against_pipeline, tiny_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             throughput_against_pipeline(args.model_cache, rounds=rounds),
         "Eight concurrent single-image sessions: coalesced, one by one, raw batch 8": coalescing,
         "Images/s against N: N concurrent sessions (worker) and batch N (raw pipeline)": sweep_rows,
+        "What durability costs: batches of 8 with state in memory or in SQLite with synced files":
+            durability_rows(args.model_cache, rounds),
     }
     if not args.no_host:
         sections.update(host_rows())

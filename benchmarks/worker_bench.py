@@ -108,3 +108,42 @@ def tiny_pipeline(model_cache: str):
 
 
 
+
+
+def durability_rows(model_cache: str, rounds: int, batch: int = 8, steps: int = 20) -> list[dict]:
+    """What the durable store costs: the same batches with state in SQLite (and files synced) or in memory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        durable = make_worker(model_cache, state_path=f"{folder}/state.sqlite3", max_batch_size=batch,
+                              coalesce_wait_ms=50.0)
+        memory = make_worker(model_cache, max_batch_size=batch, coalesce_wait_ms=50.0)
+        try:
+            worker_rate(durable, batch, steps, 1)
+            worker_rate(memory, batch, steps, 1)
+            on_disk, in_memory = [], []
+            for _ in range(rounds):
+                on_disk += worker_rate(durable, batch, steps, 1)
+                in_memory += worker_rate(memory, batch, steps, 1)
+            writes = _time_output_writes(durable)
+        finally:
+            durable.close(30)
+            memory.close(30)
+    disk_rate, memory_rate = median(on_disk), median(in_memory)
+    return [{"state": "in memory", "img_s": round(memory_rate, 2), "cost_pct": 0.0, "per_output_write_ms": None},
+            {"state": "SQLite + files synced", "img_s": round(disk_rate, 2),
+             "cost_pct": round(100 * (memory_rate - disk_rate) / memory_rate, 1),
+             "per_output_write_ms": round(writes * 1000, 2)}]
+
+
+def _time_output_writes(worker: ProcessingWorker, count: int = 50) -> float:
+    """Seconds to keep one 32x32 output durably: raw pixels and PNG written and fsync'd, a row committed."""
+    import numpy as np
+
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    started = time.perf_counter()
+    for _ in range(count):
+        worker._engine.outputs.add("bench-writes", pixels, metadata={"prompt": PROMPT})
+    elapsed = (time.perf_counter() - started) / count
+    worker._engine.outputs.release("bench-writes")
+    return elapsed
