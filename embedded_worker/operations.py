@@ -217,7 +217,3 @@ OPERATIONS: dict[str, Operation] = {
     )
 }
 
-
-def find_operation(domain: str, name: str) -> Operation | None:
-    return OPERATIONS.get(f"{domain}.{name}")
-

@@ -7,7 +7,7 @@ image reference that does not resolve, a path outside the allowed roots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,13 +45,8 @@ class RunPlan:
     parallel: bool
     model_id: str
     workflow_id: str | None
-    parameters: dict = field(default_factory=dict)
     file_format: str = "png"
     file_quality: int = 90
-
-    def denoising_steps(self) -> int:
-        return sum(getattr(s.params, "steps", 0) * getattr(s.params, "num_images", 1)
-                   for s in self.steps if s.operation.on_device)
 
 
 class Planner:
@@ -72,7 +67,7 @@ class Planner:
             params = self._operation_params(operation, {**values, **step.parameters}, prefix)
             steps.append(PlannedStep(operation, params, inputs if not steps and inputs else None))
         self._check_inputs(steps, lambda index: prefix)
-        return self._finish(RunPlan(steps, False, model_id, workflow.id, values))
+        return self._finish(RunPlan(steps, False, model_id, workflow.id))
 
     def for_coordination(self, domains: list[DomainOperation], parallel: bool, workflow_id: str | None) -> RunPlan:
         steps: list[PlannedStep] = []
@@ -92,7 +87,7 @@ class Planner:
             steps.append(PlannedStep(operation, params, inputs or ([] if parallel else None)))
         self._check_inputs(steps, lambda index: f"domains.{index}.parameters.", parallel)
         model_id = models.pop() if len(models) == 1 else self.config.default_model
-        return self._finish(RunPlan(steps, parallel, model_id, workflow_id, {}))
+        return self._finish(RunPlan(steps, parallel, model_id, workflow_id))
 
     def _finish(self, plan: RunPlan) -> RunPlan:
         for step in plan.steps:

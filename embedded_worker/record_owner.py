@@ -41,10 +41,8 @@ class RecordOwner:
         return self.record.attempt == self.attempt
 
     def run_running(self, run: WorkflowRun) -> None:
-        if self._current() and self.record.status != RUNNING:
-            if self.record.status == PAUSED:
-                return  # a late start of an image that is being paused
-            self.book.transition(self.record, RUNNING)
+        if self._current():
+            self.book.transition(self.record, RUNNING)  # refused unless pending: the state machine decides
 
     def run_on_device(self, run: WorkflowRun, on_device: bool) -> None:
         """Stored, so that after a crash the next start knows whose images were on the device."""

@@ -95,13 +95,6 @@ class StateStore:
             records.append(record)
         return records
 
-    def finished_roots(self) -> list[tuple[str, str, float]]:
-        """(id, kind, completed_at) of finished sessions and batches, oldest first: what retention prunes."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT id, kind, completed_at FROM records WHERE kind IN ('session', 'batch') "
-                "AND status IN ('completed', 'failed', 'cancelled') ORDER BY completed_at").fetchall()
-
     # ---- outputs --------------------------------------------------------------------------------
 
     def add_output(self, output_id: str, owner_id: str, item_id: str | None, seed: int | None,
