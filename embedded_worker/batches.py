@@ -42,7 +42,6 @@ from .state import (
     CANCELLED,
     CHANGED,
     COMPLETED,
-    CREATED,
     FAILED,
     FINAL,
     PAUSED,
@@ -211,18 +210,12 @@ class BatchService:
                     outcome["failed"] += 1
                     continue
                 paused = item.status == PAUSED
-                if item.status == CREATED:
-                    book.transition(item, PENDING)
-                elif not paused:
-                    book.begin_attempt(item)
+                book.requeue_after_restart(item)
                 self._plans[item.id] = plan
                 item_run = self._new_run(item, plan, sizing, isolated=item.recoveries > 0)[1]
                 runs.append((item_run, paused))
                 outcome["paused" if paused else "requeued"] += 1
-            if record.status == CREATED:
-                book.transition(record, PENDING)
-            elif record.status != PAUSED:
-                book.begin_attempt(record)
+            book.requeue_after_restart(record)
             if all(i.status in FINAL for i in items):
                 self._finish(record, items)
         for item_run, paused in runs:
@@ -427,7 +420,6 @@ class BatchService:
                 book.transition(record, PAUSED)
             else:
                 self._publish(record)
-            record.current_batch_size = statuses.count(RUNNING)
 
     def _finish(self, record: BatchRecord, items: list[ItemRecord]) -> None:
         book = self.engine.book

@@ -93,11 +93,14 @@ class ProcessingWorker:
 
     # ---- the boundary ---------------------------------------------------------------------
 
+    def _ensure_open(self) -> None:
+        if self._closed.is_set():
+            raise Unavailable("the worker is closed")
+
     def _call(self, fn: Callable[[], Any]) -> dict:
         """Run `fn` and envelope whatever happens; the one place errors become values."""
         try:
-            if self._closed.is_set():
-                raise Unavailable("the worker is closed")
+            self._ensure_open()
             result = fn()
             return result if isinstance(result, dict) and "success" in result else ok(**(result or {}))
         except WorkerError as error:
@@ -187,8 +190,7 @@ class ProcessingWorker:
     def get_output(self, output_id: Any) -> np.ndarray | dict:
         """The output's pixels: the read-only uint8 HxWxC array itself, or an error envelope."""
         try:
-            if self._closed.is_set():
-                raise Unavailable("the worker is closed")
+            self._ensure_open()
             req = parse(OutputRequest, _id_request(output_id, "output_id"))
             return self._engine.outputs.get(req.output_id).pixels
         except WorkerError as error:
@@ -223,8 +225,7 @@ class ProcessingWorker:
     def track_batch(self, batch_id: Any, on_update: Callable[[dict], None] | None = None):
         """A BatchProgressTracker for a Python caller; an error envelope for an unknown batch."""
         try:
-            if self._closed.is_set():
-                raise Unavailable("the worker is closed")
+            self._ensure_open()
             return BatchProgressTracker(self._engine.batches, parse_id(batch_id, "batch_id"), on_update)
         except WorkerError as error:
             return failure(error)

@@ -51,15 +51,9 @@ class RecordOwner:
             self.book.save(self.record)
 
     def run_progress(self, run: WorkflowRun) -> None:
-        if not self._current():
-            return
-        record = self.record
-        record.substep_progress = run.substep_progress
-        record.eta_seconds = run.eta_seconds
-        if hasattr(record, "current_step"):
-            record.current_step = run.current_step
-            record.current_operation = run.current_operation
-        self.on_progress(record, run)
+        """Progress lives in the run (status replies read it there); the owner only passes it on."""
+        if self._current():
+            self.on_progress(self.record, run)
 
     def run_paused(self, run: WorkflowRun) -> None:
         if self._current():

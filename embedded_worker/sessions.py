@@ -31,7 +31,6 @@ from .state import (
     ADDED,
     CANCELLED,
     COMPLETED,
-    CREATED,
     FAILED,
     FINAL,
     PAUSED,
@@ -148,16 +147,18 @@ class SessionService:
         return plan, engine.workflows.describe(definition.id), definition.estimated_duration
 
     def _start(self, record: SessionRecord, plan: "RunPlan") -> None:
-        engine = self.engine
-        run = WorkflowRun(plan, self._owner(record), engine.pool, engine.cpu, record.priority, engine.native_size)
-        self._runs[record.id] = run
-        engine.book.transition(record, PENDING)
+        run = self._new_run(record, plan)
+        self.engine.book.transition(record, PENDING)
         run.start()
 
-    def _owner(self, record: SessionRecord) -> RecordOwner:
+    def _new_run(self, record: SessionRecord, plan: "RunPlan", isolated: bool = False) -> WorkflowRun:
+        """The run doing this session's work, remembered as its current one."""
         engine = self.engine
-        return RecordOwner(engine.book, engine.outputs, record, record.id,
-                           on_progress=self._publish)
+        owner = RecordOwner(engine.book, engine.outputs, record, record.id, on_progress=self._publish)
+        run = WorkflowRun(plan, owner, engine.pool, engine.cpu, record.priority, engine.native_size,
+                          isolated=isolated)
+        self._runs[record.id] = run
+        return run
 
     def recover(self, record: SessionRecord) -> str:
         """A session the last process left unfinished: requeued, kept paused, failed or quarantined."""
@@ -181,13 +182,8 @@ class SessionService:
         with book.lock:
             self._plans[record.id] = plan
             self._workflows[record.id] = workflow
-            if record.status == CREATED:
-                book.transition(record, PENDING)
-            elif not paused:
-                book.begin_attempt(record)
-            run = WorkflowRun(plan, self._owner(record), engine.pool, engine.cpu, record.priority,
-                              engine.native_size, isolated=record.recoveries > 0)
-            self._runs[record.id] = run
+            book.requeue_after_restart(record)
+            run = self._new_run(record, plan, isolated=record.recoveries > 0)
         run.start(paused=paused)
         return "paused" if paused else "requeued"
 
@@ -229,10 +225,7 @@ class SessionService:
             old.cancel()  # its owner ignores events from the previous attempt
         engine.outputs.release(record.id)
         record.outputs = []
-        plan = self._plans[record.id]
-        run = WorkflowRun(plan, self._owner(record), engine.pool, engine.cpu, record.priority, engine.native_size)
-        self._runs[record.id] = run
-        run.start()
+        self._new_run(record, self._plans[record.id]).start()
 
     def delete(self, request: DeleteSessionRequest) -> dict:
         engine = self.engine

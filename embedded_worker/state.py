@@ -9,8 +9,8 @@ Design notes
   moves them. The one exit is an explicit `restart` of a failed or cancelled
   record, which starts a new attempt (counted in `attempt`). A completed
   record is never re-run: its outputs are the answer.
-- Progress fields (step, substep, ETA) are plain attribute writes from the
-  device thread; they are not statuses and need no lock.
+- Progress (step, substep, ETA) is not kept here: it lives in the run doing
+  the work, and status replies read it there.
 """
 
 from __future__ import annotations
@@ -79,12 +79,7 @@ class SessionRecord(Record):
     workflow_id: str | None = None
     request: dict = field(default_factory=dict)
     total_steps: int = 0
-    current_step: int = 0
-    current_operation: str = ""
-    substep_progress: float = 0.0
-    eta_seconds: float | None = None
     outputs: list[dict] = field(default_factory=list)
-    step_errors: list[dict] = field(default_factory=list)
     board_slot: int = -1
 
     kind = "session"
@@ -97,8 +92,6 @@ class ItemRecord(Record):
     index: int = 0
     parameters: dict = field(default_factory=dict)
     seed: int | None = None
-    substep_progress: float = 0.0
-    eta_seconds: float | None = None
     outputs: list[dict] = field(default_factory=list)
 
     kind = "item"
@@ -115,8 +108,6 @@ class BatchRecord(Record):
     configuration: dict = field(default_factory=dict)
     parallel: dict = field(default_factory=dict)  # device workers asked for and what memory allowed
     item_ids: list[str] = field(default_factory=list)
-    current_batch_size: int = 0
-    metrics: dict = field(default_factory=dict)
     board_slot: int = -1
 
     kind = "batch"
@@ -200,6 +191,15 @@ class StateBook:
         """Like `transition`, but an illegal move is the caller's error."""
         if not self.transition(record, target):
             raise InvalidState(f"{record.label()} cannot {verb} in current status: {record.status}")
+
+    def requeue_after_restart(self, record: Record) -> None:
+        """Unfinished work found by a new process: paused stays paused, anything else waits to run again
+        (a new attempt when it had begun)."""
+        with self.lock:
+            if record.status == CREATED:
+                self.transition(record, PENDING)
+            elif record.status != PAUSED:
+                self.begin_attempt(record)
 
     def begin_attempt(self, record: Record) -> None:
         """Restart: a new attempt of the same request, from `pending`."""
