@@ -146,8 +146,16 @@ class ProcessingWorker:
             parse(ExecuteWorkflowRequest, self._data(request, kwargs))))
 
     def get_session_status(self, request: Any = None, **kwargs: Any) -> dict:
+        session_id = _polled_id(request, kwargs, "session_id")
+        if session_id is not None and not self._closed.is_set():
+            # the polling hot path: an id the Id type would pass unchanged, so no model is built
+            try:
+                return self._engine.sessions.status(session_id)
+            except WorkerError as error:
+                return failure(error)
+            except Exception:
+                pass  # the general path below logs it and answers `internal`
         if isinstance(request, str) and not kwargs and not _json_text(request):
-            # the polling hot path: a bare id, checked by the same Id type the request model uses
             return self._call(lambda: self._engine.sessions.status(parse_id(request, "session_id")))
         return self._call(lambda: self._engine.sessions.status(
             parse(SessionRequest, self._data(_id_request(request, "session_id"), kwargs)).session_id))
@@ -349,6 +357,25 @@ class ProcessingWorker:
 
 def _json_text(value: Any) -> bool:
     return isinstance(value, str) and value.lstrip().startswith("{")
+
+
+def _polled_id(request: Any, kwargs: dict, field: str) -> str | None:
+    """The id of a status poll in the shapes callers send (a bare id, `field=id`, `{field, action}`),
+    when it is one the Id type passes unchanged (nothing to strip, nothing to refuse); else None, and the
+    request takes the validating path."""
+    if kwargs:
+        if request is not None:
+            return None
+        request = kwargs
+    elif type(request) is not dict:
+        request = {field: request}
+    if len(request) > 2 or (len(request) == 2 and type(request.get("action", 0)) is not str):
+        return None
+    value = request.get(field)
+    if (type(value) is str and 0 < len(value) <= 200 and value.isprintable()
+            and not value[0].isspace() and not value[-1].isspace() and value[0] != "{"):
+        return value
+    return None
 
 
 def _id_request(request: Any, field: str) -> Any:
