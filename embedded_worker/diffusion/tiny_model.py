@@ -38,7 +38,8 @@ def byte_level_alphabet() -> list[str]:
     return [stand_ins[b] for b in range(256)]
 
 
-def _tokenizer():
+def byte_level_tokenizer():
+    """A CLIP tokenizer over single bytes: no merges to write, every text encodes."""
     from transformers import CLIPTokenizer
 
     alphabet = byte_level_alphabet()
@@ -49,7 +50,7 @@ def _tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
 
 
-def _text_encoder_config(vocab: dict, projection_dim: int | None = None):
+def text_encoder_config(vocab: dict, projection_dim: int | None = None):
     from transformers import CLIPTextConfig
 
     extra = {"projection_dim": projection_dim} if projection_dim else {}
@@ -88,9 +89,9 @@ def _build_sd():
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    tokenizer, vocab = _tokenizer()
+    tokenizer, vocab = byte_level_tokenizer()
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(_text_encoder_config(vocab))
+    text_encoder = CLIPTextModel(text_encoder_config(vocab))
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -129,11 +130,11 @@ def _build_sdxl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer, vocab = _tokenizer()
-    tokenizer_2, _ = _tokenizer()
+    tokenizer, vocab = byte_level_tokenizer()
+    tokenizer_2, _ = byte_level_tokenizer()
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(_text_encoder_config(vocab))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(vocab, projection_dim=32))
+    text_encoder = CLIPTextModel(text_encoder_config(vocab))
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(vocab, projection_dim=32))
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
