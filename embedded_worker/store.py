@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sqlite3
 import threading
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from .errors import Unavailable
 from .state import FINAL, REMOVED, BatchRecord, ItemRecord, Record, SessionRecord
@@ -50,24 +51,16 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
-    def _take_process_lock(self):
+    def _take_process_lock(self) -> FileLock:
+        """flock on POSIX, LockFileEx on Windows (filelock): held until close, or until the process dies."""
         lock_path = Path(self.path + ".lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a+")
+        lock = FileLock(str(lock_path), timeout=0)
         try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no fcntl (Windows): one worker per file is then the host's promise
-            return handle
-        except OSError:
-            handle.close()
+            lock.acquire()
+        except Timeout:
             raise Unavailable(f"the state file {self.path} is in use by another worker process") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        return handle
+        return lock
 
     # ---- records -------------------------------------------------------------------------------
 
@@ -128,7 +121,7 @@ class StateStore:
         with self._lock:
             self._db.close()
         if self._lock_file is not None:
-            self._lock_file.close()
+            self._lock_file.release(force=True)
 
 
 def _fields(record: Record) -> dict:
