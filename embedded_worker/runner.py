@@ -8,6 +8,11 @@ Design notes
 - The owner (a session, or a batch item) hears `run_running`,
   `run_progress`, `run_paused` and, exactly once, `run_finished`; it owns the
   status, the run owns only how far the work has got.
+- A parallel plan runs in waves (PlannedStep.wave): every step of a wave at
+  once, the next wave when all of it has ended. A sequential plan is a wave
+  per step, each on the images of the step before it.
+- Answering steps (model load/unload, device status) run on the CPU pool:
+  their answer is kept as the step's result, the images pass through.
 - Pause: images on the device park at the next step boundary (their state is
   kept); a CPU step finishes, then the run waits before the next step.
   Resume continues exactly there. Cancel is final at once; images still on
@@ -26,8 +31,9 @@ from typing import Callable, Protocol
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing, DenoiseTask
 from .errors import Cancelled, InternalError, InvalidRequest, WorkerError
-from .operations import StepImage, image_specs
+from .operations import BatchProcessParams, StepImage, image_specs
 from .planning import PlannedStep, RunPlan
+from .protocol import iso
 
 log = logging.getLogger("embedded_worker.runner")
 
@@ -45,18 +51,23 @@ class RunOwner(Protocol):
 
 
 class StepWork:
-    """What one launched step has in flight: its images on the device or its CPU future."""
+    """What one launched step has in flight (its images on the device or its CPU future), then how it ended."""
 
     def __init__(self, step: PlannedStep):
         self.step = step
         self.tasks: list[DenoiseTask] = []
         self.cpu: Future | None = None
-        self.results: list[StepImage] | None = None
+        self.settled = False
+        self.results: list[StepImage] | None = None  # until the run takes them for the next step
         self.error: WorkerError | None = None
+        self.images_made = 0
+        self.answer: dict | None = None  # what an answering step (model, device) said
+        self.started_at = time.time()
+        self.finished_at: float | None = None
 
     @property
     def fraction(self) -> float:
-        if self.results is not None or self.error is not None:
+        if self.settled:
             return 1.0
         if self.tasks:
             return sum(t.progress for t in self.tasks) / len(self.tasks)
@@ -94,6 +105,7 @@ class WorkflowRun:
         self.next_step = 0
         self.images: list[StepImage] = []
         self.work: list[StepWork] = []
+        self.launched: dict[int, StepWork] = {}  # PlannedStep.order -> its work, for step results
         self.all_tasks: list[DenoiseTask] = []  # every image this run sent to a device, for metrics
         self.completed_steps = 0
         self.pause_requested = False
@@ -179,8 +191,6 @@ class WorkflowRun:
             return 1.0
         work = self.work
         running = sum(w.step.weight * w.fraction for w in work) if work else 0.0
-        if self.plan.parallel and work:
-            return min(1.0, running / self._total_weight)
         return min(1.0, (sum(self._weights[: self.completed_steps]) + running) / self._total_weight)
 
     @property
@@ -191,6 +201,35 @@ class WorkflowRun:
     @property
     def queue_seconds(self) -> float:
         return max((t.queue_seconds for w in self.work for t in w.tasks), default=0.0)
+
+    def step_results(self) -> list[dict]:
+        """Each step in request order: its status, the images it made, what an answering step said."""
+        with self._lock:
+            launched = dict(self.launched)
+            ended = self.finished
+        results = []
+        for step in sorted(self.plan.steps, key=lambda s: s.order):
+            work = launched.get(step.order)
+            if work is None:
+                status = "cancelled" if ended else "waiting"
+            elif work.error is not None:
+                status = "cancelled" if work.error.code == "cancelled" else "failed"
+            elif work.settled:
+                status = "completed"
+            elif ended:
+                status = "cancelled"
+            else:
+                status = "paused" if self.paused else "running"
+            results.append({
+                "order": step.order, "domain": step.operation.domain, "operation": step.operation.name,
+                "status": status,
+                "images": work.images_made if work is not None and work.settled else len(work.tasks) if work else 0,
+                "result": work.answer if work is not None else None,
+                "error": work.error.message if work is not None and work.error is not None else None,
+                "started_at": iso(work.started_at) if work is not None else None,
+                "completed_at": iso(work.finished_at) if work is not None else None,
+            })
+        return results
 
     # ---- the run's own progress ---------------------------------------------------------------
 
@@ -221,9 +260,9 @@ class WorkflowRun:
                     pause_now = True
                 else:
                     pause_now = False
-                    end = len(self.plan.steps) if self.plan.parallel else self.next_step + 1
-                    steps = self.plan.steps[self.next_step : end]
+                    steps = self._next_wave()
                     self.work = [StepWork(step) for step in steps]
+                    self.launched.update((work.step.order, work) for work in self.work)
                     self.next_step += len(steps)
             if pause_now:
                 self.owner.run_paused(self)
@@ -240,17 +279,31 @@ class WorkflowRun:
             except Exception as error:  # a model that cannot load, an input that cannot be read
                 self._settle(work, error=_as_worker_error(error))
 
+    def _next_wave(self) -> list[PlannedStep]:
+        """The steps to launch together next: one (sequential), or every step of the next wave."""
+        steps = self.plan.steps[self.next_step :]
+        if not steps or not self.plan.parallel:
+            return steps[:1]
+        return [step for step in steps if step.wave == steps[0].wave]
+
     def _launch(self, work: StepWork) -> None:
         step = work.step
         inputs = step.inputs if step.inputs is not None else self.images
         if step.operation.needs_input and not inputs:
             self._settle(work, error=InvalidRequest(f"{step.label} needs an input image and has none"))
             return
+        if step.operation.answers is not None:
+            self.owner.run_running(self)
+            work.cpu = self.cpu.submit(self._answer, work, inputs)
+            work.cpu.add_done_callback(lambda future: self._cpu_done(work, future))
+            return
         if step.operation.on_device:
             model_id = step.params.model or self.plan.model_id
-            specs = image_specs(step.params, inputs, model_id, self.native_size(model_id))
+            sizing = step.params.sizing() if isinstance(step.params, BatchProcessParams) else self.sizing
+            init_images = inputs if step.operation.uses_images else []
+            specs = image_specs(step.params, init_images, model_id, self.native_size(model_id))
             tasks = [
-                DenoiseTask(spec, self.priority, listener=self, sizing=self.sizing, submitted_at=self.submitted_at,
+                DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,
                             isolated=self.isolated)
                 for spec in specs
             ]
@@ -276,6 +329,11 @@ class WorkflowRun:
         work.cpu = self.cpu.submit(step.operation.run, step.params, inputs)
         work.cpu.add_done_callback(lambda future: self._cpu_done(work, future))
 
+    def _answer(self, work: StepWork, inputs: list[StepImage]) -> list[StepImage]:
+        """An answering step: acts on the device side, keeps its answer; the images pass through it."""
+        work.answer = work.step.operation.answers(work.step.params, self.pool)
+        return inputs
+
     def _device_done(self, work: StepWork) -> None:
         if not all(task.future.done() for task in work.tasks):
             return
@@ -297,14 +355,20 @@ class WorkflowRun:
     def _settle(self, work: StepWork, images: list[StepImage] | None = None, error: WorkerError | None = None) -> None:
         """One launched step ended; once all have, fail with every error or go on to the next step."""
         with self._lock:
-            if work.results is not None or work.error is not None:
+            if work.settled:
                 return
+            work.settled, work.finished_at = True, time.time()
             work.results, work.error = (images, None) if error is None else (None, error)
-            if self.finished or not all(w.results is not None or w.error is not None for w in self.work):
+            work.images_made = len(images or ())
+            if self.finished or not all(w.settled for w in self.work):
                 return
             failures = [(w.step, w.error) for w in self.work if w.error is not None]
             if not failures:
-                self.images = [image for w in self.work for image in w.results]
+                made = [image for w in self.work for image in w.results]
+                # in sequence a step's images replace the ones before; a parallel wave's add to them
+                self.images = self.images + made if self.plan.parallel else made
+                for w in self.work:
+                    w.results = None  # the run holds them now; a finished step keeps only its count
                 self.completed_steps += len(self.work)
                 self.work = []
             tasks = self._live_tasks() if failures else []

@@ -89,6 +89,8 @@ class DeviceWorker:
         self._capacity_reason = "configured"
         self._reported_capacity: int | None = None  # the size the groups in flight were last told of
         self._pipes: OrderedDict[str, tuple] = OrderedDict()  # model id -> (pipe, family); this thread only
+        self.loading: str | None = None  # the model being loaded now; written here, read by status calls
+        self.load_errors: dict[str, str] = {}  # model id -> why its last load failed; written here only
         self._prompts: OrderedDict[tuple, Conditioning] = OrderedDict()  # this thread only
         self._cohorts: list[Cohort] = []  # this thread only
         self._key: tuple | None = None
@@ -192,7 +194,7 @@ class DeviceWorker:
                 self.capacity, self._capacity_reason = self.sizer.size(self._key, minimum, threshold)
                 taken = queue.take(self._key, self.capacity - active, self._acceptor())
                 for task in taken:
-                    task.mark_active()
+                    task.mark_active(self.name)
                 return taken
 
     def _preferences(self, next_task: DenoiseTask | None) -> tuple[int, float | None]:
@@ -252,15 +254,21 @@ class DeviceWorker:
             self.unload(next(iter(self._pipes)))
         folder = self.catalog.folder(model_id)
         started = time.perf_counter()
+        self.loading = model_id
         try:
             pipe = load_pipeline(folder, self.device, self.dtype)
         except Exception as error:
-            if is_out_of_memory(error):
-                raise ResourceExhausted(f"model '{model_id}' does not fit in {self.device} memory") from error
-            raise Unavailable(f"model '{model_id}' could not be loaded from {folder}: "
-                              f"{type(error).__name__}: {error}") from error
+            failure: WorkerError = (
+                ResourceExhausted(f"model '{model_id}' does not fit in {self.device} memory")
+                if is_out_of_memory(error) else
+                Unavailable(f"model '{model_id}' could not be loaded from {folder}: {type(error).__name__}: {error}"))
+            self.load_errors[model_id] = failure.message
+            raise failure from error
+        finally:
+            self.loading = None
         family = self.catalog.family(model_id)
         self._pipes[model_id] = (pipe, family)
+        self.load_errors.pop(model_id, None)
         log.info("%s loaded %s in %.2f s", self.name, model_id, time.perf_counter() - started)
         if self.gc_freeze:
             gc.collect()

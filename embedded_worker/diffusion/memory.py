@@ -169,6 +169,29 @@ class BatchSizer:
                 size, reason = self._limit[key], "out_of_memory"
         return max(1, size), reason
 
+    def explain(self, key: tuple, minimum: int = 1, threshold: float | None = None) -> dict:
+        """`size` as a reply: the size it would pick now, what bounds it, and the figures behind it."""
+        size, reason = self.size(key, minimum, threshold)
+        threshold = threshold or self.threshold
+        cost = self.monitor.cost_per_image(key)
+        reading = self.monitor.probe.read()
+        with self._lock:
+            limit, failed_at = self._limit.get(key), self._failed_at.get(key)
+        if reason == "out_of_memory":
+            why = f"a forward of {failed_at} images ran out of memory; at most {limit} until it grows back"
+        elif reason == "memory":
+            why = (f"{size} images of {cost / 2**20:.1f} MiB each fit under {threshold:.0%} of "
+                   f"{reading.total / 2**30:.1f} GiB with {reading.used / 2**30:.1f} GiB in use")
+        elif cost:
+            why = f"the configured maximum of {self.max_batch_size}: memory allows more"
+        else:
+            why = (f"the configured maximum of {self.max_batch_size}: what one image costs here is not "
+                   "measured yet (it is, from the first forward)")
+        return {"batch_size": size, "reason": reason, "why": why, "memory_threshold": threshold,
+                "bytes_per_image": None if cost is None else int(cost), "used_bytes": int(reading.used),
+                "total_bytes": int(reading.total), "configured_max_batch_size": self.max_batch_size,
+                "out_of_memory_limit": limit}
+
     def out_of_memory(self, key: tuple, size: int) -> int:
         """Record a failure at `size`; the new limit is half of it."""
         with self._lock:

@@ -35,6 +35,15 @@ class BatchSizing:
     minimum: int = 1  # memory pressure never shrinks its forwards below this
     memory_threshold: float | None = None  # fraction of device memory its forwards may fill
 
+    @classmethod
+    def for_configuration(cls, group: str, configuration) -> "BatchSizing":
+        """Dynamic sizing: up to max_batch_size in flight, shrunk by memory down to min_batch_size.
+        Fixed sizing: preferred_batch_size in flight, only an out-of-memory error shrinks it."""
+        if configuration.enable_dynamic_sizing:
+            return cls(group, configuration.max_batch_size, configuration.min_batch_size,
+                       configuration.memory_threshold)
+        return cls(group, configuration.preferred_batch_size, configuration.preferred_batch_size, None)
+
 
 class DenoiseTask:
     """One image: its spec, its place in the queue, its progress and its result."""
@@ -69,6 +78,7 @@ class DenoiseTask:
         self.queue_entry: list | None = None
         self.cohort_id: int | None = None  # which forward group it started in, for batch metrics
         self.finished_at: float | None = None
+        self.worker: str | None = None  # the device worker that took it last: where it runs
 
     @property
     def progress(self) -> float:
@@ -78,8 +88,9 @@ class DenoiseTask:
         self.state = QUEUED
         self.enqueued_at = time.monotonic()
 
-    def mark_active(self) -> None:
+    def mark_active(self, worker: str) -> None:
         now = time.monotonic()
+        self.worker = worker
         self.queue_seconds += now - self.enqueued_at
         if self.run_started_at is None:
             self.run_started_at = now

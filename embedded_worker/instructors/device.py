@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from .. import domain_answers, work_status
 from ..engine import Engine
+from ..protocol import DomainStatusRequest, parse
 
 
 class DeviceInstructor:
@@ -12,16 +14,14 @@ class DeviceInstructor:
         self.engine = engine
 
     def get_status(self, data: dict) -> dict:
-        status = self.engine.pool.status()
-        return {"workers": status["workers"], "memory": status["memory"], "queued_images": status["queued_images"]}
+        """The devices; with a session_id or batch_id, where that work's images run and what they need."""
+        work = work_status.find_work(self.engine, parse(DomainStatusRequest, data))
+        if work is not None:
+            return work_status.domain_part(self.engine, "device", work)
+        return domain_answers.device_status(self.engine.pool)
 
     def list_devices(self, data: dict) -> dict:
-        devices = {}
-        for worker in self.engine.pool.workers:
-            entry = devices.setdefault(str(worker.device), {"device": str(worker.device), "type": worker.device.type,
-                                                           "dtype": worker.status()["dtype"], "workers": []})
-            entry["workers"].append(worker.name)
-        return {"devices": list(devices.values())}
+        return domain_answers.list_devices(self.engine.pool)
 
     def get_memory(self, data: dict) -> dict:
-        return {"memory": self.engine.pool.status()["memory"]}
+        return domain_answers.device_memory(self.engine.pool)

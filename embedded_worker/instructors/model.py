@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
+from .. import domain_answers, work_status
 from ..engine import Engine
-from ..errors import InvalidRequest
-from ..planning import confine_path
+from ..operations import ModelParams
+from ..protocol import DomainStatusRequest, parse
 
 
 class ModelInstructor:
     commands = ("get_status", "list_models", "load_model", "unload_model")
-    load_timeout_seconds = 600.0
 
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def _model_id(self, data: dict) -> str:
-        model_id = data.get("model_id") or data.get("model")
-        if not isinstance(model_id, str) or not model_id.strip():
-            raise InvalidRequest("model_id: required, a non-empty string")
-        return model_id.strip()
-
     def list_models(self, data: dict) -> dict:
-        loaded: dict[str, list[str]] = {}
-        for worker in self.engine.pool.workers:
-            for model_id in worker.status()["loaded_models"]:
-                loaded.setdefault(model_id, []).append(worker.name)
+        loaded = domain_answers.loaded_models(self.engine.pool)
         models = []
         for model_id in self.engine.models.ids():
             entry = self.engine.models.entry(model_id)
@@ -34,22 +25,22 @@ class ModelInstructor:
                            "default": model_id == self.engine.config.default_model})
         return {"models": models}
 
-    get_status = list_models
+    def get_status(self, data: dict) -> dict:
+        """Every model; with a session_id or batch_id, the models that work uses and where they are."""
+        work = work_status.find_work(self.engine, parse(DomainStatusRequest, data))
+        if work is not None:
+            return work_status.domain_part(self.engine, "model", work)
+        return self.list_models(data)
 
     def load_model(self, data: dict) -> dict:
-        model_id = self._model_id(data)
-        if data.get("path"):
-            folder = confine_path(str(data["path"]), self.engine.config.allowed_roots, "path")
-            self.engine.models.register(model_id, folder)
-        self.engine.models.folder(model_id)  # checks the folder (safetensors only) before any worker loads it
-        futures = self.engine.pool.on_every_worker(lambda worker: worker.pipeline(model_id) and None)
-        for future in futures:
-            future.result(timeout=self.load_timeout_seconds)
-        return {"model_id": model_id, "loaded": True, **self.list_models({})}
+        params = parse(ModelParams, data)
+        if params.path:
+            self.engine.planner.prepare_model(params, "")
+        self.engine.models.folder(params.model_id)  # checks the folder (safetensors only) before any worker loads it
+        answer = domain_answers.load_model(self.engine.pool, params.model_id)
+        return {**answer, **self.list_models({})}
 
     def unload_model(self, data: dict) -> dict:
-        model_id = self._model_id(data)
-        self.engine.models.entry(model_id)
-        futures = self.engine.pool.on_every_worker(lambda worker: worker.unload(model_id))
-        unloaded = sum(1 for future in futures if future.result(timeout=self.load_timeout_seconds))
-        return {"model_id": model_id, "unloaded_from": unloaded}
+        params = parse(ModelParams, data)
+        self.engine.models.entry(params.model_id)
+        return domain_answers.unload_model(self.engine.pool, params.model_id)
