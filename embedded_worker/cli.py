@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from .facade import ProcessingWorker
+from .postprocess import encode
 
 BAR_WIDTH = 30
 
@@ -46,18 +48,29 @@ def progress_line(status: dict) -> str:
 
 
 def follow(worker: ProcessingWorker, session_id: str, stream=None) -> dict:
-    """Draw a progress bar until the session is final; return its final status."""
+    """Show progress until the session is final; return its final status. On a terminal a tqdm bar
+    redraws in place; into a log (not a terminal) goes one line when the session ends, not one per poll."""
     stream = stream or sys.stderr
-    while True:
-        status = worker.get_session_status(session_id=session_id)
-        if not status["success"]:
-            return status
-        stream.write(progress_line(status))
+    interactive = bool(getattr(stream, "isatty", lambda: False)())
+    with tqdm(total=100, file=stream, disable=not interactive, bar_format="{desc} {bar:30} {n:3.0f}%{postfix}",
+              dynamic_ncols=True) as bar:
+        while True:
+            status = worker.get_session_status(session_id=session_id)
+            if not status["success"]:
+                return status
+            detail = status["detailed_progress"]
+            eta = detail.get("eta_seconds")
+            bar.set_description_str(f"{status['status']:<9}", refresh=False)
+            bar.set_postfix_str(detail["current_operation"] + (f" eta {eta:.1f}s" if eta is not None else ""),
+                                refresh=False)
+            bar.update(status["progress"] - bar.n)
+            if status["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.1)
+    if not interactive:
+        stream.write(progress_line(status).lstrip("\r").rstrip() + "\n")
         stream.flush()
-        if status["status"] in ("completed", "failed", "cancelled"):
-            stream.write("\n")
-            return status
-        time.sleep(0.1)
+    return status
 
 
 def contact_sheet(images: list[np.ndarray], columns: int | None = None, cell: int = 128) -> Image.Image:
@@ -82,12 +95,8 @@ def save_outputs(worker: ProcessingWorker, outputs: list[dict], folder: Path, st
         pixels = worker.get_output(reference["output_id"])
         images.append(pixels)
         info = worker.output_info(reference["output_id"])
-        from PIL.PngImagePlugin import PngInfo
-
-        text = PngInfo()
-        for key, value in info["metadata"].items():
-            text.add_text(key, value if isinstance(value, str) else json.dumps(value))
-        Image.fromarray(pixels).save(folder / f"{stem}-{index:02d}-seed{reference['seed']}.png", pnginfo=text)
+        path = folder / f"{stem}-{index:02d}-seed{reference['seed']}.png"
+        path.write_bytes(encode(pixels, "png", info["metadata"]))  # the worker's own encoder and metadata
     return images
 
 

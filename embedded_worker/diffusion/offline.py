@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
+class _DeprecationsAndErrors(logging.Filter):
+    """Of the libraries' own log records, errors and deprecation notices: we call private diffusers
+    helpers, so a deprecation is our warning; their install advice (accelerate, torchvision) is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "deprecat" in record.getMessage().lower()
+
+
 def set_offline_environment() -> None:
-    """Make any stray hub access fail at once instead of hanging on a closed network, and keep the
-    libraries' progress bars out of the host's console. Their warnings stay at the libraries' own
-    level (warning): we call private diffusers helpers, so a deprecation notice is one we must see."""
+    """Make any stray hub access fail at once instead of hanging on a closed network, keep the
+    libraries' progress bars out of the host's console, and let their deprecations through."""
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[name] = "1"
     for name in ("HF_HUB_DISABLE_TELEMETRY", "DISABLE_TELEMETRY", "HF_HUB_DISABLE_PROGRESS_BARS"):
@@ -16,5 +24,9 @@ def set_offline_environment() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_warning()
+        library.disable_progress_bar()
+        for handler in library.get_logger().handlers:  # the library's root logger: every module's records
+            if not any(isinstance(f, _DeprecationsAndErrors) for f in handler.filters):
+                handler.addFilter(_DeprecationsAndErrors())
