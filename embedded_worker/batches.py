@@ -61,15 +61,6 @@ BOARD_INTERVAL_SECONDS = 0.05
 log = logging.getLogger("embedded_worker.batches")
 
 
-def batch_sizing(batch_id: str, configuration: BatchConfiguration) -> BatchSizing:
-    """Dynamic sizing: up to max_batch_size in flight, shrunk by memory down to min_batch_size.
-    Fixed sizing: preferred_batch_size in flight, only an out-of-memory error shrinks it."""
-    if configuration.enable_dynamic_sizing:
-        return BatchSizing(batch_id, configuration.max_batch_size, configuration.min_batch_size,
-                           configuration.memory_threshold)
-    return BatchSizing(batch_id, configuration.preferred_batch_size, configuration.preferred_batch_size, None)
-
-
 class BatchService:
     def __init__(self, engine: "Engine"):
         self.engine = engine
@@ -95,7 +86,7 @@ class BatchService:
         else:
             duplicate = True
         if not request.background:
-            existing.finished.wait()
+            engine.wait_final(existing)
         reply = self.describe(existing, include_items=False)
         reply["duplicate"] = duplicate
         return reply
@@ -119,7 +110,6 @@ class BatchService:
         if configuration.parallel_processing and configuration.max_parallel_batches > 1:
             parallel = {"requested": configuration.max_parallel_batches,
                         **engine.pool.ensure_parallel(configuration.max_parallel_batches, plans[0].model_id)}
-        engine.check_capacity(len(items))
         record = BatchRecord(
             id=batch_id,
             priority=request.priority,
@@ -129,11 +119,13 @@ class BatchService:
             configuration=configuration.model_dump(),
             parallel=parallel,
         )
-        sizing = batch_sizing(batch_id, configuration)
+        sizing = BatchSizing.for_configuration(batch_id, configuration)
         with engine.book.lock:
             existing = engine.book.batches.get(batch_id)
             if existing is not None:
                 return existing
+            engine.check_capacity(len(items))  # checked and taken under one lock: concurrent submits never pass it
+            engine.book.require_free_id(record, [f"{batch_id}/{item_id}" for item_id, _ in items])
             engine.book.add(record)
             log.info("Batch '%s' accepted: %d item(s) of %s", batch_id, len(items), workflow.id)
             runs = []
@@ -191,7 +183,7 @@ class BatchService:
             workflow, reason = None, f"cannot resume after a restart: {error.message}"
         if engine.config.recovery == "fail":
             workflow, reason = None, "the worker restarted before this item finished"
-        sizing = batch_sizing(record.id, BatchConfiguration.model_validate(record.configuration))
+        sizing = BatchSizing.for_configuration(record.id, BatchConfiguration.model_validate(record.configuration))
         runs = []
         with book.lock:
             for item in (i for i in items if i.status not in FINAL):
@@ -224,6 +216,40 @@ class BatchService:
 
     def status(self, batch_id: str, include_items: bool) -> dict:
         return self.describe(self._record(batch_id), include_items)
+
+    def runs_of(self, batch_id: str) -> tuple[BatchRecord, list[WorkflowRun]]:
+        """A batch and the runs doing its items' work."""
+        record = self._record(batch_id)
+        with self.engine.book.lock:
+            runs = [self._runs.get(item_id) for item_id in record.item_ids]
+        return record, [run for run in runs if run is not None]
+
+    def current_metrics(self) -> dict:
+        """The batch manager's figures now, summed over every batch it holds: what `metrics` says of one."""
+        with self.engine.book.lock:
+            records = list(self.engine.book.batches.values())
+        per_batch = [self.describe(record, include_items=False) for record in records]
+        metrics = [reply["metrics"] for reply in per_batch]
+        completed = sum(m["completed_batches"] for m in metrics)
+        timed = sum(m["average_batch_time"] * m["completed_batches"] for m in metrics)
+        statuses: dict[str, int] = {}
+        for reply in per_batch:
+            statuses[reply["status"]] = statuses.get(reply["status"], 0) + 1
+        return {
+            "batches": len(records),
+            "batches_by_status": statuses,
+            "items": sum(reply["total_items"] for reply in per_batch),
+            "processed_items": sum(reply["processed_items"] for reply in per_batch),
+            "failed_items": sum(reply["failed_items"] for reply in per_batch),
+            "running_items": sum(reply["running_items"] for reply in per_batch),
+            "total_batches": sum(m["total_batches"] for m in metrics),
+            "completed_batches": completed,
+            "failed_batches": sum(m["failed_batches"] for m in metrics),
+            "total_images_generated": sum(m["total_images_generated"] for m in metrics),
+            "average_batch_time": round(timed / completed, 4) if completed else 0.0,
+            "memory_usage_peak": max((m.peak_used for m in self.engine.pool.monitors.values()), default=0),
+            "dynamic_adjustments": sum(m["dynamic_adjustments"] for m in metrics),
+        }
 
     def control(self, request: ControlBatchRequest) -> dict:
         book = self.engine.book
@@ -258,7 +284,7 @@ class BatchService:
         failed = [item for item in items if item.status == FAILED]
         if not failed:
             raise InvalidState(f"{record.label()} has no failed items to retry (status: {record.status})")
-        sizing = batch_sizing(record.id, BatchConfiguration.model_validate(record.configuration))
+        sizing = BatchSizing.for_configuration(record.id, BatchConfiguration.model_validate(record.configuration))
         with engine.book.lock:
             if record.status in FINAL:
                 engine.book.begin_attempt(record)
@@ -300,6 +326,7 @@ class BatchService:
         with self._lock:
             self._adjustments.pop(record.id, None)
             self._observers.pop(record.id, None)
+            self._published.pop(record.id, None)
         return ok(batch_id=record.id, deleted=True, released_outputs=len(released))
 
     def cancel_all(self) -> None:

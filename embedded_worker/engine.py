@@ -32,6 +32,7 @@ from .workflows.catalog import WorkflowCatalog
 
 log = logging.getLogger("embedded_worker")
 PRUNE_INTERVAL_SECONDS = 60.0
+STOP_GRACE_SECONDS = 300.0  # past close's deadline: how long a step or a model load under way may still take
 
 
 class Engine:
@@ -59,6 +60,7 @@ class Engine:
         self.sessions = SessionService(self)
         self.batches = BatchService(self)
         self._closing = threading.Event()
+        self._close_lock = threading.Lock()  # a racing second close waits for the first
         self._pruned_at = 0.0
         self._pruning = threading.Lock()  # one prune at a time
         self.book.listeners.append(self._maybe_prune)
@@ -82,6 +84,13 @@ class Engine:
     def ensure_open(self) -> None:
         if self._closing.is_set():
             raise Unavailable("the worker is closing and accepts no new work")
+
+    def wait_final(self, record) -> None:
+        """Block a `background: false` caller until its work is final; a close that suspended it first
+        is the caller's answer too."""
+        if not self.book.wait_final(record):
+            raise Unavailable(f"the worker closed before {record.label()} finished; it was suspended and "
+                              "resumes at the next start", details={"status": record.status})
 
     def check_capacity(self, adding: int) -> None:
         with self.book.lock:
@@ -159,30 +168,41 @@ class Engine:
                            "workflows": len(self.workflows.describe_all()),
                            "workflow_problems": self.workflows.problems()},
             "recovery": self.recovery_report,
-            "state": {"path": self.store.path, "durable": self.store.durable},
+            "state": {"path": self.store.path, "durable": self.store.durable,
+                      "quarantined_rows": self.store.quarantined()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "closing": self._closing.is_set(),
         }
 
     def close(self, timeout: float, pending: str) -> bool:
         """Refuse new work, then per `pending`: "suspend" keeps unfinished work stored for the next start,
-        "cancel" cancels it, "finish" lets it finish within `timeout` and suspends the rest. Every thread
-        is joined; True if all stopped in time. The store is consistent either way."""
-        if self._closing.is_set():
-            return not any(w.thread.is_alive() for w in self.pool.workers)
-        self._closing.set()
-        deadline = time.monotonic() + timeout
-        if pending == "finish":
-            self.book.wait_until(self._all_final, timeout)
-        if pending == "cancel":
-            self.sessions.cancel_all()
-            self.batches.cancel_all()
-        else:
-            self.book.freeze()  # what is still unfinished stays as stored, to resume at the next start
-        joined = self.pool.close(max(0.0, deadline - time.monotonic()))
-        self.cpu.shutdown(wait=True, cancel_futures=True)
-        self.store.close()
-        return joined
+        "cancel" cancels it, "finish" lets it finish within `timeout` and suspends the rest. The device
+        threads stop at their next step boundary and are joined, past `timeout` if a step is still under
+        way (up to STOP_GRACE_SECONDS); True when every thread has ended. Callers waiting for work get
+        their answer. The store closes only once nothing can write to it any more."""
+        with self._close_lock:
+            if self._closing.is_set():
+                return self.threads_stopped()
+            self._closing.set()
+            deadline = time.monotonic() + timeout
+            if pending == "finish":
+                self.book.wait_until(self._all_final, timeout)
+            if pending == "cancel":
+                self.sessions.cancel_all()
+                self.batches.cancel_all()
+            else:
+                self.book.freeze()  # what is still unfinished stays as stored, to resume at the next start
+            stopped = self.pool.close(max(0.0, deadline - time.monotonic()), STOP_GRACE_SECONDS)
+            self.cpu.shutdown(wait=True, cancel_futures=True)
+            if stopped:
+                self.store.close()
+            else:
+                log.error("device threads did not stop within %.0f s of the deadline; the state file stays open",
+                          STOP_GRACE_SECONDS)
+            return stopped
+
+    def threads_stopped(self) -> bool:
+        return not any(worker.thread.is_alive() for worker in self.pool.workers)
 
     def _all_final(self) -> bool:
         with self.book.lock:

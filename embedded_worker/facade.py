@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from .protocol import (
     ControlSessionRequest,
     DeleteBatchRequest,
     DeleteSessionRequest,
+    DomainStatusRequest,
     ExecuteBatchRequest,
     ExecuteWorkflowRequest,
     ListSessionsRequest,
@@ -35,6 +37,9 @@ from .protocol import (
     Request,
     SessionRequest,
     WorkflowRequest,
+    MAX_REQUEST_CHARS,
+    MAX_REQUEST_DEPTH,
+    check_shape,
     failure,
     ok,
     parse,
@@ -74,7 +79,11 @@ class ProcessingWorker:
         if log.getEffectiveLevel() > self._logs.level:
             log.setLevel(self._logs.level)  # else the records never reach the bridge
         log.addHandler(self._logs)
-        self._engine = Engine(self.config)
+        try:
+            self._engine = Engine(self.config)
+        except BaseException:
+            log.removeHandler(self._logs)  # a worker that never started leaves nothing attached
+            raise
         self._closed = threading.Event()
         self._instructors = {
             "device": DeviceInstructor(self._engine),
@@ -122,6 +131,7 @@ class ProcessingWorker:
         else:
             raise InvalidRequest(f"request must be a dict, a JSON object or a model, got {type(request).__name__}")
         data.update(kwargs)
+        check_shape(data)
         return data
 
     # ---- the nine commands (and their companions) -----------------------------------------
@@ -191,18 +201,23 @@ class ProcessingWorker:
         return self._call(lambda: self._engine.sessions.list(parse(ListSessionsRequest, self._data(request, kwargs))))
 
     def get_status(self, request: Any = None, **kwargs: Any) -> dict:
-        return self._call(lambda: ok(**self._engine.status()))
+        """Every domain's status; with a session_id or batch_id, that work's part in each domain asked for."""
+        from . import work_status  # with the engine: importing the facade stays light
+
+        def run() -> dict:
+            req = parse(DomainStatusRequest, self._data(request, kwargs))
+            work = work_status.find_work(self._engine, req)
+            return ok(**(self._engine.status() if work is None else work_status.aggregate(self._engine, req, work)))
+
+        return self._call(run)
 
     # ---- pixels -----------------------------------------------------------------------------
 
     def get_output(self, output_id: Any) -> np.ndarray | dict:
         """The output's pixels: the read-only uint8 HxWxC array itself, or an error envelope."""
-        try:
-            self._ensure_open()
-            req = parse(OutputRequest, _id_request(output_id, "output_id"))
-            return self._engine.outputs.get(req.output_id).pixels
-        except WorkerError as error:
-            return failure(error)
+        result = self._call(lambda: {"success": True, "pixels": self._engine.outputs.get(
+            parse(OutputRequest, self._data(_id_request(output_id, "output_id"), {})).output_id).pixels})
+        return result["pixels"] if result["success"] else result
 
     def output_info(self, request: Any = None, **kwargs: Any) -> dict:
         def run() -> dict:
@@ -284,15 +299,15 @@ class ProcessingWorker:
             data = self._data(request, {})
         except WorkerError as error:
             reply = failure(error)
-            return json.dumps(reply) if as_json else reply
-        if isinstance(data.get("type"), str) and isinstance(data.get("data", {}), dict) and "data" in data:
+            return _json_reply(reply) if as_json else reply
+        if isinstance(data.get("type"), str) and "data" in data and isinstance(data["data"], (dict, type(None))):
             reply = self._route(data["type"], data["data"] or {})
             body = {k: v for k, v in reply.items() if k not in ("success", "error", "error_code", "details")}
             reply = {"success": reply["success"], "request_id": data.get("request_id"), "data": body,
                      **{k: reply[k] for k in ("error", "error_code", "details") if k in reply}}
         else:
             reply = self._route(command, data)
-        return json.dumps(reply) if as_json else reply
+        return _json_reply(reply) if as_json else reply
 
     def _route(self, command: Any, data: dict) -> dict:
         def run() -> dict:
@@ -330,10 +345,11 @@ class ProcessingWorker:
         """
         if pending not in ("suspend", "cancel", "finish"):
             return failure(InvalidRequest(f"pending: must be suspend, cancel or finish, got {pending!r}"))
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-            return failure(InvalidRequest(f"timeout: must be a non-negative number of seconds, got {timeout!r}"))
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout < math.inf:
+            return failure(InvalidRequest(f"timeout: must be a finite, non-negative number of seconds, "
+                                          f"got {timeout!r}"))
         if self._closed.is_set():
-            return ok(closed=True, threads_stopped=True)
+            return ok(closed=True, threads_stopped=self._engine.threads_stopped())
         self._closed.set()
         try:
             stopped = self._engine.close(float(timeout), pending)
@@ -379,18 +395,41 @@ def _polled_id(request: Any, kwargs: dict, field: str) -> str | None:
 
 
 def _id_request(request: Any, field: str) -> Any:
-    """A bare id (a string) is shorthand for `{field: id}`."""
-    if isinstance(request, str) and not _json_text(request):
+    """A bare id (a string) is shorthand for `{field: id}`; so is text that only looks like JSON
+    (a GUID in braces), and a bare number, which the id check then names."""
+    if isinstance(request, str) and _json_text(request):
+        try:
+            return _json_object(request)
+        except InvalidRequest:
+            return {field: request}
+    if isinstance(request, (str, int, float)):
         return {field: request}
     return request
 
 
+def _refuse_constant(name: str) -> float:
+    raise InvalidRequest(f"request: {name} is not a JSON number")
+
+
 def _json_object(text: str) -> dict:
+    if len(text) > MAX_REQUEST_CHARS:
+        raise InvalidRequest(f"request: longer than {MAX_REQUEST_CHARS} characters")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
         where = f"line {error.lineno} column {error.colno}"
         raise InvalidRequest(f"request: malformed JSON: {error.msg} at {where}") from None
+    except RecursionError:
+        raise InvalidRequest(f"request: nested deeper than {MAX_REQUEST_DEPTH} levels") from None
     if not isinstance(value, dict):
         raise InvalidRequest(f"request: must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def _json_reply(reply: dict) -> str:
+    """A reply as strict JSON text (C# parsers refuse NaN and Infinity); a reply that has one is a bug."""
+    try:
+        return json.dumps(reply, allow_nan=False)
+    except ValueError as error:
+        log.error("a reply could not be written as JSON: %s", error)
+        return json.dumps(failure(InternalError(f"the reply is not valid JSON: {error}")))

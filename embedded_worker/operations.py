@@ -1,23 +1,41 @@
 """The operations a workflow step or a coordination request can name.
 
 Each operation states its parameters as a pydantic model (the limits from the
-worker configuration arrive as validation context) and is either a device
-operation, which turns parameters into images to denoise, or a CPU
-operation, which turns images into images on the postprocessing pool.
+worker configuration arrive as validation context) and is one of three kinds:
+a device operation, which turns parameters into images to denoise; a CPU
+operation, which turns images into images on the postprocessing pool; or an
+answering operation (model load/unload, device status), which acts on the
+device side and answers with a result of its own while the images pass
+through it unchanged.
 """
 
 from __future__ import annotations
 
 import random
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from . import postprocess
+from . import domain_answers, postprocess
 from .config import Limits
+from .errors import InvalidRequest
 from .diffusion.denoise import DEFAULT_SCHEDULER, SCHEDULERS, ImageSpec
+from .diffusion.device_pool import DevicePool
+from .diffusion.task import BatchSizing
+from .protocol import MAX_SEED, BatchConfiguration, Id, Number, one_batch_count
 
 SchedulerName = Literal[tuple([DEFAULT_SCHEDULER, *SCHEDULERS])]  # type: ignore[valid-type]
 
@@ -42,12 +60,12 @@ class OperationParams(BaseModel):
 class GenerateParams(OperationParams):
     prompt: str = Field(..., min_length=1)
     negative_prompt: str = ""
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="none: a random seed, reported back")
-    steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(7.5, ge=0, le=50)
-    width: int | None = Field(None, ge=8, description="none: the model's native size")
-    height: int | None = Field(None, ge=8)
-    num_images: int = Field(1, ge=1)
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="none: a random seed, reported back")
+    steps: StrictInt = Field(20, ge=1)
+    guidance_scale: Number = Field(7.5, ge=0, le=50)
+    width: StrictInt | None = Field(None, ge=8, description="none: the model's native size")
+    height: StrictInt | None = Field(None, ge=8)
+    num_images: StrictInt = Field(1, ge=1)
     scheduler: SchedulerName = DEFAULT_SCHEDULER
     model: str | None = None
 
@@ -87,6 +105,62 @@ class GenerateParams(OperationParams):
             raise ValueError(f"{value} exceeds the limit of {limit} images")
         return value
 
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> "GenerateParams":
+        """Image i gets seed + i, and every seed is stored as a signed 64-bit integer."""
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise ValueError(f"seed: seed + num_images - 1 must not exceed {MAX_SEED}")
+        return self
+
+
+class BatchProcessParams(GenerateParams):
+    """inference.batch_process as a step: `{batch_id?, batch_config, generation_params}` (or `parameters`).
+
+    `batch_config.total_images` images from the generation parameters, image i
+    with seed + i, their forwards sized by the batch's own configuration.
+    """
+
+    batch_id: Id = Field(default_factory=lambda: f"coordination-batch-{uuid.uuid4()}",
+                         description="names the images' sizing group; none: one of its own")
+    configuration: BatchConfiguration = Field(default_factory=BatchConfiguration)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten(cls, data: Any) -> Any:
+        data = one_batch_count(data)
+        if not isinstance(data, dict):
+            return data
+        generation = data.get("generation_params", data.get("parameters"))
+        configuration = data.get("batch_config", data.get("configuration"))
+        flat = {k: v for k, v in data.items()
+                if k not in ("generation_params", "parameters", "batch_config", "configuration")}
+        if isinstance(generation, dict):
+            flat.update(generation)
+        elif generation is not None:
+            raise ValueError("generation_params: must be an object")
+        if configuration is not None:
+            flat["configuration"] = configuration
+            count = configuration.get("total_images") if isinstance(configuration, dict) else None
+            if count is not None:
+                if "num_images" in flat and flat["num_images"] != count:
+                    raise ValueError(f"batch_config.total_images ({count!r}) and generation_params.num_images "
+                                     f"({flat['num_images']!r}) disagree: give one image count")
+                flat["num_images"] = count
+        flat.pop("total_images", None)  # now in the configuration, and so in num_images
+        return flat
+
+    def sizing(self) -> BatchSizing:
+        return BatchSizing.for_configuration(self.batch_id, self.configuration)
+
+
+class ModelParams(OperationParams):
+    model_id: Id = Field(validation_alias=AliasChoices("model_id", "model", "model_name"))
+    path: str | None = Field(None, description="a model folder inside the allowed roots, registered as model_id")
+
+
+class DeviceParams(OperationParams):
+    """Device steps take no parameters: they report."""
+
 
 class Img2ImgParams(GenerateParams):
     strength: float = Field(0.75, gt=0, le=1)
@@ -94,16 +168,22 @@ class Img2ImgParams(GenerateParams):
 
 class UpscaleParams(OperationParams):
     factor: Literal[2, 4] = 2
+    _max_side: int = PrivateAttr(Limits().max_image_side)  # the input's size is known only when it runs
 
     @field_validator("factor", mode="before")
     @classmethod
     def _from_number(cls, value: Any) -> Any:
         return int(value) if isinstance(value, float) and value.is_integer() else value
 
+    @model_validator(mode="after")
+    def _keep_limit(self, info: ValidationInfo) -> "UpscaleParams":
+        self._max_side = _limits(info).max_image_side
+        return self
+
 
 class ResizeParams(OperationParams):
-    width: int = Field(..., ge=1)
-    height: int = Field(..., ge=1)
+    width: StrictInt = Field(..., ge=1)
+    height: StrictInt = Field(..., ge=1)
 
     @field_validator("width", "height")
     @classmethod
@@ -122,12 +202,12 @@ class EnhanceParams(OperationParams):
 
 class EncodeParams(OperationParams):
     format: Literal["png", "jpeg", "webp"] = "png"
-    quality: int = Field(90, ge=1, le=100)
+    quality: StrictInt = Field(90, ge=1, le=100)
 
 
 class SaveParams(OperationParams):
     format: Literal["png", "jpeg", "webp"] = "png"
-    quality: int = Field(90, ge=1, le=100)
+    quality: StrictInt = Field(90, ge=1, le=100)
 
 
 @dataclass(frozen=True)
@@ -139,6 +219,8 @@ class Operation:
     description: str
     run: Callable[[Any, list[StepImage]], list[StepImage]] | None = None  # CPU operations
     needs_input: bool = False
+    answers: Callable[[Any, DevicePool], dict] | None = None  # answering operations: their result
+    uses_images: bool = True  # a device operation: the images before it become its init images
 
     @property
     def qualified(self) -> str:
@@ -185,6 +267,11 @@ def _each(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[list[StepImage]],
 
 
 def _upscale(params: UpscaleParams, images: list[StepImage]) -> list[StepImage]:
+    for image in images:
+        height, width = image.pixels.shape[:2]
+        if max(height, width) * params.factor > params._max_side:
+            raise InvalidRequest(f"upscale: {width}x{height} x{params.factor} exceeds the limit of "
+                                 f"{params._max_side} pixels a side")
     return _each(lambda p: postprocess.upscale(p, params.factor))(images)
 
 
@@ -214,6 +301,18 @@ OPERATIONS: dict[str, Operation] = {
                   _pass_through, True),
         Operation("postprocessing", "save", SaveParams, False, "keep the images as outputs (files when configured)",
                   _pass_through, True),
+        Operation("inference", "batch_process", BatchProcessParams, True,
+                  "batch_config.total_images images from generation_params, seeds seed + i", uses_images=False),
+        Operation("model", "load_model", ModelParams, False, "load a model on every device worker",
+                  answers=lambda params, pool: domain_answers.load_model(pool, params.model_id)),
+        Operation("model", "unload_model", ModelParams, False, "unload a model from every device worker",
+                  answers=lambda params, pool: domain_answers.unload_model(pool, params.model_id)),
+        Operation("device", "get_status", DeviceParams, False, "the device workers, their memory and queue",
+                  answers=lambda params, pool: domain_answers.device_status(pool)),
+        Operation("device", "get_memory", DeviceParams, False, "each device's memory",
+                  answers=lambda params, pool: domain_answers.device_memory(pool)),
+        Operation("device", "list_devices", DeviceParams, False, "the devices and their workers",
+                  answers=lambda params, pool: domain_answers.list_devices(pool)),
     )
 }
 

@@ -36,7 +36,11 @@ def write_raw_pixels(output_id: str, pixels: np.ndarray, folder: Path) -> Path:
 
 
 def map_raw_pixels(path: Path) -> np.ndarray:
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    """The pixels mapped read-only; ValueError when the file is not what `write_raw_pixels` wrote."""
+    pixels = np.load(path, mmap_mode="r", allow_pickle=False)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
+        raise ValueError(f"not uint8 HxWxC pixels: {pixels.dtype} {pixels.shape}")
+    return pixels
 
 
 def _write_synced(path: Path, data: bytes) -> Path:

@@ -10,12 +10,18 @@ complete: an image file with its metadata (the user's artifact) and its raw
 pixels, which after a restart are mapped straight back into a read-only
 array (np.load with mmap), no decoding, no copy.
 
+Caller ids never decide where a file lands: an owner's folder is named by
+`owner_folder` (a slug of the id plus a hash of it), so an id like
+"../../x" or "C:\\x" writes inside the output folder like any other.
+
 An input is the reverse: the worker allocates a writable array, the host
 fills it in place, then names its `input_id` as an image parameter.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -23,12 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidRequest, NotFound
+from .errors import InvalidRequest, NotFound, Unavailable
 from .output_files import map_raw_pixels, write_output_file, write_raw_pixels
 from .pixels import as_output_pixels
 
 OUTPUT_PREFIX = "out_"
 INPUT_PREFIX = "in_"
+_NOT_SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def owner_folder(owner_id: str) -> str:
+    """A folder name for an owner's files: readable, unique per id, never a path of its own."""
+    slug = _NOT_SLUG.sub("_", owner_id)[:48].strip("_") or "owner"
+    return f"{slug}-{hashlib.sha256(owner_id.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
 @dataclass
@@ -76,11 +89,12 @@ class OutputStore:
         buffer = OutputBuffer(OUTPUT_PREFIX + uuid.uuid4().hex, owner_id, as_output_pixels(pixels), item_id, seed,
                               metadata=dict(metadata or {}))
         raw_path = None
+        folder = owner_folder(owner_id)
         if self.raw_dir is not None:
-            raw_path = str(write_raw_pixels(buffer.output_id, buffer.pixels, self.raw_dir / owner_id))
+            raw_path = str(write_raw_pixels(buffer.output_id, buffer.pixels, self.raw_dir / folder))
         if self.files_dir is not None:
             buffer.path = str(write_output_file(buffer.output_id, buffer.pixels, buffer.metadata,
-                                                self.files_dir / owner_id, image_format, quality))
+                                                self.files_dir / folder, image_format, quality))
         if self.store is not None:
             self.store.add_output(buffer.output_id, owner_id, item_id, seed, raw_path, buffer.path, buffer.metadata)
         with self._lock:
@@ -103,8 +117,11 @@ class OutputStore:
             return None
         try:
             pixels = map_raw_pixels(Path(found["raw_path"]))
-        except OSError:
+        except FileNotFoundError:
             raise NotFound(f"Output '{output_id}' is missing on disk: {found['raw_path']}") from None
+        except (OSError, ValueError) as error:  # a damaged file: numpy says why
+            raise Unavailable(f"Output '{output_id}' cannot be read from disk ({found['raw_path']}): "
+                              f"{error}") from None
         buffer = OutputBuffer(output_id, found["owner_id"], pixels, found["item_id"], found["seed"],
                               found["file_path"], found["metadata"])
         with self._lock:
@@ -137,7 +154,7 @@ class OutputStore:
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.max_input_side:
                 raise InvalidRequest(f"{name}: must be an integer from 1 to {self.max_input_side}, got {value!r}")
-        if channels not in (1, 3, 4):
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 3, 4):
             raise InvalidRequest(f"channels: must be 1, 3 or 4, got {channels!r}")
         input_id = INPUT_PREFIX + uuid.uuid4().hex
         pixels = np.zeros((height, width, channels), dtype=np.uint8)

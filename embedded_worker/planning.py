@@ -7,6 +7,8 @@ image reference that does not resolve, a path outside the allowed roots.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,13 +16,14 @@ from typing import Any, Callable
 from .config import WorkerConfig
 from .diffusion.models import ModelCatalog
 from .errors import InvalidRequest, NotFound
-from .operations import OPERATIONS, Operation, OperationParams, StepImage
+from .operations import OPERATIONS, ModelParams, Operation, OperationParams, StepImage
 from .outputs import INPUT_PREFIX, OUTPUT_PREFIX, OutputStore
 from .postprocess import decode
 from .protocol import DomainOperation, parse
 from .workflows.definition import Workflow
 
 IMAGE_PARAMETER = "init_image"
+MAX_IMAGE_FILE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -28,6 +31,8 @@ class PlannedStep:
     operation: Operation
     params: OperationParams
     inputs: list[StepImage] | None = None  # None: the previous step's images
+    order: int = 0  # 1-based place in the request or workflow (a parallel plan runs in waves, not in order)
+    wave: int = 0  # parallel plans: a wave starts when the one before it has ended
 
     @property
     def label(self) -> str:
@@ -57,7 +62,7 @@ class Planner:
 
     def for_workflow(self, workflow: Workflow, parameters: dict, prefix: str = "parameters.") -> RunPlan:
         values = parse(workflow.parameter_model(), parameters, prefix=prefix).model_dump(exclude_none=True)
-        model_id = self._model(values.get("model"), prefix)
+        model_id = self.model_for(values.get("model"), prefix)
         inputs = self._image_inputs(values.pop(IMAGE_PARAMETER, None), prefix + IMAGE_PARAMETER)
         steps: list[PlannedStep] = []
         for step in workflow.steps:
@@ -65,13 +70,16 @@ class Planner:
                 continue
             operation = OPERATIONS[f"{step.domain}.{step.operation}"]
             params = self._operation_params(operation, {**values, **step.parameters}, prefix)
-            steps.append(PlannedStep(operation, params, inputs if not steps and inputs else None))
+            steps.append(PlannedStep(operation, params, inputs if not steps and inputs else None, step.order))
         self._check_inputs(steps, lambda index: prefix)
         return self._finish(RunPlan(steps, False, model_id, workflow.id))
 
     def for_coordination(self, domains: list[DomainOperation], parallel: bool, workflow_id: str | None) -> RunPlan:
-        steps: list[PlannedStep] = []
-        models = set()
+        """Every routed domain's operations as steps. Sequential: in order, each on the images before it.
+        Parallel: at once, but for operations on a model that a model step of the same request names:
+        they wait, in a second wave, until the model steps are done. A device step that names no model
+        uses the model the request loads (the last load before it, in sequence)."""
+        parsed: list[tuple[Operation, OperationParams, list[StepImage]]] = []
         for index, item in enumerate(domains):
             prefix = f"domains.{index}.parameters."
             operation = OPERATIONS.get(f"{item.domain}.{item.operation}")
@@ -82,12 +90,36 @@ class Planner:
             values = dict(item.parameters)
             inputs = self._image_inputs(values.pop(IMAGE_PARAMETER, None), prefix + IMAGE_PARAMETER)
             params = self._operation_params(operation, values, prefix)
+            if isinstance(params, ModelParams):
+                self.prepare_model(params, prefix)
+            parsed.append((operation, params, inputs))
+        named = {p.model_id for _, p, _ in parsed if isinstance(p, ModelParams)}
+        loads = {p.model_id for o, p, _ in parsed if o.qualified == "model.load_model"}
+        loaded = next(iter(loads)) if parallel and len(loads) == 1 else None
+        steps: list[PlannedStep] = []
+        models = set()
+        for index, (operation, params, inputs) in enumerate(parsed):
+            if operation.qualified == "model.load_model" and not parallel:
+                loaded = params.model_id
+            wave = 0
             if operation.on_device:
-                models.add(self._model(values.get("model"), prefix))
-            steps.append(PlannedStep(operation, params, inputs or ([] if parallel else None)))
+                params.model = params.model or loaded
+                models.add(self.model_for(params.model, f"domains.{index}.parameters."))
+                wave = int(parallel and (params.model or self.config.default_model) in named)
+            steps.append(PlannedStep(operation, params, inputs or ([] if parallel else None), index + 1, wave))
         self._check_inputs(steps, lambda index: f"domains.{index}.parameters.", parallel)
         model_id = models.pop() if len(models) == 1 else self.config.default_model
+        steps.sort(key=lambda step: step.wave)  # stable: request order within a wave
         return self._finish(RunPlan(steps, parallel, model_id, workflow_id))
+
+    def prepare_model(self, params: ModelParams, prefix: str) -> None:
+        """A model a model step names: its folder registered when given (inside the allowed roots), then
+        checked (safetensors only) before anything loads it."""
+        if params.path:
+            folder = confine_path(params.path, self.config.allowed_roots, prefix + "path")
+            self.models.register(params.model_id, folder)
+        self.model_for(params.model_id, prefix)
+        self.models.folder(params.model_id)
 
     def _finish(self, plan: RunPlan) -> RunPlan:
         for step in plan.steps:
@@ -99,7 +131,8 @@ class Planner:
     def _operation_params(self, operation: Operation, values: dict, prefix: str) -> OperationParams:
         return parse(operation.params, values, prefix=prefix, context={"limits": self.config.limits})
 
-    def _model(self, model_id: Any, prefix: str) -> str:
+    def model_for(self, model_id: Any, prefix: str) -> str:
+        """A known model id (the default one when none is given), or an invalid_request naming the field."""
         model_id = model_id or self.config.default_model
         try:
             self.models.entry(model_id)
@@ -108,11 +141,12 @@ class Planner:
         return model_id
 
     def _check_inputs(self, steps: list[PlannedStep], prefix: Callable[[int], str], parallel: bool = False) -> None:
-        """Operations that need an image get one: their own, or (in sequence) the previous step's."""
+        """Operations that need an image get one: their own, or (in sequence) one a step before it made."""
+        images_before = False
         for index, step in enumerate(steps):
-            first = index == 0 or parallel
-            if step.operation.needs_input and first and not step.inputs:
+            if step.operation.needs_input and not step.inputs and (parallel or not images_before):
                 raise InvalidRequest(f"{prefix(index)}{IMAGE_PARAMETER}: '{step.label}' needs an input image")
+            images_before = images_before or step.operation.on_device or bool(step.inputs)
 
     def _image_inputs(self, reference: Any, field_name: str) -> list[StepImage]:
         """An image parameter: an output id, an input id, or a file inside the allowed roots."""
@@ -130,15 +164,31 @@ class Planner:
         except NotFound as error:
             raise InvalidRequest(f"{field_name}: {error.message}") from None
         path = confine_path(reference, self.config.allowed_roots, field_name)
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise InvalidRequest(f"{field_name}: cannot read {path}: {error.strerror}") from None
+        data = read_image_file(path, field_name)
         try:
             pixels, metadata = decode(data)
         except Exception as error:  # Pillow raises many kinds for many broken files
             raise InvalidRequest(f"{field_name}: {path} is not a readable image ({type(error).__name__})") from None
         return [StepImage(pixels, None, metadata)]
+
+
+def read_image_file(path: Path, field_name: str) -> bytes:
+    """A regular file's bytes, up to MAX_IMAGE_FILE_BYTES; a FIFO, a device or a folder is refused
+    without blocking on it."""
+    try:
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise InvalidRequest(f"{field_name}: cannot read {path}: {error.strerror}") from None
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidRequest(f"{field_name}: {path} is not a regular file")
+        if info.st_size > MAX_IMAGE_FILE_BYTES:
+            raise InvalidRequest(f"{field_name}: {path} is larger than {MAX_IMAGE_FILE_BYTES} bytes")
+        with os.fdopen(handle, "rb", closefd=False) as file:
+            return file.read(MAX_IMAGE_FILE_BYTES + 1)
+    finally:
+        os.close(handle)
 
 
 def confine_path(text: str, roots: list[Path], field_name: str) -> Path:

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
+    AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     StringConstraints,
     TypeAdapter,
     ValidationError,
@@ -25,10 +32,43 @@ from pydantic import (
 
 from .errors import InvalidRequest, WorkerError
 
-Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Priority = Annotated[int, Field(ge=1, le=10)]
+# What one request may be, checked before any model sees it: deeper nesting overflows the
+# interpreter's stack, and a huge request would be kept alive by whatever logs it.
+MAX_REQUEST_DEPTH = 32
+MAX_REQUEST_VALUES = 100_000
+MAX_REQUEST_CHARS = 4_000_000
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _printable(value: str) -> str:
+    """Ids are stored and logged: control characters and lone surrogates (not UTF-8) are refused."""
+    bad = _UNPRINTABLE.search(value)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (U+{ord(bad.group()):04X})")
+    return value
+
+
+def _default_when_none(default: Any):
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
+Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(_printable)]
+Priority = Annotated[StrictInt, Field(ge=1, le=10), _default_when_none(5)]  # null: the protocol's default
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]  # finite: replies are JSON
+MAX_SEED = 2**63 - 1  # seeds are stored as SQLite's signed 64-bit integers
 
 SESSION_VERBS = ("pause", "resume", "cancel", "restart")
+DOMAINS = ("device", "model", "inference", "postprocessing")  # every routed domain; each can be a coordination step
+Domain = Literal[DOMAINS]  # type: ignore[valid-type]
 BATCH_VERBS = ("pause", "resume", "cancel", "retry")
 
 
@@ -51,7 +91,7 @@ class DomainOperation(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    domain: Literal["inference", "postprocessing"]
+    domain: Annotated[Domain, BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value)]
     operation: Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1)]
     parameters: dict[str, Any] = Field(default_factory=dict)
 
@@ -63,7 +103,7 @@ class ExecuteWorkflowRequest(Request):
     workflow_id: Id | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     priority: Priority = 5
-    background: bool = True
+    background: StrictBool = True
     coordination_id: Id | None = None
     domains: list[DomainOperation] | None = None
     coordination_mode: Literal["sequential", "parallel"] = "sequential"
@@ -98,20 +138,20 @@ class ControlSessionRequest(SessionRequest):
 
 
 class DeleteSessionRequest(SessionRequest):
-    force_cleanup: bool = True
+    force_cleanup: StrictBool = True
 
 
 class BatchConfiguration(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    total_images: int = Field(1, ge=1)
-    preferred_batch_size: int = Field(4, ge=1)
-    min_batch_size: int = Field(1, ge=1)
-    max_batch_size: int = Field(8, ge=1)
-    enable_dynamic_sizing: bool = True
-    memory_threshold: float = Field(0.8, gt=0, le=1)
-    parallel_processing: bool = False
-    max_parallel_batches: int = Field(1, ge=1, le=8)
+    total_images: StrictInt = Field(1, ge=1)
+    preferred_batch_size: StrictInt = Field(4, ge=1)
+    min_batch_size: StrictInt = Field(1, ge=1)
+    max_batch_size: StrictInt = Field(8, ge=1)
+    enable_dynamic_sizing: StrictBool = True
+    memory_threshold: Number = Field(0.8, gt=0, le=1)
+    parallel_processing: StrictBool = False
+    max_parallel_batches: StrictInt = Field(1, ge=1, le=8)
 
     @model_validator(mode="after")
     def _ordered(self) -> "BatchConfiguration":
@@ -119,6 +159,34 @@ class BatchConfiguration(BaseModel):
             raise ValueError("min_batch_size: must not exceed max_batch_size")
         self.preferred_batch_size = min(max(self.preferred_batch_size, self.min_batch_size), self.max_batch_size)
         return self
+
+
+# execute_batch's name -> the inference domain's name for the same part of a batch request
+BATCH_NAMES = {"configuration": "batch_config", "parameters": "generation_params"}
+
+
+def one_batch_count(data: Any) -> Any:
+    """A batch request's image count, wherever it is given: `configuration` (`batch_config`) or `parameters`
+    (`generation_params`) `.total_images`. Two counts that disagree are refused, naming both fields; a count
+    given only in the parameters is copied into the configuration, so both say the same from here on."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for name, other in BATCH_NAMES.items():
+        if name in data and other in data and data[name] != data[other]:
+            raise ValueError(f"{name} and {other}: two names for the same thing, give one")
+    config = next((n for n in ("configuration", "batch_config") if isinstance(data.get(n), dict)), None)
+    params = next((n for n in ("parameters", "generation_params") if isinstance(data.get(n), dict)), None)
+    counts = {f"{part}.total_images": data[part]["total_images"]
+              for part in (config, params) if part is not None and "total_images" in data[part]}
+    if len(counts) == 2 and len(set(map(repr, counts.values()))) == 2:
+        (first, a), (second, b) = counts.items()
+        raise ValueError(f"{first} ({a!r}) and {second} ({b!r}) disagree: give one image count")
+    count = data[params].get("total_images") if params is not None else None
+    target = config or ("batch_config" if "batch_config" in data else "configuration")
+    if count is not None and (config is not None or data.get(target) is None):  # the model then checks it
+        data[target] = {**(data.get(target) or {}), "total_images": count}
+    return data
 
 
 class BatchItem(BaseModel):
@@ -133,14 +201,17 @@ class BatchItem(BaseModel):
 class ExecuteBatchRequest(Request):
     batch_id: Id | None = None
     workflow_id: Id = "img-generation-basic"
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict,
+                                       validation_alias=AliasChoices("parameters", "generation_params"))
     items: list[BatchItem] | None = None
     name: str | None = None
-    configuration: BatchConfiguration | None = None
+    configuration: BatchConfiguration | None = Field(None, validation_alias=AliasChoices("configuration",
+                                                                                         "batch_config"))
     priority: Priority = 5
-    background: bool = True
+    background: StrictBool = True
 
     _empty = field_validator("parameters", mode="before")(_none_as_empty)
+    _one_count = model_validator(mode="before")(classmethod(lambda cls, data: one_batch_count(data)))
 
     @field_validator("items")
     @classmethod
@@ -152,7 +223,7 @@ class ExecuteBatchRequest(Request):
 
 class BatchRequest(Request):
     batch_id: Id
-    include_items: bool = False
+    include_items: StrictBool = False
 
 
 class ControlBatchRequest(BatchRequest):
@@ -167,7 +238,7 @@ class ControlBatchRequest(BatchRequest):
 
 
 class DeleteBatchRequest(BatchRequest):
-    force_cleanup: bool = True
+    force_cleanup: StrictBool = True
 
 
 class OutputRequest(Request):
@@ -176,7 +247,42 @@ class OutputRequest(Request):
 
 class ListSessionsRequest(Request):
     status: str | None = None
-    limit: int = Field(100, ge=1, le=10000)
+    limit: StrictInt = Field(100, ge=1, le=10000)
+
+
+class DomainStatusRequest(Request):
+    """get_status, of one domain or of all: with a session_id or a batch_id, that work's part in each domain
+    (the C# side aggregates them into its session); without, the generic status."""
+
+    session_id: Id | None = None
+    batch_id: Id | None = None
+    domains: list[Annotated[Literal[(*DOMAINS, "processing")],  # type: ignore[valid-type]
+                            BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value)]
+                  ] | None = None
+
+    @model_validator(mode="after")
+    def _one_work(self) -> "DomainStatusRequest":
+        if self.session_id is not None and self.batch_id is not None:
+            raise ValueError("session_id and batch_id: name one piece of work")
+        return self
+
+
+class RecommendBatchSizeRequest(Request):
+    """inference.recommend_batch_size: the batch size the memory monitor would pick now for this kind of image."""
+
+    model: Id | None = Field(None, validation_alias=AliasChoices("model", "model_id"))
+    width: StrictInt | None = Field(None, ge=8, description="none: the model's native size")
+    height: StrictInt | None = Field(None, ge=8)
+    guidance_scale: Number = Field(7.5, ge=0, le=50)
+    guidance: StrictBool | None = Field(None, description="the guidance mode itself; none: guidance_scale > 1")
+    min_batch_size: StrictInt = Field(1, ge=1)
+    memory_threshold: Number | None = Field(None, gt=0, le=1, description="none: the worker's own")
+
+
+class BatchMetricsRequest(Request):
+    """inference.get_metrics: the batch manager's figures across batches, or for one."""
+
+    batch_id: Id | None = None
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -219,6 +325,33 @@ def parse_id(value: Any, field: str) -> str:
     except ValidationError as error:
         text, problems = describe_errors(error, prefix=field)
         raise InvalidRequest(text, details=problems) from None
+
+
+def check_shape(request: Any) -> None:
+    """Refuse, before any model sees it, a request nested deeper than MAX_REQUEST_DEPTH, larger than
+    MAX_REQUEST_VALUES values or MAX_REQUEST_CHARS characters, or holding a number JSON cannot carry."""
+    values = chars = 0
+    stack: list[tuple[Any, int, str]] = [(request, 0, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        values += 1
+        if isinstance(value, dict):
+            children = [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
+            chars += sum(len(key) for key in value if isinstance(key, str))
+        elif isinstance(value, (list, tuple)):
+            children = [(f"{path}.{index}" if path else str(index), item) for index, item in enumerate(value)]
+        else:
+            if isinstance(value, str):
+                chars += len(value)
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequest(f"{path or 'request'}: must be a finite number, got {value}")
+            children = []
+        if children and depth >= MAX_REQUEST_DEPTH:
+            raise InvalidRequest(f"{path}: nested deeper than {MAX_REQUEST_DEPTH} levels")
+        stack.extend((item, depth + 1, child_path) for child_path, item in children)
+        if values > MAX_REQUEST_VALUES or chars > MAX_REQUEST_CHARS:
+            raise InvalidRequest(f"request: larger than {MAX_REQUEST_VALUES} values or {MAX_REQUEST_CHARS} "
+                                 "characters")
 
 
 def ok(**fields: Any) -> dict:

@@ -64,15 +64,20 @@ class RecordOwner:
             return
         record = self.record
         if error is None:
+            item_id = getattr(record, "item_id", None)
             try:
                 record.outputs = [self._keep(image, run) for image in images]
             except Exception as failure:  # an unwritable folder fails the work; nothing claims success
                 log.error("%s: outputs could not be written: %s", record.label(), failure)
-                self.outputs.release(self.owner_id, item_id=getattr(record, "item_id", None))
+                self.outputs.release(self.owner_id, item_id=item_id)
                 self.book.transition(record, FAILED, f"outputs could not be written: {failure}",
                                      {"error_code": "internal"})
                 return
-            self.book.transition(record, COMPLETED)
+            if not self.book.transition(record, COMPLETED):
+                # deleted, cancelled or suspended while its files were written: they belong to nobody
+                self.outputs.release(self.owner_id, item_id=item_id)
+                record.outputs = []
+                return
             log.info("%s completed with %d output(s)", record.label(), len(record.outputs))
         else:
             if error.code == "cancelled":

@@ -97,7 +97,6 @@ class SessionService:
         if existing is None:
             plan, workflow, fallback = self._plan(request)
             engine.native_size(plan.model_id)  # may wait for a first model build: not under the lock
-            engine.check_capacity(1)
             record = SessionRecord(
                 id=session_id,
                 priority=request.priority,
@@ -108,6 +107,8 @@ class SessionService:
             with engine.book.lock:
                 existing = engine.book.sessions.get(session_id)
                 if existing is None:
+                    engine.check_capacity(1)  # checked and taken under one lock: concurrent submits never pass it
+                    engine.book.require_free_id(record)
                     log.info("Session '%s' accepted: %s, priority %d", session_id, plan.workflow_id or "inline",
                              request.priority)
                     engine.book.add(record)
@@ -116,7 +117,7 @@ class SessionService:
                     self._start(record, plan)
         record = existing or record
         if not request.background:
-            record.finished.wait()
+            engine.wait_final(record)
         reply = self.describe(record)
         plan = self._plans.get(record.id)
         queue_s, run_s = engine.estimate(plan, fallback if existing is None else 0.0) if plan else (0.0, 0.0)
@@ -189,6 +190,11 @@ class SessionService:
 
     def status(self, session_id: str) -> dict:
         return self.describe(self._record(session_id))
+
+    def run_of(self, session_id: str) -> tuple[SessionRecord, WorkflowRun | None]:
+        """A session and the run doing its work (none when it was restored finished after a restart)."""
+        record = self._record(session_id)
+        return record, self._runs.get(record.id)
 
     def control(self, request: ControlSessionRequest) -> dict:
         book = self.engine.book
@@ -311,6 +317,7 @@ class SessionService:
             "completed_at": iso(record.completed_at),
             "error": record.error,
             "outputs": list(record.outputs),
+            "step_results": run.step_results() if run is not None else [],
             "board_slot": record.board_slot,
         }
         if record.error_details:

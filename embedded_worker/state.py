@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import InvalidState
+from .errors import InvalidRequest, InvalidState
 
 CREATED = "created"
 PENDING = "pending"
@@ -139,15 +139,29 @@ class StateBook:
             self._table(record)[record.id] = record
             self._tell(record, ADDED)
 
+    def require_free_id(self, record: Record, more_ids: list[str] = ()) -> None:
+        """Sessions, batches and items share one namespace of ids (one row each in the store, one owner
+        of outputs and board slots): a new record whose id (or whose items' ids) another kind of record
+        already has is refused."""
+        with self.lock:
+            for record_id in (record.id, *more_ids):
+                for table in (self.sessions, self.batches, self.items):
+                    other = table.get(record_id)
+                    if other is not None:
+                        field = f"{record.kind}_id"
+                        raise InvalidRequest(f"{field}: '{record_id}' is already the id of {other.label()}",
+                                             details={"field": field, "taken_by": other.kind})
+
     def remove(self, record: Record) -> None:
         with self.lock:
             if self._table(record).pop(record.id, None) is not None:
                 self._tell(record, REMOVED)
 
     def save(self, record: Record) -> None:
-        """Tell the listeners about non-status fields (outputs, step) of a record."""
+        """Tell the listeners about non-status fields (outputs, step) of a record; nothing once frozen."""
         with self.lock:
-            self._tell(record, CHANGED)
+            if not self.frozen:
+                self._tell(record, CHANGED)
 
     def transition(self, record: Record, target: str, error: str | None = None, details: Any = None) -> bool:
         """Move `record` to `target`; False (and no change) when the move is illegal."""
@@ -186,6 +200,13 @@ class StateBook:
         """No status changes from now on: a suspending close keeps unfinished work resumable."""
         with self.lock:
             self.frozen = True
+            self.changed.notify_all()  # callers waiting for work to end get their answer now
+
+    def wait_final(self, record: Record) -> bool:
+        """Block until `record` is final (True) or a suspending close froze the book (False)."""
+        with self.changed:
+            self.changed.wait_for(lambda: record.status in FINAL or self.frozen)
+            return record.status in FINAL
 
     def require(self, record: Record, target: str, verb: str) -> None:
         """Like `transition`, but an illegal move is the caller's error."""

@@ -10,6 +10,9 @@ Design notes
   worker on the same file is refused instead of corrupting the first.
 - Records are JSON rows of their dataclass fields; outputs a table of their
   own, written (after their files are synced) before their owner completes.
+- A row this version cannot read (damaged JSON, a newer version's fields)
+  is moved to `quarantined_records` with the reason, kept for a person to
+  look at, and reported; it never stops a start.
 - ":memory:" keeps everything in memory: one switch for tests.
 """
 
@@ -17,15 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from .errors import Unavailable
-from .state import FINAL, REMOVED, BatchRecord, ItemRecord, Record, SessionRecord
+from .state import ALL_STATUSES, FINAL, REMOVED, BatchRecord, ItemRecord, Record, SessionRecord
 
+log = logging.getLogger("embedded_worker.store")
 MEMORY = ":memory:"
 KINDS: dict[str, type[Record]] = {"session": SessionRecord, "batch": BatchRecord, "item": ItemRecord}
 SCHEMA = """
@@ -35,6 +41,8 @@ CREATE TABLE IF NOT EXISTS outputs (
     output_id TEXT PRIMARY KEY, owner_id TEXT NOT NULL, item_id TEXT, seed INTEGER,
     raw_path TEXT, file_path TEXT, metadata TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS outputs_by_owner ON outputs (owner_id);
+CREATE TABLE IF NOT EXISTS quarantined_records (
+    id TEXT, kind TEXT, data TEXT, reason TEXT NOT NULL, found_at REAL NOT NULL);
 """
 
 
@@ -44,12 +52,14 @@ class StateStore:
         self.durable = self.path != MEMORY
         self._lock = threading.Lock()  # guards the connection: one statement at a time
         self._lock_file = self._take_process_lock() if self.durable else None
-        if self.durable:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as error:
+            self._release_process_lock()  # a failed start must not leave the file looking in use
+            raise Unavailable(f"the state file {self.path} cannot be opened: {error}") from None
 
     def _take_process_lock(self) -> FileLock:
         """flock on POSIX, LockFileEx on Windows (filelock): held until close, or until the process dies."""
@@ -78,15 +88,36 @@ class StateStore:
             )
 
     def load_records(self) -> list[Record]:
+        """Every readable record; the unreadable ones are moved to quarantine."""
         with self._lock:
-            rows = self._db.execute("SELECT kind, data FROM records ORDER BY rowid").fetchall()
+            rows = self._db.execute("SELECT rowid, id, kind, data FROM records ORDER BY rowid").fetchall()
         records = []
-        for kind, data in rows:
-            record = KINDS[kind](**json.loads(data))
+        for rowid, record_id, kind, data in rows:
+            try:
+                record = _record_from_row(kind, data)
+            except (TypeError, ValueError) as error:
+                self._quarantine(rowid, record_id, kind, data, f"{type(error).__name__}: {error}")
+                continue
             if record.status in FINAL:
                 record.finished.set()
             records.append(record)
         return records
+
+    def _quarantine(self, rowid: int, record_id, kind, data, reason: str) -> None:
+        log.error("state row %r (%s) cannot be read and is quarantined: %s", record_id, kind, reason)
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO quarantined_records VALUES (?, ?, ?, ?, ?)",
+                             (record_id, kind, data, reason[:1000], time.time()))
+            self._db.execute("DELETE FROM records WHERE rowid = ?", (rowid,))
+            self._db.execute("COMMIT")
+
+    def quarantined(self) -> list[dict]:
+        """The rows no start could read: kept, with why, for a person to look at."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, kind, reason, found_at FROM quarantined_records").fetchall()
+        return [{"id": record_id, "kind": kind, "reason": reason, "found_at": found_at}
+                for record_id, kind, reason, found_at in rows]
 
     # ---- outputs --------------------------------------------------------------------------------
 
@@ -120,8 +151,25 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._release_process_lock()
+
+    def _release_process_lock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.release(force=True)
+            self._lock_file = None
+
+
+def _record_from_row(kind: str, data: str) -> Record:
+    """A stored row as its record; ValueError or TypeError when this version cannot read it."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    fields = json.loads(data)
+    if not isinstance(fields, dict):
+        raise ValueError("the row's data is not an object")
+    record = KINDS[kind](**fields)
+    if not isinstance(record.id, str) or record.status not in ALL_STATUSES:
+        raise ValueError(f"bad id or status {record.status!r}")
+    return record
 
 
 def _fields(record: Record) -> dict:

@@ -57,6 +57,38 @@ CASES = [
      "invalid_request", "min_batch_size"),
     ("get_workflow", {"workflow_id": "nope"}, "not_found", "Workflow 'nope' not found"),
     ("get_workflow", {}, "invalid_request", "workflow_id"),
+    # ids are stored and logged: control characters are refused at the door, naming the field
+    ("execute_workflow", {"session_id": "a\x00b", "workflow_id": "img-generation-basic"}, "invalid_request",
+     "session_id: must not contain control characters"),
+    ("execute_batch", {"batch_id": "x\ny", "workflow_id": "img-generation-basic"}, "invalid_request",
+     "batch_id: must not contain control characters"),
+    # what the protocol says is an integer or a boolean is exactly that
+    ("execute_workflow", {"workflow_id": "img-generation-basic", "parameters": {"steps": True}}, "invalid_request",
+     "parameters.steps"),
+    ("execute_workflow", {"workflow_id": "img-generation-basic", "parameters": {"seed": True}}, "invalid_request",
+     "parameters.seed"),
+    ("execute_workflow", {"workflow_id": "img-generation-basic", "priority": True}, "invalid_request", "priority"),
+    ("execute_workflow", {"workflow_id": "img-generation-basic", "background": "yes"}, "invalid_request",
+     "background"),
+    ("execute_batch", {"workflow_id": "img-generation-basic", "configuration": {"max_batch_size": True}},
+     "invalid_request", "configuration.max_batch_size"),
+    # a count that is no count is refused, never run as one item
+    ("execute_batch", {"workflow_id": "img-generation-basic", "parameters": {"total_images": 0}},
+     "invalid_request", "total_images"),
+    ("execute_batch", {"workflow_id": "img-generation-basic", "parameters": {"total_images": -1}},
+     "invalid_request", "total_images"),
+    ("execute_batch", {"workflow_id": "img-generation-basic", "parameters": {"total_images": "abc"}},
+     "invalid_request", "total_images"),
+    ("execute_batch", {"workflow_id": "img-generation-basic", "parameters": {"total_images": 2.5}},
+     "invalid_request", "total_images"),
+    # seeds are stored as signed 64-bit integers: seed + i must fit
+    ("execute_workflow", {"workflow_id": "img-generation-basic",
+                          "parameters": {"seed": 2**63 - 1, "num_images": 2}}, "invalid_request",
+     "seed + num_images - 1 must not exceed"),
+    ("execute_batch", {"workflow_id": "img-generation-basic", "parameters": {"seed": 2**63 - 1, "total_images": 2}},
+     "invalid_request", "seed"),
+    ("execute_workflow", {"session_id": "e" * 201, "workflow_id": "img-generation-basic"}, "invalid_request",
+     "session_id"),
 ]
 
 
@@ -114,3 +146,134 @@ def test_accepted_work_keeps_running_through_a_storm_of_bad_requests(worker):
         assert getattr(worker, command)(request_data)["success"] is False
     worker._engine.book.wait_until(lambda: session_status(worker, "keeps-going")["status"] == "completed", 60)
     assert session_status(worker, "keeps-going")["outputs"]
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_deep_nesting_is_refused_at_the_door(worker):
+    """3,000 nested lists overflow the interpreter's stack in json and in pydantic: refused before either."""
+    as_dict = {"workflow_id": "img-generation-basic", "parameters": {"prompt": "x", "deep": nested(3000)}}
+    as_text = '{"workflow_id": "img-generation-basic", "parameters": {"deep": ' + "[" * 3000 + "]" * 3000 + "}}"
+    replies = [worker.execute_workflow(as_dict), worker.execute("execute_workflow", as_dict),
+               json.loads(worker.execute("execute_workflow", as_text)), worker.execute_workflow(as_text)]
+    for reply in replies:
+        assert reply["success"] is False and reply["error_code"] == "invalid_request", reply
+        assert "nested deeper than 32 levels" in reply["error"]
+
+
+def test_requests_too_large_to_keep_are_refused(worker):
+    reply = worker.execute_workflow(workflow_id="img-generation-basic", parameters={"prompt": "x" * 5_000_000})
+    assert reply["error_code"] == "invalid_request" and "larger than" in reply["error"]
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_numbers_json_cannot_carry_are_refused_and_never_emitted(worker, token):
+    text = '{"workflow_id": "img-generation-basic", "parameters": {"guidance_scale": %s}}' % token
+    reply = worker.execute("execute_workflow", text)
+    assert json.loads(reply)["error_code"] == "invalid_request" and token in json.loads(reply)["error"]
+    reply = worker.execute_workflow(workflow_id="img-generation-basic",
+                                    parameters={"guidance_scale": float(token.lower().replace("infinity", "inf"))})
+    assert reply["error_code"] == "invalid_request" and "parameters.guidance_scale" in reply["error"]
+
+
+def test_null_priority_is_the_default_and_null_data_is_an_empty_request(worker):
+    reply = generate(worker, session_id="default-priority", priority=None, background=False)
+    assert reply["success"] and reply["status"] == "completed" and reply["priority"] == 5
+    reply = worker.execute({"type": "device.get_status", "request_id": "r1", "data": None})
+    assert reply["success"] and reply["request_id"] == "r1"
+
+
+def test_an_id_that_looks_like_json_can_be_polled_by_bare_id(worker):
+    reply = generate(worker, session_id="{3F2504E0-4F89-11D3-9A0C-0305E82C3301}", background=False)
+    assert reply["success"]
+    status = worker.get_session_status("{3F2504E0-4F89-11D3-9A0C-0305E82C3301}")
+    assert status["success"] and status["status"] == "completed"
+    assert worker.delete_session("{3F2504E0-4F89-11D3-9A0C-0305E82C3301}")["success"]
+
+
+def test_get_output_names_its_field_and_takes_json_text(worker):
+    reply = worker.get_output(5)
+    assert reply["error_code"] == "invalid_request" and reply["error"].startswith("output_id")
+    output_id = generate(worker, background=False)["outputs"][0]["output_id"]
+    pixels = worker.get_output(json.dumps({"output_id": output_id}))
+    assert pixels is worker.get_output(output_id)
+
+
+@pytest.mark.parametrize("channels", [True, 2, "3", None])
+def test_allocate_input_refuses_what_is_not_a_channel_count(worker, channels):
+    reply = worker.allocate_input(8, 8, channels)
+    assert reply["success"] is False and reply["error_code"] == "invalid_request" and "channels" in reply["error"]
+
+
+def test_the_queue_limit_holds_under_concurrent_submits(make_worker):
+    """Sixteen threads submit five sessions each against a limit of twenty while the device is held
+    between two steps, so nothing finishes meanwhile: exactly twenty are accepted."""
+    import threading
+
+    from .conftest import device_worker
+
+    worker = make_worker(limits={"max_queued_work": 20})
+    gate = threading.Event()
+    held = device_worker(worker).call(lambda w: gate.wait(60))
+    replies: list[dict] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        for _ in range(5):
+            reply = generate(worker, background=True, steps=2)
+            with lock:
+                replies.append(reply)
+
+    threads = [threading.Thread(target=submit) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    gate.set()
+    held.result(timeout=60)
+    accepted = [r for r in replies if r["success"]]
+    refused = [r for r in replies if not r["success"]]
+    assert len(accepted) == 20 and len(refused) == 60
+    assert {r["error_code"] for r in refused} == {"resource_exhausted"}
+
+
+def test_log_records_keep_nothing_alive_and_stay_bounded():
+    """A record is turned into a small dict when it is emitted: a request it names can be collected at
+    once, and its text is cut at MAX_MESSAGE_CHARS."""
+    import gc
+    import logging
+    import weakref
+
+    from embedded_worker.log_bridge import MAX_MESSAGE_CHARS, LogBridge
+
+    class Request(dict):
+        pass
+
+    bridge = LogBridge(capacity=10)
+    logger = logging.getLogger("embedded_worker.test_log_bridge")
+    logger.propagate = False  # pytest's own capture would keep the record, and the request with it
+    logger.addHandler(bridge)
+    try:
+        request = Request(prompt="x" * 1_000_000)
+        kept = weakref.ref(request)
+
+        def fail(held: Request) -> None:
+            raise ValueError("bad")
+
+        try:
+            fail(request)
+        except ValueError:
+            logger.exception("failed on %s", request)
+        del request
+        gc.collect()
+        assert kept() is None, "the request is still alive"  # neither the argument nor a traceback frame
+        [record], dropped = bridge.drain(10)
+        assert dropped == 0 and len(record["message"]) < MAX_MESSAGE_CHARS + 100
+        assert "characters cut" in record["message"]
+    finally:
+        logger.removeHandler(bridge)

@@ -10,6 +10,7 @@ import pytest
 
 from embedded_worker import ProcessingWorker, WorkerConfig
 from embedded_worker.errors import Unavailable
+from embedded_worker.outputs import owner_folder
 
 from .conftest import generate, session_status, wait_for
 
@@ -21,7 +22,7 @@ def durable(model_cache, tmp_path):
 
     def open_worker(**overrides) -> ProcessingWorker:
         settings = {"model_cache_dir": str(model_cache), "state_path": str(tmp_path / "state" / "state.sqlite3"),
-                    **overrides}
+                    "default_model": "builtin:tiny-sd", **overrides}
         worker = ProcessingWorker(WorkerConfig.model_validate(settings))
         made.append(worker)
         return worker
@@ -37,7 +38,7 @@ def test_completed_work_and_its_pixels_survive_a_restart(durable, tmp_path):
     output = reply["outputs"][0]
     pixels = np.array(first.get_output(output["output_id"]))
     png = Path(output["path"])
-    assert png.is_file() and png.parent == tmp_path / "state" / "outputs" / "kept"  # synced before completion
+    assert png.is_file() and png.parent == tmp_path / "state" / "outputs" / owner_folder("kept")  # synced first
     first.close(timeout=30)
 
     second = durable()
@@ -149,3 +150,117 @@ def test_retention_by_age_prunes_at_start(durable):
     second = durable(retention={"max_finished": 100, "max_age_hours": 0.0002})
     assert second.get_session_status(session_id="aged")["error_code"] == "not_found"
     assert not Path(old["outputs"][0]["path"]).exists()
+
+
+@pytest.mark.parametrize(("timeout", "pending"), [(1, "finish"), (0, "suspend"), (0, "cancel")])
+def test_close_always_stops_the_device_threads_and_the_process_exits_cleanly(model_cache, timeout, pending):
+    """close() during a 150-step, 4-image session, in a process of its own: every worker thread has
+    ended when it returns, it says so, a second close says the same, and the interpreter exits with 0
+    (a device thread that outlived close() aborts it with 134)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.close_worker", str(model_cache), str(timeout),
+                           pending], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["close"] == {"success": True, "closed": True, "threads_stopped": True}
+    assert report["alive"] == []
+    assert report["again"]["threads_stopped"] is True
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), True, "5", None])
+def test_close_refuses_a_timeout_that_is_not_a_finite_number_and_stays_usable(durable, timeout):
+    worker = durable()
+    reply = worker.close(timeout=timeout)
+    assert reply["error_code"] == "invalid_request" and "timeout" in reply["error"]
+    assert generate(worker, background=False)["status"] == "completed"
+
+
+def test_callers_waiting_for_work_get_an_answer_when_close_suspends_it(durable):
+    """A `background: false` caller blocks until its work is final; a close that suspends the work
+    first answers it with `unavailable`, and the work is there at the next start."""
+    import threading
+
+    worker = durable()
+    replies: list[dict] = []
+    caller = threading.Thread(target=lambda: replies.append(
+        generate(worker, session_id="waited", steps=150, num_images=4, background=False)))
+    caller.start()
+    wait_for(lambda: worker.get_session_status("waited").get("status") == "running")
+    assert worker.close(timeout=0)["threads_stopped"] is True
+    caller.join(timeout=60)
+    assert not caller.is_alive()
+    [reply] = replies
+    assert reply["success"] is False and reply["error_code"] == "unavailable"
+    assert "suspended" in reply["error"]
+    assert session_status(durable(), "waited")["status"] in ("pending", "running")
+
+
+def test_ids_shared_across_kinds_are_refused_and_the_store_stays_openable(durable):
+    """Sessions, batches and items share one namespace of ids: a colliding id is refused with the
+    record that has it, and nothing a request does makes the next start fail."""
+    worker = durable()
+    assert worker.execute_batch(batch_id="B", workflow_id="img-generation-basic", background=False,
+                                parameters={"total_images": 1, "steps": 2, "prompt": "b"})["status"] == "completed"
+    as_item = generate(worker, session_id="B/item-0000", background=False)
+    assert as_item["error_code"] == "invalid_request" and "Item 'item-0000' of batch 'B'" in as_item["error"]
+    as_batch = generate(worker, session_id="B", background=False)
+    assert as_batch["error_code"] == "invalid_request" and "Batch 'B'" in as_batch["error"]
+    assert generate(worker, session_id="X", background=False)["status"] == "completed"
+    reply = worker.execute_batch(batch_id="X", workflow_id="img-generation-basic", parameters={"total_images": 1})
+    assert reply["error_code"] == "invalid_request" and "Session 'X'" in reply["error"]
+    reply = worker.execute_batch(batch_id="X", workflow_id="img-generation-basic",
+                                 items=[{"item_id": "y", "parameters": {}}])
+    assert reply["error_code"] == "invalid_request"
+    worker.close(timeout=30)
+    again = durable()
+    assert session_status(again, "X")["status"] == "completed"
+    assert again.get_batch_status(batch_id="B")["status"] == "completed"
+    assert again.delete_session(session_id="X")["success"]
+    batch = again.get_batch_status(batch_id="B")
+    assert batch["outputs"] and again.get_output(batch["outputs"][0]["output_id"]).shape[2] == 3
+
+
+def test_unreadable_rows_are_quarantined_and_the_worker_starts(durable, tmp_path):
+    worker = durable()
+    generate(worker, session_id="good", background=False)
+    worker.close(timeout=30)
+    database = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
+    database.execute("INSERT INTO records VALUES ('garbled', 'session', 'pending', NULL, '{not json')")
+    database.execute("INSERT INTO records VALUES ('newer', 'session', 'pending', NULL, ?)",
+                     ('{"id": "newer", "field_from_the_future": 1}',))
+    database.execute("INSERT INTO records VALUES ('alien', 'spaceship', 'pending', NULL, '{}')")
+    database.commit()
+    database.close()
+    again = durable()
+    assert session_status(again, "good")["status"] == "completed"
+    quarantined = again.get_status()["state"]["quarantined_rows"]
+    assert sorted(row["id"] for row in quarantined) == ["alien", "garbled", "newer"]
+    assert all(row["reason"] for row in quarantined)
+    assert generate(again, session_id="garbled", background=False)["status"] == "completed"
+    again.close(timeout=30)
+    assert len(durable().get_status()["state"]["quarantined_rows"]) == 3  # kept, not quarantined twice
+
+
+def test_a_failed_start_says_why_and_releases_the_state_file(durable, tmp_path):
+    state = tmp_path / "state" / "state.sqlite3"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"this is not a database, " * 100)
+    with pytest.raises(Unavailable, match="cannot be opened"):
+        durable()
+    state.unlink()
+    assert generate(durable(), background=False)["status"] == "completed"  # not "in use by another worker"
+
+
+def test_damaged_raw_pixels_are_an_envelope_with_the_reason(durable, tmp_path):
+    worker = durable()
+    output = generate(worker, background=False)["outputs"][0]
+    worker.close(timeout=30)
+    [raw] = (tmp_path / "state" / "pixels").rglob(f"{output['output_id']}.npy")
+    raw.write_bytes(b"\x93NUMPY garbage")
+    again = durable()
+    for reply in (again.get_output(output["output_id"]), again.output_info(output["output_id"])):
+        assert reply["success"] is False and reply["error_code"] == "unavailable"
+        assert "cannot be read from disk" in reply["error"]

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from embedded_worker import postprocess
+from embedded_worker.outputs import owner_folder
 
 from .conftest import generate
 
@@ -17,7 +18,7 @@ def test_output_files_carry_their_generation_metadata(make_worker, tmp_path):
     worker = make_worker(output_dir=str(tmp_path / "out"))
     reply = generate(worker, session_id="filed", prompt="a blue whale", seed=31, background=False)
     [reference] = reply["outputs"]
-    path = tmp_path / "out" / "filed" / f"{reference['output_id']}.png"
+    path = tmp_path / "out" / owner_folder("filed") / f"{reference['output_id']}.png"
     assert reference["path"] == str(path) and path.is_file()
     image = Image.open(path)
     assert image.text["prompt"] == "a blue whale" and image.text["seed"] == "31"

@@ -8,6 +8,7 @@ request never races a worker taking the same image.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,6 +24,7 @@ from .models import ModelCatalog
 from .task import ACTIVE, DONE, NEW, PARKED, QUEUED, DenoiseTask
 from .work_queue import WorkQueue
 
+log = logging.getLogger("embedded_worker.devices")
 ProbeFactory = Callable[[torch.device], MemoryProbe]
 MAX_WORKERS_PER_DEVICE = 8
 
@@ -157,8 +159,10 @@ class DevicePool:
             "memory": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
         }
 
-    def close(self, timeout: float) -> bool:
-        """Stop taking work, fail what waits, stop the workers; True if all joined in time."""
+    def close(self, timeout: float, grace: float) -> bool:
+        """Stop taking work, fail what waits, stop the workers at their next step boundary and join them:
+        within `timeout`, then up to `grace` more for a step (or a model load) still under way.
+        True when every worker thread has ended."""
         with self.queue.cond:
             self._closed = True
         for task in self.queue.drain():
@@ -166,8 +170,13 @@ class DevicePool:
                 task.future.set_exception(Unavailable("the worker closed before this image started"))
         for worker in self.workers:
             worker.stop()
-        deadline = time.monotonic() + timeout
-        for worker in self.workers:
-            if worker.thread.ident is not None:
-                worker.thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(worker.thread.is_alive() for worker in self.workers)
+        for limit in (timeout, grace):
+            deadline = time.monotonic() + limit
+            for worker in self.workers:
+                if worker.thread.ident is not None:
+                    worker.thread.join(max(0.0, deadline - time.monotonic()))
+            late = [worker.name for worker in self.workers if worker.thread.is_alive()]
+            if not late:
+                return True
+            log.warning("%s still finishing a step at the close deadline; waiting for it", ", ".join(late))
+        return False

@@ -17,8 +17,8 @@ from typing import Callable
 import tomllib
 from pydantic import ValidationError
 
-from ..errors import NotFound, Unavailable
-from ..protocol import describe_errors, iso
+from ..errors import InvalidRequest, NotFound, Unavailable
+from ..protocol import MAX_REQUEST_DEPTH, check_shape, describe_errors, iso
 from .definition import Workflow
 
 log = logging.getLogger("embedded_worker.workflows")
@@ -70,7 +70,11 @@ class WorkflowCatalog:
         """Re-read the user folder if any file in it changed."""
         if self.user_dir is None or not self.user_dir.is_dir():
             return
-        stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in self.user_dir.iterdir() if p.suffix in SUFFIXES))
+        try:
+            stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in self.user_dir.iterdir()
+                                 if p.suffix in SUFFIXES))
+        except OSError:  # a file went away while we looked: the next call looks again
+            return
         with self._lock:
             if stamp == self._stamp:
                 return
@@ -166,8 +170,13 @@ def read_workflow_file(path: Path) -> Workflow:
     try:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        check_shape(data)  # nesting a request may not have, a file may not have either
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         raise ValueError(f"cannot parse: {error}") from None
+    except RecursionError:
+        raise ValueError(f"cannot parse: nested deeper than {MAX_REQUEST_DEPTH} levels") from None
+    except InvalidRequest as error:
+        raise ValueError(error.message) from None
     try:
         return Workflow.model_validate(data)
     except ValidationError as error:

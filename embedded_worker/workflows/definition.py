@@ -7,14 +7,29 @@ or a malformed schema makes the file invalid, reported with its path.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from ..operations import OPERATIONS
+from ..protocol import Number, describe_errors
 
 ParameterType = Literal["string", "integer", "number", "boolean", "image"]
-_PYTHON_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool, "image": str}
+# what the protocol says is an integer or a boolean is exactly that: `true` is no step count, "yes" no boolean
+_PYTHON_TYPES: dict[str, Any] = {"string": str, "integer": StrictInt, "number": Number, "boolean": StrictBool,
+                                 "image": str}
+Choice = StrictBool | StrictInt | Number | str
 
 
 class WorkflowStep(BaseModel):
@@ -38,14 +53,27 @@ class WorkflowStep(BaseModel):
 class WorkflowParameter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., pattern=r"^[a-z_][a-z0-9_]*$")
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$")
     type: ParameterType
     default: Any = None
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: list[Any] | None = None
+    minimum: Number | None = None
+    maximum: Number | None = None
+    choices: list[Choice] | None = None
     required: bool = False
     description: str = ""
+
+    def checked_type(self) -> Any:
+        """The type a value of this parameter must have: its kind, its choices, its bounds."""
+        python_type = Literal[tuple(self.choices)] if self.choices else _PYTHON_TYPES[self.type]
+        constraints = {"ge": self.minimum, "le": self.maximum}
+        constraints = {name: bound for name, bound in constraints.items() if bound is not None}
+        return Annotated[python_type, Field(**constraints)] if constraints else python_type
+
+    @model_validator(mode="after")
+    def _bounds_fit_the_type(self) -> "WorkflowParameter":
+        if (self.minimum is not None or self.maximum is not None) and self.type not in ("integer", "number"):
+            raise ValueError(f"{self.name}: minimum and maximum apply to integer and number parameters only")
+        return self
 
 
 class Workflow(BaseModel):
@@ -59,7 +87,7 @@ class Workflow(BaseModel):
     steps: list[WorkflowStep] = Field(..., min_length=1)
     parameters: list[WorkflowParameter] = Field(default_factory=list)
     required_models: list[str] = Field(default_factory=list)
-    estimated_duration: float = Field(5.0, ge=0, description="seconds, before anything was measured")
+    estimated_duration: Number = Field(5.0, ge=0, description="seconds, before anything was measured")
 
     @field_validator("steps")
     @classmethod
@@ -77,23 +105,29 @@ class Workflow(BaseModel):
                 raise ValueError(f"step {step.order}: skip_when names unknown parameter '{step.skip_when}'")
         return self
 
+    @model_validator(mode="after")
+    def _defaults_pass_the_schema(self) -> "Workflow":
+        """A schema that cannot check a request, or whose own defaults fail it, is refused with the file,
+        not at its first execute."""
+        for parameter in self.parameters:
+            try:
+                checker = TypeAdapter(parameter.checked_type())
+            except Exception as error:  # pydantic refuses some schemas only when they are built
+                raise ValueError(f"parameters: {parameter.name}: {error}") from None
+            if parameter.default is not None:
+                try:
+                    checker.validate_python(parameter.default)
+                except ValidationError as error:
+                    raise ValueError(f"default of {describe_errors(error, parameter.name)[0]}") from None
+        return self
+
     def parameter_model(self) -> type[BaseModel]:
         """A pydantic model of this workflow's parameters: defaults, types, limits, choices."""
         fields: dict[str, Any] = {}
         for parameter in self.parameters:
-            python_type = _PYTHON_TYPES[parameter.type]
-            if parameter.choices:
-                python_type = Literal[tuple(parameter.choices)]  # type: ignore[valid-type]
-            constraints = {}
-            if parameter.minimum is not None:
-                constraints["ge"] = parameter.minimum
-            if parameter.maximum is not None:
-                constraints["le"] = parameter.maximum
             if parameter.required:
-                fields[parameter.name] = (python_type, Field(..., description=parameter.description, **constraints))
+                fields[parameter.name] = (parameter.checked_type(), Field(..., description=parameter.description))
             else:
-                fields[parameter.name] = (
-                    python_type | None,
-                    Field(parameter.default, description=parameter.description, **constraints),
-                )
+                fields[parameter.name] = (parameter.checked_type() | None,
+                                          Field(parameter.default, description=parameter.description))
         return create_model(f"Parameters_{self.id.replace('-', '_')}", __config__=ConfigDict(extra="allow"), **fields)
