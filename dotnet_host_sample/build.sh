@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the host with Mono's mcs (C# 7.2) against the Python.Runtime.dll of
-# the pythonnet wheel installed in the project's virtual environment.
+# Builds with Mono's mcs (C# 7.2) against the Python.Runtime.dll of the pythonnet wheel in the project's
+# virtual environment: the library (lib/ -> EmbeddedWorker.dll, what a service references) and the sample
+# app (app/ -> EmbeddedWorkerHost.exe). The same sources as the SDK projects (lib/EmbeddedWorker.csproj,
+# app/EmbeddedWorkerHost.csproj); files only an SDK build can compile live in lib/Hosting/ and are left out.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="${EMBEDDED_WORKER_VENV:-$here/../.venv}"
@@ -13,7 +15,10 @@ facades="$(dirname "$(readlink -f "$(command -v mono)")")/../lib/mono/4.5/Facade
 out="$here/bin"
 mkdir -p "$out"
 cp "$runtime_dll" "$out/Python.Runtime.dll"
-mcs -langversion:7.2 -unsafe -optimize+ -nologo -target:exe -out:"$out/EmbeddedWorkerHost.exe" \
-    -r:"$out/Python.Runtime.dll" -r:"$facades/netstandard.dll" -r:Microsoft.CSharp.dll -r:System.Numerics.dll \
-    "$here"/src/*.cs
-echo "built $out/EmbeddedWorkerHost.exe"
+common=(-langversion:7.2 -unsafe -optimize+ -nologo -r:"$out/Python.Runtime.dll" -r:"$facades/netstandard.dll"
+        -r:Microsoft.CSharp.dll -r:System.Numerics.dll -r:System.Core.dll)
+mapfile -t library < <(find "$here/lib" -name '*.cs' -not -path '*/Hosting/*' -not -path '*/obj/*' | sort)
+mapfile -t app < <(find "$here/app" -name '*.cs' -not -path '*/obj/*' | sort)
+mcs "${common[@]}" -target:library -out:"$out/EmbeddedWorker.dll" -doc:"$out/EmbeddedWorker.xml" -nowarn:1591 "${library[@]}"
+mcs "${common[@]}" -target:exe -out:"$out/EmbeddedWorkerHost.exe" -r:"$out/EmbeddedWorker.dll" "${app[@]}"
+echo "built $out/EmbeddedWorker.dll and $out/EmbeddedWorkerHost.exe"

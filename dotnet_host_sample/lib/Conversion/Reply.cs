@@ -1,4 +1,4 @@
-// A protocol reply as C# reads it: `reply.success`, `reply.workflow.id`,
+// A protocol reply as C# reads it, plain C# values only (nothing to dispose): `reply.success`, `reply.workflow.id`,
 // `reply["status"]`. Missing members read as null (the protocol adds fields
 // freely), PascalCase reads its snake_case field (`reply.SessionId`).
 using System;
@@ -8,7 +8,7 @@ using System.Dynamic;
 using System.Globalization;
 using System.Text;
 
-namespace EmbeddedWorkerHost
+namespace EmbeddedWorker
 {
     public sealed class Reply : DynamicObject
     {
@@ -30,6 +30,17 @@ namespace EmbeddedWorkerHost
         public bool Success { get { return Equals(this["success"], true); } }
         public string Error { get { return this["error"] as string; } }
         public string ErrorCode { get { return this["error_code"] as string; } }
+        /// <summary>The error code as an enum (None on success); see WorkerErrors.cs.</summary>
+        public WorkerErrorCode Code { get { return WorkerErrorCodes.Parse(ErrorCode); } }
+
+        /// <summary>This reply when it succeeded; a WorkerException with its code otherwise.</summary>
+        public Reply EnsureSuccess()
+        {
+            if (!Success) throw new WorkerException(ErrorCode, Error, this);
+            return this;
+        }
+
+        internal Dictionary<string, object> Fields { get { return fields; } }
 
         public object this[string name]
         {

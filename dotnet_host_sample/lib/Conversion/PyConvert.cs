@@ -3,11 +3,14 @@
 //   objects and POCOs (property names turned into snake_case), dictionaries,
 //   lists, strings, numbers, booleans, enums, Guids and DateTimes. No JSON
 //   is written or parsed on this path.
+// - This is the pythonnet path, kept where the C API path (RequestWriter,
+//   ReplyReader) is unavailable and for callers holding PyObjects.
 // - Replies come back as `Reply`, a DynamicObject over plain C# values
 //   (string, long, double, bool, null, Reply, List<object>), converted in the
 //   same GIL hold as the call, so no PyObject outlives it and nothing needs
 //   disposing by the caller.
 // - Call everything here with the GIL held.
+#pragma warning disable 612  // PyObject.Handle: read only while the object is alive, as the C API path needs
 using System;
 using System.Collections;
 using System.Collections.Generic;
@@ -16,7 +19,7 @@ using System.Reflection;
 using System.Text;
 using Python.Runtime;
 
-namespace EmbeddedWorkerHost
+namespace EmbeddedWorker
 {
     public static class PyConvert
     {
@@ -87,11 +90,12 @@ namespace EmbeddedWorkerHost
                 }
                 return list;
             }
-            return value;  // a buffer exporter or other object: the caller asked for it and owns it
+            return value.ToString();  // str(): no Python object reaches the caller, nothing is left to a finalizer
         }
 
         public static Reply ToReply(PyObject dict)
         {
+            if (PythonApi.Available && PyDict.IsDictType(dict)) return ReplyReader.ReadDict(dict.Handle);
             var fields = new Dictionary<string, object>();
             using (var view = new PyDict(dict))
             using (var keys = view.Keys())

@@ -6,9 +6,21 @@
 //   postprocessing threads) stalls for good (pythonnet #964, #2074).
 // - Every Python touch happens inside `using (Py.GIL())`, and every PyObject
 //   and PyBuffer is disposed inside it too (pythonnet #2544, #1493).
-// - Shutdown hangs while Python threads live (#1500, #1701), so the only safe
-//   order is: the worker's close(timeout) joins its threads, then
-//   PythonEngine.Shutdown(). `Dispose` does exactly that.
+// - Shutdown hangs while Python threads live (#1500, #1701), and on Mono it
+//   aborted in GC.Collect (sgen-scan-object.h:91) when PyObjects were still
+//   live or queued for the .NET finalizer. `Dispose` is the safe sequence,
+//   whatever a caller leaked:
+//     1. the workers' close(timeout): intake stops, their Python threads join;
+//     2. every handle this library gave out (output views, input buffers,
+//        boards, log pumps) is disposed under the GIL;
+//     3. new calls through this library answer `unavailable`, and calls under
+//        way are waited for, so no library thread is inside Python;
+//     4. .NET's finalizers are drained while the interpreter is whole, and
+//        pythonnet releases what they queued (TryCollectingGarbage);
+//     5. PythonEngine.Shutdown().
+//   Hosts that use pythonnet directly: the same order (README, "Shutting
+//   down"); above all, dispose or drop your own PyObjects before step 4 and
+//   stop your own threads that call into Python.
 // - The virtual environment is found from an explicit path, the
 //   EMBEDDED_WORKER_VENV variable, or a `.venv/pyvenv.cfg` above the working
 //   folder. Its own python reports libpython and its module path, so this
@@ -17,9 +29,10 @@ using System;
 using System.Collections.Generic;
 using System.Diagnostics;
 using System.IO;
+using System.Threading;
 using Python.Runtime;
 
-namespace EmbeddedWorkerHost
+namespace EmbeddedWorker
 {
     public sealed class PythonRuntime : IDisposable
     {
@@ -28,12 +41,18 @@ namespace EmbeddedWorkerHost
 
         readonly IntPtr threadState;
         readonly List<Action> beforeShutdown = new List<Action>();
+        readonly List<WeakReference> handedOut = new List<WeakReference>();  // guarded by itself
+        readonly ManualResetEventSlim idle = new ManualResetEventSlim(true);
+        int inFlight;
+        volatile bool closing;
         bool disposed;
 
         public string VenvPath { get; private set; }
         public string RepoRoot { get; private set; }
         public string PythonExecutable { get; private set; }
-        public bool IsShutDown { get { return disposed; } }
+        public bool IsShutDown { get { return disposed || closing; } }
+        /// <summary>Why the C API fast path is off (null when it is on).</summary>
+        public string FastPathUnavailable { get { return PythonApi.Available ? null : PythonApi.Unavailable ?? "not bound"; } }
 
         PythonRuntime(string venv)
         {
@@ -46,6 +65,7 @@ namespace EmbeddedWorkerHost
             Runtime.PythonDLL = facts["library"];
             PythonEngine.PythonHome = facts["home"];
             PythonEngine.Initialize();
+            PythonApi.Bind(facts["library"]);  // the C API entry points of the hot path
             threadState = PythonEngine.BeginAllowThreads();
             using (Py.GIL())
             using (var site = Py.Import("site"))
@@ -84,12 +104,67 @@ namespace EmbeddedWorkerHost
             lock (Gate) beforeShutdown.Add(action);
         }
 
+        /// <summary>Count a library call into Python; false once shutdown has begun.</summary>
+        internal bool Enter()
+        {
+            Interlocked.Increment(ref inFlight);
+            if (!closing && !disposed)
+            {
+                idle.Reset();
+                return true;
+            }
+            Exit();
+            return false;
+        }
+
+        internal void Exit()
+        {
+            if (Interlocked.Decrement(ref inFlight) == 0) idle.Set();
+        }
+
+        /// <summary>A handle given to a caller (a view, a buffer, a board, a pump): disposed at shutdown if the caller did not.</summary>
+        public void Track(IDisposable handle)
+        {
+            lock (handedOut)
+            {
+                if (handedOut.Count >= 256 && handedOut.Count % 256 == 0) handedOut.RemoveAll(w => !w.IsAlive);
+                handedOut.Add(new WeakReference(handle));
+            }
+        }
+
+        /// <summary>The safe shutdown (see the design notes): close, dispose what was handed out, drain, shut down.</summary>
         public void Dispose()
         {
             lock (Gate)
             {
                 if (disposed) return;
-                for (int i = beforeShutdown.Count - 1; i >= 0; i--) beforeShutdown[i]();
+                for (int i = beforeShutdown.Count - 1; i >= 0; i--)
+                {
+                    try { beforeShutdown[i](); }
+                    catch (Exception error) { Console.Error.WriteLine("shutdown: a close action failed: " + error.Message); }
+                }
+                List<WeakReference> handles;
+                lock (handedOut) handles = new List<WeakReference>(handedOut);
+                foreach (var reference in handles)
+                {
+                    var handle = reference.Target as IDisposable;
+                    if (handle == null) continue;
+                    try { handle.Dispose(); }
+                    catch (Exception error) { Console.Error.WriteLine("shutdown: a handle failed to dispose: " + error.Message); }
+                }
+                closing = true;
+                if (!idle.Wait(TimeSpan.FromSeconds(30)))
+                    Console.Error.WriteLine("shutdown: library calls still inside Python after 30 s; shutting down anyway");
+                using (Py.GIL())
+                {
+                    if (PythonApi.Available) RequestWriter.Release();
+                }
+                for (int round = 0; round < 3; round++)
+                {
+                    GC.Collect();
+                    GC.WaitForPendingFinalizers();  // PyObjects callers dropped: queued for pythonnet to release
+                }
+                using (Py.GIL()) Runtime.TryCollectingGarbage(3);  // released while the interpreter is whole
                 disposed = true;
                 PythonEngine.EndAllowThreads(threadState);
                 PythonEngine.Shutdown();

@@ -5,7 +5,7 @@
 using System;
 using System.Threading;
 
-namespace EmbeddedWorkerHost
+namespace EmbeddedWorker
 {
     public sealed class LogPump : IDisposable
     {
@@ -27,6 +27,7 @@ namespace EmbeddedWorkerHost
                 Drain();
             }) { IsBackground = true, Name = "python-log-pump" };
             thread.Start();
+            worker.Runtime.Track(this);
         }
 
         public void Drain()
@@ -44,7 +45,7 @@ namespace EmbeddedWorkerHost
         public void Dispose()
         {
             stopping.Set();
-            thread.Join();
+            if (Thread.CurrentThread != thread) thread.Join();
         }
     }
 }

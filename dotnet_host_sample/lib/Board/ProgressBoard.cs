@@ -14,17 +14,8 @@ using System.Text;
 using System.Threading;
 using Python.Runtime;
 
-namespace EmbeddedWorkerHost
+namespace EmbeddedWorker
 {
-    public struct BoardRow
-    {
-        public long Sequence, Kind, State, ProgressBp, CurrentStep, TotalSteps, DenoiseStep, DenoiseTotal;
-        public long ItemsDone, ItemsFailed, ItemsTotal, EtaMs, UpdatedUnixMs, IdHash, Attempt;
-        public string Status;
-
-        public double Progress { get { return ProgressBp / 100.0; } }
-    }
-
     public sealed unsafe class ProgressBoard : IDisposable
     {
         PyObject array;
@@ -109,16 +100,21 @@ namespace EmbeddedWorkerHost
             return unchecked((long)hash);
         }
 
+        /// <summary>Release the board; any thread, any number of times (PythonRuntime does it at shutdown).</summary>
         public void Dispose()
         {
-            if (array == null) return;
-            using (Py.GIL())
+            lock (this)
             {
-                buffer.Dispose();
-                array.Dispose();
+                if (array == null) return;
+                start = null;  // readers see an empty board from here on
+                if (PythonEngine.IsInitialized)
+                    using (Py.GIL())
+                    {
+                        buffer.Dispose();
+                        array.Dispose();
+                    }
+                array = null;
             }
-            array = null;
-            start = null;
         }
     }
 }

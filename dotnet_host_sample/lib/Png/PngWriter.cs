@@ -7,7 +7,7 @@ using System.IO;
 using System.IO.Compression;
 using System.Text;
 
-namespace EmbeddedWorkerHost
+namespace EmbeddedWorker
 {
     public static class PngWriter
     {

@@ -8,6 +8,7 @@ using System.Diagnostics;
 using System.IO;
 using System.Text;
 using System.Threading;
+using EmbeddedWorker;
 
 namespace EmbeddedWorkerHost
 {

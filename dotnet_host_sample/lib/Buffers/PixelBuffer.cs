@@ -11,7 +11,7 @@
 using System;
 using Python.Runtime;
 
-namespace EmbeddedWorkerHost
+namespace EmbeddedWorker
 {
     public abstract class PixelBuffer : IDisposable
     {
@@ -68,10 +68,16 @@ namespace EmbeddedWorkerHost
             Pointer = IntPtr.Zero;
         }
 
+        /// <summary>Release the pixels; any thread, any number of times (PythonRuntime does it at shutdown).</summary>
         public void Dispose()
         {
-            if (array == null) return;
-            using (Py.GIL()) Release();
+            lock (this)
+            {
+                if (array == null) return;
+                if (PythonEngine.IsInitialized)
+                    using (Py.GIL()) Release();
+                else array = null;
+            }
         }
     }
 
