@@ -72,7 +72,7 @@ class Planner:
             params = self._operation_params(operation, {**values, **step.parameters}, prefix)
             steps.append(PlannedStep(operation, params, inputs if not steps and inputs else None, step.order))
         self._check_inputs(steps, lambda index: prefix)
-        return self._finish(RunPlan(steps, False, model_id, workflow.id))
+        return self._finish(RunPlan(steps, False, model_id, workflow.id), lambda step: prefix)
 
     def for_coordination(self, domains: list[DomainOperation], parallel: bool, workflow_id: str | None) -> RunPlan:
         """Every routed domain's operations as steps. Sequential: in order, each on the images before it.
@@ -80,6 +80,16 @@ class Planner:
         they wait, in a second wave, until the model steps are done. A device step that names no model
         uses the model the request loads (the last load before it, in sequence)."""
         parsed: list[tuple[Operation, OperationParams, list[StepImage]]] = []
+        undos: list[Callable[[], None]] = []
+        try:
+            return self._coordination(domains, parallel, workflow_id, parsed, undos)
+        except Exception:
+            for undo in undos:  # a refused request leaves no model it named registered
+                undo()
+            raise
+
+    def _coordination(self, domains: list[DomainOperation], parallel: bool, workflow_id: str | None,
+                      parsed: list, undos: list[Callable[[], None]]) -> RunPlan:
         for index, item in enumerate(domains):
             prefix = f"domains.{index}.parameters."
             operation = OPERATIONS.get(f"{item.domain}.{item.operation}")
@@ -91,7 +101,7 @@ class Planner:
             inputs = self._image_inputs(values.pop(IMAGE_PARAMETER, None), prefix + IMAGE_PARAMETER)
             params = self._operation_params(operation, values, prefix)
             if isinstance(params, ModelParams):
-                self.prepare_model(params, prefix)
+                undos.append(self.prepare_model(params, prefix))
             parsed.append((operation, params, inputs))
         named = {p.model_id for _, p, _ in parsed if isinstance(p, ModelParams)}
         loads = {p.model_id for o, p, _ in parsed if o.qualified == "model.load_model"}
@@ -110,23 +120,52 @@ class Planner:
         self._check_inputs(steps, lambda index: f"domains.{index}.parameters.", parallel)
         model_id = models.pop() if len(models) == 1 else self.config.default_model
         steps.sort(key=lambda step: step.wave)  # stable: request order within a wave
-        return self._finish(RunPlan(steps, parallel, model_id, workflow_id))
+        return self._finish(RunPlan(steps, parallel, model_id, workflow_id),
+                            lambda step: f"domains.{step.order - 1}.parameters.")
 
-    def prepare_model(self, params: ModelParams, prefix: str) -> None:
+    def prepare_model(self, params: ModelParams, prefix: str) -> Callable[[], None]:
         """A model a model step names: its folder registered when given (inside the allowed roots), then
-        checked (safetensors only) before anything loads it."""
+        checked (safetensors only) before anything loads it. Returns the undo of the registration, for a
+        load or a request that then fails; a failed check undoes it here."""
+        undo: Callable[[], None] = lambda: None  # noqa: E731
         if params.path:
             folder = confine_path(params.path, self.config.allowed_roots, prefix + "path")
-            self.models.register(params.model_id, folder)
-        self.model_for(params.model_id, prefix)
-        self.models.folder(params.model_id)
+            previous = self.models.register(params.model_id, folder)
+            undo = lambda: self.models.restore(params.model_id, previous)  # noqa: E731
+        try:
+            self.model_for(params.model_id, prefix)
+            self.models.folder(params.model_id)
+        except Exception:
+            undo()
+            raise
+        return undo
 
-    def _finish(self, plan: RunPlan) -> RunPlan:
+    def _finish(self, plan: RunPlan, prefix: Callable[[PlannedStep], str]) -> RunPlan:
+        self._check_image_count(plan, prefix)
         for step in plan.steps:
             if step.operation.name in ("encode", "save"):
                 plan.file_format = step.params.format
                 plan.file_quality = step.params.quality
         return plan
+
+    def _check_image_count(self, plan: RunPlan, prefix: Callable[[PlannedStep], str]) -> None:
+        """`limits.max_items` bounds the images one session makes, counted through its steps: in sequence
+        a device step makes num_images from each image before it, in parallel the steps' images add up."""
+        limit = self.config.limits.max_items
+        before = total = 0
+        for step in plan.steps:
+            if not step.operation.on_device or step.operation.answers is not None:
+                continue
+            if step.inputs:
+                sources = len(step.inputs)
+            else:
+                sources = before if step.operation.uses_images and not plan.parallel else 0
+            made = step.params.num_images * max(1, sources)
+            before, total = made, total + made
+            counted = total if plan.parallel else made
+            if counted > limit:
+                raise InvalidRequest(f"{prefix(step)}num_images: the request makes {counted} images, "
+                                     f"more than the limit of {limit}")
 
     def _operation_params(self, operation: Operation, values: dict, prefix: str) -> OperationParams:
         return parse(operation.params, values, prefix=prefix, context={"limits": self.config.limits})

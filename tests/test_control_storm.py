@@ -66,3 +66,27 @@ def test_control_storm_leaves_no_illegal_state_and_nothing_stuck(make_worker):
         final = worker.get_session_status(session_id=session_id)
         if final["status"] == "completed":
             assert len(final["outputs"]) == 1 and worker.get_output(final["outputs"][0]["output_id"]).shape
+
+
+def test_deletes_racing_completion_leave_no_outputs_behind(model_cache, tmp_path):
+    """Deletes timed at every point around completion (before, while, after the files are written):
+    whatever the interleaving, a deleted session leaves no output in memory, in the store or on disk."""
+    from embedded_worker import ProcessingWorker, WorkerConfig
+
+    config = WorkerConfig(model_cache_dir=str(model_cache), state_path=str(tmp_path / "state.sqlite3"),
+                          default_model="builtin:tiny-sd", scheduling={"coalesce_wait_ms": 0})
+    with ProcessingWorker(config) as worker:
+        for index in range(24):
+            session_id = f"racer-{index}"
+            assert generate(worker, session_id=session_id, steps=2 + index % 3, background=True)["success"]
+            # the delete lands anywhere from the first step to after completion, as the machine's pace decides
+            wait_for(lambda: worker.get_session_status(session_id)["progress"] >= 25 * (index % 4))
+            assert worker.delete_session(session_id=session_id)["success"]
+        engine = worker._engine
+        wait_for(lambda: engine.pool.status()["queued_images"] == 0 and not engine.pool.workers[0].active_images)
+        engine.cpu.submit(lambda: None).result(timeout=60)  # continuations queued before this have run
+        assert engine.outputs.count() == 0
+        rows = engine.store._db.execute("SELECT COUNT(*) FROM outputs").fetchone()[0]
+        assert rows == 0
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert not [p for p in (tmp_path / "pixels").rglob("*") if p.is_file()]

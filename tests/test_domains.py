@@ -99,3 +99,38 @@ def test_inference_batch_process_is_execute_batch(worker):
     reply = worker.execute("inference.batch_process", {"workflow_id": "img-generation-basic", "background": False,
                                                        "parameters": {"steps": 3, "total_images": 2, "seed": 5}})
     assert reply["status"] == "completed" and [o["seed"] for o in reply["outputs"]] == [5, 6]
+
+
+def test_a_model_that_fails_to_load_is_not_left_registered(make_worker, model_copy):
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # configs fine, weights broken
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    reply = worker.execute("model.load", {"model_id": "half-loaded", "path": str(model_copy)})
+    assert reply["success"] is False
+    assert "half-loaded" not in [m["model_id"] for m in worker.execute("model.list", {})["models"]]
+    refused = worker.execute_workflow(domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "named-then-refused",
+                                                                      "path": str(model_copy)}},
+        {"domain": "inference", "operation": "paint", "parameters": {}}])
+    assert refused["error_code"] == "invalid_request"
+    assert "named-then-refused" not in [m["model_id"] for m in worker.execute("model.list", {})["models"]]
+
+
+def test_the_image_limit_counts_images_through_every_step(make_worker):
+    """text2img x4 then img2img x4 makes 16 images: more than max_items 4, refused before anything runs."""
+    worker = make_worker(limits={"max_items": 4})
+    reply = worker.execute_workflow(domains=[
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a", "num_images": 4}},
+        {"domain": "inference", "operation": "img2img", "parameters": {"prompt": "b", "num_images": 4}}])
+    assert reply["error_code"] == "invalid_request"
+    assert reply["error"].startswith("domains.1.parameters.num_images: the request makes 16 images")
+    parallel = worker.execute_workflow(coordination_mode="parallel", domains=[
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a", "num_images": 3}},
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "b", "num_images": 2}}])
+    assert parallel["error_code"] == "invalid_request" and "makes 5 images" in parallel["error"]
+    within = worker.execute_workflow(background=False, domains=[
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a", "num_images": 2,
+                                                                        "steps": 2}},
+        {"domain": "inference", "operation": "img2img", "parameters": {"prompt": "b", "num_images": 2,
+                                                                       "steps": 2}}])
+    assert within["status"] == "completed" and len(within["outputs"]) == 4

@@ -1,9 +1,11 @@
 """Where models live and how a device worker loads one.
 
 A model is a local diffusers-format folder (SD 1.x/2.x or SDXL class) or a
-built-in tiny model. Loading never reaches for a hub (`local_files_only`, and
-the worker sets HF_HUB_OFFLINE) and takes safetensors only: a folder that
-holds pickle weights is refused before anything is unpickled.
+built-in model: a tiny recipe built on first use, or the trained shapes
+model shipped inside the package (a folder like any other). Loading never
+reaches for a hub (`local_files_only`, and the worker sets HF_HUB_OFFLINE)
+and takes safetensors only: a folder that holds pickle weights is refused
+before anything is unpickled.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidRequest, NotFound
+from ..toy_model import SHAPES_FOLDER, SHAPES_MODEL_ID
 from .offline import set_offline_environment
 from .tiny_model import TINY_MODELS, ensure_tiny_model
 
@@ -24,6 +27,8 @@ FAMILIES = {
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
 }
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+SHIPPED_MODELS = {SHAPES_MODEL_ID: SHAPES_FOLDER}
+BUILTIN_MODELS = (*TINY_MODELS, *SHIPPED_MODELS)
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class ModelEntry:
 
     @property
     def builtin(self) -> bool:
-        return self.model_id in TINY_MODELS
+        return self.model_id in BUILTIN_MODELS
 
 
 class ModelCatalog:
@@ -44,6 +49,7 @@ class ModelCatalog:
         # guards `_entries` and `_folders`: `model.load` may add a model while workers read
         self._lock = threading.Lock()
         self._entries = {model_id: ModelEntry(model_id, model_id) for model_id in TINY_MODELS}
+        self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in SHIPPED_MODELS.items()})
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in configured.items()})
         self._folders: dict[str, Path] = {}
 
@@ -57,12 +63,22 @@ class ModelCatalog:
                 raise NotFound(f"Model '{model_id}' not found")
             return self._entries[model_id]
 
-    def register(self, model_id: str, folder: Path) -> ModelEntry:
+    def register(self, model_id: str, folder: Path) -> ModelEntry | None:
+        """Name a folder as `model_id`; the entry it replaces (None if it is new), for `restore`."""
         with self._lock:
-            entry = ModelEntry(model_id, str(folder))
-            self._entries[model_id] = entry
+            previous = self._entries.get(model_id)
+            self._entries[model_id] = ModelEntry(model_id, str(folder))
             self._folders.pop(model_id, None)
-            return entry
+            return previous
+
+    def restore(self, model_id: str, previous: ModelEntry | None) -> None:
+        """Undo a `register` whose model then failed to load: the id is as it was before."""
+        with self._lock:
+            if previous is None:
+                self._entries.pop(model_id, None)
+            else:
+                self._entries[model_id] = previous
+            self._folders.pop(model_id, None)
 
     def folder(self, model_id: str) -> Path:
         """The checked folder of `model_id`, building a built-in model on first use."""
@@ -71,7 +87,7 @@ class ModelCatalog:
             cached = self._folders.get(model_id)
         if cached is not None:
             return cached
-        if entry.builtin:
+        if model_id in TINY_MODELS:
             folder = ensure_tiny_model(model_id, self._cache_dir)
         else:
             folder = Path(entry.source)

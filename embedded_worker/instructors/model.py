@@ -34,10 +34,12 @@ class ModelInstructor:
 
     def load_model(self, data: dict) -> dict:
         params = parse(ModelParams, data)
-        if params.path:
-            self.engine.planner.prepare_model(params, "")
-        self.engine.models.folder(params.model_id)  # checks the folder (safetensors only) before any worker loads it
-        answer = domain_answers.load_model(self.engine.pool, params.model_id)
+        undo = self.engine.planner.prepare_model(params, "")  # checks the folder (safetensors only) first
+        try:
+            answer = domain_answers.load_model(self.engine.pool, params.model_id)
+        except Exception:
+            undo()  # a model that failed to load is not left registered
+            raise
         return {**answer, **self.list_models({})}
 
     def unload_model(self, data: dict) -> dict:
