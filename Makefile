@@ -25,7 +25,7 @@ test: setup host
 
 demo: setup
 	@if command -v dotnet >/dev/null && dotnet --list-sdks 2>/dev/null | grep -q .; then \
-	  EMBEDDED_WORKER_VENV=$(CURDIR)/$(VENV) dotnet run --project $(HOST) -- --out demo_output; \
+	  EMBEDDED_WORKER_VENV=$(CURDIR)/$(VENV) dotnet run --project $(HOST)/app -- --out demo_output; \
 	else \
 	  $(MAKE) --no-print-directory host && $(HOST)/run.sh --out demo_output; \
 	fi
@@ -47,8 +47,10 @@ mono:
 	    exit 1; \
 	  fi; }
 
-soak: setup
+# The long load test, then the leak-then-shutdown host ten times over.
+soak: setup host
 	$(PY) -m pytest -q -s -m soak -p no:cacheprovider tests/test_soak.py
+	EMBEDDED_WORKER_REQUIRE_DOTNET=1 $(PY) -m pytest -q -m soak -p no:cacheprovider tests/test_dotnet_host.py -k leak
 
 clean:
 	rm -rf $(VENV) demo_output $(HOST)/bin $(HOST)/obj

@@ -16,8 +16,10 @@ HOST = Path(__file__).resolve().parents[1] / "dotnet_host_sample"
 def host_rows() -> dict[str, list[dict]]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "host_raw.json"
-    environment = {**os.environ, "EMBEDDED_WORKER_VENV": sys.prefix,
-                   "EMBEDDED_WORKER_CONFIG": json.dumps({"state_path": ":memory:"})}
+    config = {"state_path": ":memory:"}
+    if os.environ.get("EMBEDDED_WORKER_BENCH_MODEL"):  # a model other than the default, e.g. builtin:tiny-sd
+        config["default_model"] = os.environ["EMBEDDED_WORKER_BENCH_MODEL"]
+    environment = {**os.environ, "EMBEDDED_WORKER_VENV": sys.prefix, "EMBEDDED_WORKER_CONFIG": json.dumps(config)}
     subprocess.run([str(HOST / "run.sh"), "--bench", str(path)], check=True, env=environment, timeout=1200,
                    capture_output=True)
     measured = json.loads(path.read_text())
@@ -27,9 +29,21 @@ def host_rows() -> dict[str, list[dict]]:
     remote = _find(calls, "JSON-lines get_session_status", "idle")
     big = next(r for r in handoffs if r["path"] == "in-process buffer" and r["what"].startswith("8 x"))
     remote_big = next(r for r in handoffs if r["path"].startswith("out of process"))
+    shape = _find(calls, "ServiceProcessing shape (ExecuteAsync + dynamic)", "idle")
+    pollers = next(r for r in calls if r["call"].startswith("typed GetBatchStatus, 16 threads"))
+    flow = measured["pollers_and_throughput"]
+    quiet, polled = flow["img_s_without_pollers"], flow["img_s_with_pollers"]
     ratios = [
         {"comparison": "status: out-of-process p50 / typed in-process p50",
          "ratio": round(remote["p50_us"] / typed["p50_us"], 1), "goal": ">= 10"},
+        {"comparison": "ServiceProcessing shape idle p50 (us)", "ratio": round(shape["p50_us"], 1), "goal": "<= 12"},
+        {"comparison": "status: out-of-process p50 / ServiceProcessing shape p50",
+         "ratio": round(remote["p50_us"] / shape["p50_us"], 1), "goal": ">= 7"},
+        {"comparison": "16 C# threads polling a running batch: p99 (us)", "ratio": round(pollers["p99_us"], 1),
+         "goal": "< 100"},
+        {"comparison": "batch img/s with 16 pollers / without (alternating 6 s windows)",
+         "ratio": round((sum(polled) / len(polled)) / (sum(quiet) / len(quiet)), 3),
+         "goal": "1.0 within noise", "without": [round(x, 2) for x in quiet], "with": [round(x, 2) for x in polled]},
         {"comparison": "8x512x512x3 output: out-of-process / in-process handoff",
          "ratio": round(remote_big["p50_us"] / big["p50_us"]), "goal": ">= 1000"},
     ]

@@ -139,3 +139,26 @@ def test_kill_nine_of_the_mono_host_mid_batch_then_restart(host_build, model_cac
         assert len(by_item) == 10
         for item, (output_id, _) in done_before.items():
             assert by_item[item] == output_id and restarted.get_output(output_id).shape == (32, 32, 3)
+
+
+def _leak_then_shutdown(venv: Path, model_cache: Path) -> None:
+    result = run_host(venv, model_cache, "--leak-test", "4", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]  # -6 was the Mono GC abort
+    assert "leak test: 4 threads leaked their objects, 0 failed" in result.stdout
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_a_host_that_leaks_python_objects_from_several_threads_shuts_down_cleanly(host_build, model_cache, run):
+    _leak_then_shutdown(host_build, model_cache)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("run", range(10))
+def test_leak_then_shutdown_soak(host_build, model_cache, run):
+    _leak_then_shutdown(host_build, model_cache)
+
+
+def test_tokens_progress_from_the_board_and_typed_errors_from_csharp(host_build, model_cache):
+    result = run_host(host_build, model_cache, "--check-async", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "async checks passed" in result.stdout and "CHECK FAILED" not in result.stdout

@@ -8,6 +8,7 @@ using System.Diagnostics;
 using System.IO;
 using System.Text;
 using System.Threading;
+using System.Threading.Tasks;
 using EmbeddedWorker;
 
 namespace EmbeddedWorkerHost
@@ -26,14 +27,34 @@ namespace EmbeddedWorkerHost
             if (probe.Text("status") != "completed") throw new InvalidOperationException("probe failed: " + probe);
             int slot = (int)probe.Number("board_slot");
             var statusJson = "{\"session_id\": \"probe\", \"action\": \"get_status\"}";
+            Dictionary<string, object> pollingUnderLoad = null;
 
+            var service = new ServiceProcessing(worker);
+            Func<string> serviceShape = () =>
+            {
+                dynamic reply = service.GetSessionStatusAsync("probe").Result;  // as ServiceProcessing reads it
+                return (string)reply.status;
+            };
             using (var board = worker.OpenBoard())
             {
                 foreach (var loaded in new[] { false, true })
                 {
                     string condition = loaded ? "while a batch runs" : "idle";
                     string batchId = loaded ? StartLoad(worker) : null;
+                    rows.Add(Row("ServiceProcessing shape (ExecuteAsync + dynamic)", condition, Time(20000, () => serviceShape())));
+                    if (!loaded)
+                        foreach (var dispatch in new[] { CallDispatch.DedicatedThread, CallDispatch.ThreadPool })
+                        {
+                            worker.Options.Dispatch = dispatch;
+                            rows.Add(Row("ServiceProcessing shape, " + dispatch + " dispatch", condition,
+                                         Time(10000, () => serviceShape())));
+                            worker.Options.Dispatch = CallDispatch.Inline;
+                        }
                     rows.Add(Row("typed GetSessionStatus", condition, Time(20000, () => worker.GetSessionStatus("probe"))));
+                    worker.Options.StatusFromBoard = false;
+                    rows.Add(Row("typed GetSessionStatus, board off (Python)", condition,
+                                 Time(20000, () => worker.GetSessionStatus("probe"))));
+                    worker.Options.StatusFromBoard = true;
                     rows.Add(Row("Execute (dynamic Reply)", condition,
                                  Time(10000, () => worker.Execute("get_session_status", new { session_id = "probe" }))));
                     rows.Add(Row("ExecuteJson (JSON string)", condition,
@@ -41,8 +62,12 @@ namespace EmbeddedWorkerHost
                     rows.Add(BoardRow(board, slot, condition));
                     if (loaded)
                     {
-                        rows.Add(Row("typed GetSessionStatus, 4 threads", condition, Threads(4, 5000,
+                        worker.Options.StatusFromBoard = false;
+                        rows.Add(Row("typed GetSessionStatus, 4 threads, board off (Python)", condition, Threads(4, 5000,
                             () => worker.GetSessionStatus("probe"))));
+                        worker.Options.StatusFromBoard = true;
+                        pollingUnderLoad = PollersAgainstThroughput(worker, batchId, 16);
+                        rows.Add(pollingUnderLoad["row"]);
                         var busy = worker.GetBatchStatus(batchId);
                         if (busy.Status != "running")
                             Console.Error.WriteLine("warning: the load batch was " + busy.Status + " at the end");
@@ -71,6 +96,7 @@ namespace EmbeddedWorkerHost
             var result = new Dictionary<string, object>
             {
                 { "status_and_board", rows }, { "output_handoff", handoff }, { "out_of_process", outOfProcess },
+                { "pollers_and_throughput", pollingUnderLoad["throughput"] },
             };
             File.WriteAllText(resultPath, new Reply(result).ToString());
             Console.WriteLine("host benchmark written to " + resultPath);
@@ -84,6 +110,64 @@ namespace EmbeddedWorkerHost
             string id = batch.Text("batch_id");
             while (worker.GetBatchStatus(id).Status != "running") Thread.Sleep(10);
             return id;
+        }
+
+        /// <summary>
+        /// The batch's images/s over alternating windows without and with `threads` C# threads polling its
+        /// typed status (served from the board), in one run; and the pollers' latency.
+        /// </summary>
+        static Dictionary<string, object> PollersAgainstThroughput(EmbeddedProcessingWorker worker, string batchId, int threads)
+        {
+            var window = TimeSpan.FromSeconds(6);
+            var quiet = new List<double>();
+            var polled = new List<double>();
+            var samples = new List<double>();
+            for (int round = 0; round < 2; round++)
+            {
+                quiet.Add(Rate(worker, batchId, window, 0, samples));
+                polled.Add(Rate(worker, batchId, window, threads, samples));
+            }
+            quiet.Add(Rate(worker, batchId, window, 0, samples));
+            var row = Row("typed GetBatchStatus, " + threads + " threads (board)", "while a batch runs", samples);
+            var throughput = new Dictionary<string, object>
+            {
+                { "threads", (long)threads }, { "window_s", window.TotalSeconds },
+                { "img_s_without_pollers", quiet }, { "img_s_with_pollers", polled },
+                { "polls", (long)samples.Count },
+            };
+            return new Dictionary<string, object> { { "row", row }, { "throughput", throughput } };
+        }
+
+        static double Rate(EmbeddedProcessingWorker worker, string batchId, TimeSpan window, int threads, List<double> samples)
+        {
+            var stop = false;
+            var pollers = new List<Thread>();
+            for (int t = 0; t < threads; t++)
+            {
+                var thread = new Thread(() =>
+                {
+                    var mine = new List<double>();
+                    var watch = new Stopwatch();
+                    while (!Volatile.Read(ref stop))
+                    {
+                        watch.Restart();
+                        var status = worker.GetBatchStatus(batchId);
+                        mine.Add(watch.Elapsed.TotalMilliseconds * 1000);
+                        if (!status.Success) throw new InvalidOperationException("poll failed: " + status.Error);
+                    }
+                    lock (samples) samples.AddRange(mine);
+                });
+                pollers.Add(thread);
+                thread.Start();
+            }
+            long before = worker.GetBatchStatus(batchId).ProcessedItems;
+            var clock = Stopwatch.StartNew();
+            Thread.Sleep(window);
+            long after = worker.GetBatchStatus(batchId).ProcessedItems;
+            double seconds = clock.Elapsed.TotalSeconds;
+            Volatile.Write(ref stop, true);
+            foreach (var thread in pollers) thread.Join();
+            return (after - before) / seconds;
         }
 
         static object[] LargeResultDomains()

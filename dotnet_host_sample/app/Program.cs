@@ -37,6 +37,7 @@ namespace EmbeddedWorkerHost
             {
                 if (Array.IndexOf(args, "--selftest") >= 0) return SelfTest(runtime, args);
                 if (Option(args, "--bench") != null) return HostBenchmarks.Run(runtime, Option(args, "--bench"));
+                if (Array.IndexOf(args, "--check-async") >= 0) return AsyncChecks.Run(runtime);
                 if (Option(args, "--leak-test") != null) return LeakTest.Run(runtime, int.Parse(Option(args, "--leak-test")));
                 if (Option(args, "--hold-batch") != null)
                     return HoldBatch(runtime, Option(args, "--hold-batch"), int.Parse(Option(args, "--items") ?? "8"));

@@ -2,6 +2,8 @@
 // workflow cache, sessions (execute, poll, pause/resume/cancel/restart,
 // delete) and batches (execute, status, delete). It talks only through
 // IPythonWorkerService, exactly as the real service talks to its worker.
+// Every *Async method takes a CancellationToken and passes it on; a wait
+// stops when it fires. Failures stay envelopes (reply.success, reply.Code).
 using System;
 using System.Collections.Generic;
 using System.Threading;
@@ -24,17 +26,17 @@ namespace EmbeddedWorkerHost
             this.worker = worker;
         }
 
-        Task<Reply> Processing(string command, object request)
+        Task<Reply> Processing(string command, object request, CancellationToken cancellationToken = default(CancellationToken))
         {
-            return worker.ExecuteAsync(PythonWorkerType.Processing, command, request);
+            return worker.ExecuteAsync(PythonWorkerType.Processing, command, request, cancellationToken);
         }
 
-        public async Task<IList<Reply>> GetWorkflowsAsync(bool refresh = false)
+        public async Task<IList<Reply>> GetWorkflowsAsync(bool refresh = false, CancellationToken cancellationToken = default(CancellationToken))
         {
             lock (cacheLock)
                 if (!refresh && workflowCache != null && DateTime.UtcNow - cachedAt < CacheLifetime)
                     return new List<Reply>(workflowCache.Values);
-            var reply = await Processing("get_workflows", new { action = "get_workflows" }).ConfigureAwait(false);
+            var reply = await Processing("get_workflows", new { action = "get_workflows" }, cancellationToken).ConfigureAwait(false);
             if (!reply.Success) throw new InvalidOperationException("get_workflows failed: " + reply.Error);
             var fresh = new Dictionary<string, Reply>();
             foreach (Reply workflow in reply.List("workflows")) fresh[workflow.Text("id")] = workflow;
@@ -46,7 +48,7 @@ namespace EmbeddedWorkerHost
             return new List<Reply>(fresh.Values);
         }
 
-        public Task<Reply> StartSessionAsync(string workflowId, object parameters, int priority = 5)
+        public Task<Reply> StartSessionAsync(string workflowId, object parameters, int priority = 5, CancellationToken cancellationToken = default(CancellationToken))
         {
             return Processing("execute_workflow", new
             {
@@ -56,31 +58,31 @@ namespace EmbeddedWorkerHost
                 priority = priority,
                 background = true,
                 action = "execute_workflow",
-            });
+            }, cancellationToken);
         }
 
-        public Task<Reply> GetSessionStatusAsync(string sessionId)
+        public Task<Reply> GetSessionStatusAsync(string sessionId, CancellationToken cancellationToken = default(CancellationToken))
         {
-            return Processing("get_session_status", new { session_id = sessionId, action = "get_status" });
+            return Processing("get_session_status", new { session_id = sessionId, action = "get_status" }, cancellationToken);
         }
 
-        public Task<Reply> ControlSessionAsync(string sessionId, string action)
+        public Task<Reply> ControlSessionAsync(string sessionId, string action, CancellationToken cancellationToken = default(CancellationToken))
         {
-            return Processing("control_session", new { session_id = sessionId, action = action, parameters = (object)null });
+            return Processing("control_session", new { session_id = sessionId, action = action, parameters = (object)null }, cancellationToken);
         }
 
-        public Task<Reply> PauseAsync(string sessionId) { return ControlSessionAsync(sessionId, "pause"); }
-        public Task<Reply> ResumeAsync(string sessionId) { return ControlSessionAsync(sessionId, "resume"); }
-        public Task<Reply> CancelAsync(string sessionId) { return ControlSessionAsync(sessionId, "cancel"); }
-        public Task<Reply> RestartAsync(string sessionId) { return ControlSessionAsync(sessionId, "restart"); }
+        public Task<Reply> PauseAsync(string sessionId, CancellationToken cancellationToken = default(CancellationToken)) { return ControlSessionAsync(sessionId, "pause", cancellationToken); }
+        public Task<Reply> ResumeAsync(string sessionId, CancellationToken cancellationToken = default(CancellationToken)) { return ControlSessionAsync(sessionId, "resume", cancellationToken); }
+        public Task<Reply> CancelAsync(string sessionId, CancellationToken cancellationToken = default(CancellationToken)) { return ControlSessionAsync(sessionId, "cancel", cancellationToken); }
+        public Task<Reply> RestartAsync(string sessionId, CancellationToken cancellationToken = default(CancellationToken)) { return ControlSessionAsync(sessionId, "restart", cancellationToken); }
 
-        public Task<Reply> DeleteSessionAsync(string sessionId)
+        public Task<Reply> DeleteSessionAsync(string sessionId, CancellationToken cancellationToken = default(CancellationToken))
         {
-            return Processing("delete_session", new { session_id = sessionId, force_cleanup = true, action = "delete_session" });
+            return Processing("delete_session", new { session_id = sessionId, force_cleanup = true, action = "delete_session" }, cancellationToken);
         }
 
         /// <summary>The request the existing client sends: no items, the count in parameters.total_images.</summary>
-        public Task<Reply> StartBatchAsync(string workflowId, object parameters)
+        public Task<Reply> StartBatchAsync(string workflowId, object parameters, CancellationToken cancellationToken = default(CancellationToken))
         {
             return Processing("execute_batch", new
             {
@@ -89,31 +91,31 @@ namespace EmbeddedWorkerHost
                 parameters = parameters,
                 background = true,
                 action = "execute_batch",
-            });
+            }, cancellationToken);
         }
 
-        public Task<Reply> GetBatchStatusAsync(string batchId)
+        public Task<Reply> GetBatchStatusAsync(string batchId, CancellationToken cancellationToken = default(CancellationToken))
         {
-            return Processing("get_batch_status", new { batch_id = batchId, action = "get_status" });
+            return Processing("get_batch_status", new { batch_id = batchId, action = "get_status" }, cancellationToken);
         }
 
-        public Task<Reply> DeleteBatchAsync(string batchId)
+        public Task<Reply> DeleteBatchAsync(string batchId, CancellationToken cancellationToken = default(CancellationToken))
         {
-            return Processing("delete_batch", new { batch_id = batchId, force_cleanup = true, action = "delete_batch" });
+            return Processing("delete_batch", new { batch_id = batchId, force_cleanup = true, action = "delete_batch" }, cancellationToken);
         }
 
         /// <summary>Poll the session until it is final (or `timeout`), as the real service's status loop does.</summary>
-        public async Task<Reply> WaitForSessionAsync(string sessionId, TimeSpan poll, TimeSpan timeout)
+        public async Task<Reply> WaitForSessionAsync(string sessionId, TimeSpan poll, TimeSpan timeout, CancellationToken cancellationToken = default(CancellationToken))
         {
             var deadline = DateTime.UtcNow + timeout;
             while (true)
             {
-                var status = await GetSessionStatusAsync(sessionId).ConfigureAwait(false);
+                var status = await GetSessionStatusAsync(sessionId, cancellationToken).ConfigureAwait(false);
                 var state = status.Text("status");
                 if (!status.Success || state == "completed" || state == "failed" || state == "cancelled"
                     || DateTime.UtcNow > deadline)
                     return status;
-                await Task.Delay(poll).ConfigureAwait(false);
+                await Task.Delay(poll, cancellationToken).ConfigureAwait(false);
             }
         }
     }

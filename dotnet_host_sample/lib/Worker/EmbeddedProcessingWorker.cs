@@ -53,7 +53,7 @@ namespace EmbeddedWorker
         readonly ConcurrentDictionary<string, Slot> slots = new ConcurrentDictionary<string, Slot>();
         readonly ConcurrentDictionary<string, FinalReading> finals = new ConcurrentDictionary<string, FinalReading>();
         readonly ProgressBoard board;
-        readonly PythonCallThread callThread;
+        PythonCallThread callThread;  // made on first use of CallDispatch.DedicatedThread
         IntPtr execute, sessionStatus, batchStatus;  // borrowed from `methods`, valid until closed
         volatile bool closed;  // set under the GIL, so no call can use a released method
 
@@ -78,7 +78,6 @@ namespace EmbeddedWorker
                 using (var layout = worker.InvokeMethod("board_layout"))
                     board = ProgressBoard.Open(worker.InvokeMethod("progress_board"), PyConvert.ToReply(layout));
             }
-            if (this.options.Dispatch == CallDispatch.DedicatedThread) callThread = new PythonCallThread();
             runtime.OnShutdown(() => Close(this.options.CloseTimeout));
         }
 
@@ -106,7 +105,12 @@ namespace EmbeddedWorker
         {
             if (token.IsCancellationRequested) return Task.FromCanceled<T>(token);
             if (blocks || options.Dispatch == CallDispatch.ThreadPool) return Task.Run(call, token);
-            if (options.Dispatch == CallDispatch.DedicatedThread && callThread != null) return callThread.Run(call, token);
+            if (options.Dispatch == CallDispatch.DedicatedThread)
+            {
+                if (callThread == null)
+                    lock (methods) if (callThread == null && !closed) callThread = new PythonCallThread();
+                if (callThread != null) return callThread.Run(call, token);
+            }
             try
             {
                 return Task.FromResult(call());  // microseconds: done before a hop would have started

@@ -1,0 +1,136 @@
+// `--check-async`: cancellation tokens, progress from the board and typed
+// errors, checked against the real worker. Prints one line per failed check
+// and "async checks passed" when none failed.
+using System;
+using System.Collections.Generic;
+using System.Threading;
+using System.Threading.Tasks;
+using EmbeddedWorker;
+
+namespace EmbeddedWorkerHost
+{
+    public static class AsyncChecks
+    {
+        /// <summary>Reports kept in order, on the reporting thread (Progress&lt;T&gt; would post them elsewhere).</summary>
+        sealed class Reports : IProgress<WorkProgress>
+        {
+            public readonly List<WorkProgress> Seen = new List<WorkProgress>();
+            public Action<WorkProgress> Then;
+
+            public void Report(WorkProgress value)
+            {
+                lock (Seen) Seen.Add(value);
+                if (Then != null) Then(value);
+            }
+        }
+
+        public static int Run(PythonRuntime runtime)
+        {
+            int failed = 0;
+            Action<bool, string> check = (ok, what) => { if (!ok) { failed++; Console.WriteLine("CHECK FAILED: " + what); } };
+            var worker = new EmbeddedProcessingWorker(runtime);
+            var service = new ServiceProcessing(worker);
+
+            // 1. a wait with progress, to the end; polls served from the board while it runs
+            var started = service.StartSessionAsync("img-generation-basic", new { steps = 30, seed = 1 }).Result;
+            string id = started.Text("session_id");
+            var running = worker.GetSessionStatus(id);
+            check(running.Success, "typed status: " + running.Error);
+            var reports = new Reports();
+            var final = worker.WaitForSessionAsync(id, reports, requireSuccess: true).Result;
+            check(final.Status == "completed" && final.CompletedAt != null, "waited to completed (" + final.Status + ")");
+            check(reports.Seen.Count >= 2 && reports.Seen[reports.Seen.Count - 1].Percent == 100,
+                  "progress reports from the board: " + reports.Seen.Count);
+            for (int i = 1; i < reports.Seen.Count; i++)
+                check(reports.Seen[i].Percent >= reports.Seen[i - 1].Percent, "progress never goes back");
+            check(worker.GetSessionStatus(id).FromBoard && worker.GetSessionStatus(id).CompletedAt == final.CompletedAt,
+                  "a final status is kept and served from the board while its row is unchanged");
+
+            // 2. a token that fires mid-run, asked to cancel the work: the wait throws, the session is cancelled
+            var slow = service.StartSessionAsync("img-generation-basic", new { steps = 400, seed = 2 }).Result;
+            string slowId = slow.Text("session_id");
+            var source = new CancellationTokenSource();
+            var cancelReports = new Reports { Then = p => { if (p.CurrentStep > 0 || p.DenoiseStep >= 3) source.Cancel(); } };
+            source.CancelAfter(TimeSpan.FromSeconds(60));
+            try
+            {
+                worker.WaitForSessionAsync(slowId, cancelReports, cancelWorkOnCancel: true, cancellationToken: source.Token).Wait();
+                check(false, "a cancelled wait must throw");
+            }
+            catch (AggregateException error)
+            {
+                check(error.InnerException is OperationCanceledException, "cancelled wait: " + error.InnerException.GetType().Name);
+            }
+            var afterCancel = worker.WaitForSessionAsync(slowId).Result;
+            check(afterCancel.Status == "cancelled", "the work itself was cancelled (" + afterCancel.Status + ")");
+
+            // 3. a token that fires without cancelling the work: only the wait stops
+            var kept = service.StartSessionAsync("img-generation-basic", new { steps = 400, seed = 3 }).Result;
+            string keptId = kept.Text("session_id");
+            var quick = new CancellationTokenSource(TimeSpan.FromMilliseconds(300));
+            try
+            {
+                worker.WaitForSessionAsync(keptId, cancellationToken: quick.Token).Wait();
+                check(false, "a timed-out wait must throw");
+            }
+            catch (AggregateException error)
+            {
+                check(error.InnerException is OperationCanceledException, "timed-out wait: " + error.InnerException.GetType().Name);
+            }
+            var stillRunning = worker.GetSessionStatus(keptId);
+            check(!stillRunning.IsFinal, "the work goes on after the wait gave up (" + stillRunning.Status + ")");
+            worker.ControlSession(keptId, "cancel");
+
+            // 4. ServiceProcessing's own wait and calls honour a token
+            var cancelled = new CancellationTokenSource();
+            cancelled.Cancel();
+            var refused = service.GetSessionStatusAsync(id, cancelled.Token);
+            check(refused.IsCanceled, "ExecuteAsync with a cancelled token: a cancelled task");
+            try
+            {
+                service.WaitForSessionAsync(keptId, TimeSpan.FromMilliseconds(20), TimeSpan.FromMinutes(1), cancelled.Token).Wait();
+                check(false, "ServiceProcessing.WaitForSessionAsync must throw when cancelled");
+            }
+            catch (AggregateException error)
+            {
+                check(error.InnerException is OperationCanceledException, "ServiceProcessing wait: " + error.InnerException.GetType().Name);
+            }
+
+            // 5. a batch, its item counts from the board
+            var batch = worker.ExecuteBatch(new { workflow_id = "img-generation-basic",
+                                                  parameters = new { steps = 4, seed = 10, total_images = 4 } });
+            var batchReports = new Reports();
+            var batchFinal = worker.WaitForBatchAsync(batch.Text("batch_id"), batchReports).Result;
+            check(batchFinal.Status == "completed" && batchFinal.ProcessedItems == 4, "batch of 4: " + batchFinal.Status);
+            check(batchReports.Seen.Count > 0 && batchReports.Seen[batchReports.Seen.Count - 1].ItemsDone == 4,
+                  "batch progress from the board");
+
+            // 6. typed errors
+            try
+            {
+                worker.WaitForSessionAsync("no-such-session").Wait();
+                check(false, "waiting for an unknown session must throw");
+            }
+            catch (AggregateException error)
+            {
+                var typed = error.InnerException as WorkerException;
+                check(typed != null && typed.Code == WorkerErrorCode.NotFound, "unknown session: NotFound");
+            }
+            var bad = worker.ExecuteWorkflow(new { workflow_id = "img-generation-basic", priority = "high" });
+            check(bad.Code == WorkerErrorCode.InvalidRequest, "priority \"high\": InvalidRequest (" + bad.ErrorCode + ")");
+            try { bad.EnsureSuccess(); check(false, "EnsureSuccess must throw"); }
+            catch (WorkerException error) { check(error.Code == WorkerErrorCode.InvalidRequest, "EnsureSuccess: typed"); }
+            var failedWait = worker.WaitForSessionAsync(slowId, requireSuccess: true);
+            try { failedWait.Wait(); check(false, "requireSuccess on a cancelled session must throw"); }
+            catch (AggregateException error)
+            {
+                var typed = error.InnerException as WorkFailedException;
+                check(typed != null && typed.Status == "cancelled" && typed.Code == WorkerErrorCode.Cancelled,
+                      "requireSuccess: WorkFailedException(cancelled)");
+            }
+
+            Console.WriteLine(failed == 0 ? "async checks passed" : "async checks FAILED: " + failed);
+            return failed == 0 ? 0 : 1;
+        }
+    }
+}
