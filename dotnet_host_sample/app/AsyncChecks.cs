@@ -47,7 +47,7 @@ namespace EmbeddedWorkerHost
                   "a final status is kept and served from the board while its row is unchanged");
 
             // 2. a token that fires mid-run, asked to cancel the work: the wait throws, the session is cancelled
-            var slow = service.StartSessionAsync("img-generation-basic", new { steps = 400, seed = 2 }).Result;
+            var slow = service.StartSessionAsync("img-generation-basic", new { steps = 150, seed = 2 }).Result;
             string slowId = slow.Text("session_id");
             var source = new CancellationTokenSource();
             var cancelReports = new Reports { Then = p => { if (p.CurrentStep > 0 || p.DenoiseStep >= 3) source.Cancel(); } };
@@ -65,7 +65,7 @@ namespace EmbeddedWorkerHost
             check(afterCancel.Status == "cancelled", "the work itself was cancelled (" + afterCancel.Status + ")");
 
             // 3. a token that fires without cancelling the work: only the wait stops
-            var kept = service.StartSessionAsync("img-generation-basic", new { steps = 400, seed = 3 }).Result;
+            var kept = service.StartSessionAsync("img-generation-basic", new { steps = 150, seed = 3 }).Result;
             string keptId = kept.Text("session_id");
             var quick = new CancellationTokenSource(TimeSpan.FromMilliseconds(300));
             try
