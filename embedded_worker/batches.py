@@ -56,7 +56,7 @@ from .state import (
 if TYPE_CHECKING:
     from .engine import Engine
 
-PAUSE_WAIT_SECONDS = 5.0
+PAUSE_WAIT_SECONDS = 30.0  # one step boundary away; a loaded machine may take seconds to reach it
 BOARD_INTERVAL_SECONDS = 0.05
 log = logging.getLogger("embedded_worker.batches")
 

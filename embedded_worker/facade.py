@@ -58,6 +58,7 @@ DOMAIN_ALIASES = {
     "models": "list_models",
 }
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+MAX_ERROR_CHARS = 2000  # an unexpected error's text in its envelope: enough to report, never a request
 
 
 def _snake(name: str) -> str:
@@ -116,7 +117,7 @@ class ProcessingWorker:
             return failure(error)
         except Exception as error:  # a bug must not cross into the host
             log.exception("unexpected error at the facade")
-            return failure(InternalError(f"{type(error).__name__}: {error}"))
+            return failure(InternalError(f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]))
 
     @staticmethod
     def _data(request: Any, kwargs: dict) -> dict:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .planning import RunPlan
 
-PAUSE_WAIT_SECONDS = 5.0
+PAUSE_WAIT_SECONDS = 30.0  # one step boundary away; a loaded machine may take seconds to reach it
 log = logging.getLogger("embedded_worker.sessions")
 
 

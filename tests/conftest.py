@@ -5,6 +5,7 @@ Everything runs on the real tiny diffusers pipeline on this machine's CPU.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,9 @@ def make_worker(model_cache, tmp_path):
     made: list[ProcessingWorker] = []
 
     def make(**overrides) -> ProcessingWorker:
-        settings = {"model_cache_dir": str(model_cache), "workflows_dir": None, "state_path": ":memory:"}
+        # the random tiny-sd, not the trained default: these tests check mechanics and pixel identity, cheaply
+        settings = {"model_cache_dir": str(model_cache), "workflows_dir": None, "state_path": ":memory:",
+                    "default_model": "builtin:tiny-sd"}
         scheduling = {"coalesce_wait_ms": 5.0, **overrides.pop("scheduling", {})}
         settings.update(overrides)
         worker = ProcessingWorker(WorkerConfig.model_validate({**settings, "scheduling": scheduling}))
@@ -53,7 +56,7 @@ def generate(worker: ProcessingWorker, session_id: str | None = None, background
     return worker.execute_workflow(request)
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.005):
+def wait_for(predicate, timeout: float = 300.0, interval: float = 0.005):
     """Poll `predicate` until it returns a truthy value; fail the test on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,6 +93,41 @@ def device_worker(worker: ProcessingWorker):
 def pipeline_of(worker: ProcessingWorker, model_id: str = "builtin:tiny-sd"):
     """The pipeline the device worker itself uses (loaded on its thread, then only read here)."""
     return device_worker(worker).call(lambda w: w.pipeline(model_id)[0]).result(timeout=60)
+
+
+class StepGate:
+    """Holds the device inside its Nth UNet forward until a pause of a session has been asked for, so the
+    pause lands at that step boundary however slow the machine is (no race between a poll and a step)."""
+
+    def __init__(self, worker: ProcessingWorker, forwards: int):
+        self.worker, self.forwards, self.count = worker, forwards, 0
+        self.reached, self.release = threading.Event(), threading.Event()
+        self.handle = pipeline_of(worker).unet.register_forward_hook(self._hook)
+
+    def _hook(self, *_args) -> None:
+        self.count += 1
+        if self.count == self.forwards:
+            self.reached.set()
+            self.release.wait(300)
+
+    def pause(self, session_id: str) -> dict:
+        assert self.reached.wait(300), "the session never reached the step"
+        replies: list[dict] = []
+        pausing = threading.Thread(target=lambda: replies.append(
+            self.worker.control_session(session_id=session_id, action="pause")))
+        pausing.start()
+        run = self.worker._engine.sessions._runs[session_id]
+        wait_for(lambda: run.pause_requested)
+        self.release.set()
+        pausing.join(300)
+        return replies[0]
+
+    def __enter__(self) -> "StepGate":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release.set()
+        self.handle.remove()
 
 
 def assert_same_up_to_batch_rounding(a, b) -> None:

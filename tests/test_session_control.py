@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conftest import device_worker, generate, pipeline_of, session_status, wait_for
+from .conftest import StepGate, device_worker, generate, pipeline_of, session_status, wait_for
 
 
 def current_task(worker, session_id):
@@ -16,10 +16,10 @@ def test_pause_mid_denoising_then_resume_gives_the_uninterrupted_pixels(worker):
     reference = generate(worker, session_id="straight", steps=40, seed=1234, background=False)
     expected = worker.get_output(reference["outputs"][0]["output_id"])
 
-    generate(worker, session_id="paused", steps=40, seed=1234, background=True)
-    task = current_task(worker, "paused")
-    wait_for(lambda: task.step >= 12)
-    paused = worker.control_session(session_id="paused", action="pause")
+    with StepGate(worker, forwards=12) as gate:
+        generate(worker, session_id="paused", steps=40, seed=1234, background=True)
+        task = current_task(worker, "paused")
+        paused = gate.pause("paused")
     assert paused["status"] == "paused"
     held_at = task.step
     assert 12 <= held_at < 40

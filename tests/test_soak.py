@@ -1,5 +1,9 @@
 """Load: many sessions, many threads of status and control, faults injected; nothing lost or stuck.
 
+The mix holds what hostile callers send too: ids that look like paths, ids another kind of record
+already has, JSON nested thousands deep. Then the worker is closed while the load goes on, and a second
+worker on the same state file finishes everything that was accepted.
+
 `make soak` runs the long version (200 sessions, 16 threads, 60 s) and prints what it held;
 `make test` runs a short one.
 """
@@ -44,8 +48,9 @@ def soak(model_cache, tmp_path, sessions: int, threads: int, seconds: float) -> 
     process = psutil.Process()
     config = WorkerConfig(model_cache_dir=model_cache, state_path=str(tmp_path / "state.sqlite3"),
                           models={"broken": str(broken)}, limits={"max_queued_work": 10_000},
-                          scheduling={"coalesce_wait_ms": 5})
+                          scheduling={"coalesce_wait_ms": 5}, default_model="builtin:tiny-sd")
     worker = ProcessingWorker(config)
+    deep = '{"workflow_id": "img-generation-basic", "parameters": {"x": ' + "[" * 3000 + "]" * 3000 + "}}"
     tally = Tally()
     rng = random.Random(7)
 
@@ -79,25 +84,39 @@ def soak(model_cache, tmp_path, sessions: int, threads: int, seconds: float) -> 
                 reply = worker.control_session(session_id=session_id,
                                                action=local.choice(["pause", "resume", "resume", "restart"]))
                 tally.add(controls=1)
-            elif roll < 0.97:
+            elif roll < 0.95:
                 reply = worker.execute(local.choice(["execute_workflow", "control_session", "bogus"]),
-                                       local.choice(["{", "[]", '{"priority": 99}', '{"session_id": ""}']))
+                                       local.choice(["{", "[]", '{"priority": 99}', '{"session_id": ""}', deep]))
+                tally.add(faults_injected=1)
+            elif roll < 0.96:  # an id another kind of record has: refused, and the store stays openable
+                reply = worker.execute_batch(batch_id=session_id, workflow_id="img-generation-basic")
+                tally.add(faults_injected=1)
+            elif roll < 0.97:  # an id that looks like a path: accepted, its files stay inside the folders
+                escape_id = f"../../soak-escape-{seed}-{local.randrange(10**9)}"
+                reply = worker.execute_workflow(session_id=escape_id, workflow_id="img-generation-basic",
+                                                parameters={"prompt": "escape", "steps": 3})
+                if reply["success"]:
+                    with tally.lock:
+                        tally.accepted.add(escape_id)
                 tally.add(faults_injected=1)
             else:
                 reply = worker.get_status()
             tally.add(requests=1)
             if isinstance(reply, str):
                 continue
-            if not reply["success"] and reply["error_code"] not in ("invalid_state", "invalid_request", "not_found"):
+            expected = ("invalid_state", "invalid_request", "not_found") + (("unavailable",) if worker.closed else ())
+            if not reply["success"] and reply["error_code"] not in expected:
                 errors.append(reply)
 
     workers = [threading.Thread(target=load, args=(n,), name=f"soak-{n}") for n in range(threads)]
     for thread in workers:
         thread.start()
     time.sleep(seconds)
+    closed_under_load = worker.close(timeout=0)  # the load goes on against a closed worker meanwhile
     stop.set()
     for thread in workers:
         thread.join(60)
+    worker = ProcessingWorker(config)  # the next process: finishes what the first accepted
     finals = settle(worker, sorted(tally.accepted), timeout=600)
     lost = [s for s, r in finals.items() if not r["success"]]
     lost += [s for s, r in finals.items() if r["status"] == "completed"
@@ -105,6 +124,8 @@ def soak(model_cache, tmp_path, sessions: int, threads: int, seconds: float) -> 
     lost += [s for s, r in finals.items() if r["status"] == "completed" and not r["outputs"]]
     rss_growth = process.memory_info().rss - rss_start
     statuses = [r["status"] for r in finals.values()]
+    written = [p for p in tmp_path.parent.rglob("*soak-escape*")]
+    escaped = [p for p in written if not p.is_relative_to(tmp_path)]
     closed = worker.close(timeout=60)
     wait_for(lambda: threading.active_count() <= threads_before, timeout=30)
     summary = {
@@ -114,9 +135,11 @@ def soak(model_cache, tmp_path, sessions: int, threads: int, seconds: float) -> 
         "cancelled": statuses.count("cancelled"), "items_lost": len(lost), "unexpected_errors": len(errors),
         "rss_growth_mb": round(rss_growth / 2**20, 1), "threads_after_close": threading.active_count(),
         "threads_before": threads_before, "closed_cleanly": closed["threads_stopped"],
+        "closed_under_load": closed_under_load["threads_stopped"], "files_escaped": len(escaped),
     }
     print("\nsoak held: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     assert not errors, errors[:3]
+    assert closed_under_load["threads_stopped"] and escaped == []
     assert lost == [] and summary["items_lost"] == 0
     assert summary["failed"] >= 1 and summary["completed"] > sessions // 2
     assert rss_growth < 512 * 2**20
