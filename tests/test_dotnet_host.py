@@ -64,6 +64,17 @@ def test_the_demo_exits_cleanly_and_says_what_it_did(demo):
     assert "CHECK FAILED" not in result.stdout
 
 
+def test_the_host_ran_the_documents_coordination_and_aggregated_its_status(demo):
+    result, folder = demo
+    assert ("coordination: model.load_model -> inference.batch_process -> postprocessing.enhance, 3 images"
+            in result.stdout), result.stdout[-3000:]
+    coordination = json.loads((folder / "summary.json").read_text())["coordination"]
+    assert (coordination["status"], coordination["seeds"]) == ("completed", [11, 12, 13])
+    assert (coordination["model_state"], coordination["images_done"], coordination["enhance"]) == (
+        "loaded", 3, "completed")
+    assert coordination["domains"] == {d: "completed" for d in ("model", "inference", "postprocessing", "device")}
+
+
 def test_the_host_wrote_decodable_pngs_of_the_right_size(demo):
     _, folder = demo
     summary = json.loads((folder / "summary.json").read_text())
@@ -138,7 +149,7 @@ def test_kill_nine_of_the_mono_host_mid_batch_then_restart(host_build, model_cac
         by_item = {o["item_id"]: o["output_id"] for o in final["outputs"]}
         assert len(by_item) == 10
         for item, (output_id, _) in done_before.items():
-            assert by_item[item] == output_id and restarted.get_output(output_id).shape == (32, 32, 3)
+            assert by_item[item] == output_id and restarted.get_output(output_id).shape == (64, 64, 3)  # builtin:shapes
 
 
 def _leak_then_shutdown(venv: Path, model_cache: Path) -> None:

@@ -178,7 +178,44 @@ namespace EmbeddedWorkerHost
                                             new { strength = 0.6, steps = 20, seed = 5 }, checks));
                 Console.WriteLine("img2img from a host-filled buffer: " + clock.ElapsedMilliseconds + " ms");
 
-                // 5. bad input from C# is an envelope, never an exception
+                // 5. the document's coordination (model -> inference batch -> enhance) and its status aggregation
+                clock.Restart();
+                string coordinationId = Guid.NewGuid().ToString();
+                var coordination = service.CoordinateAsync(coordinationId, "builtin:tiny-sd",
+                    new { prompt = "a harbour at dawn", seed = 11, steps = 10 }, 3).Result;
+                checks.That(coordination.Success, "coordination accepted: " + coordination.Error);
+                var coordinated = service.WaitForSessionAsync(coordinationId, TimeSpan.FromMilliseconds(20),
+                                                              TimeSpan.FromMinutes(5)).Result;
+                var seeds = new List<object>();
+                foreach (Reply output in coordinated.List("outputs")) seeds.Add(output.Number("seed"));
+                checks.That(coordinated.Text("status") == "completed" && seeds.Count == 3,
+                            "coordination completed with 3 images (" + coordinated.Text("status") + ")");
+                var loadStep = (Reply)coordinated.List("step_results")[0];
+                checks.That(Equals(((Reply)loadStep["result"])["loaded"], true), "model step loaded the model");
+                var parts = service.GetAggregatedStatusAsync(coordinationId).Result;
+                var domainStates = new Dictionary<string, object>();
+                foreach (var part in parts)
+                {
+                    checks.That(part.Value.Success && part.Value.Text("status") == "completed",
+                                part.Key + ".get_status for the session: " + part.Value.Error);
+                    domainStates[part.Key] = part.Value.Text("status");
+                }
+                var modelState = ((Reply)parts["model"].List("models")[0]).Text("state");
+                var imagesDone = ((Reply)parts["inference"]["counts"]).Number("done");
+                var enhanceState = ((Reply)parts["postprocessing"].List("steps")[0]).Text("status");
+                checks.That(modelState == "loaded" && imagesDone == 3 && enhanceState == "completed",
+                            "aggregated: model " + modelState + ", " + imagesDone + " images done, enhance " + enhanceState);
+                summary["coordination"] = new Dictionary<string, object>
+                {
+                    { "status", coordinated.Text("status") }, { "seeds", seeds }, { "model_state", modelState },
+                    { "images_done", imagesDone }, { "enhance", enhanceState }, { "domains", domainStates },
+                };
+                Console.WriteLine("coordination: model.load_model -> inference.batch_process -> postprocessing.enhance, "
+                                  + seeds.Count + " images in " + clock.ElapsedMilliseconds + " ms; status from "
+                                  + parts.Count + " domains");
+                service.DeleteSessionAsync(coordinationId).Wait();
+
+                // 6. bad input from C# is an envelope, never an exception
                 var missing = worker.GetSessionStatus(null);
                 checks.That(!missing.Success && missing.ErrorCode == "invalid_request", "null id -> invalid_request");
                 checks.That(worker.GetSessionStatus("").ErrorCode == "invalid_request", "empty id -> invalid_request");

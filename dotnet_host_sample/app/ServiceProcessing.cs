@@ -104,6 +104,46 @@ namespace EmbeddedWorkerHost
             return Processing("delete_batch", new { batch_id = batchId, force_cleanup = true, action = "delete_batch" }, cancellationToken);
         }
 
+        /// <summary>The design document's cross-domain request: load a model, batch on it, enhance the batch.</summary>
+        public Task<Reply> CoordinateAsync(string coordinationId, string modelId, object generationParams, int totalImages, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            return Processing("execute_workflow", new
+            {
+                coordination_id = coordinationId,
+                workflow_id = "sd-generate-enhance",
+                domains = new object[]
+                {
+                    new { domain = "model", operation = "load_model", parameters = new { model_id = modelId } },
+                    new { domain = "inference", operation = "batch_process", parameters = new
+                    {
+                        batch_id = Guid.NewGuid(),
+                        batch_config = new { total_images = totalImages, preferred_batch_size = 2, max_batch_size = 4,
+                                             enable_dynamic_sizing = true, memory_threshold = 0.8,
+                                             parallel_processing = false },
+                        generation_params = generationParams,
+                    } },
+                    new { domain = "postprocessing", operation = "enhance", parameters = new { sharpness = 1.5 } },
+                },
+                coordination_mode = "sequential",
+            }, cancellationToken);
+        }
+
+        static readonly PythonWorkerType[] StatusDomains =
+            { PythonWorkerType.Model, PythonWorkerType.Inference, PythonWorkerType.Postprocessing, PythonWorkerType.Device };
+
+        /// <summary>Status aggregation as the document does it: every domain's get_status for the session, by domain.</summary>
+        public async Task<IDictionary<string, Reply>> GetAggregatedStatusAsync(string sessionId, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            var names = new[] { "model", "inference", "postprocessing", "device" };
+            var asked = new List<Task<Reply>>();
+            foreach (var domain in StatusDomains)
+                asked.Add(worker.ExecuteAsync(domain, "get_status", new { session_id = sessionId, domains = names }));
+            var replies = await Task.WhenAll(asked).ConfigureAwait(false);
+            var parts = new Dictionary<string, Reply>();
+            for (int i = 0; i < names.Length; i++) parts[names[i]] = replies[i];
+            return parts;
+        }
+
         /// <summary>Poll the session until it is final (or `timeout`), as the real service's status loop does.</summary>
         public async Task<Reply> WaitForSessionAsync(string sessionId, TimeSpan poll, TimeSpan timeout, CancellationToken cancellationToken = default(CancellationToken))
         {
