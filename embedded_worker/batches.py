@@ -337,8 +337,12 @@ class BatchService:
             self._cancel_items(self._items(record))
 
     def resized(self, groups: set, size: int, reason: str) -> None:
+        """Count a size change for each batch that had images in flight; a coordination step's own sizing
+        group is no batch here, and counting it would keep an entry nobody deletes."""
+        with self.engine.book.lock:
+            batches = {group for group in groups if group in self.engine.book.batches}
         with self._lock:
-            for group in groups:
+            for group in batches:
                 self._adjustments[group] = self._adjustments.get(group, 0) + 1
 
     # ---- the batch follows its items; the board follows the batch ---------------------------------
