@@ -30,7 +30,8 @@ def serve(worker: ProcessingWorker, lines, out) -> None:
 
 
 def main() -> int:
-    with ProcessingWorker({"state_path": ":memory:"}) as worker:  # beside a host that holds the state file
+    # the host's configuration (EMBEDDED_WORKER_CONFIG, inherited: the same model), state in memory beside it
+    with ProcessingWorker(None, state_path=":memory:") as worker:
         sys.stdout.write(json.dumps({"ready": True}) + "\n")
         sys.stdout.flush()
         serve(worker, sys.stdin, sys.stdout)

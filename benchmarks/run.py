@@ -2,11 +2,13 @@
 
     python -m benchmarks.run            # everything
     python -m benchmarks.run --quick    # fewer rounds, for a smoke check
+    python -m benchmarks.run --only status host   # these parts again; the rest kept from the last results
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -16,38 +18,64 @@ from .host_bench import host_rows
 from .worker_bench import durability_rows, status_rows, throughput_against_pipeline, tiny_pipeline
 
 
+PARTS = ("status", "throughput", "coalescing", "sweep", "durability", "host")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-host", action="store_true", help="skip the .NET host figures (no Mono here)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, help="run these parts; keep the others' last results")
     parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "embedded_worker_bench_models"))
     args = parser.parse_args(argv)
     rounds, seconds = (2, 1.0) if args.quick else (6, 3.0)
+    parts = set(args.only or PARTS) - ({"host"} if args.no_host else set())
     loaded_status_samples: list[float] = []
-    pipe = tiny_pipeline(args.model_cache)
-    coalescing, coalescing_notes = coalescing_rows(args.model_cache, pipe, rounds)
-    sweep_rows = sweep(args.model_cache, pipe)
-    sections = {
-        "Status call latency from Python (get_session_status)":
-            status_rows(args.model_cache, seconds, loaded_status_samples),
-        "Images/s: worker vs the diffusers pipeline's own call (tiny SD, 32 px, CPU)":
-            throughput_against_pipeline(args.model_cache, rounds=rounds),
-        "Eight concurrent single-image sessions: coalesced, one by one, raw batch 8": coalescing,
-        "Images/s against N: N concurrent sessions (worker) and batch N (raw pipeline)": sweep_rows,
-        "What durability costs: batches of 8 with state in memory or in SQLite with synced files":
-            durability_rows(args.model_cache, rounds),
-    }
-    if not args.no_host:
+    pipe = tiny_pipeline(args.model_cache) if parts & {"coalescing", "sweep"} else None
+    coalescing, coalescing_notes = coalescing_rows(args.model_cache, pipe, rounds) if "coalescing" in parts else ([], {})
+    sweep_rows = sweep(args.model_cache, pipe) if "sweep" in parts else []
+    sections = {}
+    if "status" in parts:
+        sections["Status call latency from Python (get_session_status)"] = \
+            status_rows(args.model_cache, seconds, loaded_status_samples)
+    if "throughput" in parts:
+        sections["Images/s: worker vs the diffusers pipeline's own call (tiny SD, 32 px, CPU)"] = \
+            throughput_against_pipeline(args.model_cache, rounds=rounds)
+    if "coalescing" in parts:
+        sections["Eight concurrent single-image sessions: coalesced, one by one, raw batch 8"] = coalescing
+    if "sweep" in parts:
+        sections["Images/s against N: N concurrent sessions (worker) and batch N (raw pipeline)"] = sweep_rows
+    if "durability" in parts:
+        sections["What durability costs: batches of 8 with state in memory or in SQLite with synced files"] = \
+            durability_rows(args.model_cache, rounds)
+    if "host" in parts:
         sections.update(host_rows())
     for title, rows in sections.items():
         print(table(title, rows))
-    plots = write_plots(sweep_rows, [s * 1e6 for s in loaded_status_samples], RESULTS)
+    plots = write_plots(sweep_rows, [s * 1e6 for s in loaded_status_samples], RESULTS) if sweep_rows else []
     notes = {"goal_status_p99_us_under_load": 1000, "goal_overhead_pct": 5, "goal_typed_status_p50_us_from_csharp": 10,
              "goal_board_read_us": 0.1, "goal_coalesced_vs_one_by_one": 1.8, "goal_coalesced_vs_raw_batch_pct": -5,
+             "goal_facade_status_p50_us": 3, "goal_service_shape_p50_us": 12, "goal_pollers_p99_us": 100,
              "plots": plots, **coalescing_notes}
+    if args.only:
+        sections, notes = _with_last_results(sections, notes)
     json_path, md_path = write_results("bench", sections, notes)
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def _with_last_results(sections: dict, notes: dict) -> tuple[dict, dict]:
+    """The sections just measured, in the last results' order, beside the last results' other sections."""
+    path = RESULTS / "bench.json"
+    if not path.exists():
+        return sections, notes
+    last = json.loads(path.read_text())
+    kept = [title for title in last["sections"] if title not in sections]
+    merged = {title: sections.get(title, rows) for title, rows in last["sections"].items()}
+    merged.update(sections)
+    earlier = {k: v for k, v in last["notes"].items() if k not in notes or not notes[k]}
+    return merged, {**earlier, **{k: v for k, v in notes.items() if v or k not in earlier},
+                    "kept_from_earlier_run": f"{last['machine'].get('when')}: {kept}"}
 
 
 if __name__ == "__main__":

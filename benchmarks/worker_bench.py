@@ -12,10 +12,12 @@ from embedded_worker.diffusion.models import ModelCatalog, load_pipeline
 from .common import median, percentiles
 
 PROMPT = "a lighthouse on a cliff at sunset"
+MODEL = "builtin:tiny-sd"  # named, not the worker's default: figures stay comparable when the default changes
 
 
 def make_worker(model_cache: str, state_path: str = ":memory:", **scheduling) -> ProcessingWorker:
     return ProcessingWorker(WorkerConfig.model_validate({"model_cache_dir": model_cache, "state_path": state_path,
+                                                         "default_model": MODEL,
                                                          "scheduling": {"coalesce_wait_ms": 5.0, **scheduling}}))
 
 
@@ -103,7 +105,7 @@ def status_rows(model_cache: str, seconds: float, loaded_samples: list) -> list[
 
 
 def tiny_pipeline(model_cache: str):
-    folder = ModelCatalog({}, model_cache).folder("builtin:tiny-sd")
+    folder = ModelCatalog({}, model_cache).folder(MODEL)
     return load_pipeline(folder, torch.device("cpu"), torch.float32)
 
 
