@@ -100,6 +100,12 @@ class ProcessingWorker:
                 "list_sessions", "get_status", "output_info", "release_input", "board_layout",
             )
         }
+        # the command names a host sends most, resolved once: these methods check their own request
+        # (board_layout ignores its request, so it keeps the general path and its shape check)
+        self._direct: dict[str, Callable[..., dict]] = {
+            key: method for name, method in self._processing.items() if name != "board_layout"
+            for key in (name, f"processing.{name}")
+        }
 
     # ---- the boundary ---------------------------------------------------------------------
 
@@ -293,6 +299,10 @@ class ProcessingWorker:
         `{"type", "request_id", "data"}` (as `request`, or alone as `command`)
         is answered as `{"success", "request_id", "data"}`.
         """
+        if type(request) is dict and "type" not in request:
+            direct = self._direct.get(command) if type(command) is str else None
+            if direct is not None:  # the hot path: no second copy and check of the request, no name parsing
+                return direct(request)
         as_json = isinstance(request, str) or (request is None and _json_text(command))
         try:
             if request is None and (isinstance(command, dict) or _json_text(command)):

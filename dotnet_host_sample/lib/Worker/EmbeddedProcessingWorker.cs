@@ -121,10 +121,30 @@ namespace EmbeddedWorker
             }
         }
 
+        // "processing.get_session_status" per (worker type, command), made once: no enum ToString (reflection
+        // on Mono), snake-casing and concatenation on every call. Bounded: a caller that invents command
+        // names gets them made per call, not a cache that grows.
+        static readonly ConcurrentDictionary<string, string>[] qualifiedNames = NewNameCaches();
+
+        static ConcurrentDictionary<string, string>[] NewNameCaches()
+        {
+            var caches = new ConcurrentDictionary<string, string>[Enum.GetValues(typeof(PythonWorkerType)).Length];
+            for (int i = 0; i < caches.Length; i++) caches[i] = new ConcurrentDictionary<string, string>();
+            return caches;
+        }
+
         static string Qualified(PythonWorkerType workerType, string command)
         {
             if (command != null && command.Contains(".")) return command;
-            return PyConvert.SnakeCase(workerType.ToString()) + "." + command;
+            int index = (int)workerType;
+            if (command == null || index < 0 || index >= qualifiedNames.Length)
+                return PyConvert.SnakeCase(workerType.ToString()) + "." + command;
+            var names = qualifiedNames[index];
+            string name;
+            if (names.TryGetValue(command, out name)) return name;
+            name = PyConvert.SnakeCase(workerType.ToString()) + "." + command;
+            if (names.Count < 256) names[command] = name;
+            return name;
         }
 
         public Reply Execute(string command, object request)
