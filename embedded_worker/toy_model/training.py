@@ -44,11 +44,11 @@ from .recipe import assemble, build_components
 class TrainingPlan:
     seed: int = 0
     images: int = 20_000
-    vae_steps: int = 600
+    vae_steps: int = 500
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 3000
+    unet_steps: int = 3500
     unet_batch: int = 24
     unet_lr: float = 1e-3
     warmup_steps: int = 100
