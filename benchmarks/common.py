@@ -53,5 +53,8 @@ def write_results(name: str, sections: dict[str, list[dict]], notes: dict) -> tu
     body = [f"# {name}", "", f"machine: {json.dumps(machine())}", ""]
     body += [table(title, rows) for title, rows in sections.items()]
     body += ["", *[f"- {k}: {v}" for k, v in notes.items()]]
+    kept = RESULTS / f"{name}_notes.md"  # hand-written context (before -> after tables) that a rerun keeps
+    if kept.exists():
+        body += ["", kept.read_text().rstrip()]
     md_path.write_text("\n".join(body) + "\n")
     return json_path, md_path

@@ -74,8 +74,11 @@ def _with_last_results(sections: dict, notes: dict) -> tuple[dict, dict]:
     merged = {title: sections.get(title, rows) for title, rows in last["sections"].items()}
     merged.update(sections)
     earlier = {k: v for k, v in last["notes"].items() if k not in notes or not notes[k]}
+    before = last["notes"].get("kept_from_earlier_run")  # kept twice: still measured when it was first
+    when = before["measured"] if isinstance(before, dict) and set(kept) <= set(before["sections"]) \
+        else last["machine"].get("when")
     return merged, {**earlier, **{k: v for k, v in notes.items() if v or k not in earlier},
-                    "kept_from_earlier_run": f"{last['machine'].get('when')}: {kept}"}
+                    "kept_from_earlier_run": {"measured": when, "sections": kept}}
 
 
 if __name__ == "__main__":
