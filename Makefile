@@ -29,6 +29,7 @@ demo: setup
 	else \
 	  $(MAKE) --no-print-directory host && $(HOST)/run.sh --out demo_output; \
 	fi
+	$(PY) -m embedded_worker demo --out demo_output/prompts
 
 bench: setup host
 	$(PY) -m benchmarks.run

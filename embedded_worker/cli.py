@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -73,18 +74,28 @@ def follow(worker: ProcessingWorker, session_id: str, stream=None) -> dict:
     return status
 
 
-def contact_sheet(images: list[np.ndarray], columns: int | None = None, cell: int = 128) -> Image.Image:
-    """A grid of `images`, each scaled to fit a `cell` x `cell` square (tiny ones enlarged crisply)."""
+def contact_sheet(images: list[np.ndarray], columns: int | None = None, cell: int = 128,
+                  captions: list[str] | None = None) -> Image.Image:
+    """A grid of `images`, each scaled to fit a `cell` x `cell` square (tiny ones enlarged crisply),
+    with its caption, when given, written under it so a reader can check it against the picture."""
+    from PIL import ImageDraw, ImageFont
+
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * cell, rows * cell), "white")
+    font = ImageFont.load_default()
+    lines = [textwrap.wrap(caption, width=max(8, cell // 7)) for caption in captions or []]
+    strip = 12 * max((len(wrapped) for wrapped in lines), default=0) + (4 if lines else 0)
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + strip)), "white")
+    draw = ImageDraw.Draw(sheet)
     for index, pixels in enumerate(images):
         image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels[:, :, :3]).convert("RGB")
         scale = cell / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
-        x, y = (index % columns) * cell, (index // columns) * cell
+        x, y = (index % columns) * cell, (index // columns) * (cell + strip)
         sheet.paste(image, (x + (cell - image.width) // 2, y + (cell - image.height) // 2))
+        for line_number, line in enumerate(lines[index] if lines else []):
+            draw.text((x + 4, y + cell + 2 + 12 * line_number), line, fill="black", font=font)
     return sheet
 
 
@@ -127,13 +138,26 @@ def command_run(worker: ProcessingWorker, args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow triangle on a black background",
+    "a white square on a green background",
+    "a blue circle on a yellow background",
+    "a green triangle on a white background",
+    "a black square on a red background",
+    "a red triangle on a white background",
+    "a yellow square on a blue background",
+]
+
+
 def command_demo(worker: ProcessingWorker, args: argparse.Namespace) -> int:
-    """The main job on the built-in model: one session with a progress bar, then a batch of eight."""
+    """The main job on the default model: one session with a progress bar, then a batch of eight prompts
+    whose contact sheet shows each caption under its picture."""
     args.out.mkdir(parents=True, exist_ok=True)
     print("workflows:", ", ".join(w["id"] for w in worker.get_workflows()["workflows"]))
     started = time.perf_counter()
     session = worker.execute_workflow(workflow_id="img-upscale-enhance",
-                                      parameters={"prompt": "a lighthouse at dusk", "seed": 42, "factor": 4})
+                                      parameters={"prompt": DEMO_PROMPTS[0], "seed": 42, "factor": 4})
     final = follow(worker, session["session_id"])
     if final.get("status") != "completed":
         print(f"session {final.get('status')}: {final.get('error')}", file=sys.stderr)
@@ -141,18 +165,19 @@ def command_demo(worker: ProcessingWorker, args: argparse.Namespace) -> int:
     save_outputs(worker, final["outputs"], args.out, "session")
     print(f"session: {final['outputs'][0]['width']} px upscaled image in {time.perf_counter() - started:.2f} s")
     started = time.perf_counter()
-    batch = worker.execute_batch(batch_id="demo-batch", workflow_id="img-generation-basic", background=False,
-                                 parameters={"prompt": "a lighthouse at dusk", "seed": 100, "total_images": 8})
+    items = [{"parameters": {"prompt": prompt, "seed": 100 + i}} for i, prompt in enumerate(DEMO_PROMPTS)]
+    batch = worker.execute_batch(workflow_id="img-generation-basic", background=False, items=items)
     if batch.get("status") != "completed":
         print(f"batch {batch.get('status')}: {batch.get('error')}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started
-    images = save_outputs(worker, batch["outputs"], args.out, "batch")
-    contact_sheet(images, columns=4).save(args.out / "batch-contact-sheet.png")
-    metrics = batch["metrics"]
-    print(f"batch: 8 images, seeds {batch['outputs'][0]['seed']}..{batch['outputs'][-1]['seed']}, "
-          f"{elapsed:.2f} s ({8 / elapsed:.1f} img/s), {metrics['total_batches']} denoising group(s)")
-    print(f"wrote PNG files and contact sheets to {args.out}")
+    in_item_order = sorted(batch["outputs"], key=lambda output: output["item_id"])  # item-0000, item-0001, ...
+    images = save_outputs(worker, in_item_order, args.out, "batch")
+    contact_sheet(images, columns=4, captions=DEMO_PROMPTS).save(args.out / "prompts-contact-sheet.png")
+    count = len(images)
+    print(f"batch: {count} prompts, {elapsed:.2f} s ({count / elapsed:.1f} img/s), "
+          f"{batch['metrics']['total_batches']} denoising group(s)")
+    print(f"wrote PNG files and {args.out / 'prompts-contact-sheet.png'}")
     return 0
 
 
@@ -166,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--param", action="append", type=parse_param, metavar="KEY=VALUE")
     run.add_argument("--priority", type=int, default=5)
     run.add_argument("--out", type=Path, default=Path("outputs"))
-    demo = commands.add_parser("demo", help="the main job on the built-in model")
+    demo = commands.add_parser("demo", help="the main job on the default model")
     demo.add_argument("--out", type=Path, default=Path("demo_output"))
     args = parser.parse_args(argv)
     handlers = {"workflows": command_workflows, "run": command_run, "demo": command_demo}

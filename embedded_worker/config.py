@@ -15,9 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .diffusion.models import BUILTIN_MODELS
 from .errors import InvalidRequest
+from .toy_model import SHAPES_MODEL_ID
 
-BUILTIN_MODEL_ID = "builtin:tiny-sd"
+DEFAULT_MODEL_ID = SHAPES_MODEL_ID  # trained here, so it draws what it is asked; tiny-sd's weights are random
 CONFIG_ENV_VAR = "EMBEDDED_WORKER_CONFIG"
 
 
@@ -75,9 +77,9 @@ class WorkerConfig(BaseModel):
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     models: dict[str, str] = Field(
-        default_factory=dict, description="model id -> local diffusers folder; the built-in model is always present"
+        default_factory=dict, description="model id -> local diffusers folder; the built-in models are always present"
     )
-    default_model: str = BUILTIN_MODEL_ID
+    default_model: str = DEFAULT_MODEL_ID
     max_loaded_models: int = Field(2, ge=1, description="pipelines one device worker keeps loaded")
     model_cache_dir: Path | None = Field(None, description="where the built-in model is written once")
     workflows_dir: Path | None = None
@@ -107,7 +109,7 @@ class WorkerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default_model_known(self) -> "WorkerConfig":
-        if self.default_model != BUILTIN_MODEL_ID and self.default_model not in self.models:
+        if self.default_model not in BUILTIN_MODELS and self.default_model not in self.models:
             raise ValueError(f"default_model '{self.default_model}' is not in models")
         return self
 

@@ -14,7 +14,7 @@ from embedded_worker.errors import InvalidRequest
 
 def test_defaults_run_on_this_machine():
     config = WorkerConfig()
-    assert config.device == "auto" and config.default_model == "builtin:tiny-sd"
+    assert config.device == "auto" and config.default_model == "builtin:shapes"
     [device] = resolve_devices(config.device)
     assert device.type == "cpu" and str(resolve_dtype(config.dtype, device)) == "torch.float32"
 
