@@ -56,7 +56,7 @@ class TrainingPlan:
     partial_captions: float = 0.3  # half name only the shape's colour, half only the background
     offset_noise: float = 0.1
     ema_decay: float = 0.995
-    threads: int = 2
+    threads: int = 1  # what the shipped weights used; two threads that wait on each other lost 3x on a busy machine
     log_every: int = 25
 
 
