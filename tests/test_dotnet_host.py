@@ -91,11 +91,11 @@ def test_the_host_pngs_hold_the_pixels_python_makes_with_the_same_seeds(demo, mo
     written = {(f["stem"], f["seed"]): np.asarray(Image.open(f["path"])) for f in files}
     with ProcessingWorker(WorkerConfig(model_cache_dir=model_cache, state_path=":memory:")) as worker:
         session = worker.execute_workflow(workflow_id="img-generation-basic", background=False,
-                                          parameters={"prompt": "a lighthouse at dusk", "seed": 42, "steps": 60})
+                                          parameters={"prompt": "a red circle on a blue background", "seed": 42, "steps": 60})
         assert np.array_equal(written[("session", 42)], worker.get_output(session["outputs"][0]["output_id"]))
 
         batch = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters={
-            "prompt": "a lighthouse at dusk", "seed": 100, "steps": 20, "total_images": 8})
+            "prompt": "a red circle on a blue background", "seed": 100, "steps": 20, "total_images": 8})
         for output in batch["outputs"]:
             assert_same_up_to_batch_rounding(written[("batch", output["seed"])], worker.get_output(output["output_id"]))
 

@@ -101,7 +101,7 @@ namespace EmbeddedWorkerHost
                 // 1. one session, progress from the board
                 clock.Restart();
                 var started = service.StartSessionAsync("img-generation-basic",
-                    new { prompt = "a lighthouse at dusk", seed = 42, steps = 60 }).Result;
+                    new { prompt = "a red circle on a blue background", seed = 42, steps = 60 }).Result;
                 checks.That(started.Success, "session accepted: " + started.Error);
                 sessionId = started.Text("session_id");
                 var final = FollowOnBoard(board, (int)started.Number("board_slot"), sessionId);
@@ -109,12 +109,12 @@ namespace EmbeddedWorkerHost
                 checks.That(status.Status == "completed", "session completed (" + status.Status + ")");
                 var session = service.GetSessionStatusAsync(sessionId).Result;
                 files.AddRange(WriteOutputs(worker, session.List("outputs"), outputFolder, "session", "img-generation-basic",
-                                            new { prompt = "a lighthouse at dusk", seed = 42, steps = 60 }, checks));
+                                            new { prompt = "a red circle on a blue background", seed = 42, steps = 60 }, checks));
                 Console.WriteLine("session: " + final.Status + " in " + clock.ElapsedMilliseconds + " ms");
 
                 // 2. a batch of eight, one seed each (the bare form the C# client sends)
                 clock.Restart();
-                var batchParameters = new { prompt = "a lighthouse at dusk", seed = 100, steps = 20, total_images = 8 };
+                var batchParameters = new { prompt = "a red circle on a blue background", seed = 100, steps = 20, total_images = 8 };
                 var batch = service.StartBatchAsync("img-generation-basic", batchParameters).Result;
                 checks.That(batch.Success, "batch accepted: " + batch.Error);
                 string batchId = batch.Text("batch_id");
@@ -124,7 +124,7 @@ namespace EmbeddedWorkerHost
                             "batch of 8 completed (" + batchStatus.Status + ", " + batchStatus.ProcessedItems + ")");
                 var batchReply = service.GetBatchStatusAsync(batchId).Result;
                 files.AddRange(WriteOutputs(worker, batchReply.List("outputs"), outputFolder, "batch", "img-generation-basic",
-                                            new { prompt = "a lighthouse at dusk", steps = 20 }, checks));
+                                            new { prompt = "a red circle on a blue background", steps = 20 }, checks));
                 double seconds = clock.Elapsed.TotalSeconds;
                 Console.WriteLine("batch: 8 images in " + (int)(seconds * 1000) + " ms (" + (8 / seconds).ToString("F1")
                                   + " img/s), " + ((Reply)batchReply["metrics"]).Number("total_batches") + " denoising group(s)");
@@ -182,7 +182,7 @@ namespace EmbeddedWorkerHost
                 clock.Restart();
                 string coordinationId = Guid.NewGuid().ToString();
                 var coordination = service.CoordinateAsync(coordinationId, "builtin:tiny-sd",
-                    new { prompt = "a harbour at dawn", seed = 11, steps = 10 }, 3).Result;
+                    new { prompt = "a yellow triangle on a black background", seed = 11, steps = 10 }, 3).Result;
                 checks.That(coordination.Success, "coordination accepted: " + coordination.Error);
                 var coordinated = service.WaitForSessionAsync(coordinationId, TimeSpan.FromMilliseconds(20),
                                                               TimeSpan.FromMinutes(5)).Result;
