@@ -22,21 +22,35 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .errors import WorkerError
 from .facade import ProcessingWorker
 from .postprocess import encode
 
 BAR_WIDTH = 30
 
 
-def parse_param(text: str) -> tuple[str, object]:
-    """key=value, the value read as JSON when it is JSON (numbers, true, null), else as text."""
+def parse_param(text: str) -> tuple[str, str]:
+    """key=value, both as text: what the value means depends on the parameter (see `typed_params`)."""
     key, separator, value = text.partition("=")
     if not separator or not key.strip():
         raise argparse.ArgumentTypeError(f"expected key=value, got '{text}'")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
+    return key.strip(), value
+
+
+def typed_params(workflow: dict, params: list[tuple[str, str]]) -> dict:
+    """Values of text parameters stay text (`prompt=1984` is a prompt); the others are read as JSON when
+    they are JSON (numbers, true, null), else as text, which the workflow then refuses by name."""
+    text_parameters = {p["name"] for p in workflow.get("parameters", []) if p["type"] in ("string", "image")}
+    typed = {}
+    for key, value in params:
+        if key in text_parameters:
+            typed[key] = value
+            continue
+        try:
+            typed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            typed[key] = value
+    return typed
 
 
 def progress_line(status: dict) -> str:
@@ -123,7 +137,8 @@ def command_workflows(worker: ProcessingWorker, args: argparse.Namespace) -> int
 
 def command_run(worker: ProcessingWorker, args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    reply = worker.execute_workflow(workflow_id=args.workflow, parameters=dict(args.param or []),
+    workflow = worker.get_workflow(workflow_id=args.workflow).get("workflow", {})
+    reply = worker.execute_workflow(workflow_id=args.workflow, parameters=typed_params(workflow, args.param or []),
                                     priority=args.priority)
     if not reply["success"]:
         print(f"error ({reply['error_code']}): {reply['error']}", file=sys.stderr)
@@ -195,5 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("demo_output"))
     args = parser.parse_args(argv)
     handlers = {"workflows": command_workflows, "run": command_run, "demo": command_demo}
-    with ProcessingWorker(args.config) as worker:
-        return handlers[args.command](worker, args)
+    try:
+        with ProcessingWorker(args.config) as worker:
+            return handlers[args.command](worker, args)
+    except WorkerError as error:  # a bad --config, a state file in use: said in one line, not a traceback
+        print(f"error ({error.code}): {error.message}", file=sys.stderr)
+    except OSError as error:  # an --out that cannot be written
+        print(f"error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
+    return 2

@@ -6,13 +6,29 @@ import json
 
 from PIL import Image
 
-from embedded_worker.cli import main, parse_param
+from embedded_worker.cli import main, parse_param, typed_params
+
+WORKFLOW = {"parameters": [{"name": "prompt", "type": "string"}, {"name": "steps", "type": "integer"},
+                           {"name": "seed", "type": "integer"}]}
 
 
-def test_param_values_are_json_when_they_can_be():
-    assert parse_param("steps=4") == ("steps", 4)
-    assert parse_param("prompt=a red fox") == ("prompt", "a red fox")
-    assert parse_param("seed=null") == ("seed", None)
+def test_param_values_are_json_when_they_can_be_and_text_parameters_stay_text():
+    params = [parse_param(text) for text in ("steps=4", "prompt=a red fox", "seed=null")]
+    assert typed_params(WORKFLOW, params) == {"steps": 4, "prompt": "a red fox", "seed": None}
+    assert typed_params(WORKFLOW, [parse_param("prompt=1984")]) == {"prompt": "1984"}
+
+
+def test_a_bad_config_or_an_unwritable_out_is_one_line_not_a_traceback(model_cache, tmp_path, capsys):
+    assert main(["--config", '{"device": "warp9"}', "workflows"]) == 2
+    err = capsys.readouterr().err
+    assert "error (invalid_request): invalid worker configuration" in err and "Traceback" not in err
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    config = json.dumps({"model_cache_dir": str(model_cache), "state_path": ":memory:"})
+    assert main(["--config", config, "run", "img-generation-basic", "--param", "steps=2",
+                 "--param", "model=builtin:tiny-sd", "--out", str(blocked / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
 
 
 def test_workflows_lists_the_builtins(model_cache, capsys):
