@@ -65,6 +65,12 @@ class SchedulingConfig(BaseModel):
         15.0, ge=0, description="how long an idle device waits for compatible work to start it together"
     )
     max_batch_size: int = Field(8, ge=1, description="images in one denoising forward, before memory says otherwise")
+    policy: Literal["fair", "fifo"] = Field(
+        "fair", description="order within one priority: fair shares the device between owners (sessions, batches) "
+        "by images in flight; fifo takes images in the order their requests came")
+    preempt: bool = Field(
+        True, description="park less urgent images at a step boundary when more urgent ones wait and the device is "
+        "full (and, under fair, an owner far over its share), and size an urgent image's forward by learned cost")
     workers_per_device: int = Field(1, ge=1, le=8)
     cpu_threads: int = Field(2, ge=1, le=32, description="postprocessing and encoding pool")
 

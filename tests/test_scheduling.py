@@ -51,7 +51,9 @@ def test_withdrawn_tasks_are_skipped():
 
 def test_sessions_start_in_priority_order_on_a_busy_device(make_worker):
     worker = make_worker(scheduling={"max_batch_size": 1, "coalesce_wait_ms": 0})
-    generate(worker, session_id="blocker", steps=150, background=True)
+    # the blocker at the top priority: nothing waiting outranks it, so it is not preempted and all four queue
+    worker.execute_workflow(session_id="blocker", workflow_id="img-generation-basic", priority=10,
+                            parameters={"prompt": "a red fox in the snow", "seed": 7, "steps": 150})
     wait_for(lambda: session_status(worker, "blocker")["status"] == "running")
     for session_id, priority in [("p1", 1), ("p10-a", 10), ("p5", 5), ("p10-b", 10)]:
         reply = worker.execute_workflow(session_id=session_id, workflow_id="img-generation-basic", priority=priority,

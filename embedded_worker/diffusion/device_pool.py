@@ -39,7 +39,7 @@ class DevicePool:
     ):
         scheduling = config.scheduling
         self.catalog = catalog
-        self.queue = WorkQueue(scheduling.aging_per_second)
+        self.queue = WorkQueue(scheduling.aging_per_second, scheduling.policy)
         self.config = config
         self.on_resize = on_resize
         self.monitors: dict[str, MemoryMonitor] = {}
@@ -66,6 +66,7 @@ class DevicePool:
             monitor=self.monitors[str(device)],
             sizer=self.sizers[str(device)],
             coalesce_wait_s=scheduling.coalesce_wait_ms / 1000.0,
+            preempt=scheduling.preempt,
             max_loaded_models=self.config.max_loaded_models,
             gc_freeze=self.config.gc_freeze,
             on_resize=self.on_resize,
@@ -135,6 +136,7 @@ class DevicePool:
                 return
             if task.state == QUEUED:
                 self.queue.withdraw(task, DONE)
+                task.parked = None  # a preempted image waits with its denoising state
             elif task.state in (NEW, PARKED):
                 task.state = DONE
                 task.parked = None

@@ -14,6 +14,19 @@ Design notes
 - A pipeline belongs to its worker and is touched from this thread only
   (pipelines are not thread-safe). Model loads and unloads asked for by
   other threads run here between steps (`call`).
+- Preemption (`scheduling.preempt`): when the active set is full and a
+  waiting image should run before one in it (a higher priority whose aged
+  rank is also better, or under `fair` an owner with far fewer images in
+  flight), the less urgent image leaves at the next step boundary exactly
+  as a pause leaves (its own cohort, state and all, memory still counted),
+  and goes back to the queue at its old rank; it resumes from the same step.
+  Not again before it made a step of progress, and never for less than one
+  step of gain. All of it is decided in `_admit`, in one place.
+- Cost-aware admission: while images of a higher priority run, lower ones
+  join their forward only while that costs the urgent images less than one
+  of their steps over their remaining run, judged on learned seconds per
+  forward against its size (`ForwardTimes`): on a GPU they mostly join, on a
+  CPU the urgent images mostly run alone.
 - Out of memory: the step is retried in smaller chunks (latents are only
   changed once every chunk succeeded), so no image is lost or run twice.
 """
@@ -26,7 +39,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
@@ -35,7 +48,7 @@ import torch
 
 from ..errors import Cancelled, InternalError, ResourceExhausted, Unavailable, WorkerError, is_out_of_memory
 from .denoise import Cohort, Conditioning, decode_pixels, encode_prompt, join_conditioning, predict_noise, start_cohort
-from .memory import BatchSizer, MemoryMonitor
+from .memory import BatchSizer, ForwardTimes, MemoryMonitor
 from .models import ModelCatalog, load_pipeline
 from .task import DONE, PARKED, DenoiseTask
 from .work_queue import WorkQueue
@@ -50,6 +63,7 @@ ResizeHook = Callable[[set, int, str], None]
 @dataclass
 class WorkerCounters:
     forwards: int = 0
+    preemptions: int = 0
     steps: int = 0
     images_done: int = 0
     cohorts_started: int = 0
@@ -70,6 +84,7 @@ class DeviceWorker:
         max_loaded_models: int,
         gc_freeze: bool,
         on_resize: ResizeHook,
+        preempt: bool = False,
     ):
         self.name = name
         self.device = device
@@ -82,6 +97,9 @@ class DeviceWorker:
         self.max_loaded_models = max_loaded_models
         self.gc_freeze = gc_freeze
         self.on_resize = on_resize
+        self.preempt = preempt
+        self.forward_times = ForwardTimes()
+        self.trace: deque[dict] = deque(maxlen=4096)  # owner -> images, per forward: the scheduler's recent past
         self.counters = WorkerCounters()
         self.seconds_per_step: float | None = None
         self.seconds_per_decode: float | None = None
@@ -136,6 +154,7 @@ class DeviceWorker:
             "forwards": self.counters.forwards,
             "images_done": self.counters.images_done,
             "cohorts_started": self.counters.cohorts_started,
+            "preemptions": self.counters.preemptions,
             "out_of_memory_events": self.counters.out_of_memory,
         }
 
@@ -189,13 +208,102 @@ class DeviceWorker:
                             continue
                     self._key = key
                 elif queue.outranked(self._key):
+                    if self.preempt:  # park what the other key's best outranks; drain the rest
+                        urgent = queue.peek(queue.best_key())
+                        for task in self._preemptible():
+                            if _outranks(urgent, task):
+                                task.preempt_requested = True
                     return []  # drain the active set, then switch to the more urgent key
                 minimum, threshold = self._preferences(queue.peek(self._key))
                 self.capacity, self._capacity_reason = self.sizer.size(self._key, minimum, threshold)
-                taken = queue.take(self._key, self.capacity - active, self._acceptor())
+                in_flight = Counter(t.owner for c in self._cohorts for t in c.members)
+                limit = self.capacity - active
+                if self.preempt and active:
+                    limit = self._preempt_for(queue, in_flight, limit)
+                taken = queue.take(self._key, limit, self._acceptor(), in_flight)
                 for task in taken:
                     task.mark_active(self.name)
                 return taken
+
+    def _preemptible(self) -> list[DenoiseTask]:
+        """Active images that may be parked now: not alone by isolation, not already leaving, progressed
+        since they were last parked, and with more than one step left (a last step gains nobody anything)."""
+        active = [t for c in self._cohorts for t in c.members]
+        if any(t.isolated for t in active):
+            return []
+        return [t for t in active
+                if not (t.cancel_requested or t.pause_requested or t.preempt_requested)
+                and (t.parked_at_step is None or t.step > t.parked_at_step)
+                and t.total_steps - t.step > 1]
+
+    def _preempt_for(self, queue: WorkQueue, in_flight: Counter, free: int) -> int:
+        """Choose who leaves this boundary for whom; mark them and return how many images to admit.
+
+        Walk the waiting images in the order the queue would admit them: each
+        takes a free place, else displaces the least urgent active image it may
+        (`_displaces`). Then, if the forward now mixes priorities, cap it at the
+        size the urgent images' learned cost allows (`_forward_target`), parking
+        lower-priority images beyond it. Call with `queue.cond` held."""
+        active = [t for c in self._cohorts for t in c.members]
+        waiting = queue.preview(self._key, self.capacity, in_flight)
+        counts = Counter(in_flight)
+        places = free
+        eligible = self._preemptible()
+        victims: list[DenoiseTask] = []
+        admitted: list[DenoiseTask] = []
+        for task in waiting:
+            if free <= 0:
+                pool = [v for v in eligible if v not in victims and self._displaces(task, v, counts)]
+                if not pool:
+                    break
+                victim = max(pool, key=lambda v: (-v.priority, counts[v.owner], v.rank))
+                victims.append(victim)
+                counts[victim.owner] -= 1
+                free += 1
+                places += 1
+            free -= 1
+            admitted.append(task)
+            counts[task.owner] += 1
+        staying = [t for t in active if t not in victims]
+        present = staying + admitted + [t for t in waiting if t not in admitted]
+        top = max((t.priority for t in staying + admitted), default=None)
+        if top is not None and any(t.priority < top for t in present):
+            urgent = [t for t in staying + waiting if t.priority == top][: self.capacity]
+            remaining = max(t.total_steps - t.step for t in urgent)
+            target = max(len(urgent), self._forward_target(len(urgent), remaining))
+            joining = sum(1 for t in urgent if t not in staying)
+            # lower-priority images beyond the target leave, least urgent first
+            lower = sorted((t for t in staying if t.priority < top and t in eligible), key=lambda t: t.rank)
+            while len(staying) + joining > target and lower:
+                victim = lower.pop()
+                victims.append(victim)
+                staying.remove(victim)
+            places = max(0, target - len(staying))
+        for victim in victims:
+            victim.preempt_requested = True
+        return places
+
+    def _displaces(self, waiting: DenoiseTask, active: DenoiseTask, counts: Counter) -> bool:
+        """May `waiting` take `active`'s place now? More urgent, or (fair) an owner well under its share."""
+        if _outranks(waiting, active):
+            return True
+        return (self.queue.policy == "fair" and waiting.priority == active.priority
+                and waiting.owner != active.owner and counts[active.owner] > counts[waiting.owner] + 1)
+
+    def _forward_target(self, urgent: int, remaining_steps: int) -> int:
+        """How many images a forward may hold while `urgent` images of a higher priority run in it:
+        the most that cost them less than one of their steps over their remaining run, by learned
+        seconds per forward. Unmeasured: the configured capacity (join, and learn)."""
+        alone = self.forward_times.estimate(self._key, urgent)
+        if alone is None:
+            return self.capacity
+        size = urgent
+        for images in range(urgent + 1, self.capacity + 1):
+            seconds = self.forward_times.estimate(self._key, images)
+            if seconds is None or (seconds - alone) * remaining_steps >= alone:
+                break
+            size = images
+        return size
 
     def _preferences(self, next_task: DenoiseTask | None) -> tuple[int, float | None]:
         """The strictest batch preferences among the images in flight and the next one to admit:
@@ -331,7 +439,8 @@ class DeviceWorker:
         """Pauses and cancels take effect here, at a step boundary."""
         kept: list[Cohort] = []
         for cohort in self._cohorts:
-            leaving = [i for i, t in enumerate(cohort.members) if t.cancel_requested or t.pause_requested]
+            leaving = [i for i, t in enumerate(cohort.members)
+                       if t.cancel_requested or t.pause_requested or t.preempt_requested]
             if not leaving:
                 kept.append(cohort)
                 continue
@@ -345,9 +454,26 @@ class DeviceWorker:
         self._cohorts = kept
 
     def _leave(self, task: DenoiseTask, cohort: Cohort) -> None:
+        """Cancelled: done. Paused: parked with its cohort. Preempted: back in the queue with its cohort,
+        at its old rank, still `running` to its owner."""
         with self.queue.cond:
+            preempted = task.preempt_requested and not (task.cancel_requested or task.pause_requested)
+            task.preempt_requested = False
             if task.cancel_requested:
                 task.state = DONE
+            elif preempted:
+                task.parked = cohort
+                task.preemptions += 1
+                task.parked_at_step = task.step
+                self.counters.preemptions += 1
+                if not self.queue.closed:
+                    self.queue.put(task)
+                    return
+                task.state = DONE
+                task.parked = None
+                if not task.future.done():
+                    task.future.set_exception(Unavailable("the worker closed before this image finished"))
+                return
             else:
                 task.state = PARKED
                 task.parked = cohort
@@ -394,6 +520,9 @@ class DeviceWorker:
                 self._capacity_reason = "out_of_memory"
                 self.on_resize(self._groups(), chunk, "out_of_memory")
         self.sizer.clean_forward(key)
+        if chunk == images:
+            self.forward_times.record(key, images, elapsed)
+        self.trace.append(dict(Counter(str(t.owner) for c in self._cohorts for t in c.members)))
         self.counters.forwards += -(-images // chunk)
         self.counters.steps += 1
         self.seconds_per_step = _smoothed(self.seconds_per_step, elapsed)
@@ -476,6 +605,11 @@ class DeviceWorker:
         self._fail(tasks, Unavailable("the worker closed before this image finished"))
         self._pipes.clear()
         self._prompts.clear()
+
+
+def _outranks(waiting: DenoiseTask | None, active: DenoiseTask) -> bool:
+    """More urgent both by priority and by aged rank: aging, which lifts long-waiting work, still holds."""
+    return waiting is not None and waiting.priority > active.priority and waiting.rank < active.rank
 
 
 def _smoothed(average: float | None, sample: float) -> float:

@@ -216,3 +216,43 @@ class BatchSizer:
             self._failed_at.clear()
             self._limit.clear()
             self._clean.clear()
+
+
+class ForwardTimes:
+    """Learned seconds per UNet forward against the number of images in it, per forward key.
+
+    What one more image costs differs by device (on a GPU a forward of 9
+    costs about what 8 cost; on a CPU about 9/8 of it), so it is measured,
+    not configured. A size never run is estimated on the line between the
+    nearest measured sizes (through zero below the smallest), and beyond the
+    largest in proportion to it: a guess that errs towards "companions cost",
+    so the size gets run and measured, and the next decision uses the truth.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()  # guards `_seconds`: written by the device thread, read by status calls
+        self._seconds: dict[tuple, dict[int, float]] = {}
+
+    def record(self, key: tuple, images: int, seconds: float) -> None:
+        with self._lock:
+            sizes = self._seconds.setdefault(key, {})
+            old = sizes.get(images)
+            sizes[images] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def estimate(self, key: tuple, images: int) -> float | None:
+        with self._lock:
+            sizes = dict(self._seconds.get(key, {}))
+        if not sizes:
+            return None
+        if images in sizes:
+            return sizes[images]
+        below = max((n for n in sizes if n < images), default=0)
+        above = min((n for n in sizes if n > images), default=None)
+        low = sizes.get(below, 0.0)
+        if above is None:
+            return low * images / below
+        return low + (sizes[above] - low) * (images - below) / (above - below)
+
+    def snapshot(self, key: tuple) -> dict[int, float]:
+        with self._lock:
+            return dict(sorted(self._seconds.get(key, {}).items()))

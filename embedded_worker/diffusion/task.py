@@ -66,6 +66,9 @@ class DenoiseTask:
         self.state = NEW  # guarded by the WorkQueue's lock
         self.pause_requested = False
         self.cancel_requested = False
+        self.preempt_requested = False  # set by its device worker: leave at the next boundary, back to the queue
+        self.preemptions = 0
+        self.parked_at_step: int | None = None  # the step it was last preempted at: not again before progress
         self.parked: Cohort | None = None  # its own denoising state while paused
         # monotonic; when the request was accepted: FIFO order and aging count from here
         self.submitted_at = time.monotonic() if submitted_at is None else submitted_at
@@ -76,9 +79,17 @@ class DenoiseTask:
         self.total_steps = spec.steps
         self.eta_seconds: float | None = None
         self.queue_entry: list | None = None
+        self.rank = 0.0  # the queue's urgency key, lower first: priority aged from `submitted_at` (set by `put`)
         self.cohort_id: int | None = None  # which forward group it started in, for batch metrics
         self.finished_at: float | None = None
         self.worker: str | None = None  # the device worker that took it last: where it runs
+
+    @property
+    def owner(self):
+        """Whose image it is, for fair share: its batch (sizing group), else the request that made it."""
+        if self.sizing is not None:
+            return self.sizing.group
+        return id(self.listener) if self.listener is not None else id(self)
 
     @property
     def progress(self) -> float:
