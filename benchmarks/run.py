@@ -15,10 +15,11 @@ from pathlib import Path
 from .coalescing_bench import coalescing_rows, sweep, write_plots
 from .common import RESULTS, table, write_results
 from .host_bench import host_rows
+from .preemption_bench import preemption_rows, write_timeline
 from .worker_bench import durability_rows, status_rows, throughput_against_pipeline, tiny_pipeline
 
 
-PARTS = ("status", "throughput", "coalescing", "sweep", "durability", "host")
+PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "durability", "host")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         sections["Eight concurrent single-image sessions: coalesced, one by one, raw batch 8"] = coalescing
     if "sweep" in parts:
         sections["Images/s against N: N concurrent sessions (worker) and batch N (raw pipeline)"] = sweep_rows
+    timelines, preemption_notes = {}, {}
+    if "preemption" in parts:
+        preemption, preemption_notes = preemption_rows(args.model_cache, rounds=max(1, rounds // 2))
+        timelines = preemption_notes.pop("timelines")
+        sections["Interactive during bulk: a 1-image session against a 48-item batch (tiny SD, 20 steps)"] = preemption
     if "durability" in parts:
         sections["What durability costs: batches of 8 with state in memory or in SQLite with synced files"] = \
             durability_rows(args.model_cache, rounds)
@@ -53,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     for title, rows in sections.items():
         print(table(title, rows))
     plots = write_plots(sweep_rows, [s * 1e6 for s in loaded_status_samples], RESULTS) if sweep_rows else []
+    timeline = write_timeline(timelines, RESULTS)
+    plots += [timeline] if timeline else []
     notes = {"goal_status_p99_us_under_load": 1000, "goal_overhead_pct": 5, "goal_typed_status_p50_us_from_csharp": 10,
              "goal_board_read_us": 0.1, "goal_coalesced_vs_one_by_one": 1.8, "goal_coalesced_vs_raw_batch_pct": -5,
              "goal_facade_status_p50_us": 3, "goal_service_shape_p50_us": 12, "goal_pollers_p99_us": 100,
-             "plots": plots, **coalescing_notes}
+             "plots": plots, **coalescing_notes, **preemption_notes}
     if args.only:
         sections, notes = _with_last_results(sections, notes)
     json_path, md_path = write_results("bench", sections, notes)
