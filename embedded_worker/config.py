@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from .diffusion.models import BUILTIN_MODELS
 from .errors import InvalidRequest
+from .protocol import Number
 from .toy_model import SHAPES_MODEL_ID
 
 DEFAULT_MODEL_ID = SHAPES_MODEL_ID  # trained here, so it draws what it is asked; tiny-sd's weights are random
@@ -37,11 +38,11 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_queued_work: int = Field(1000, ge=1, description="sessions and batch items not yet final")
-    max_image_side: int = Field(2048, ge=8)
-    max_steps: int = Field(150, ge=1)
-    max_items: int = Field(1000, ge=1, description="items of one batch or images of one session")
-    max_prompt_chars: int = Field(4000, ge=1)
+    max_queued_work: StrictInt = Field(1000, ge=1, description="sessions and batch items not yet final")
+    max_image_side: StrictInt = Field(2048, ge=8)
+    max_steps: StrictInt = Field(150, ge=1)
+    max_items: StrictInt = Field(1000, ge=1, description="items of one batch or images of one session")
+    max_prompt_chars: StrictInt = Field(4000, ge=1)
 
 
 class Retention(BaseModel):
@@ -49,8 +50,8 @@ class Retention(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_finished: int = Field(1000, ge=1, description="finished sessions plus finished batches")
-    max_age_hours: float = Field(168.0, gt=0)
+    max_finished: StrictInt = Field(1000, ge=1, description="finished sessions plus finished batches")
+    max_age_hours: Number = Field(168.0, gt=0)
 
 
 class SchedulingConfig(BaseModel):
@@ -58,21 +59,22 @@ class SchedulingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    aging_per_second: float = Field(
+    aging_per_second: Number = Field(
         0.1, ge=0, description="priority points a waiting task gains per second, so low priority never starves"
     )
-    coalesce_wait_ms: float = Field(
+    coalesce_wait_ms: Number = Field(
         15.0, ge=0, description="how long an idle device waits for compatible work to start it together"
     )
-    max_batch_size: int = Field(8, ge=1, description="images in one denoising forward, before memory says otherwise")
+    max_batch_size: StrictInt = Field(
+        8, ge=1, description="images in one denoising forward, before memory says otherwise")
     policy: Literal["fair", "fifo"] = Field(
         "fair", description="order within one priority: fair shares the device between owners (sessions, batches) "
         "by images in flight; fifo takes images in the order their requests came")
-    preempt: bool = Field(
+    preempt: StrictBool = Field(
         True, description="park less urgent images at a step boundary when more urgent ones wait and the device is "
         "full (and, under fair, an owner far over its share), and size an urgent image's forward by learned cost")
-    workers_per_device: int = Field(1, ge=1, le=8)
-    cpu_threads: int = Field(2, ge=1, le=32, description="postprocessing and encoding pool")
+    workers_per_device: StrictInt = Field(1, ge=1, le=8)
+    cpu_threads: StrictInt = Field(2, ge=1, le=32, description="postprocessing and encoding pool")
 
 
 class WorkerConfig(BaseModel):
@@ -86,7 +88,7 @@ class WorkerConfig(BaseModel):
         default_factory=dict, description="model id -> local diffusers folder; the built-in models are always present"
     )
     default_model: str = DEFAULT_MODEL_ID
-    max_loaded_models: int = Field(2, ge=1, description="pipelines one device worker keeps loaded")
+    max_loaded_models: StrictInt = Field(2, ge=1, description="pipelines one device worker keeps loaded")
     model_cache_dir: Path | None = Field(None, description="where the built-in model is written once")
     workflows_dir: Path | None = None
     state_path: str | None = Field(
@@ -100,9 +102,9 @@ class WorkerConfig(BaseModel):
     allowed_roots: list[Path] = Field(default_factory=list, description="folders a request may name paths inside")
     limits: Limits = Field(default_factory=Limits)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
-    gc_freeze: bool = Field(True, description="freeze collector generations after model load (GIL pauses)")
-    board_slots: int = Field(1024, ge=1, le=1_000_000, description="rows of the progress board")
-    log_capacity: int = Field(10_000, ge=1, description="log records kept for the host to drain")
+    gc_freeze: StrictBool = Field(True, description="freeze collector generations after model load (GIL pauses)")
+    board_slots: StrictInt = Field(1024, ge=1, le=1_000_000, description="rows of the progress board")
+    log_capacity: StrictInt = Field(10_000, ge=1, description="log records kept for the host to drain")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("device")

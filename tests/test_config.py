@@ -45,3 +45,11 @@ def test_the_worker_passes_a_bad_config_as_an_exception_at_construction_only(mod
 
     with pytest.raises(InvalidRequest):
         ProcessingWorker({"device": "quantum"})
+
+
+@pytest.mark.parametrize("bad", [{"board_slots": True}, {"scheduling": {"max_batch_size": True}},
+                                 {"retention": {"max_age_hours": float("nan")}}, {"gc_freeze": "yes"},
+                                 {"limits": {"max_items": 2.5}}])
+def test_config_integers_booleans_and_numbers_are_exactly_that(bad):
+    with pytest.raises(InvalidRequest, match="invalid worker configuration"):
+        WorkerConfig.load(bad)
