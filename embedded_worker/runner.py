@@ -173,9 +173,14 @@ class WorkflowRun:
 
     @property
     def current_operation(self) -> str:
+        """The step under way; a step whose unfinished images were all preempted says it waits, and why."""
         work = self.work
         if work:
-            return work[0].step.label if len(work) == 1 else "+".join(w.step.label for w in work)
+            labels = []
+            for w in work:
+                waiting = [t.waiting_for_device for t in w.tasks if not t.future.done()]
+                labels.append(f"{w.step.label}: {waiting[0]}" if waiting and all(waiting) else w.step.label)
+            return "+".join(labels)
         index = min(self.next_step, self.total_steps - 1)
         return self.plan.steps[index].label
 

@@ -223,3 +223,27 @@ def test_forward_times_are_learned_per_size_and_estimated_between():
     times.record(key, 1, 0.7)  # a device where a forward of 1 costs nearly what 8 cost
     assert abs(times.estimate(key, 4) - (0.7 + 0.1 * 3 / 7)) < 1e-9
     assert abs(times.estimate(key, 16) - 1.6) < 1e-9  # beyond: in proportion to the largest
+
+
+def test_a_preempted_session_says_it_waits_for_the_device_and_why(make_worker):
+    """While its images are parked for a more urgent one, a session stays `running`, its current
+    operation says it waits for the device (preempted by higher priority), and its ETA counts the wait:
+    the urgent session's remaining steps come before its own."""
+    worker = make_worker(scheduling={"max_batch_size": 1, "coalesce_wait_ms": 0})
+    with ForwardGate(worker, 4, 6) as gate:
+        session(worker, "bulk", priority=1, steps=30)
+        gate.wait(4)
+        session(worker, "urgent", priority=10, steps=20)
+        gate.release(4)
+        gate.wait(6)  # the urgent session's first forwards: bulk is parked
+        status = session_status(worker, "bulk")
+        assert status["status"] == "running"
+        detail = status["detailed_progress"]
+        assert detail["current_operation"] == ("inference.text2img: waiting for the device "
+                                               "(preempted by higher priority)")
+        per_step = device_worker(worker).seconds_per_step
+        assert detail["eta_seconds"] >= (30 - 4 + 20 - 2) * per_step  # its own steps after the urgent ones
+        gate.release()
+    wait_for(lambda: session_status(worker, "bulk")["status"] in FINAL)
+    final = session_status(worker, "bulk")
+    assert final["status"] == "completed" and "waiting" not in final["detailed_progress"]["current_operation"]

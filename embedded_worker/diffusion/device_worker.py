@@ -212,7 +212,7 @@ class DeviceWorker:
                         urgent = queue.peek(queue.best_key())
                         for task in self._preemptible():
                             if _outranks(urgent, task):
-                                task.preempt_requested = True
+                                task.preempt_requested, task.preempted_by = True, "higher priority"
                     return []  # drain the active set, then switch to the more urgent key
                 minimum, threshold = self._preferences(queue.peek(self._key))
                 self.capacity, self._capacity_reason = self.sizer.size(self._key, minimum, threshold)
@@ -281,7 +281,19 @@ class DeviceWorker:
             places = max(0, target - len(staying))
         for victim in victims:
             victim.preempt_requested = True
+            displaced_by_rank = any(_outranks(t, victim) for t in admitted) or victim.priority < (top or 0)
+            victim.preempted_by = "higher priority" if displaced_by_rank else "fair share"
         return places
+
+    def _eta_after_preemption(self, task: DenoiseTask) -> float | None:
+        """A preempted image's ETA counts its wait: until the images that stay have run out their steps
+        (the longest of them), then its own remaining steps and its decode."""
+        if self.seconds_per_step is None:
+            return None
+        staying = [t for c in self._cohorts for t in c.members if t is not task and not t.preempt_requested]
+        wait = max((t.total_steps - t.step for t in staying), default=0)
+        own = task.total_steps - task.step
+        return (wait + own) * self.seconds_per_step + (self.seconds_per_decode or 0.0)
 
     def _displaces(self, waiting: DenoiseTask, active: DenoiseTask, counts: Counter) -> bool:
         """May `waiting` take `active`'s place now? More urgent, or (fair) an owner well under its share."""
@@ -465,6 +477,8 @@ class DeviceWorker:
                 task.parked = cohort
                 task.preemptions += 1
                 task.parked_at_step = task.step
+                task.waiting_for_device = f"waiting for the device (preempted by {task.preempted_by})"
+                task.eta_seconds = self._eta_after_preemption(task)
                 self.counters.preemptions += 1
                 if not self.queue.closed:
                     self.queue.put(task)

@@ -69,6 +69,8 @@ class DenoiseTask:
         self.preempt_requested = False  # set by its device worker: leave at the next boundary, back to the queue
         self.preemptions = 0
         self.parked_at_step: int | None = None  # the step it was last preempted at: not again before progress
+        self.preempted_by = ""  # why it was last asked to leave: "higher priority" or "fair share"
+        self.waiting_for_device: str | None = None  # while preempted: what its status says it waits for
         self.parked: Cohort | None = None  # its own denoising state while paused
         # monotonic; when the request was accepted: FIFO order and aging count from here
         self.submitted_at = time.monotonic() if submitted_at is None else submitted_at
@@ -102,6 +104,7 @@ class DenoiseTask:
     def mark_active(self, worker: str) -> None:
         now = time.monotonic()
         self.worker = worker
+        self.waiting_for_device = None
         self.queue_seconds += now - self.enqueued_at
         if self.run_started_at is None:
             self.run_started_at = now
