@@ -115,6 +115,8 @@ class WorkflowRun:
         self.finished = False
         self.succeeded = False
         self._weights = [step.weight for step in plan.steps]  # progress shares, fixed for the run
+        self._in_request_order = sorted(plan.steps, key=lambda s: s.order)
+        self._ended_results: list[dict] | None = None  # step_results once the run ended: polled, never changing
         self._total_weight = max(1, sum(self._weights))
 
     # ---- control, from any thread --------------------------------------------------------
@@ -209,11 +211,13 @@ class WorkflowRun:
 
     def step_results(self) -> list[dict]:
         """Each step in request order: its status, the images it made, what an answering step said."""
+        if self._ended_results is not None:
+            return list(self._ended_results)
         with self._lock:
             launched = dict(self.launched)
             ended = self.finished
         results = []
-        for step in sorted(self.plan.steps, key=lambda s: s.order):
+        for step in self._in_request_order:
             work = launched.get(step.order)
             if work is None:
                 status = "cancelled" if ended else "waiting"
@@ -234,7 +238,9 @@ class WorkflowRun:
                 "started_at": iso(work.started_at) if work is not None else None,
                 "completed_at": iso(work.finished_at) if work is not None else None,
             })
-        return results
+        if ended:
+            self._ended_results = results
+        return list(results)
 
     # ---- the run's own progress ---------------------------------------------------------------
 
