@@ -357,6 +357,9 @@ class WorkflowRun:
             self.cpu.submit(self._settle, work, images)  # off the device thread
 
     def _cpu_done(self, work: StepWork, future: Future) -> None:
+        if future.cancelled():  # a close cancelled it before it ran
+            self._settle(work, error=Cancelled("the worker closed before this step ran"))
+            return
         error = future.exception()
         if error is None:
             self._settle(work, future.result())

@@ -30,6 +30,7 @@ class Tally:
     requests: int = 0
     faults_injected: int = 0
     controls: int = 0
+    escapes: int = 0  # sessions with path-like ids, bounded so the settle stays proportionate to `sessions`
     accepted: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -91,7 +92,8 @@ def soak(model_cache, tmp_path, sessions: int, threads: int, seconds: float) -> 
             elif roll < 0.96:  # an id another kind of record has: refused, and the store stays openable
                 reply = worker.execute_batch(batch_id=session_id, workflow_id="img-generation-basic")
                 tally.add(faults_injected=1)
-            elif roll < 0.97:  # an id that looks like a path: accepted, its files stay inside the folders
+            elif roll < 0.97 and tally.escapes < sessions // 4:  # a path-like id: accepted, files stay inside
+                tally.add(escapes=1)
                 escape_id = f"../../soak-escape-{seed}-{local.randrange(10**9)}"
                 reply = worker.execute_workflow(session_id=escape_id, workflow_id="img-generation-basic",
                                                 parameters={"prompt": "escape", "steps": 3})
