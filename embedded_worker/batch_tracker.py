@@ -20,13 +20,13 @@ FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
 class BatchProgressTracker:
-    def __init__(self, batches, batch_id: str, on_update: Callable[[dict], None] | None = None):
+    def __init__(self, feed, batch_id: str, on_update: Callable[[dict], None] | None = None):
         self.batch_id = batch_id
         self._on_update = on_update
         self._lock = threading.Lock()  # guards `_latest`
         self._latest: dict | None = None
         self._final = threading.Event()
-        self._stop = batches.observe(batch_id, self._update)
+        self._stop = feed.observe(batch_id, self._update)
 
     def _update(self, figures: dict) -> None:
         with self._lock:

@@ -1,9 +1,13 @@
 """Engine: everything behind the facade, wired once.
 
-State (StateBook), catalogs (models, workflows), pixel buffers (OutputStore),
-the device side (DevicePool) and the CPU pool for postprocessing. Sessions
-and batches are services over these; the engine adds what spans them:
-capacity checks, time estimates, the aggregated status and an orderly close.
+State (StateBook and its store), catalogs (models, workflows), pixel buffers
+(OutputStore), the device side (DevicePool) and the CPU pool for
+postprocessing; over them the job service (one lifecycle for sessions and
+batch items), the session and batch services (requests in, replies out)
+and the progress feed (the board and trackers). The engine builds them in
+dependency order, names the book's listeners in the order they hear events,
+and adds only what spans them: the aggregated status, retention and an
+orderly close.
 """
 
 from __future__ import annotations
@@ -13,20 +17,24 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from . import batch_view
 from .batches import BatchService
 from .config import WorkerConfig
 from .diffusion.device_pool import DevicePool, ProbeFactory
 from .diffusion.memory import probe_for
 from .diffusion.models import ModelCatalog
 from .diffusion.offline import set_offline_environment
-from .errors import NotFound, ResourceExhausted, Unavailable
+from .errors import NotFound
+from .intake import Intake
+from .jobs import Job, JobService
 from .outputs import OutputStore
-from .planning import Planner, RunPlan
+from .planning import Planner
 from .progress_board import ProgressBoard
+from .progress_feed import ProgressFeed
 from .protocol import DeleteBatchRequest, DeleteSessionRequest, parse
-from .recovery import recover
+from .restore import restore
 from .sessions import SessionService
-from .state import FINAL, StateBook
+from .state import FINAL, Record, StateBook
 from .store import StateStore
 from .workflows.catalog import WorkflowCatalog
 
@@ -48,7 +56,7 @@ class Engine:
             raise
 
     def _start(self, config: WorkerConfig, probe_factory: ProbeFactory) -> None:
-        self.book = StateBook([self.store.record_event])  # first listener: on disk before anything else
+        self.book = StateBook()
         self.board = ProgressBoard(config.board_slots)
         self.models = ModelCatalog(config.models, config.resolved_model_cache_dir)
         self.workflows = WorkflowCatalog(config.workflows_dir, model_known=self._model_known)
@@ -56,17 +64,25 @@ class Engine:
                                    self.store if self.store.durable else None)
         self.planner = Planner(config, self.models, self.outputs)
         self.cpu = ThreadPoolExecutor(config.scheduling.cpu_threads, thread_name_prefix="ew-post")
-        self.pool = DevicePool(config, self.models, on_resize=self._resized, probe_factory=probe_factory)
-        self.sessions = SessionService(self)
-        self.batches = BatchService(self)
-        self._closing = threading.Event()
+        self.pool = DevicePool(config, self.models, mark_on_device=self._mark_on_device,
+                               probe_factory=probe_factory)
+        self.jobs = JobService(self.book, self.pool, self.cpu, self.outputs, self.store, self.models.native_size,
+                               on_progress=self._progressed)
+        self.intake = Intake(self.book, self.jobs, self.pool, config.limits.max_queued_work, config.limits.max_items,
+                             config.scheduling.max_batch_size, self.models.native_size)
+        self.sessions = SessionService(self.book, self.jobs, self.intake, self.planner, self.workflows, self.outputs)
+        self.batches = BatchService(self.book, self.jobs, self.intake, self.planner, self.workflows, self.outputs,
+                                    self.pool)
+        self.feed = ProgressFeed(self.board, self.book, self.jobs, self.batches, self.cpu)
+        # who hears a change, in order: on disk first, then the board and trackers, then retention
+        self.book.listeners = [self.store.record_event, self.feed.record_event, self._maybe_prune]
         self._close_lock = threading.Lock()  # a racing second close waits for the first
         self._pruned_at = 0.0
         self._pruning = threading.Lock()  # one prune at a time
-        self.book.listeners.append(self._maybe_prune)
         self.pool.start()
         self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
-        self.recovery_report = recover(self)
+        self.recovery_report = restore(self.store, self.book, self.jobs, self.sessions, self.batches,
+                                       config.recovery)
         self.prune()
 
     def _model_known(self, model_id: str) -> bool:
@@ -76,50 +92,22 @@ class Engine:
         except NotFound:
             return False
 
-    def _resized(self, groups: set, size: int, reason: str) -> None:
-        self.batches.resized(groups, size, reason)
+    def _mark_on_device(self, tasks) -> None:
+        self.jobs.mark_on_device(tasks)
 
-    # ---- checks and estimates shared by sessions and batches ------------------------------
-
-    def ensure_open(self) -> None:
-        if self._closing.is_set():
-            raise Unavailable("the worker is closing and accepts no new work")
-
-    def wait_final(self, record) -> None:
-        """Block a `background: false` caller until its work is final; a close that suspended it first
-        is the caller's answer too."""
-        if not self.book.wait_final(record):
-            raise Unavailable(f"the worker closed before {record.label()} finished; it was suspended and "
-                              "resumes at the next start", details={"status": record.status})
-
-    def check_capacity(self, adding: int) -> None:
-        with self.book.lock:
-            open_work = sum(1 for r in self.book.sessions.values() if r.status not in FINAL)
-            open_work += sum(1 for r in self.book.items.values() if r.status not in FINAL)
-        limit = self.config.limits.max_queued_work
-        if open_work + adding > limit:
-            raise ResourceExhausted(
-                f"the queue is full: {open_work} unfinished sessions and items, limit {limit}; retry later"
-            )
-
-    def native_size(self, model_id: str) -> tuple[int, int]:
-        return self.models.native_size(model_id)
-
-    def estimate(self, plan: RunPlan, fallback_seconds: float) -> tuple[float, float]:
-        """(queue wait, run time) in seconds from measured step times; the fallback before any."""
-        per_step = self.pool.seconds_per_step()
-        steps = max((getattr(s.params, "steps", 0) for s in plan.steps if s.operation.on_device), default=0)
-        if per_step is None:
-            return 0.0, fallback_seconds
-        batch = self.config.scheduling.max_batch_size
-        queued_forwards = self.pool.pending() / batch
-        return queued_forwards * steps * per_step, steps * per_step
+    def _progressed(self, job: Job) -> None:
+        self.feed.progress(job)
 
     # ---- retention ------------------------------------------------------------------------
 
-    def _maybe_prune(self, record, event: str) -> None:
+    def _is_final(self, record: Record) -> bool:
+        if record.kind == "batch":
+            return batch_view.status(self.batches.items(record)) in FINAL
+        return record.status in FINAL
+
+    def _maybe_prune(self, record: Record, event: str) -> None:
         """After a session or batch finishes: prune on the CPU pool, at most every PRUNE_INTERVAL."""
-        if record.kind == "item" or record.status not in FINAL or self._closing.is_set():
+        if record.kind == "item" or record.status not in FINAL or self.intake.closing.is_set():
             return
         now = time.monotonic()
         if now - self._pruned_at >= PRUNE_INTERVAL_SECONDS or \
@@ -135,11 +123,11 @@ class Engine:
     def _prune(self) -> int:
         retention = self.config.retention
         with self.book.lock:
-            finished = sorted((r for r in [*self.book.sessions.values(), *self.book.batches.values()]
-                               if r.status in FINAL), key=lambda r: r.completed_at or 0.0)
+            candidates = [*self.book.sessions.values(), *self.book.batches.values()]
+        finished = sorted((r for r in candidates if self._is_final(r)), key=self._completed_at)
         cutoff = time.time() - retention.max_age_hours * 3600
         excess = max(0, len(finished) - retention.max_finished)
-        victims = [r for i, r in enumerate(finished) if i < excess or (r.completed_at or 0.0) < cutoff]
+        victims = [r for i, r in enumerate(finished) if i < excess or self._completed_at(r) < cutoff]
         for record in victims:
             try:
                 if record.kind == "session":
@@ -152,26 +140,35 @@ class Engine:
             log.info("retention: pruned %d finished sessions and batches", len(victims))
         return len(victims)
 
+    def _completed_at(self, record: Record) -> float:
+        if record.kind == "batch":
+            return batch_view.completed_at(self.batches.items(record)) or 0.0
+        return record.completed_at or 0.0
+
     # ---- status and close ----------------------------------------------------------------
 
     def status(self) -> dict:
         pool = self.pool.status()
-        sessions = self.book.counts("session")
-        batches = self.book.counts("batch")
+        with self.book.lock:
+            batches = list(self.book.batches.values())
+        batch_statuses = [batch_view.status(self.batches.items(b)) for b in batches]
         return {
             "device": {"devices": pool["workers"], "memory": pool["memory"]},
             "model": {"models": self.models.ids(), "default_model": self.config.default_model},
             "inference": {"queued_images": pool["queued_images"],
                           "active_images": sum(w["active_images"] for w in pool["workers"])},
             "postprocessing": {"threads": self.config.scheduling.cpu_threads},
-            "processing": {"sessions": sessions, "batches": batches, "outputs": self.outputs.count(),
+            "processing": {"sessions": self.book.counts(),
+                           "batches": {s: batch_statuses.count(s) for s in set(batch_statuses)}
+                           | {"total": len(batch_statuses)},
+                           "outputs": self.outputs.count(),
                            "workflows": len(self.workflows.describe_all()),
                            "workflow_problems": self.workflows.problems()},
             "recovery": self.recovery_report,
             "state": {"path": self.store.path, "durable": self.store.durable,
                       "quarantined_rows": self.store.quarantined()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
-            "closing": self._closing.is_set(),
+            "closing": self.intake.closing.is_set(),
         }
 
     def close(self, timeout: float, pending: str) -> bool:
@@ -181,15 +178,14 @@ class Engine:
         way (up to STOP_GRACE_SECONDS); True when every thread has ended. Callers waiting for work get
         their answer. The store closes only once nothing can write to it any more."""
         with self._close_lock:
-            if self._closing.is_set():
+            if self.intake.closing.is_set():
                 return self.threads_stopped()
-            self._closing.set()
+            self.intake.closing.set()
             deadline = time.monotonic() + timeout
             if pending == "finish":
                 self.book.wait_until(self._all_final, timeout)
             if pending == "cancel":
-                self.sessions.cancel_all()
-                self.batches.cancel_all()
+                self.jobs.cancel_all("the worker closed")
             else:
                 self.book.freeze()  # what is still unfinished stays as stored, to resume at the next start
             stopped = self.pool.close(max(0.0, deadline - time.monotonic()), STOP_GRACE_SECONDS)

@@ -256,7 +256,7 @@ class ProcessingWorker:
         """A BatchProgressTracker for a Python caller; an error envelope for an unknown batch."""
         try:
             self._ensure_open()
-            return BatchProgressTracker(self._engine.batches, parse_id(batch_id, "batch_id"), on_update)
+            return BatchProgressTracker(self._engine.feed, parse_id(batch_id, "batch_id"), on_update)
         except WorkerError as error:
             return failure(error)
 

@@ -1,65 +1,59 @@
-"""Recovery: a new process takes over what the last one left in the state store.
+"""Recovery: what a new process does with each unfinished record the last one left in the state store.
 
-Completed work is listed and its outputs map back from disk. Unfinished work
-is requeued from its stored request (same seeds, so the same pixels), or
-failed when so configured. Work whose images were on the device when the
-process died is a suspect: it runs alone, and if the process dies under it
-again it is quarantined as failed with the reason, instead of killing every
-start. Anything still unfinished after RESTART_LIMIT starts is failed too, so
+A pure decision (`decide`) from a stored record, the configured recovery
+mode and whether its request can still be planned; the job service applies
+it. Unfinished work is requeued from its stored request (same seeds, so the
+same pixels), kept paused, or failed when so configured or when it can no
+longer run. Work whose images were on the device when the process died is
+a suspect: it runs alone, and if the process dies under it again it is
+quarantined as failed with the reason, instead of killing every start.
+Anything still unfinished after RESTART_LIMIT starts is quarantined too, so
 no cause of death can loop forever.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from .state import FINAL, BatchRecord, ItemRecord, SessionRecord
+from .state import PAUSED, Record
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
-log = logging.getLogger("embedded_worker.recovery")
 QUARANTINE_AFTER = 2  # starts that found it on the device: then it is taken to be what kills the process
 RESTART_LIMIT = 5  # starts that found it unfinished, whatever the cause
 
-
-def suspect_check(record) -> str | None:
-    """Count this start against `record`; the reason to quarantine it, if it has run out of chances."""
-    record.restarts += 1
-    if record.on_device:
-        record.recoveries += 1
-        record.on_device = False
-    if record.recoveries >= QUARANTINE_AFTER:
-        return (f"quarantined: the worker process ended while its images were on the device, on "
-                f"{record.recoveries} consecutive starts")
-    if record.restarts >= RESTART_LIMIT:
-        return f"quarantined: still unfinished after {record.restarts} starts of the worker"
-    return None
+REQUEUE, KEEP_PAUSED, FAIL, QUARANTINE = "requeued", "paused", "failed", "quarantined"
 
 
-def recover(engine: "Engine") -> dict:
-    """Load every stored record into the book and resume the unfinished ones; a report of what happened."""
-    records = engine.store.load_records()
-    report = {"records": len(records), "sessions": {}, "batches": {"requeued_items": 0, "paused_items": 0,
-                                                                    "failed_items": 0, "quarantined_items": 0}}
-    if not records:
-        return report
-    ordered = sorted(records, key=lambda r: {"batch": 0, "item": 1, "session": 2}[r.kind])
-    for record in ordered:
-        engine.book.add(record)
-    items: dict[str, list[ItemRecord]] = {}
-    for record in ordered:
-        if isinstance(record, ItemRecord):
-            items.setdefault(record.batch_id, []).append(record)
-    for record in ordered:
-        if isinstance(record, SessionRecord) and record.status not in FINAL:
-            outcome = engine.sessions.recover(record)
-            report["sessions"][outcome] = report["sessions"].get(outcome, 0) + 1
-        elif isinstance(record, BatchRecord) and record.status not in FINAL:
-            members = sorted(items.get(record.id, []), key=lambda i: i.index)
-            for outcome, count in engine.batches.recover(record, members).items():
-                report["batches"][f"{outcome}_items"] += count
-    log.info("recovered %d stored records: sessions %s, batch items %s", len(records), report["sessions"],
-             report["batches"])
-    return report
+@dataclass(frozen=True)
+class Decision:
+    action: str  # REQUEUE, KEEP_PAUSED, FAIL or QUARANTINE (also the word the recovery report counts)
+    recoveries: int  # the record's counters, this start counted
+    restarts: int
+    reason: str | None = None  # why it fails
+    error_code: str | None = None
+
+    @property
+    def isolated(self) -> bool:
+        """A suspect runs alone: if the process dies again, nothing else is blamed."""
+        return self.recoveries > 0
+
+
+def decide(record: Record, mode: str, cannot_resume: tuple[str, str] | None) -> Decision:
+    """What to do with unfinished `record` at this start. `mode`: the configured recovery ("requeue" or
+    "fail"); `cannot_resume`: (message, error code) when its request can no longer be planned."""
+    restarts = record.restarts + 1
+    recoveries = record.recoveries + (1 if record.on_device else 0)
+    counted = {"recoveries": recoveries, "restarts": restarts}
+    if recoveries >= QUARANTINE_AFTER:
+        return Decision(QUARANTINE, **counted, error_code="internal",
+                        reason=f"quarantined: the worker process ended while its images were on the device, on "
+                               f"{recoveries} consecutive starts")
+    if restarts >= RESTART_LIMIT:
+        return Decision(QUARANTINE, **counted, error_code="internal",
+                        reason=f"quarantined: still unfinished after {restarts} starts of the worker")
+    if mode == "fail":
+        return Decision(FAIL, **counted, error_code="unavailable",
+                        reason=f"the worker restarted before this {record.kind} finished")
+    if cannot_resume is not None:
+        message, code = cannot_resume
+        return Decision(FAIL, **counted, error_code=code, reason=f"cannot resume after a restart: {message}")
+    return Decision(KEEP_PAUSED if record.status == PAUSED else REQUEUE, **counted)

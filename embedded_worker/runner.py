@@ -5,9 +5,12 @@ Design notes
   or a function on the CPU pool) and continues when that work reports back.
   Continuations never run on the device thread: the device must never wait
   on postprocessing or file I/O, so they hop to the CPU pool.
-- The owner (a session, or a batch item) hears `run_running`,
-  `run_progress`, `run_paused` and, exactly once, `run_finished`; it owns the
-  status, the run owns only how far the work has got.
+- The owner (a `jobs.Job`: a session, or a batch item) hears
+  `run_running`, `run_progress`, `run_paused`, `run_off_device` and, exactly
+  once, `run_finished`; it owns the status, the run owns only how far the
+  work has got. The run's own state is one `RunState`, moved along `_MOVES`.
+- The device worker tells a run about its images (started, stepped, parked)
+  on its event thread, never its own: the device thread only launches.
 - A parallel plan runs in waves (PlannedStep.wave): every step of a wave at
   once, the next wave when all of it has ended. A sequential plan is a wave
   per step, each on the images of the step before it.
@@ -21,27 +24,29 @@ Design notes
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
-import traceback
 from concurrent.futures import Executor, Future
 from typing import Callable, Protocol
 
 from .diffusion.device_pool import DevicePool
-from .diffusion.task import BatchSizing, DenoiseTask
-from .errors import Cancelled, InternalError, InvalidRequest, WorkerError
+from .diffusion.task import PARKED, BatchSizing, DenoiseTask
+from .errors import Cancelled, InvalidRequest, WorkerError
 from .operations import BatchProcessParams, StepImage, image_specs
 from .planning import PlannedStep, RunPlan
-from .protocol import iso
+from .step_work import StepWork, aggregate_errors, as_worker_error, describe_steps, image_metadata
 
 log = logging.getLogger("embedded_worker.runner")
 
 
 class RunOwner(Protocol):
+    """What a run tells the job it works for (`jobs.Job`)."""
+
     def run_running(self, run: "WorkflowRun") -> None: ...
 
-    def run_on_device(self, run: "WorkflowRun", on_device: bool) -> None: ...
+    def run_off_device(self, run: "WorkflowRun") -> None: ...
 
     def run_progress(self, run: "WorkflowRun") -> None: ...
 
@@ -50,33 +55,21 @@ class RunOwner(Protocol):
     def run_finished(self, run: "WorkflowRun", images: list[StepImage], error: WorkerError | None) -> None: ...
 
 
-class StepWork:
-    """What one launched step has in flight (its images on the device or its CPU future), then how it ended."""
+class RunState(enum.Enum):
+    """Where a run is; one value, moved only along `_MOVES`."""
 
-    def __init__(self, step: PlannedStep):
-        self.step = step
-        self.tasks: list[DenoiseTask] = []
-        self.cpu: Future | None = None
-        self.settled = False
-        self.results: list[StepImage] | None = None  # until the run takes them for the next step
-        self.error: WorkerError | None = None
-        self.images_made = 0
-        self.answer: dict | None = None  # what an answering step (model, device) said
-        self.started_at = time.time()
-        self.finished_at: float | None = None
+    ACTIVE = "active"  # launching steps, or waiting for the ones in flight
+    PAUSING = "pausing"  # asked to pause: its images park at their next step boundary, a CPU step finishes
+    PAUSED = "paused"  # everything parked (or between two steps): nothing of it runs until `resume`
+    ENDED = "ended"  # finished, failed or cancelled: `run_finished` was told, exactly once
 
-    @property
-    def fraction(self) -> float:
-        if self.settled:
-            return 1.0
-        if self.tasks:
-            return sum(t.progress for t in self.tasks) / len(self.tasks)
-        return 0.0
 
-    @property
-    def eta_seconds(self) -> float | None:
-        etas = [t.eta_seconds for t in self.tasks if t.eta_seconds is not None]
-        return max(etas) if etas else None
+_MOVES = {
+    RunState.ACTIVE: {RunState.PAUSING, RunState.ENDED},
+    RunState.PAUSING: {RunState.ACTIVE, RunState.PAUSED, RunState.ENDED},
+    RunState.PAUSED: {RunState.ACTIVE, RunState.ENDED},
+    RunState.ENDED: set(),
+}
 
 
 class WorkflowRun:
@@ -86,8 +79,10 @@ class WorkflowRun:
         owner: RunOwner,
         pool: DevicePool,
         cpu: Executor,
-        priority: int,
         native_size: Callable[[str], tuple[int, int]],
+        *,
+        record_id: str,
+        priority: int,
         sizing: BatchSizing | None = None,
         isolated: bool = False,
     ):
@@ -95,29 +90,41 @@ class WorkflowRun:
         self.owner = owner
         self.pool = pool
         self.cpu = cpu
-        self.priority = priority
         self.native_size = native_size  # model id -> (width, height) it was trained at
+        self.record_id = record_id  # whose images these are: named in the store while they are on a device
+        self.priority = priority
         self.sizing = sizing
         self.isolated = isolated
         self.submitted_at = time.monotonic()  # its images queue in the order their requests came
-        # guards everything below: device and CPU threads report here concurrently
+        # guards everything below: device, event and CPU threads report here concurrently
         self._lock = threading.RLock()
+        self.state = RunState.ACTIVE
+        self.error: WorkerError | None = None  # how it ended, once ENDED (None: it succeeded)
         self.next_step = 0
         self.images: list[StepImage] = []
-        self.work: list[StepWork] = []
+        self.work: list[StepWork] = []  # the steps in flight; empty between two steps
         self.launched: dict[int, StepWork] = {}  # PlannedStep.order -> its work, for step results
         self.all_tasks: list[DenoiseTask] = []  # every image this run sent to a device, for metrics
         self.completed_steps = 0
-        self.pause_requested = False
-        self.paused = False
-        self.parked_between_steps = False  # set only by _launch_next; resume consumes it
-        self.cancelled = False
-        self.finished = False
-        self.succeeded = False
         self._weights = [step.weight for step in plan.steps]  # progress shares, fixed for the run
         self._in_request_order = sorted(plan.steps, key=lambda s: s.order)
         self._ended_results: list[dict] | None = None  # step_results once the run ended: polled, never changing
         self._total_weight = max(1, sum(self._weights))
+
+    def _move(self, target: RunState) -> bool:
+        """Call with `_lock` held; False when the run cannot go there from where it is."""
+        if target not in _MOVES[self.state]:
+            return False
+        self.state = target
+        return True
+
+    @property
+    def ended(self) -> bool:
+        return self.state is RunState.ENDED
+
+    @property
+    def pause_requested(self) -> bool:
+        return self.state in (RunState.PAUSING, RunState.PAUSED)
 
     # ---- control, from any thread --------------------------------------------------------
 
@@ -125,38 +132,35 @@ class WorkflowRun:
         """Begin with the first step, or (paused) wait before it until `resume`."""
         if paused:
             with self._lock:
-                self.pause_requested = self.paused = self.parked_between_steps = True
+                self.state = RunState.PAUSED  # recovered paused: nothing launched yet, `resume` begins it
             return
         self.cpu.submit(self._launch_next)
 
     def pause(self) -> None:
         """Park every image at its next step boundary; `run_paused` follows once all are parked."""
         with self._lock:
-            if self.finished or self.pause_requested:
+            if not self._move(RunState.PAUSING):
                 return
-            self.pause_requested = True
             tasks = self._live_tasks()
         for task in tasks:
             self.pool.pause(task)
+        self._become_paused()  # nothing on the device and no CPU step: paused at once
 
     def resume(self) -> None:
         with self._lock:
-            if self.finished or not self.pause_requested:
+            between_steps = self.state is RunState.PAUSED and not self.work
+            if not self._move(RunState.ACTIVE):
                 return
-            self.pause_requested = False
-            self.paused = False
-            relaunch, self.parked_between_steps = self.parked_between_steps, False
             tasks = self._live_tasks()
         for task in tasks:
             self.pool.resume(task)
-        if relaunch:
+        if between_steps:
             self.cpu.submit(self._launch_next)
 
     def cancel(self) -> None:
         with self._lock:
-            if self.finished:
+            if self.ended:
                 return
-            self.cancelled = True
             tasks = self._live_tasks()
         for task in tasks:
             self.pool.cancel(task)
@@ -194,7 +198,7 @@ class WorkflowRun:
     @property
     def progress(self) -> float:
         """0..1 over all steps, each weighted (PlannedStep.weight), counting the denoising inside."""
-        if self.succeeded:
+        if self.ended and self.error is None:
             return 1.0
         work = self.work
         running = sum(w.step.weight * w.fraction for w in work) if work else 0.0
@@ -205,39 +209,14 @@ class WorkflowRun:
         etas = [w.eta_seconds for w in self.work if w.eta_seconds is not None]
         return max(etas) if etas else None
 
-    @property
-    def queue_seconds(self) -> float:
-        return max((t.queue_seconds for w in self.work for t in w.tasks), default=0.0)
-
     def step_results(self) -> list[dict]:
         """Each step in request order: its status, the images it made, what an answering step said."""
         if self._ended_results is not None:
             return list(self._ended_results)
         with self._lock:
             launched = dict(self.launched)
-            ended = self.finished
-        results = []
-        for step in self._in_request_order:
-            work = launched.get(step.order)
-            if work is None:
-                status = "cancelled" if ended else "waiting"
-            elif work.error is not None:
-                status = "cancelled" if work.error.code == "cancelled" else "failed"
-            elif work.settled:
-                status = "completed"
-            elif ended:
-                status = "cancelled"
-            else:
-                status = "paused" if self.paused else "running"
-            results.append({
-                "order": step.order, "domain": step.operation.domain, "operation": step.operation.name,
-                "status": status,
-                "images": work.images_made if work is not None and work.settled else len(work.tasks) if work else 0,
-                "result": work.answer if work is not None else None,
-                "error": work.error.message if work is not None and work.error is not None else None,
-                "started_at": iso(work.started_at) if work is not None else None,
-                "completed_at": iso(work.finished_at) if work is not None else None,
-            })
+            ended, paused = self.ended, self.state is RunState.PAUSED
+        results = describe_steps(self._in_request_order, launched, ended, paused)
         if ended:
             self._ended_results = results
         return list(results)
@@ -252,25 +231,23 @@ class WorkflowRun:
 
     def _become_paused(self) -> None:
         with self._lock:
-            if self.paused or self.finished or not self.pause_requested:
+            if self.state is not RunState.PAUSING:
                 return
-            if any(t.state != "parked" for t in self._live_tasks()) or self._cpu_in_flight():
+            if any(t.state != PARKED for t in self._live_tasks()) or self._cpu_in_flight():
                 return
-            self.paused = True
+            self._move(RunState.PAUSED)
         self.owner.run_paused(self)
 
     def _launch_next(self) -> None:
         """Launch the next step (all of them at once in parallel mode), or finish."""
         try:
             with self._lock:
-                if self.finished or self.cancelled:
+                if self.ended or self.state is RunState.PAUSED:
                     return
-                if self.pause_requested:
-                    self.paused = True
-                    self.parked_between_steps = True
-                    pause_now = True
+                pause_now = self.state is RunState.PAUSING
+                if pause_now:
+                    self._move(RunState.PAUSED)
                 else:
-                    pause_now = False
                     steps = self._next_wave()
                     self.work = [StepWork(step) for step in steps]
                     self.launched.update((work.step.order, work) for work in self.work)
@@ -282,13 +259,13 @@ class WorkflowRun:
                 self._finish(self.images, None)
                 return
         except Exception as error:  # a bug here must still end the run with an envelope
-            self._finish([], _as_worker_error(error))
+            self._finish([], as_worker_error(error))
             return
         for work in list(self.work):
             try:
                 self._launch(work)
             except Exception as error:  # a model that cannot load, an input that cannot be read
-                self._settle(work, error=_as_worker_error(error))
+                self._settle(work, error=as_worker_error(error))
 
     def _next_wave(self) -> list[PlannedStep]:
         """The steps to launch together next: one (sequential), or every step of the next wave."""
@@ -309,36 +286,38 @@ class WorkflowRun:
             work.cpu.add_done_callback(lambda future: self._cpu_done(work, future))
             return
         if step.operation.on_device:
-            model_id = step.params.model or self.plan.model_id
-            sizing = step.params.sizing() if isinstance(step.params, BatchProcessParams) else self.sizing
-            init_images = inputs if step.operation.uses_images else []
-            specs = image_specs(step.params, init_images, model_id, self.native_size(model_id))
-            tasks = [
-                DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,
-                            isolated=self.isolated)
-                for spec in specs
-            ]
-            with self._lock:
-                work.tasks = tasks
-                self.all_tasks.extend(tasks)
-            for task in tasks:
-                task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
-            try:
-                for task in tasks:
-                    self.pool.submit(task)
-            except WorkerError as error:
-                for task in tasks:
-                    self.pool.cancel(task)
-                self._settle(work, error=error)
-                return
-            with self._lock:
-                pause = self.pause_requested  # a pause that came while the step was being launched
-            for task in tasks if pause else ():
-                self.pool.pause(task)
+            self._launch_on_device(work, inputs)
             return
         self.owner.run_running(self)
         work.cpu = self.cpu.submit(step.operation.run, step.params, inputs)
         work.cpu.add_done_callback(lambda future: self._cpu_done(work, future))
+
+    def _launch_on_device(self, work: StepWork, inputs: list[StepImage]) -> None:
+        step = work.step
+        model_id = step.params.model or self.plan.model_id
+        sizing = step.params.sizing() if isinstance(step.params, BatchProcessParams) else self.sizing
+        init_images = inputs if step.operation.uses_images else []
+        specs = image_specs(step.params, init_images, model_id, self.native_size(model_id))
+        tasks = [DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,
+                             isolated=self.isolated, record_id=self.record_id)
+                 for spec in specs]
+        with self._lock:
+            work.tasks = tasks
+            self.all_tasks.extend(tasks)
+        for task in tasks:
+            task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
+        try:
+            for task in tasks:
+                self.pool.submit(task)
+        except WorkerError as error:
+            for task in tasks:
+                self.pool.cancel(task)
+            self._settle(work, error=error)
+            return
+        with self._lock:
+            pause = self.pause_requested  # a pause that came while the step was being launched
+        for task in tasks if pause else ():
+            self.pool.pause(task)
 
     def _answer(self, work: StepWork, inputs: list[StepImage]) -> list[StepImage]:
         """An answering step: acts on the device side, keeps its answer; the images pass through it."""
@@ -346,15 +325,21 @@ class WorkflowRun:
         return inputs
 
     def _device_done(self, work: StepWork) -> None:
-        if not all(task.future.done() for task in work.tasks):
-            return
-        self.owner.run_on_device(self, False)
+        """A future's callback, often on the device thread: only the last image of the step hands off."""
+        if all(task.future.done() for task in work.tasks):
+            try:
+                self.cpu.submit(self._device_step_ended, work)
+            except RuntimeError:  # the CPU pool is shut down: a close failed the images; settle here
+                self._device_step_ended(work)
+
+    def _device_step_ended(self, work: StepWork) -> None:
+        self.owner.run_off_device(self)
         errors = [t.future.exception() for t in work.tasks if t.future.cancelled() or t.future.exception()]
         if errors:
-            self._settle(work, error=_as_worker_error(errors[0]))
+            self._settle(work, error=as_worker_error(errors[0]))
         else:
-            images = [StepImage(t.future.result(), t.spec.seed, _image_metadata(t, self.plan)) for t in work.tasks]
-            self.cpu.submit(self._settle, work, images)  # off the device thread
+            images = [StepImage(t.future.result(), t.spec.seed, image_metadata(t, self.plan)) for t in work.tasks]
+            self._settle(work, images)
 
     def _cpu_done(self, work: StepWork, future: Future) -> None:
         if future.cancelled():  # a close cancelled it before it ran
@@ -364,7 +349,7 @@ class WorkflowRun:
         if error is None:
             self._settle(work, future.result())
         else:
-            self._settle(work, error=_as_worker_error(error))
+            self._settle(work, error=as_worker_error(error))
 
     def _settle(self, work: StepWork, images: list[StepImage] | None = None, error: WorkerError | None = None) -> None:
         """One launched step ended; once all have, fail with every error or go on to the next step."""
@@ -374,7 +359,7 @@ class WorkflowRun:
             work.settled, work.finished_at = True, time.time()
             work.results, work.error = (images, None) if error is None else (None, error)
             work.images_made = len(images or ())
-            if self.finished or not all(w.settled for w in self.work):
+            if self.ended or not all(w.settled for w in self.work):
                 return
             failures = [(w.step, w.error) for w in self.work if w.error is not None]
             if not failures:
@@ -389,79 +374,30 @@ class WorkflowRun:
         if failures:
             for task in tasks:
                 self.pool.cancel(task)
-            self._finish([], _aggregate(failures))
+            self._finish([], aggregate_errors(failures))
             return
         self.owner.run_progress(self)
         self._launch_next()
 
     def _finish(self, images: list[StepImage], error: WorkerError | None) -> None:
         with self._lock:
-            if self.finished:
+            if not self._move(RunState.ENDED):
                 return
-            self.finished = True
-            self.succeeded = error is None
+            self.error = error
         try:
             self.owner.run_finished(self, images, error)
         except Exception:
             log.exception("run owner failed to record the end of a run")
 
-    # ---- TaskListener: called on the device thread; keep them short -----------------------------
+    # ---- TaskListener: the device worker's events, told on its event thread, in order -------------
 
     def task_started(self, task: DenoiseTask) -> None:
-        self.owner.run_on_device(self, True)
         self.owner.run_running(self)
 
     def task_stepped(self, task: DenoiseTask) -> None:
         self.owner.run_progress(self)
 
     def task_parked(self, task: DenoiseTask) -> None:
-        if all(t.state == "parked" for t in self._live_tasks()):
-            self.owner.run_on_device(self, False)
+        if all(t.state == PARKED for t in self._live_tasks()):
+            self.owner.run_off_device(self)
         self._become_paused()
-
-
-def _aggregate(failures: list[tuple[PlannedStep, WorkerError]]) -> WorkerError:
-    """One error naming every failed operation: its domain, operation, message and code."""
-    details = [
-        {"domain": step.operation.domain, "operation": step.operation.name, "error": error.message,
-         "error_code": error.code}
-        for step, error in failures
-    ]
-    message = "; ".join(f"{d['domain']}.{d['operation']}: {d['error']}" for d in details)
-    kinds = {type(error) for _, error in failures}
-    kind = kinds.pop() if len(kinds) == 1 else InternalError
-    return kind(message, details=details)
-
-
-def _image_metadata(task: DenoiseTask, plan: RunPlan) -> dict:
-    """What made the image, for output files and `output_info`; absent values are left out."""
-    spec = task.spec
-    metadata = {
-        "prompt": spec.prompt,
-        "negative_prompt": spec.negative_prompt,
-        "seed": spec.seed,
-        "steps": spec.steps,
-        "guidance_scale": spec.guidance_scale,
-        "scheduler": spec.scheduler,
-        "width": spec.width,
-        "height": spec.height,
-        "model": spec.model_id,
-        "workflow": plan.workflow_id,
-        "strength": spec.strength if spec.init_image is not None else None,
-    }
-    return {key: value for key, value in metadata.items() if value is not None}
-
-
-def _as_worker_error(error: BaseException | None) -> WorkerError:
-    if isinstance(error, WorkerError):
-        return error
-    if error is None:
-        return Cancelled("cancelled")
-    from concurrent.futures import CancelledError
-
-    if isinstance(error, CancelledError):
-        return Cancelled("cancelled")
-    trace = "".join(traceback.format_exception(error, limit=-3)).strip()
-    log.error("step failed: %s", trace)
-    return InternalError(f"{type(error).__name__}: {error}", details={"traceback": trace})
-

@@ -1,12 +1,20 @@
 """Session, batch and item records, and the one place their status changes.
 
 Design notes
-- The protocol's seven statuses are the same for sessions, batches and batch
-  items. `transition` is the only writer of `status`: it checks the move
-  against `_LEGAL`, stamps the times, persists the record, and only then
-  returns, so a status is durable before any caller can report it.
+- The protocol's seven statuses are the same for sessions and batch items
+  (a batch's status is derived from its items: `batch_view`). `transition`
+  is the only writer of `status`: it checks the move against `_LEGAL` and
+  stamps the times, under the book's lock.
+- Events leave the lock before anyone hears them (an outbox): a change is
+  recorded under the lock, and once the outermost lock of the changing
+  thread is released, that thread dispatches every recorded event, in order,
+  to the listeners (the store first, then the board and the batches), one
+  dispatcher at a time. A listener may read the book and change it again;
+  it never runs inside the lock, so nothing re-enters a half-made change.
+  `transition` returns after its event was dispatched: a status is on disk
+  before the thread that changed it goes on.
 - `completed`, `failed` and `cancelled` are final: nothing the engine does
-  moves them. The one exit is an explicit `restart` of a failed or cancelled
+  moves them. The one exit is an explicit restart of a failed or cancelled
   record, which starts a new attempt (counted in `attempt`). A completed
   record is never re-run: its outputs are the answer.
 - Progress (step, substep, ETA) is not kept here: it lives in the run doing
@@ -15,10 +23,12 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import InvalidRequest, InvalidState
 
@@ -66,7 +76,6 @@ class Record:
     on_device: bool = False  # its images are on a device now (stored: a crash then names it a suspect)
     recoveries: int = 0  # starts that found it on a device: the process died under it that often
     restarts: int = 0  # starts that found it unfinished, for whatever reason
-    finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
     kind = "record"
 
@@ -102,6 +111,9 @@ class ItemRecord(Record):
 
 @dataclass(eq=False)
 class BatchRecord(Record):
+    """A batch's identity and request; its status is its items' (`batch_view`), kept here as last derived
+    so the stored row says it too."""
+
     workflow_id: str = ""
     name: str = ""
     request: dict = field(default_factory=dict)
@@ -118,10 +130,10 @@ Listener = Callable[[Record, str], None]
 
 
 class StateBook:
-    """Owns every record; every status change goes through `transition`."""
+    """Owns every record; every status change goes through `transition`; events leave after the lock."""
 
     def __init__(self, listeners: list[Listener] | None = None):
-        self.listeners: list[Listener] = list(listeners or [])  # called under the lock, in order
+        self.listeners: list[Listener] = list(listeners or [])  # called after the lock, in this order
         # guards the three maps and every status change, so a check-then-move is atomic
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # notified after every status change
@@ -129,15 +141,46 @@ class StateBook:
         self.sessions: dict[str, SessionRecord] = {}
         self.batches: dict[str, BatchRecord] = {}
         self.items: dict[str, ItemRecord] = {}
+        self._outbox: deque[tuple[Record, str]] = deque()  # appended under `lock`, drained after it
+        self._dispatching = threading.Lock()  # one dispatcher at a time, so listeners hear events in order
+        self._local = threading.local()  # per thread: how deep in `locked()`, and whether dispatching
 
-    def _tell(self, record: Record, event: str) -> None:
-        for listener in self.listeners:
-            listener(record, event)
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The book's lock; when this thread's outermost hold ends, the events recorded meanwhile go out."""
+        local = self._local
+        with self.lock:
+            local.depth = getattr(local, "depth", 0) + 1
+            try:
+                yield
+            finally:
+                local.depth -= 1
+        if local.depth == 0:
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand every recorded event to the listeners, in order; a listener's own changes follow theirs."""
+        local = self._local
+        if getattr(local, "dispatching", False) or getattr(local, "depth", 0):
+            return  # the loop below (or the outermost `locked`) sends them
+        local.dispatching = True
+        try:
+            with self._dispatching:
+                while self._outbox:
+                    record, event = self._outbox.popleft()
+                    for listener in self.listeners:
+                        listener(record, event)
+        finally:
+            local.dispatching = False
+
+    def _record(self, record: Record, event: str) -> None:
+        """Call with the lock held."""
+        self._outbox.append((record, event))
 
     def add(self, record: Record) -> None:
-        with self.lock:
+        with self.locked():
             self._table(record)[record.id] = record
-            self._tell(record, ADDED)
+            self._record(record, ADDED)
 
     def require_free_id(self, record: Record, more_ids: list[str] = ()) -> None:
         """Sessions, batches and items share one namespace of ids (one row each in the store, one owner
@@ -153,19 +196,20 @@ class StateBook:
                                              details={"field": field, "taken_by": other.kind})
 
     def remove(self, record: Record) -> None:
-        with self.lock:
+        with self.locked():
             if self._table(record).pop(record.id, None) is not None:
-                self._tell(record, REMOVED)
+                self._record(record, REMOVED)
 
-    def save(self, record: Record) -> None:
-        """Tell the listeners about non-status fields (outputs, step) of a record; nothing once frozen."""
-        with self.lock:
+    def update(self, record: Record) -> None:
+        """Fields other than the status changed (outputs, attempt, the device mark): stored and published
+        like a status change; nothing once frozen."""
+        with self.locked():
             if not self.frozen:
-                self._tell(record, CHANGED)
+                self._record(record, CHANGED)
 
     def transition(self, record: Record, target: str, error: str | None = None, details: Any = None) -> bool:
         """Move `record` to `target`; False (and no change) when the move is illegal."""
-        with self.lock:
+        with self.locked():
             if self.frozen or not is_legal(record.status, target):
                 return False
             now = time.time()
@@ -179,16 +223,32 @@ class StateBook:
                 if error is not None:
                     record.error = error
                     record.error_details = details
-            self._tell(record, CHANGED)
-            if target in FINAL:
-                record.finished.set()
+            self._record(record, CHANGED)
             self.changed.notify_all()
             return True
 
-    def counts(self, kind: str) -> dict:
-        """How many records of a kind are in each status, and in all."""
+    def require(self, record: Record, target: str, verb: str) -> None:
+        """Like `transition`, but an illegal move is the caller's error."""
+        if not self.transition(record, target):
+            raise InvalidState(f"{record.label()} cannot {verb} in current status: {record.status}")
+
+    def begin_attempt(self, record: Record) -> None:
+        """Restart: a new attempt of the same request, from `pending`."""
+        with self.locked():
+            if record.status not in RESTARTABLE:
+                raise InvalidState(f"{record.label()} cannot restart in current status: {record.status}")
+            record.attempt += 1
+            record.status = PENDING
+            record.queued_at = time.time()
+            record.started_at = record.completed_at = None
+            record.error = record.error_details = None
+            self._record(record, CHANGED)
+            self.changed.notify_all()
+
+    def counts(self, records: list[Record] | None = None) -> dict:
+        """How many sessions (or of `records`) are in each status, and in all."""
         with self.lock:
-            statuses = [r.status for r in {"session": self.sessions, "batch": self.batches}[kind].values()]
+            statuses = [r.status for r in (self.sessions.values() if records is None else records)]
         return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
@@ -202,39 +262,11 @@ class StateBook:
             self.frozen = True
             self.changed.notify_all()  # callers waiting for work to end get their answer now
 
-    def wait_final(self, record: Record) -> bool:
-        """Block until `record` is final (True) or a suspending close froze the book (False)."""
+    def wait_final(self, is_final: Callable[[], bool]) -> bool:
+        """Block until `is_final()` (True) or a suspending close froze the book (False)."""
         with self.changed:
-            self.changed.wait_for(lambda: record.status in FINAL or self.frozen)
-            return record.status in FINAL
-
-    def require(self, record: Record, target: str, verb: str) -> None:
-        """Like `transition`, but an illegal move is the caller's error."""
-        if not self.transition(record, target):
-            raise InvalidState(f"{record.label()} cannot {verb} in current status: {record.status}")
-
-    def requeue_after_restart(self, record: Record) -> None:
-        """Unfinished work found by a new process: paused stays paused, anything else waits to run again
-        (a new attempt when it had begun)."""
-        with self.lock:
-            if record.status == CREATED:
-                self.transition(record, PENDING)
-            elif record.status != PAUSED:
-                self.begin_attempt(record)
-
-    def begin_attempt(self, record: Record) -> None:
-        """Restart: a new attempt of the same request, from `pending`."""
-        with self.lock:
-            if record.status not in RESTARTABLE:
-                raise InvalidState(f"{record.label()} cannot restart in current status: {record.status}")
-            record.attempt += 1
-            record.status = PENDING
-            record.queued_at = time.time()
-            record.started_at = record.completed_at = None
-            record.error = record.error_details = None
-            record.finished = threading.Event()
-            self._tell(record, CHANGED)
-            self.changed.notify_all()
+            self.changed.wait_for(lambda: is_final() or self.frozen)
+            return is_final()
 
     def _table(self, record: Record) -> dict:
         return {"session": self.sessions, "batch": self.batches, "item": self.items}[record.kind]

@@ -4,8 +4,11 @@ Design notes
 - WAL journal with synchronous=NORMAL: a commit survives the process dying
   (kill -9, the host crashing), which is what an embedded worker meets. After
   an operating-system crash or power loss the last commits may be lost.
-- The StateBook calls `record_event` inside its lock for every change, so a
-  status is on disk before `transition()` returns and before anyone reports it.
+- The StateBook calls `record_event` for every change, first of its
+  listeners, right after its lock is released and before `transition()`
+  returns to the thread that made the change.
+- `mark_on_device` is the one write a device thread makes: one statement
+  for every record whose images start, before their first forward.
 - One process per state file: an exclusive lock on `<file>.lock`. A second
   worker on the same file is refused instead of corrupting the first.
 - Records are JSON rows of their dataclass fields; outputs a table of their
@@ -29,7 +32,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import Unavailable
-from .state import ALL_STATUSES, FINAL, REMOVED, BatchRecord, ItemRecord, Record, SessionRecord
+from .state import ALL_STATUSES, REMOVED, BatchRecord, ItemRecord, Record, SessionRecord
 
 log = logging.getLogger("embedded_worker.store")
 MEMORY = ":memory:"
@@ -87,6 +90,13 @@ class StateStore:
                 (record.id, record.kind, record.status, record.completed_at, json.dumps(_fields(record), default=str)),
             )
 
+    def mark_on_device(self, record_ids: list[str]) -> None:
+        """Stored as on the device, in one statement: a crash from now on names these records."""
+        marks = ",".join("?" * len(record_ids))
+        with self._lock:
+            self._db.execute(f"UPDATE records SET data = json_set(data, '$.on_device', json('true')) "
+                             f"WHERE id IN ({marks})", record_ids)
+
     def load_records(self) -> list[Record]:
         """Every readable record; the unreadable ones are moved to quarantine."""
         with self._lock:
@@ -98,8 +108,6 @@ class StateStore:
             except (TypeError, ValueError) as error:
                 self._quarantine(rowid, record_id, kind, data, f"{type(error).__name__}: {error}")
                 continue
-            if record.status in FINAL:
-                record.finished.set()
             records.append(record)
         return records
 
@@ -173,4 +181,4 @@ def _record_from_row(kind: str, data: str) -> Record:
 
 
 def _fields(record: Record) -> dict:
-    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name != "finished"}
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}

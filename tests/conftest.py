@@ -86,6 +86,11 @@ def session_status(worker: ProcessingWorker, session_id: str) -> dict:
     return reply
 
 
+def run_of(worker: ProcessingWorker, session_id: str):
+    """The WorkflowRun doing a session's work now (None before it exists)."""
+    return worker._engine.jobs.run_of(session_id)
+
+
 def device_worker(worker: ProcessingWorker):
     return worker._engine.pool.workers[0]
 
@@ -116,7 +121,7 @@ class StepGate:
         pausing = threading.Thread(target=lambda: replies.append(
             self.worker.control_session(session_id=session_id, action="pause")))
         pausing.start()
-        run = self.worker._engine.sessions._runs[session_id]
+        run = run_of(self.worker, session_id)
         wait_for(lambda: run.pause_requested)
         self.release.set()
         pausing.join(300)

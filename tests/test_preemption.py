@@ -17,7 +17,7 @@ from embedded_worker.diffusion.memory import ForwardTimes
 from embedded_worker.diffusion.task import DenoiseTask
 from embedded_worker.diffusion.work_queue import WorkQueue
 
-from .conftest import assert_same_up_to_batch_rounding, device_worker, pipeline_of, session_status, wait_for
+from .conftest import assert_same_up_to_batch_rounding, device_worker, pipeline_of, run_of, session_status, wait_for
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -80,14 +80,14 @@ def batch(worker, batch_id: str, items: int, steps: int, background: bool = True
 
 def submitted_at_step(worker, session_id: str, device) -> int:
     """Wait until the session's image is in the queue (or further); the device's step count then."""
-    wait_for(lambda: session_id in worker._engine.sessions._runs
-             and worker._engine.sessions._runs[session_id].all_tasks
-             and worker._engine.sessions._runs[session_id].all_tasks[0].state != "new")
+    wait_for(lambda: run_of(worker, session_id) is not None
+             and run_of(worker, session_id).all_tasks
+             and run_of(worker, session_id).all_tasks[0].state != "new")
     return device.counters.steps
 
 
 def owner_of(worker, session_id: str) -> str:
-    return str(worker._engine.sessions._runs[session_id].all_tasks[0].owner)
+    return str(run_of(worker, session_id).all_tasks[0].owner)
 
 
 def outputs_by_seed(worker, batch_id: str) -> dict[int, np.ndarray]:
@@ -169,7 +169,7 @@ def test_a_preempted_then_paused_then_resumed_session_is_exact(make_worker):
         submitted_at_step(worker, "urgent", device)
         gate.release(3)
         gate.wait(5)  # the urgent session's second forward: "slow" waits in the queue, preempted
-        slow_task = worker._engine.sessions._runs["slow"].all_tasks[0]
+        slow_task = run_of(worker, "slow").all_tasks[0]
         assert slow_task.state == "queued" and slow_task.parked is not None and slow_task.preemptions == 1
         step_when_preempted = slow_task.step
         assert session_status(worker, "slow")["status"] == "running"

@@ -112,8 +112,10 @@ def test_execute_batch_bare_form_the_csharp_client_sends(worker):
     assert [o["item_id"] for o in status["outputs"]] == ["item-0000", "item-0001", "item-0002"]
     assert worker.delete_batch({"batch_id": "b-bare", "force_cleanup": True})["success"]
     assert worker.get_batch_status(batch_id="b-bare")["error"] == "Batch 'b-bare' not found"
-    batches = worker._engine.batches  # a deleted batch leaves no bookkeeping behind
-    assert "b-bare" not in batches._published and "b-bare" not in batches._adjustments
+    engine = worker._engine  # a deleted batch leaves no bookkeeping behind
+    assert "b-bare" not in engine.feed._published and "b-bare" not in engine.feed._observers
+    assert all("b-bare" not in device.resizes for device in engine.pool.workers)
+    assert not any(job.startswith("b-bare/") for job in engine.jobs._jobs)
 
 
 def test_execute_accepts_prefixes_camel_case_and_json_strings(worker):

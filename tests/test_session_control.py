@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conftest import StepGate, device_worker, generate, pipeline_of, session_status, wait_for
+from .conftest import StepGate, device_worker, generate, pipeline_of, run_of, session_status, wait_for
 
 
 def current_task(worker, session_id):
-    run = worker._engine.sessions._runs[session_id]
+    run = run_of(worker, session_id)
     return wait_for(lambda: run.all_tasks and run.all_tasks[0])
 
 

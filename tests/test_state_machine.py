@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 
@@ -73,9 +74,9 @@ def test_times_are_stamped_by_the_transitions_that_mean_them():
     book.transition(record, PENDING)
     book.transition(record, RUNNING)
     assert record.started_at == started  # a resume is not a new start
-    assert not record.finished.is_set()
+    assert record.completed_at is None  # not finished yet
     book.transition(record, FAILED, "boom", {"error_code": "internal"})
-    assert record.finished.is_set() and record.completed_at >= started and record.error == "boom"
+    assert record.completed_at >= started and record.error == "boom"  # finished, stamped when it ended
 
 
 def test_require_names_the_record_and_status_in_its_error():
@@ -83,3 +84,44 @@ def test_require_names_the_record_and_status_in_its_error():
     record = record_in(book, COMPLETED)
     with pytest.raises(InvalidState, match=r"Session 's-completed' cannot pause in current status: completed"):
         book.require(record, PAUSED, "pause")
+
+
+def test_events_leave_the_lock_in_order_and_a_listeners_own_changes_follow():
+    """The outbox: listeners hear every change after the book's lock is released (another thread can take
+    it meanwhile), in the order the changes were made, and a change a listener makes is heard after the
+    one it reacts to, by every listener alike."""
+    heard: dict[str, list] = {"first": [], "second": []}
+    lock_free = []
+
+    def first(record, event):
+        lock_free.append(_in_other_thread(book))
+        heard["first"].append((record.id, event, record.status))
+        if record.id == "a" and record.status == RUNNING:
+            book.transition(other, PENDING)  # a listener's own change: heard after this one
+
+    def second(record, event):
+        heard["second"].append((record.id, event, record.status))
+
+    book = StateBook([first, second])
+    record, other = SessionRecord(id="a"), SessionRecord(id="b")
+    with book.locked():
+        book.add(record)
+        book.add(other)
+        book.transition(record, PENDING)
+        assert heard["first"] == []  # nothing heard while the lock is held
+    book.transition(record, RUNNING)
+    expected = [("a", "added", PENDING), ("b", "added", PENDING), ("a", "changed", PENDING),
+                ("a", "changed", RUNNING), ("b", "changed", PENDING)]
+    assert heard["first"] == heard["second"]
+    assert [(i, e) for i, e, _ in heard["first"]] == [(i, e) for i, e, _ in expected]
+    assert heard["first"][-2:] == expected[-2:] and all(lock_free)
+
+
+def _in_other_thread(book: StateBook) -> bool:
+    """True when another thread can take the book's lock now (so this thread does not hold it)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(book.lock.acquire(timeout=5) and (book.lock.release()
+                                                                                             or True)))
+    thread.start()
+    thread.join()
+    return result == [True]

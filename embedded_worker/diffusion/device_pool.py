@@ -1,9 +1,10 @@
 """DevicePool: the device side as one service for the engine.
 
-It owns the WorkQueue and one DeviceWorker per device (more per device when
-configured), and is the only way the engine moves an image: submit, pause,
-resume, cancel. Each of those is decided under the queue's lock, so a
-request never races a worker taking the same image.
+It owns the WorkQueue, one DeviceWorker per device (more per device when
+configured) and the event thread on which the workers tell each image's
+listener what happened to it, and is the only way the engine moves an
+image: submit, pause, resume, cancel. Each of those is decided under the
+queue's lock, so a request never races a worker taking the same image.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..config import WorkerConfig
 from ..errors import Cancelled, Unavailable
-from .device_worker import DeviceWorker, ResizeHook
+from .admission import Admission
+from .device_worker import DeviceWorker, OnDeviceMark
 from .devices import resolve_devices, resolve_dtype
 from .memory import BatchSizer, MemoryMonitor, MemoryProbe, probe_for
 from .models import ModelCatalog
-from .task import ACTIVE, DONE, NEW, PARKED, QUEUED, DenoiseTask
+from .task import ACTIVE, CANCEL, DONE, NEW, PARKED, PAUSE, QUEUED, DenoiseTask
 from .work_queue import WorkQueue
 
 log = logging.getLogger("embedded_worker.devices")
@@ -34,14 +36,15 @@ class DevicePool:
         self,
         config: WorkerConfig,
         catalog: ModelCatalog,
-        on_resize: ResizeHook,
+        mark_on_device: OnDeviceMark,
         probe_factory: ProbeFactory = probe_for,
     ):
         scheduling = config.scheduling
         self.catalog = catalog
         self.queue = WorkQueue(scheduling.aging_per_second, scheduling.policy)
         self.config = config
-        self.on_resize = on_resize
+        self.mark_on_device = mark_on_device
+        self.events = ThreadPoolExecutor(1, thread_name_prefix="ew-events")  # the workers' listeners hear here
         self.monitors: dict[str, MemoryMonitor] = {}
         self.sizers: dict[str, BatchSizer] = {}
         self.workers: list[DeviceWorker] = []
@@ -64,12 +67,12 @@ class DevicePool:
             queue=self.queue,
             catalog=self.catalog,
             monitor=self.monitors[str(device)],
-            sizer=self.sizers[str(device)],
-            coalesce_wait_s=scheduling.coalesce_wait_ms / 1000.0,
-            preempt=scheduling.preempt,
+            admission=Admission(self.queue, self.sizers[str(device)], scheduling.coalesce_wait_ms / 1000.0,
+                                scheduling.preempt),
+            events=self.events,
+            mark_on_device=self.mark_on_device,
             max_loaded_models=self.config.max_loaded_models,
             gc_freeze=self.config.gc_freeze,
-            on_resize=self.on_resize,
         )
         self.workers.append(worker)
         return worker
@@ -114,7 +117,7 @@ class DevicePool:
             if task.state == QUEUED:
                 self.queue.withdraw(task, PARKED)
             elif task.state == ACTIVE:
-                task.pause_requested = True
+                task.ask_to_leave(PAUSE)
                 return
             else:
                 return
@@ -125,14 +128,14 @@ class DevicePool:
         with self.queue.cond:
             if task.state == PARKED and not self._closed:
                 self.queue.put(task)
-            elif task.state == ACTIVE:
-                task.pause_requested = False  # resumed before the pause took effect
+            elif task.state == ACTIVE and task.leaving == PAUSE:
+                task.leaving = None  # resumed before the pause took effect
 
     def cancel(self, task: DenoiseTask) -> None:
         """Not running: cancelled at once. Running: at the next step boundary."""
         with self.queue.cond:
             if task.state == ACTIVE:
-                task.cancel_requested = True
+                task.ask_to_leave(CANCEL)
                 return
             if task.state == QUEUED:
                 self.queue.withdraw(task, DONE)
@@ -146,6 +149,14 @@ class DevicePool:
     def on_every_worker(self, fn: Callable) -> list[Future]:
         """Run `fn(worker)` on each worker's own thread, between two of its steps."""
         return [worker.call(fn) for worker in self.workers]
+
+    def resizes(self, group: str) -> int:
+        """How often the forwards a batch's images were in changed size (memory, out-of-memory)."""
+        return sum(worker.resizes[group] for worker in self.workers)
+
+    def forget(self, group: str) -> None:
+        for worker in self.workers:
+            worker.resizes.pop(group, None)
 
     def pending(self) -> int:
         return self.queue.pending()
@@ -179,6 +190,7 @@ class DevicePool:
                     worker.thread.join(max(0.0, deadline - time.monotonic()))
             late = [worker.name for worker in self.workers if worker.thread.is_alive()]
             if not late:
+                self.events.shutdown(wait=True)  # what the workers told last is heard before the close goes on
                 return True
             log.warning("%s still finishing a step at the close deadline; waiting for it", ", ".join(late))
         return False

@@ -3,7 +3,9 @@
 The owner (a workflow run) holds the task and its `future`; the queue and a
 device worker move it between `queued`, `active` and `parked`. Owners never
 touch those states directly: they ask the DevicePool to pause, resume or
-cancel, and hear back through `listener`.
+cancel, and hear back through `listener` (on the device worker's event
+thread). An active image asked to leave its forward says why in one field,
+`leaving`, acted on at the next step boundary.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Protocol
 from .denoise import Cohort, ImageSpec
 
 NEW, QUEUED, ACTIVE, PARKED, DONE = "new", "queued", "active", "parked", "done"
+# why an active image leaves at the next step boundary; a later reason only replaces a weaker one
+PREEMPT, PAUSE, CANCEL = "preempt", "pause", "cancel"
+_STRENGTH = {None: 0, PREEMPT: 1, PAUSE: 2, CANCEL: 3}
 
 
 class TaskListener(Protocol):
@@ -56,17 +61,17 @@ class DenoiseTask:
         sizing: BatchSizing | None = None,
         submitted_at: float | None = None,
         isolated: bool = False,
+        record_id: str | None = None,
     ):
         self.spec = spec
+        self.record_id = record_id  # the record it works for: stored as on the device while it runs
         self.priority = priority
         self.listener = listener
         self.sizing = sizing
         self.isolated = isolated  # a suspect after a crash: it shares no forward, so a next crash names it
         self.future: Future = Future()
         self.state = NEW  # guarded by the WorkQueue's lock
-        self.pause_requested = False
-        self.cancel_requested = False
-        self.preempt_requested = False  # set by its device worker: leave at the next boundary, back to the queue
+        self.leaving: str | None = None  # PREEMPT, PAUSE or CANCEL at the next step boundary; guarded by the queue
         self.preemptions = 0
         self.parked_at_step: int | None = None  # the step it was last preempted at: not again before progress
         self.preempted_by = ""  # why it was last asked to leave: "higher priority" or "fair share"
@@ -74,8 +79,6 @@ class DenoiseTask:
         self.parked: Cohort | None = None  # its own denoising state while paused
         # monotonic; when the request was accepted: FIFO order and aging count from here
         self.submitted_at = time.monotonic() if submitted_at is None else submitted_at
-        self.enqueued_at = 0.0  # monotonic; when it last entered the queue (queue wait is measured from here)
-        self.queue_seconds = 0.0
         self.run_started_at: float | None = None
         self.step = 0
         self.total_steps = spec.steps
@@ -88,10 +91,18 @@ class DenoiseTask:
 
     @property
     def owner(self):
-        """Whose image it is, for fair share: its batch (sizing group), else the request that made it."""
+        """Whose image it is, for fair share: its batch (sizing group), else the record that asked for it."""
         if self.sizing is not None:
             return self.sizing.group
-        return id(self.listener) if self.listener is not None else id(self)
+        return self.record_id if self.record_id is not None else id(self)
+
+    def ask_to_leave(self, reason: str) -> bool:
+        """Leave at the next step boundary for `reason`, unless a stronger one is already asked; call with
+        the queue's lock held."""
+        if _STRENGTH[reason] <= _STRENGTH[self.leaving]:
+            return False
+        self.leaving = reason
+        return True
 
     @property
     def progress(self) -> float:
@@ -99,13 +110,11 @@ class DenoiseTask:
 
     def mark_queued(self) -> None:
         self.state = QUEUED
-        self.enqueued_at = time.monotonic()
 
     def mark_active(self, worker: str) -> None:
         now = time.monotonic()
         self.worker = worker
         self.waiting_for_device = None
-        self.queue_seconds += now - self.enqueued_at
         if self.run_started_at is None:
             self.run_started_at = now
         self.state = ACTIVE

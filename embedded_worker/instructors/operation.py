@@ -62,7 +62,7 @@ class OperationInstructor:
         request = parse(RecommendBatchSizeRequest, data)
         engine = self.engine
         model_id = engine.planner.model_for(request.model, "")
-        native = engine.native_size(model_id)
+        native = engine.models.native_size(model_id)
         width, height = request.width or native[0], request.height or native[1]
         guidance = request.guidance if request.guidance is not None else request.guidance_scale > 1.0
         key = (model_id, height, width, guidance)  # ImageSpec.forward_key: what shares one forward

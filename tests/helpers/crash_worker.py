@@ -20,16 +20,16 @@ from embedded_worker import ProcessingWorker, WorkerConfig
 
 
 def inject_poison(prompt: str) -> None:
-    from embedded_worker.diffusion import device_worker
+    from embedded_worker.diffusion import active_set
 
-    start = device_worker.start_cohort
+    start = active_set.start_cohort
 
     def start_or_die(pipe, members, specs, conditioning):
         if any(spec.prompt == prompt for spec in specs):
             os._exit(9)
         return start(pipe, members, specs, conditioning)
 
-    device_worker.start_cohort = start_or_die
+    active_set.start_cohort = start_or_die
 
 
 def main(argv: list[str]) -> int:

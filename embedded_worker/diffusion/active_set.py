@@ -1,0 +1,168 @@
+"""ActiveSet: the images on one device between two steps, in cohorts; where they join, leave and end.
+
+A cohort is a group of images that share a schedule and started together
+(`denoise.Cohort`); the active set holds the cohorts of one forward key,
+and every step is one forward over all of them. At a boundary:
+- images join: fresh ones in new cohorts by schedule, resumed or preempted
+  ones with the cohort they parked with. Before any work on them, they are
+  stored as on the device (`mark_on_device`, the device thread's one write)
+  and their listeners hear `task_started`;
+- images asked to leave (`DenoiseTask.leaving`) leave: cancelled ones end,
+  paused ones park with their own cohort (state and all), preempted ones go
+  back to the queue at their old rank with it and resume from that step.
+Listeners hear everything on the pool's event thread (`tell`), in order;
+the device thread never waits for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import Executor
+from typing import Callable
+
+from ..errors import Cancelled, InternalError, Unavailable, WorkerError
+from .denoise import Cohort, join_conditioning, start_cohort
+from .pipelines import PipelineCache
+from .task import CANCEL, DONE, PARKED, PAUSE, PREEMPT, DenoiseTask
+from .work_queue import WorkQueue
+
+log = logging.getLogger("embedded_worker.device")
+_cohort_ids = itertools.count(1)
+OnDeviceMark = Callable[[list[DenoiseTask]], None]
+
+
+class ActiveSet:
+    def __init__(self, name: str, queue: WorkQueue, pipelines: PipelineCache, events: Executor,
+                 mark_on_device: OnDeviceMark, counters):
+        self.name = name
+        self.queue = queue
+        self.pipelines = pipelines
+        self.events = events  # one thread, shared by the pool's workers
+        self.mark_on_device = mark_on_device
+        self.counters = counters
+        self.cohorts: list[Cohort] = []  # the worker's thread only
+
+    @property
+    def size(self) -> int:
+        return sum(c.size for c in list(self.cohorts))
+
+    def tasks(self) -> list[DenoiseTask]:
+        return [t for c in list(self.cohorts) for t in c.members]
+
+    def groups(self) -> set:
+        return {t.sizing.group for t in self.tasks() if t.sizing is not None}
+
+    def join(self, tasks: list[DenoiseTask]) -> None:
+        """Put admitted tasks into cohorts: resumed ones bring theirs, fresh ones share by schedule."""
+        if not tasks:
+            return
+        try:
+            # stored before any work on them: if the process dies in what follows, the next start knows
+            # which images were on the device and treats them as suspects
+            self.mark_on_device(tasks)
+        except Exception:
+            log.exception("%s: the on-device mark could not be stored", self.name)
+        self.tell(lambda listener, task: listener.task_started(task), tasks)
+        fresh: dict[tuple, list[DenoiseTask]] = {}
+        for task in tasks:
+            if task.parked is not None:
+                self.cohorts.append(task.parked)
+                task.parked = None
+            else:
+                fresh.setdefault(task.spec.schedule_key(), []).append(task)
+        for members in fresh.values():
+            try:
+                pipe, family = self.pipelines.get(members[0].spec.model_id)
+                specs = [t.spec for t in members]
+                conditioning = join_conditioning([self.pipelines.conditioning(pipe, family, s) for s in specs])
+                cohort = start_cohort(pipe, members, specs, conditioning)
+            except Exception as error:  # a bad model or input fails these images only
+                self.fail(members, error)
+                continue
+            self.counters.cohorts_started += 1
+            self.cohorts.append(cohort)
+            cohort_id = next(_cohort_ids)
+            for task in members:
+                task.total_steps = cohort.total_steps
+                task.cohort_id = cohort_id
+
+    def let_leave(self, eta_after_preemption: Callable[[DenoiseTask], float | None]) -> None:
+        """Pauses, cancels and preemptions take effect here, at a step boundary."""
+        kept: list[Cohort] = []
+        for cohort in self.cohorts:
+            leaving = [i for i, t in enumerate(cohort.members) if t.leaving is not None]
+            if not leaving:
+                kept.append(cohort)
+                continue
+            staying = cohort.size - len(leaving)
+            for position in reversed(leaving):
+                task = cohort.members[position]
+                alone = cohort if staying == 0 and cohort.size == 1 else cohort.split_off([position])
+                self._leave(task, alone, eta_after_preemption)
+            if staying:
+                kept.append(cohort)
+        self.cohorts = kept
+
+    def _leave(self, task: DenoiseTask, cohort: Cohort, eta_after_preemption) -> None:
+        """Cancelled: done. Paused: parked with its cohort. Preempted: back in the queue with its cohort,
+        at its old rank, still `running` to its owner."""
+        with self.queue.cond:
+            reason, task.leaving = task.leaving, None
+            if reason == PREEMPT and not self.queue.closed:
+                task.parked = cohort
+                task.preemptions += 1
+                task.parked_at_step = task.step
+                task.waiting_for_device = f"waiting for the device (preempted by {task.preempted_by})"
+                task.eta_seconds = eta_after_preemption(task)
+                self.counters.preemptions += 1
+                self.queue.put(task)
+                return
+            if reason == PAUSE:
+                task.state = PARKED
+                task.parked = cohort
+            else:
+                task.state = DONE
+        if reason == PAUSE:
+            self.tell(lambda listener, parked: listener.task_parked(parked), [task])
+        elif not task.future.done():
+            task.future.set_exception(Cancelled("cancelled") if reason == CANCEL
+                                      else Unavailable("the worker closed before this image finished"))
+
+    def take_finished(self) -> list[Cohort]:
+        done = [c for c in self.cohorts if c.finished]
+        if done:
+            self.cohorts = [c for c in self.cohorts if not c.finished]
+        return done
+
+    def fail(self, tasks: list[DenoiseTask], error: BaseException) -> None:
+        if not isinstance(error, WorkerError):
+            log.exception("%s: denoising failed", self.name, exc_info=error)
+            error = InternalError(f"{type(error).__name__}: {error}")
+        for task in tasks:
+            with self.queue.cond:
+                task.state = DONE
+            if not task.future.done():
+                task.future.set_exception(error)
+
+    def fail_all(self, error: BaseException, also: list[DenoiseTask] = ()) -> None:
+        tasks, self.cohorts = self.tasks() + list(also), []
+        self.fail(tasks, error)
+
+    def tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
+        """Hand `tell(listener, task)` for each task to the event thread: the device goes on at once."""
+        self.events.submit(_tell_listeners, self.name, tell, tasks, once_per_listener)
+
+
+def _tell_listeners(worker: str, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool) -> None:
+    """On the event thread: each task's listener hears `tell` (once per listener when asked)."""
+    told: set[int] = set()
+    for task in tasks:
+        listener = task.listener
+        if listener is None or (once_per_listener and id(listener) in told):
+            continue
+        told.add(id(listener))
+        try:
+            tell(listener, task)
+        except Exception:  # a listener bug must not stop the events of others
+            log.exception("%s: a listener of an image (seed %s) failed", worker, task.spec.seed)

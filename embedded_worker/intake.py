@@ -1,0 +1,60 @@
+"""Intake: what every new session or batch passes, and what its caller may wait for or be told to expect.
+
+The worker must be open, the queue must have room (sessions and batch items
+count alike, checked and taken under the book's lock so concurrent submits
+never pass it together), and the models' native sizes are known before any
+lock is taken (a first model build may take a while). A `background: false`
+caller waits here for its work to end; estimates come from measured step
+times.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from .diffusion.device_pool import DevicePool
+from .errors import ResourceExhausted, Unavailable
+from .jobs import JobService
+from .planning import RunPlan
+from .state import Record, StateBook
+
+
+class Intake:
+    def __init__(self, book: StateBook, jobs: JobService, pool: DevicePool, max_queued_work: int, max_items: int,
+                 max_batch_size: int, native_size: Callable[[str], tuple[int, int]]):
+        self.book = book
+        self.jobs = jobs
+        self.pool = pool
+        self.max_queued_work = max_queued_work
+        self.max_items = max_items  # items in one batch
+        self.max_batch_size = max_batch_size
+        self.native_size = native_size  # model id -> (width, height); may build the model the first time
+        self.closing = threading.Event()
+
+    def ensure_open(self) -> None:
+        if self.closing.is_set():
+            raise Unavailable("the worker is closing and accepts no new work")
+
+    def check_capacity(self, adding: int) -> None:
+        """Call inside `book.locked()`, with the records added under the same hold."""
+        open_work = self.jobs.open_count()
+        if open_work + adding > self.max_queued_work:
+            raise ResourceExhausted(f"the queue is full: {open_work} unfinished sessions and items, limit "
+                                    f"{self.max_queued_work}; retry later")
+
+    def wait_final(self, record: Record, is_final: Callable[[], bool]) -> None:
+        """Block a `background: false` caller until its work is final; a close that suspended it first is
+        the caller's answer too."""
+        if not self.book.wait_final(is_final):
+            raise Unavailable(f"the worker closed before {record.label()} finished; it was suspended and "
+                              "resumes at the next start", details={"status": record.status})
+
+    def estimate(self, plan: RunPlan, fallback_seconds: float) -> tuple[float, float]:
+        """(queue wait, run time) in seconds from measured step times; the fallback before any."""
+        per_step = self.pool.seconds_per_step()
+        steps = max((getattr(s.params, "steps", 0) for s in plan.steps if s.operation.on_device), default=0)
+        if per_step is None:
+            return 0.0, fallback_seconds
+        queued_forwards = self.pool.pending() / self.max_batch_size
+        return queued_forwards * steps * per_step, steps * per_step

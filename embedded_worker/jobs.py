@@ -1,0 +1,253 @@
+"""JobService: one lifecycle for every unit of work, a record with a run.
+
+Design notes
+- A job is a record (a session, or one item of a batch) and the
+  WorkflowRun doing its work. Sessions and batch items are the same kind of
+  job: created pending, controlled (pause, resume, cancel, restart),
+  deleted, cancelled at close and recovered at a start, all here; the only
+  difference is whose outputs they are (`owner_id`: the session, or the
+  item's batch). This is the only place a WorkflowRun is built.
+- The run reports to its job (`run_running`, `run_progress`, ...), and the
+  job turns each report into a status change through the StateBook, the
+  only place a status changes. A report from a run the job has replaced
+  (a restart) is ignored.
+- Dependencies come in narrowly: the book, the device pool, the CPU pool,
+  the output store and the model sizes; `on_progress` hears each step.
+- `mark_on_device` runs on a device thread when images start: the one
+  write the device makes, so that a crash in what follows names them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Executor
+from typing import Callable
+
+from .diffusion.device_pool import DevicePool
+from .diffusion.task import BatchSizing, DenoiseTask
+from .errors import WorkerError
+from .operations import StepImage
+from .outputs import OutputStore
+from .planning import RunPlan
+from .recovery import FAIL, KEEP_PAUSED, QUARANTINE, Decision
+from .runner import WorkflowRun
+from .state import CANCELLED, COMPLETED, CREATED, FAILED, FINAL, PAUSED, PENDING, RUNNING, Record, StateBook
+from .store import StateStore
+
+log = logging.getLogger("embedded_worker.jobs")
+
+
+class Job:
+    """A record and the run doing its work; the run's reports become the record's status."""
+
+    def __init__(self, service: "JobService", record: Record, plan: RunPlan, sizing: BatchSizing | None):
+        self.service = service
+        self.record = record
+        self.plan = plan
+        self.sizing = sizing  # a batch item's share of the forwards its batch asked for
+        self.run: WorkflowRun | None = None  # the current attempt's; None until it begins
+
+    @property
+    def owner_id(self) -> str:
+        """Whose outputs these are: the session, or the item's batch."""
+        return getattr(self.record, "batch_id", None) or self.record.id
+
+    @property
+    def item_id(self) -> str | None:
+        return getattr(self.record, "item_id", None)
+
+    def begin(self, paused: bool = False, isolated: bool = False) -> WorkflowRun:
+        """A new run for the current attempt, started (or waiting paused before its first step)."""
+        service = self.service
+        old, self.run = self.run, WorkflowRun(
+            self.plan, self, service.pool, service.cpu, service.native_size, record_id=self.record.id,
+            priority=self.record.priority, sizing=self.sizing, isolated=isolated)
+        if old is not None:
+            old.cancel()  # its reports are ignored from now on
+        self.run.start(paused=paused)
+        return self.run
+
+    # ---- RunOwner: what the run reports ------------------------------------------------------
+
+    def run_running(self, run: WorkflowRun) -> None:
+        if run is self.run:
+            self.service.book.transition(self.record, RUNNING)  # refused unless pending: the state machine decides
+
+    def run_off_device(self, run: WorkflowRun) -> None:
+        """Its images left the device: a crash from now on is not theirs."""
+        if run is self.run and self.record.on_device:
+            self.record.on_device = False
+            self.service.book.update(self.record)
+
+    def run_progress(self, run: WorkflowRun) -> None:
+        if run is self.run:
+            self.service.on_progress(self)
+
+    def run_paused(self, run: WorkflowRun) -> None:
+        if run is self.run:
+            self.service.book.transition(self.record, PAUSED)
+
+    def run_finished(self, run: WorkflowRun, images: list[StepImage], error: WorkerError | None) -> None:
+        if run is not self.run:
+            return
+        record, book = self.record, self.service.book
+        if error is not None:
+            if error.code == "cancelled":
+                book.transition(record, CANCELLED)
+            else:
+                book.transition(record, FAILED, error.message, {"error_code": error.code, "details": error.details})
+                log.warning("%s failed (%s): %s", record.label(), error.code, error.message)
+            return
+        outputs = self.service.outputs
+        try:
+            record.outputs = [self._keep(image) for image in images]
+        except Exception as failure:  # an unwritable folder fails the work; nothing claims success
+            log.error("%s: outputs could not be written: %s", record.label(), failure)
+            outputs.release(self.owner_id, item_id=self.item_id)
+            book.transition(record, FAILED, f"outputs could not be written: {failure}", {"error_code": "internal"})
+            return
+        if not book.transition(record, COMPLETED):
+            # deleted, cancelled or suspended while its files were written: they belong to nobody
+            outputs.release(self.owner_id, item_id=self.item_id)
+            record.outputs = []
+            return
+        log.info("%s completed with %d output(s)", record.label(), len(record.outputs))
+
+    def _keep(self, image: StepImage) -> dict:
+        buffer = self.service.outputs.add(self.owner_id, image.pixels, item_id=self.item_id, seed=image.seed,
+                                          metadata=image.metadata, image_format=self.plan.file_format,
+                                          quality=self.plan.file_quality)
+        return buffer.reference()
+
+
+class JobService:
+    def __init__(self, book: StateBook, pool: DevicePool, cpu: Executor, outputs: OutputStore, store: StateStore,
+                 native_size: Callable[[str], tuple[int, int]], on_progress: Callable[[Job], None]):
+        self.book = book
+        self.pool = pool
+        self.cpu = cpu
+        self.outputs = outputs
+        self.store = store
+        self.native_size = native_size
+        self.on_progress = on_progress  # each denoising step of a job: keep it cheap
+        self._jobs: dict[str, Job] = {}  # record id -> its job; guarded by book.lock
+        # one control or delete at a time: a delete never meets a restart halfway
+        self.control_lock = threading.RLock()
+
+    # ---- creating ----------------------------------------------------------------------------
+
+    def admit(self, record: Record, plan: RunPlan, sizing: BatchSizing | None = None) -> Job:
+        """A new record joins the book with its job, pending. Call inside `book.locked()`, after the checks
+        that must hold with it (capacity, free ids); `launch` the jobs once the lock is released."""
+        job = Job(self, record, plan, sizing)
+        self.book.add(record)
+        self._jobs[record.id] = job
+        self.book.transition(record, PENDING)
+        return job
+
+    @staticmethod
+    def launch(jobs: list[Job]) -> None:
+        for job in jobs:
+            job.begin()
+
+    def job(self, record_id: str) -> Job | None:
+        with self.book.lock:
+            return self._jobs.get(record_id)
+
+    def run_of(self, record_id: str) -> WorkflowRun | None:
+        job = self._jobs.get(record_id)  # a dict read: status polls take no lock here
+        return job.run if job is not None else None
+
+    def open_count(self) -> int:
+        """Unfinished sessions and items: what the queue limit counts. Call with the book's lock held."""
+        return sum(1 for job in self._jobs.values() if job.record.status not in FINAL)
+
+    # ---- controls: each True when it took effect -----------------------------------------------
+
+    def pause(self, job: Job) -> bool:
+        """Images park at their next step boundary; the record is `paused` once all have."""
+        if job.record.status not in (PENDING, RUNNING) or job.run is None:
+            return False
+        job.run.pause()
+        return True
+
+    def resume(self, job: Job) -> bool:
+        if job.run is None or not self.book.transition(job.record, PENDING):
+            return False
+        job.run.resume()
+        return True
+
+    def cancel(self, job: Job, reason: str | None = None) -> bool:
+        if not self.book.transition(job.record, CANCELLED, reason):
+            return False
+        if job.run is not None:
+            job.run.cancel()
+        return True
+
+    def restart(self, job: Job) -> None:
+        """A new attempt of the same request, its earlier outputs released; InvalidState when completed."""
+        self.book.begin_attempt(job.record)
+        self.outputs.release(job.owner_id, item_id=job.item_id)
+        job.record.outputs = []
+        job.begin()
+
+    def delete(self, owner_id: str, jobs: list[Job], delete_files: bool) -> list[dict]:
+        """Cancel what is unfinished, release the owner's outputs (before the records go: a record that is
+        gone has no files left), forget the records; the released outputs."""
+        for job in jobs:
+            if job.record.status not in FINAL:
+                self.book.transition(job.record, CANCELLED)
+            if job.run is not None:
+                job.run.cancel()
+        released = self.outputs.release(owner_id, delete_files=delete_files)
+        with self.book.locked():
+            for job in jobs:
+                self.book.remove(job.record)
+                self._jobs.pop(job.record.id, None)
+        return released
+
+    def cancel_all(self, reason: str) -> None:
+        with self.book.lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            if job.record.status not in FINAL:
+                self.cancel(job, reason)
+
+    # ---- recovery -------------------------------------------------------------------------------
+
+    def recover(self, record: Record, plan: RunPlan | None, decision: Decision,
+                sizing: BatchSizing | None = None) -> None:
+        """Apply a recovery decision to a stored unfinished record already in the book."""
+        record.recoveries, record.restarts, record.on_device = decision.recoveries, decision.restarts, False
+        if decision.action in (FAIL, QUARANTINE):
+            self.book.transition(record, FAILED, decision.reason, {"error_code": decision.error_code})
+            return
+        job = Job(self, record, plan, sizing)
+        with self.book.locked():
+            self._jobs[record.id] = job
+            if decision.action == KEEP_PAUSED:
+                self.book.update(record)
+            elif record.status == CREATED:
+                self.book.transition(record, PENDING)
+            else:
+                self.book.begin_attempt(record)  # it had begun: a new attempt, from pending
+        job.begin(paused=decision.action == KEEP_PAUSED, isolated=decision.isolated)
+
+    def adopt(self, record: Record) -> None:
+        """A stored final record: listed and answered, nothing to run."""
+        with self.book.lock:
+            self._jobs[record.id] = Job(self, record, None, None)
+
+    # ---- the device thread's one write --------------------------------------------------------------
+
+    def mark_on_device(self, tasks: list[DenoiseTask]) -> None:
+        """Images start on a device: their records are stored as on it, in one write."""
+        marked = []
+        for task in tasks:
+            job = self._jobs.get(task.record_id) if task.record_id is not None else None
+            if job is not None and not job.record.on_device:
+                job.record.on_device = True  # in memory first: a full save from now on carries it too
+                marked.append(job.record.id)
+        if marked:
+            self.store.mark_on_device(marked)

@@ -1,0 +1,183 @@
+"""The job service on its own: one lifecycle for sessions and batch items, with a fake device pool.
+
+`FakeDevicePool` is a fake (named as such): it stands in for the device side
+so the test plays the device, deciding when an image starts and ends. The
+book, the store (SQLite in memory), the planner, the runs and the output
+store are the real ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from embedded_worker.config import WorkerConfig
+from embedded_worker.diffusion.models import ModelCatalog
+from embedded_worker.diffusion.task import DONE, PARKED, QUEUED, BatchSizing
+from embedded_worker.errors import Cancelled, InvalidState
+from embedded_worker.jobs import JobService
+from embedded_worker.outputs import OutputStore
+from embedded_worker.planning import Planner
+from embedded_worker.state import (
+    CANCELLED,
+    COMPLETED,
+    PAUSED,
+    PENDING,
+    RUNNING,
+    ItemRecord,
+    SessionRecord,
+    StateBook,
+)
+from embedded_worker.store import StateStore
+from embedded_worker.workflows.catalog import WorkflowCatalog
+
+from .conftest import wait_for
+
+
+class FakeDevicePool:
+    """A fake device side: keeps what it was given; queued images park and cancel at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tasks = []
+
+    def submit(self, task):
+        with self.lock:
+            task.state = QUEUED
+            self.tasks.append(task)
+
+    def pause(self, task):
+        if task.state == QUEUED:
+            task.state = PARKED
+            task.listener.task_parked(task)
+
+    def resume(self, task):
+        if task.state == PARKED:
+            task.state = QUEUED
+
+    def cancel(self, task):
+        task.state = DONE
+        if not task.future.done():
+            task.future.set_exception(Cancelled("cancelled"))
+
+    def play(self, task):
+        """The device runs the image to its end: started, then its pixels."""
+        task.listener.task_started(task)
+        task.state = DONE
+        task.future.set_result(np.full((32, 32, 3), 7, dtype=np.uint8))
+
+
+@pytest.fixture
+def service():
+    config = WorkerConfig(default_model="builtin:tiny-sd", state_path=":memory:")
+    store = StateStore(":memory:")
+    book = StateBook([store.record_event])
+    outputs = OutputStore(1024)
+    cpu = ThreadPoolExecutor(2, thread_name_prefix="test-cpu")
+    pool = FakeDevicePool()
+    jobs = JobService(book, pool, cpu, outputs, store, lambda model_id: (32, 32), on_progress=lambda job: None)
+    planner = Planner(config, ModelCatalog(config.models, config.resolved_model_cache_dir), outputs)
+    workflow = WorkflowCatalog(None, model_known=lambda model_id: True).take_for_run("img-generation-basic")
+    jobs.test_plan = lambda seed: planner.for_workflow(workflow, {"prompt": "p", "steps": 2, "seed": seed})
+    yield jobs
+    cpu.shutdown(wait=True)
+    store.close()
+
+
+def admit(jobs: JobService, record, sizing=None):
+    with jobs.book.locked():
+        job = jobs.admit(record, jobs.test_plan(record.priority), sizing)
+    jobs.launch([job])
+    return job
+
+
+def submitted(jobs: JobService, count: int):
+    return wait_for(lambda: len(jobs.pool.tasks) >= count and jobs.pool.tasks[count - 1])
+
+
+def test_a_session_job_runs_pending_running_completed_and_keeps_its_outputs(service):
+    record = SessionRecord(id="s1")
+    job = admit(service, record)
+    assert record.status == PENDING
+    task = submitted(service, 1)
+    assert task.record_id == "s1" and task.owner == "s1"
+    service.pool.play(task)
+    wait_for(lambda: record.status == COMPLETED)
+    assert len(record.outputs) == 1 and service.outputs.get(record.outputs[0]["output_id"]).pixels[0, 0, 0] == 7
+    assert job.owner_id == "s1" and job.run.progress == 1.0
+    (stored,) = [r for r in service.store.load_records() if r.id == "s1"]
+    assert stored.status == COMPLETED and stored.outputs == record.outputs
+
+
+def test_a_batch_item_is_the_same_kind_of_job_with_its_batch_as_owner(service):
+    item = ItemRecord(id="b/i0", batch_id="b", item_id="i0")
+    job = admit(service, item, BatchSizing("b", 4))
+    task = submitted(service, 1)
+    assert task.owner == "b" and task.sizing.limit == 4
+    service.pool.play(task)
+    wait_for(lambda: item.status == COMPLETED)
+    assert job.owner_id == "b" and service.outputs.get(item.outputs[0]["output_id"]).item_id == "i0"
+
+
+def test_pause_resume_cancel_and_restart_move_the_record_and_its_images(service):
+    record = SessionRecord(id="s2")
+    job = admit(service, record)
+    first = submitted(service, 1)
+    assert service.pause(job)
+    wait_for(lambda: record.status == PAUSED)
+    assert first.state == PARKED and not service.pause(job)  # paused already: nothing to do
+    assert service.resume(job) and record.status == PENDING and first.state == QUEUED
+    assert service.cancel(job) and record.status == CANCELLED and first.future.exception().code == "cancelled"
+    assert not service.cancel(job) and not service.resume(job)
+
+    old_run = job.run
+    service.restart(job)
+    assert (record.status, record.attempt) == (PENDING, 2) and job.run is not old_run
+    second = submitted(service, 2)
+    service.pool.play(second)
+    wait_for(lambda: record.status == COMPLETED)
+    with pytest.raises(InvalidState, match="cannot restart in current status: completed"):
+        service.restart(job)
+
+
+def test_a_replaced_run_reports_nothing(service):
+    """A restart replaces the run; whatever the old one still says is not the record's any more."""
+    record = SessionRecord(id="s3")
+    job = admit(service, record)
+    old = submitted(service, 1)
+    service.restart(job)  # the old run is cancelled; its image stops at its next boundary
+    submitted(service, 2)
+    old.listener.task_started(old)  # a late event of the old run
+    assert record.status == PENDING and record.attempt == 2
+
+
+def test_images_starting_are_stored_on_the_device_in_one_write(service):
+    records = [SessionRecord(id=f"m{i}") for i in range(3)]
+    for record in records:
+        admit(service, record)
+    submitted(service, 3)
+    tasks = list(service.pool.tasks)
+    statements = []
+    service.store._db.set_trace_callback(statements.append)
+    service.mark_on_device(tasks)
+    service.store._db.set_trace_callback(None)
+    assert len(statements) == 1 and statements[0].startswith("UPDATE records")
+    assert all(r.on_device for r in records)
+    assert all(r.on_device for r in service.store.load_records())
+    for task in tasks:
+        service.pool.play(task)
+    wait_for(lambda: all(r.status == COMPLETED for r in records))
+    assert not any(r.on_device for r in records) and not any(r.on_device for r in service.store.load_records())
+
+
+def test_cancel_all_cancels_every_unfinished_job_with_the_reason(service):
+    records = [SessionRecord(id=f"c{i}") for i in range(2)]
+    for record in records:
+        admit(service, record)
+    submitted(service, 2)
+    service.cancel_all("the worker closed")
+    assert [(r.status, r.error) for r in records] == [(CANCELLED, "the worker closed")] * 2
+    assert RUNNING not in {r.status for r in records}
