@@ -1,6 +1,7 @@
 // `--check-async`: cancellation tokens, progress from the board, typed
-// errors and where JSON calls run, checked against the real worker. Prints
-// one line per failed check and "async checks passed" when none failed.
+// errors, where JSON calls run and how command names travel, checked
+// against the real worker. Prints one line per failed check and "async
+// checks passed" when none failed.
 using System;
 using System.Collections.Generic;
 using System.Threading;
@@ -145,6 +146,13 @@ namespace EmbeddedWorkerHost
             check(poll.IsCompleted && poll.Result.Contains("\"completed\""), "a JSON status poll runs inline: " + poll.Result);
             var malformed = worker.ExecuteJsonAsync(PythonWorkerType.Processing, "get_session_status", "{not json");
             check(malformed.IsCompleted && malformed.Result.Contains("\"invalid_request\""), "malformed JSON: " + malformed.Result);
+
+            // 8. command names go as spelled; the facade reads them (CamelCase, other domains)
+            var camel = service.GetSessionStatusAsync(id).Result;
+            var spelled = worker.ExecuteAsync(PythonWorkerType.Processing, "GetSessionStatus", new { session_id = id }).Result;
+            check(spelled.Success && spelled.Text("status") == camel.Text("status"), "GetSessionStatus: " + spelled.Error);
+            var devices = worker.ExecuteAsync(PythonWorkerType.Device, "list_devices", new { }).Result;
+            check(devices.Success, "Device.list_devices: " + devices.Error);
 
             Console.WriteLine(failed == 0 ? "async checks passed" : "async checks FAILED: " + failed);
             return failed == 0 ? 0 : 1;

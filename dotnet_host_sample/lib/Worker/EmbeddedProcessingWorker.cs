@@ -137,30 +137,17 @@ namespace EmbeddedWorker
             }
         }
 
-        // "processing.get_session_status" per (worker type, command), made once: no enum ToString (reflection
-        // on Mono), snake-casing and concatenation on every call. Bounded: a caller that invents command
-        // names gets them made per call, not a cache that grows.
-        static readonly ConcurrentDictionary<string, string>[] qualifiedNames = NewNameCaches();
-
-        static ConcurrentDictionary<string, string>[] NewNameCaches()
-        {
-            var caches = new ConcurrentDictionary<string, string>[Enum.GetValues(typeof(PythonWorkerType)).Length];
-            for (int i = 0; i < caches.Length; i++) caches[i] = new ConcurrentDictionary<string, string>();
-            return caches;
-        }
+        // Command names go as the caller spells them: the facade reads any spelling (its `_snake`), so they are
+        // not converted here too. Processing is the facade's default domain: its commands go bare and meet the
+        // facade's table of direct calls (no name parsing there). Other domains are prefixed with the enum's
+        // name, read once (Enum.ToString is reflection on Mono); the values run 0..n-1, as GetNames lists them.
+        static readonly string[] DomainNames = Enum.GetNames(typeof(PythonWorkerType));
 
         static string Qualified(PythonWorkerType workerType, string command)
         {
-            if (command != null && command.Contains(".")) return command;
+            if (command == null || workerType == PythonWorkerType.Processing || command.Contains(".")) return command;
             int index = (int)workerType;
-            if (command == null || index < 0 || index >= qualifiedNames.Length)
-                return PyConvert.SnakeCase(workerType.ToString()) + "." + command;
-            var names = qualifiedNames[index];
-            string name;
-            if (names.TryGetValue(command, out name)) return name;
-            name = PyConvert.SnakeCase(workerType.ToString()) + "." + command;
-            if (names.Count < 256) names[command] = name;
-            return name;
+            return (index >= 0 && index < DomainNames.Length ? DomainNames[index] : workerType.ToString()) + "." + command;
         }
 
         public Reply Execute(string command, object request)
