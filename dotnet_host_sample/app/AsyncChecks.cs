@@ -1,6 +1,7 @@
-// `--check-async`: cancellation tokens, progress from the board and typed
-// errors, checked against the real worker. Prints one line per failed check
-// and "async checks passed" when none failed.
+// `--check-async`: cancellation tokens, progress from the board, typed
+// errors, where JSON calls run and how command names travel, checked
+// against the real worker. Prints one line per failed check and "async
+// checks passed" when none failed.
 using System;
 using System.Collections.Generic;
 using System.Threading;
@@ -128,6 +129,30 @@ namespace EmbeddedWorkerHost
                 check(typed != null && typed.Status == "cancelled" && typed.Code == WorkerErrorCode.Cancelled,
                       "requireSuccess: WorkFailedException(cancelled)");
             }
+
+            // 7. JSON in: the request is parsed to decide where it runs; a blocking one leaves the caller's thread
+            const string blockingJson = "{\"workflow_id\": \"img-generation-basic\", \"parameters\": {\"steps\": 30, \"seed\": 4},\n"
+                                        + " \"background\" :\tfalse}";
+            var blocking = worker.ExecuteJsonAsync(PythonWorkerType.Processing, "execute_workflow", blockingJson);
+            check(!blocking.IsCompleted, "background false in JSON (any spacing): run off the caller's thread");
+            check(blocking.Result.Contains("\"completed\""), "the blocking JSON request completed: " + blocking.Result);
+            var distributed = worker.ExecuteJsonAsync(PythonWorkerType.Processing, null,
+                "{\"type\": \"execute_workflow\", \"request_id\": \"r-7\", \"data\": {\"workflow_id\": \"img-generation-basic\", "
+                + "\"parameters\": {\"steps\": 30, \"seed\": 5}, \"background\": false}}");
+            check(!distributed.IsCompleted, "the distributed form blocks when its data does");
+            check(distributed.Result.Contains("\"r-7\"") && distributed.Result.Contains("\"completed\""),
+                  "the distributed form answered: " + distributed.Result);
+            var poll = worker.ExecuteJsonAsync(PythonWorkerType.Processing, "get_session_status", "{\"session_id\": \"" + id + "\"}");
+            check(poll.IsCompleted && poll.Result.Contains("\"completed\""), "a JSON status poll runs inline: " + poll.Result);
+            var malformed = worker.ExecuteJsonAsync(PythonWorkerType.Processing, "get_session_status", "{not json");
+            check(malformed.IsCompleted && malformed.Result.Contains("\"invalid_request\""), "malformed JSON: " + malformed.Result);
+
+            // 8. command names go as spelled; the facade reads them (CamelCase, other domains)
+            var camel = service.GetSessionStatusAsync(id).Result;
+            var spelled = worker.ExecuteAsync(PythonWorkerType.Processing, "GetSessionStatus", new { session_id = id }).Result;
+            check(spelled.Success && spelled.Text("status") == camel.Text("status"), "GetSessionStatus: " + spelled.Error);
+            var devices = worker.ExecuteAsync(PythonWorkerType.Device, "list_devices", new { }).Result;
+            check(devices.Success, "Device.list_devices: " + devices.Error);
 
             Console.WriteLine(failed == 0 ? "async checks passed" : "async checks FAILED: " + failed);
             return failed == 0 ? 0 : 1;

@@ -108,7 +108,10 @@ namespace EmbeddedWorker
             return new Reply(fields);
         }
 
-        /// <summary>SessionId and sessionId become session_id; session_id stays.</summary>
+        /// <summary>
+        /// A C# member name as its protocol field: SessionId and sessionId become session_id; session_id stays.
+        /// Command names are not passed through here: the facade reads them in any spelling.
+        /// </summary>
         public static string SnakeCase(string name)
         {
             var text = new StringBuilder(name.Length + 8);

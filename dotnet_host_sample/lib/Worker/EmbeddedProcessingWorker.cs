@@ -97,8 +97,24 @@ namespace EmbeddedWorker
                                              CancellationToken cancellationToken = default(CancellationToken))
         {
             var name = Qualified(workerType, command);
-            bool blocks = requestJson != null && requestJson.Replace(" ", "").Contains("\"background\":false");
-            return Dispatch(() => ExecuteJson(name, requestJson), blocks, cancellationToken);
+            return Dispatch(() => ExecuteJson(name, requestJson), RequestShapes.Blocks(ReadJson(requestJson)),
+                            cancellationToken);
+        }
+
+        /// <summary>The request as Python's json reads it, for the dispatcher; null where it is not JSON (the facade answers that).</summary>
+        object ReadJson(string requestJson)
+        {
+            if (requestJson == null) return null;
+            object request = null;
+            string code, message;
+            Guarded(() =>
+            {
+                using (var json = Py.Import("json"))
+                using (var text = new PyString(requestJson))
+                using (var parsed = json.InvokeMethod("loads", text))
+                    request = PyConvert.FromPython(parsed);
+            }, out code, out message);
+            return request;
         }
 
         Task<T> Dispatch<T>(Func<T> call, bool blocks, CancellationToken token)
@@ -121,35 +137,22 @@ namespace EmbeddedWorker
             }
         }
 
-        // "processing.get_session_status" per (worker type, command), made once: no enum ToString (reflection
-        // on Mono), snake-casing and concatenation on every call. Bounded: a caller that invents command
-        // names gets them made per call, not a cache that grows.
-        static readonly ConcurrentDictionary<string, string>[] qualifiedNames = NewNameCaches();
-
-        static ConcurrentDictionary<string, string>[] NewNameCaches()
-        {
-            var caches = new ConcurrentDictionary<string, string>[Enum.GetValues(typeof(PythonWorkerType)).Length];
-            for (int i = 0; i < caches.Length; i++) caches[i] = new ConcurrentDictionary<string, string>();
-            return caches;
-        }
+        // Command names go as the caller spells them: the facade reads any spelling (its `_snake`), so they are
+        // not converted here too. Processing is the facade's default domain: its commands go bare and meet the
+        // facade's table of direct calls (no name parsing there). Other domains are prefixed with the enum's
+        // name, read once (Enum.ToString is reflection on Mono); the values run 0..n-1, as GetNames lists them.
+        static readonly string[] DomainNames = Enum.GetNames(typeof(PythonWorkerType));
 
         static string Qualified(PythonWorkerType workerType, string command)
         {
-            if (command != null && command.Contains(".")) return command;
+            if (command == null || workerType == PythonWorkerType.Processing || command.Contains(".")) return command;
             int index = (int)workerType;
-            if (command == null || index < 0 || index >= qualifiedNames.Length)
-                return PyConvert.SnakeCase(workerType.ToString()) + "." + command;
-            var names = qualifiedNames[index];
-            string name;
-            if (names.TryGetValue(command, out name)) return name;
-            name = PyConvert.SnakeCase(workerType.ToString()) + "." + command;
-            if (names.Count < 256) names[command] = name;
-            return name;
+            return (index >= 0 && index < DomainNames.Length ? DomainNames[index] : workerType.ToString()) + "." + command;
         }
 
         public Reply Execute(string command, object request)
         {
-            return Invoke(execute, command, request, true);
+            return Invoke(execute, new object[] { command, request });
         }
 
         public string ExecuteJson(string command, string requestJson)
@@ -168,7 +171,7 @@ namespace EmbeddedWorker
 
         // ---- typed commands ----------------------------------------------------------------------
 
-        public Reply GetWorkflows() { return Call("get_workflows", null); }
+        public Reply GetWorkflows() { return Call("get_workflows"); }
         public Reply GetWorkflow(string workflowId) { return Call("get_workflow", new { workflow_id = workflowId }); }
         public Reply ExecuteWorkflow(object request) { return Call("execute_workflow", request); }
         public Reply ControlSession(string sessionId, string action)
@@ -192,7 +195,7 @@ namespace EmbeddedWorker
         {
             return Call("delete_batch", new { batch_id = batchId, force_cleanup = forceCleanup });
         }
-        public Reply GetStatus() { return Call("get_status", null); }
+        public Reply GetStatus() { return Call("get_status"); }
 
         /// <summary>Status, progress and step: from the board while it runs, from Python for the rest.</summary>
         public SessionStatus GetSessionStatus(string sessionId)
@@ -255,7 +258,7 @@ namespace EmbeddedWorker
                 status.Error = "the worker is closed";
                 return status;
             }
-            var reply = Invoke(method, null, id, true);
+            var reply = Invoke(method, new object[] { id });
             status.Success = reply.Success;
             status.Error = reply.Error;
             status.ErrorCode = reply.ErrorCode;
@@ -420,19 +423,34 @@ namespace EmbeddedWorker
             return method;
         }
 
+        static readonly object[] NoArguments = new object[0];
+
+        /// <summary>worker.method(): a command that takes nothing.</summary>
+        Reply Call(string method)
+        {
+            return CallMethod(method, NoArguments);
+        }
+
+        /// <summary>worker.method(argument).</summary>
         Reply Call(string method, object argument)
+        {
+            return CallMethod(method, new[] { argument });
+        }
+
+        /// <summary>The bound method looked up (once, by name), then invoked.</summary>
+        Reply CallMethod(string method, object[] arguments)
         {
             IntPtr handle = IntPtr.Zero;
             string code, message;
             if (!Guarded(() => { if (!closed) handle = Method(method).Handle; }, out code, out message))
                 return Reply.Failure(code, message);
-            return Invoke(handle, null, argument, argument != null);
+            return Invoke(handle, arguments);
         }
 
-        /// <summary>method([command,] [request]) through the C API: one GIL hold, the reply read in one pass.</summary>
-        Reply Invoke(IntPtr method, string command, object request, bool withRequest)
+        /// <summary>method(*arguments) through the C API: one GIL hold, the reply read in one pass.</summary>
+        Reply Invoke(IntPtr method, object[] arguments)
         {
-            if (!PythonApi.Available) return SlowInvoke(method, command, request, withRequest);
+            if (!PythonApi.Available) return SlowInvoke(method, arguments);
             if (!runtime.Enter()) return Reply.Failure("unavailable", "the Python runtime is shut down");
             Reply reply;
             try
@@ -441,21 +459,19 @@ namespace EmbeddedWorker
                 try
                 {
                     if (closed || method == IntPtr.Zero) return Reply.Failure("unavailable", "the worker is closed");
-                    int count = (command != null ? 1 : 0) + (withRequest ? 1 : 0), at = 0;
-                    var arguments = PythonApi.NewTuple((IntPtr)count);
-                    if (command != null) PythonApi.TupleSet(arguments, (IntPtr)at++, PythonApi.NewString(command));
-                    if (withRequest)
+                    var tuple = PythonApi.NewTuple((IntPtr)arguments.Length);
+                    for (int i = 0; i < arguments.Length; i++)
                     {
-                        var item = RequestWriter.Write(request);
+                        var item = RequestWriter.Write(arguments[i]);
                         if (item == IntPtr.Zero)
                         {
-                            PythonApi.DecRef(arguments);
+                            PythonApi.DecRef(tuple);
                             return Reply.Failure("invalid_request", "the request cannot be converted: " + PythonApi.TakeError());
                         }
-                        PythonApi.TupleSet(arguments, (IntPtr)at, item);
+                        PythonApi.TupleSet(tuple, (IntPtr)i, item);
                     }
-                    var result = PythonApi.Call(method, arguments, IntPtr.Zero);
-                    PythonApi.DecRef(arguments);
+                    var result = PythonApi.Call(method, tuple, IntPtr.Zero);
+                    PythonApi.DecRef(tuple);
                     if (result == IntPtr.Zero) return Reply.Failure("internal", "Python raised: " + PythonApi.TakeError());
                     var value = ReplyReader.Read(result);
                     PythonApi.DecRef(result);
@@ -479,7 +495,7 @@ namespace EmbeddedWorker
         }
 
         /// <summary>The same through pythonnet, where the C API path is unavailable.</summary>
-        Reply SlowInvoke(IntPtr method, string command, object request, bool withRequest)
+        Reply SlowInvoke(IntPtr method, object[] arguments)
         {
             Reply reply = null;
             string code, message;
@@ -492,16 +508,15 @@ namespace EmbeddedWorker
                 }
                 PyObject callable = null;
                 foreach (var known in methods.Values) if (known.Handle == method) callable = known;
-                var arguments = new List<PyObject>();
+                var converted = new List<PyObject>();
                 try
                 {
-                    if (command != null) arguments.Add(new PyString(command));
-                    if (withRequest) arguments.Add(PyConvert.ToPython(request));
-                    using (var result = callable.Invoke(arguments.ToArray())) reply = PyConvert.ToReply(result);
+                    foreach (var argument in arguments) converted.Add(PyConvert.ToPython(argument));
+                    using (var result = callable.Invoke(converted.ToArray())) reply = PyConvert.ToReply(result);
                 }
                 finally
                 {
-                    foreach (var argument in arguments) argument.Dispose();
+                    foreach (var argument in converted) argument.Dispose();
                 }
             }, out code, out message)) return Reply.Failure(code, message);
             Learn(reply);
