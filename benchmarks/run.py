@@ -15,11 +15,12 @@ from pathlib import Path
 from .coalescing_bench import coalescing_rows, sweep, write_plots
 from .common import RESULTS, table, write_results
 from .host_bench import host_rows
+from .lifecycle_bench import LIFECYCLE_TITLE, lifecycle_rows
 from .preemption_bench import preemption_rows, write_timeline
 from .worker_bench import durability_rows, status_rows, throughput_against_pipeline, tiny_pipeline
 
 
-PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "durability", "host")
+PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "durability", "lifecycle", "host")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if "durability" in parts:
         sections["What durability costs: batches of 8 with state in memory or in SQLite with synced files"] = \
             durability_rows(args.model_cache, rounds)
+    lifecycle_notes = {}
+    if "lifecycle" in parts:
+        sections[LIFECYCLE_TITLE], lifecycle_notes = lifecycle_rows(args.model_cache, rounds)
     if "host" in parts:
         sections.update(host_rows())
     for title, rows in sections.items():
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = {"goal_status_p99_us_under_load": 1000, "goal_overhead_pct": 5, "goal_typed_status_p50_us_from_csharp": 10,
              "goal_board_read_us": 0.1, "goal_coalesced_vs_one_by_one": 1.8, "goal_coalesced_vs_raw_batch_pct": -5,
              "goal_facade_status_p50_us": 3, "goal_service_shape_p50_us": 12, "goal_pollers_p99_us": 100,
-             "plots": plots, **coalescing_notes, **preemption_notes}
+             "plots": plots, **coalescing_notes, **preemption_notes, **lifecycle_notes}
     if args.only:
         sections, notes = _with_last_results(sections, notes)
     json_path, md_path = write_results("bench", sections, notes)
