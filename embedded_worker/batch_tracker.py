@@ -14,9 +14,9 @@ import logging
 import threading
 from typing import Callable
 
-log = logging.getLogger("embedded_worker.batches")
+from .state import FINAL
 
-FINAL_STATUSES = ("completed", "failed", "cancelled")
+log = logging.getLogger("embedded_worker.batches")
 
 
 class BatchProgressTracker:
@@ -36,7 +36,7 @@ class BatchProgressTracker:
                 self._on_update(figures)
             except Exception:
                 log.exception("a batch progress callback failed")
-        if figures["status"] in FINAL_STATUSES:
+        if figures["status"] in FINAL:
             self._final.set()
 
     def snapshot(self) -> dict | None:

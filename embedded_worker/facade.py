@@ -9,17 +9,15 @@ numpy buffers (`get_output`, `allocate_input`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 import threading
 from typing import Any, Callable
 
 import numpy as np
-from pydantic import BaseModel
 
 from .batch_tracker import BatchProgressTracker
+from .call_shapes import id_request, json_reply, json_text, polled_id, request_data, snake_case
 from .config import WorkerConfig
 from .errors import InternalError, InvalidRequest, NotFound, Unavailable, WorkerError
 from .log_bridge import LogBridge
@@ -37,9 +35,6 @@ from .protocol import (
     Request,
     SessionRequest,
     WorkflowRequest,
-    MAX_REQUEST_CHARS,
-    MAX_REQUEST_DEPTH,
-    check_shape,
     failure,
     ok,
     parse,
@@ -57,12 +52,7 @@ DOMAIN_ALIASES = {
     "devices": "list_devices",
     "models": "list_models",
 }
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 MAX_ERROR_CHARS = 2000  # an unexpected error's text in its envelope: enough to report, never a request
-
-
-def _snake(name: str) -> str:
-    return _CAMEL.sub("_", name.strip()).lower().replace("-", "_")
 
 
 class ProcessingWorker:
@@ -125,27 +115,11 @@ class ProcessingWorker:
             log.exception("unexpected error at the facade")
             return failure(InternalError(f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]))
 
-    @staticmethod
-    def _data(request: Any, kwargs: dict) -> dict:
-        if request is None:
-            data: dict = {}
-        elif isinstance(request, BaseModel):
-            data = request.model_dump(exclude_unset=True)
-        elif isinstance(request, dict):
-            data = dict(request)
-        elif isinstance(request, str):
-            data = _json_object(request)
-        else:
-            raise InvalidRequest(f"request must be a dict, a JSON object or a model, got {type(request).__name__}")
-        data.update(kwargs)
-        check_shape(data)
-        return data
-
     # ---- the nine commands (and their companions) -----------------------------------------
 
     def get_workflows(self, request: Any = None, **kwargs: Any) -> dict:
         def run() -> dict:
-            parse(Request, self._data(request, kwargs))
+            parse(Request, request_data(request, kwargs))
             engine = self._engine
             return ok(workflows=engine.workflows.describe_all(), problems=engine.workflows.problems())
 
@@ -153,17 +127,17 @@ class ProcessingWorker:
 
     def get_workflow(self, request: Any = None, **kwargs: Any) -> dict:
         def run() -> dict:
-            req = parse(WorkflowRequest, self._data(request, kwargs))
+            req = parse(WorkflowRequest, request_data(request, kwargs))
             return ok(workflow=self._engine.workflows.describe(req.workflow_id))
 
         return self._call(run)
 
     def execute_workflow(self, request: Any = None, **kwargs: Any) -> dict:
         return self._call(lambda: self._engine.sessions.execute(
-            parse(ExecuteWorkflowRequest, self._data(request, kwargs))))
+            parse(ExecuteWorkflowRequest, request_data(request, kwargs))))
 
     def get_session_status(self, request: Any = None, **kwargs: Any) -> dict:
-        session_id = _polled_id(request, kwargs, "session_id")
+        session_id = polled_id(request, kwargs, "session_id")
         if session_id is not None and not self._closed.is_set():
             # the polling hot path: an id the Id type would pass unchanged, so no model is built
             try:
@@ -172,47 +146,47 @@ class ProcessingWorker:
                 return failure(error)
             except Exception:
                 pass  # the general path below logs it and answers `internal`
-        if isinstance(request, str) and not kwargs and not _json_text(request):
+        if isinstance(request, str) and not kwargs and not json_text(request):
             return self._call(lambda: self._engine.sessions.status(parse_id(request, "session_id")))
         return self._call(lambda: self._engine.sessions.status(
-            parse(SessionRequest, self._data(_id_request(request, "session_id"), kwargs)).session_id))
+            parse(SessionRequest, request_data(id_request(request, "session_id"), kwargs)).session_id))
 
     def control_session(self, request: Any = None, **kwargs: Any) -> dict:
         return self._call(lambda: self._engine.sessions.control(
-            parse(ControlSessionRequest, self._data(request, kwargs))))
+            parse(ControlSessionRequest, request_data(request, kwargs))))
 
     def delete_session(self, request: Any = None, **kwargs: Any) -> dict:
         return self._call(lambda: self._engine.sessions.delete(
-            parse(DeleteSessionRequest, self._data(_id_request(request, "session_id"), kwargs))))
+            parse(DeleteSessionRequest, request_data(id_request(request, "session_id"), kwargs))))
 
     def execute_batch(self, request: Any = None, **kwargs: Any) -> dict:
         return self._call(lambda: self._engine.batches.execute(
-            parse(ExecuteBatchRequest, self._data(request, kwargs))))
+            parse(ExecuteBatchRequest, request_data(request, kwargs))))
 
     def get_batch_status(self, request: Any = None, **kwargs: Any) -> dict:
         def run() -> dict:
-            req = parse(BatchRequest, self._data(_id_request(request, "batch_id"), kwargs))
+            req = parse(BatchRequest, request_data(id_request(request, "batch_id"), kwargs))
             return self._engine.batches.status(req.batch_id, req.include_items)
 
         return self._call(run)
 
     def delete_batch(self, request: Any = None, **kwargs: Any) -> dict:
         return self._call(lambda: self._engine.batches.delete(
-            parse(DeleteBatchRequest, self._data(_id_request(request, "batch_id"), kwargs))))
+            parse(DeleteBatchRequest, request_data(id_request(request, "batch_id"), kwargs))))
 
     def control_batch(self, request: Any = None, **kwargs: Any) -> dict:
         return self._call(lambda: self._engine.batches.control(
-            parse(ControlBatchRequest, self._data(request, kwargs))))
+            parse(ControlBatchRequest, request_data(request, kwargs))))
 
     def list_sessions(self, request: Any = None, **kwargs: Any) -> dict:
-        return self._call(lambda: self._engine.sessions.list(parse(ListSessionsRequest, self._data(request, kwargs))))
+        return self._call(lambda: self._engine.sessions.list(parse(ListSessionsRequest, request_data(request, kwargs))))
 
     def get_status(self, request: Any = None, **kwargs: Any) -> dict:
         """Every domain's status; with a session_id or batch_id, that work's part in each domain asked for."""
         from . import work_status  # with the engine: importing the facade stays light
 
         def run() -> dict:
-            req = parse(DomainStatusRequest, self._data(request, kwargs))
+            req = parse(DomainStatusRequest, request_data(request, kwargs))
             work = work_status.find_work(self._engine, req)
             return ok(**(self._engine.status() if work is None else work_status.aggregate(self._engine, req, work)))
 
@@ -223,12 +197,12 @@ class ProcessingWorker:
     def get_output(self, output_id: Any) -> np.ndarray | dict:
         """The output's pixels: the read-only uint8 HxWxC array itself, or an error envelope."""
         result = self._call(lambda: {"success": True, "pixels": self._engine.outputs.get(
-            parse(OutputRequest, self._data(_id_request(output_id, "output_id"), {})).output_id).pixels})
+            parse(OutputRequest, request_data(id_request(output_id, "output_id"), {})).output_id).pixels})
         return result["pixels"] if result["success"] else result
 
     def output_info(self, request: Any = None, **kwargs: Any) -> dict:
         def run() -> dict:
-            req = parse(OutputRequest, self._data(_id_request(request, "output_id"), kwargs))
+            req = parse(OutputRequest, request_data(id_request(request, "output_id"), kwargs))
             buffer = self._engine.outputs.get(req.output_id)
             return ok(output=buffer.reference(), metadata=buffer.metadata, owner_id=buffer.owner_id)
 
@@ -244,7 +218,7 @@ class ProcessingWorker:
 
     def release_input(self, request: Any = None, **kwargs: Any) -> dict:
         def run() -> dict:
-            data = self._data(_id_request(request, "input_id"), kwargs)
+            data = request_data(id_request(request, "input_id"), kwargs)
             input_id = data.get("input_id")
             if not isinstance(input_id, str) or not self._engine.outputs.release_input(input_id):
                 raise NotFound(f"Input '{input_id}' not found")
@@ -303,14 +277,14 @@ class ProcessingWorker:
             direct = self._direct.get(command) if type(command) is str else None
             if direct is not None:  # the hot path: no second copy and check of the request, no name parsing
                 return direct(request)
-        as_json = isinstance(request, str) or (request is None and _json_text(command))
+        as_json = isinstance(request, str) or (request is None and json_text(command))
         try:
-            if request is None and (isinstance(command, dict) or _json_text(command)):
+            if request is None and (isinstance(command, dict) or json_text(command)):
                 command, request = None, command  # the distributed form, alone
-            data = self._data(request, {})
+            data = request_data(request, {})
         except WorkerError as error:
             reply = failure(error)
-            return _json_reply(reply) if as_json else reply
+            return json_reply(reply) if as_json else reply
         if isinstance(data.get("type"), str) and "data" in data and isinstance(data["data"], (dict, type(None))):
             reply = self._route(data["type"], data["data"] or {})
             body = {k: v for k, v in reply.items() if k not in ("success", "error", "error_code", "details")}
@@ -318,14 +292,14 @@ class ProcessingWorker:
                      **{k: reply[k] for k in ("error", "error_code", "details") if k in reply}}
         else:
             reply = self._route(command, data)
-        return _json_reply(reply) if as_json else reply
+        return json_reply(reply) if as_json else reply
 
     def _route(self, command: Any, data: dict) -> dict:
         def run() -> dict:
             if not isinstance(command, str) or not command.strip():
                 raise InvalidRequest("command: required, e.g. 'execute_workflow' or 'inference.text2img'")
             domain, _, name = command.strip().rpartition(".")
-            domain, name = _snake(domain or "processing"), _snake(name)
+            domain, name = snake_case(domain or "processing"), snake_case(name)
             if domain == "processing":
                 handler = self._processing.get(name)
                 if handler is None:
@@ -380,67 +354,3 @@ class ProcessingWorker:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-
-def _json_text(value: Any) -> bool:
-    return isinstance(value, str) and value.lstrip().startswith("{")
-
-
-def _polled_id(request: Any, kwargs: dict, field: str) -> str | None:
-    """The id of a status poll in the shapes callers send (a bare id, `field=id`, `{field, action}`),
-    when it is one the Id type passes unchanged (nothing to strip, nothing to refuse); else None, and the
-    request takes the validating path."""
-    if kwargs:
-        if request is not None:
-            return None
-        request = kwargs
-    elif type(request) is not dict:
-        request = {field: request}
-    if len(request) > 2 or (len(request) == 2 and type(request.get("action", 0)) is not str):
-        return None
-    value = request.get(field)
-    if (type(value) is str and 0 < len(value) <= 200 and value.isprintable()
-            and not value[0].isspace() and not value[-1].isspace() and value[0] != "{"):
-        return value
-    return None
-
-
-def _id_request(request: Any, field: str) -> Any:
-    """A bare id (a string) is shorthand for `{field: id}`; so is text that only looks like JSON
-    (a GUID in braces), and a bare number, which the id check then names."""
-    if isinstance(request, str) and _json_text(request):
-        try:
-            return _json_object(request)
-        except InvalidRequest:
-            return {field: request}
-    if isinstance(request, (str, int, float)):
-        return {field: request}
-    return request
-
-
-def _refuse_constant(name: str) -> float:
-    raise InvalidRequest(f"request: {name} is not a JSON number")
-
-
-def _json_object(text: str) -> dict:
-    if len(text) > MAX_REQUEST_CHARS:
-        raise InvalidRequest(f"request: longer than {MAX_REQUEST_CHARS} characters")
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as error:
-        where = f"line {error.lineno} column {error.colno}"
-        raise InvalidRequest(f"request: malformed JSON: {error.msg} at {where}") from None
-    except RecursionError:
-        raise InvalidRequest(f"request: nested deeper than {MAX_REQUEST_DEPTH} levels") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"request: must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _json_reply(reply: dict) -> str:
-    """A reply as strict JSON text (C# parsers refuse NaN and Infinity); a reply that has one is a bug."""
-    try:
-        return json.dumps(reply, allow_nan=False)
-    except ValueError as error:
-        log.error("a reply could not be written as JSON: %s", error)
-        return json.dumps(failure(InternalError(f"the reply is not valid JSON: {error}")))

@@ -169,13 +169,9 @@ class WorkflowRun:
     # ---- progress, read by status calls ---------------------------------------------------
 
     @property
-    def total_steps(self) -> int:
-        return len(self.plan.steps)
-
-    @property
     def current_step(self) -> int:
         """1-based index of the step in progress (or the last one, when done)."""
-        return min(self.completed_steps + 1, self.total_steps)
+        return min(self.completed_steps + 1, len(self.plan.steps))
 
     @property
     def current_operation(self) -> str:
@@ -187,7 +183,7 @@ class WorkflowRun:
                 waiting = [t.waiting_for_device for t in w.tasks if not t.future.done()]
                 labels.append(f"{w.step.label}: {waiting[0]}" if waiting and all(waiting) else w.step.label)
             return "+".join(labels)
-        index = min(self.next_step, self.total_steps - 1)
+        index = min(self.next_step, len(self.plan.steps) - 1)
         return self.plan.steps[index].label
 
     @property
