@@ -59,7 +59,7 @@ class BatchService:
         existing = self._find(batch_id)
         record = self._create(batch_id, request) if existing is None else existing
         if not request.background:
-            self.intake.wait_final(record, lambda: batch_view.status(self.items(record)) in FINAL)
+            self.intake.wait_final(record, lambda: batch_view.status(self.items(record)) in FINAL, self.items(record))
         reply = self.describe(record, include_items=False)
         reply["duplicate"] = existing is not None
         return reply

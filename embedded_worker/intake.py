@@ -43,10 +43,10 @@ class Intake:
             raise ResourceExhausted(f"the queue is full: {open_work} unfinished sessions and items, limit "
                                     f"{self.max_queued_work}; retry later")
 
-    def wait_final(self, record: Record, is_final: Callable[[], bool]) -> None:
-        """Block a `background: false` caller until its work is final; a close that suspended it first is
-        the caller's answer too."""
-        if not self.book.wait_final(is_final):
+    def wait_final(self, record: Record, is_final: Callable[[], bool], members: list[Record] = ()) -> None:
+        """Block a `background: false` caller until its work is final and stored (the record and its
+        `members`); a close that suspended it first is the caller's answer too."""
+        if not self.book.wait_final(is_final, [record, *members]):
             raise Unavailable(f"the worker closed before {record.label()} finished; it was suspended and "
                               "resumes at the next start", details={"status": record.status})
 

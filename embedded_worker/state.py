@@ -12,7 +12,9 @@ Design notes
   dispatcher at a time. A listener may read the book and change it again;
   it never runs inside the lock, so nothing re-enters a half-made change.
   `transition` returns after its event was dispatched: a status is on disk
-  before the thread that changed it goes on.
+  before the thread that changed it goes on, and `wait_final` answers a
+  waiting caller only once the events of the records it waits on were heard
+  (stored, published).
 - `completed`, `failed` and `cancelled` are final: nothing the engine does
   moves them. The one exit is an explicit restart of a failed or cancelled
   record, which starts a new attempt (counted in `attempt`). A completed
@@ -26,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -142,6 +144,7 @@ class StateBook:
         self.batches: dict[str, BatchRecord] = {}
         self.items: dict[str, ItemRecord] = {}
         self._outbox: deque[tuple[Record, str]] = deque()  # appended under `lock`, drained after it
+        self._unheard: Counter[str] = Counter()  # record id -> its events not yet dispatched; under `lock`
         self._dispatching = threading.Lock()  # one dispatcher at a time, so listeners hear events in order
         self._local = threading.local()  # per thread: how deep in `locked()`, and whether dispatching
 
@@ -168,13 +171,21 @@ class StateBook:
             with self._dispatching:
                 while self._outbox:
                     record, event = self._outbox.popleft()
-                    for listener in self.listeners:
-                        listener(record, event)
+                    try:
+                        for listener in self.listeners:
+                            listener(record, event)
+                    finally:
+                        with self.lock:
+                            self._unheard[record.id] -= 1
+                            if not self._unheard[record.id]:
+                                del self._unheard[record.id]
+                            self.changed.notify_all()
         finally:
             local.dispatching = False
 
     def _record(self, record: Record, event: str) -> None:
         """Call with the lock held."""
+        self._unheard[record.id] += 1
         self._outbox.append((record, event))
 
     def add(self, record: Record) -> None:
@@ -262,10 +273,14 @@ class StateBook:
             self.frozen = True
             self.changed.notify_all()  # callers waiting for work to end get their answer now
 
-    def wait_final(self, is_final: Callable[[], bool]) -> bool:
-        """Block until `is_final()` (True) or a suspending close froze the book (False)."""
+    def wait_final(self, is_final: Callable[[], bool], records: list[Record]) -> bool:
+        """Block until `is_final()` and every event of `records` was heard (True), or a suspending close
+        froze the book (False)."""
+        def heard() -> bool:
+            return not any(r.id in self._unheard for r in records)
+
         with self.changed:
-            self.changed.wait_for(lambda: is_final() or self.frozen)
+            self.changed.wait_for(lambda: (is_final() and heard()) or self.frozen)
             return is_final()
 
     def _table(self, record: Record) -> dict:
