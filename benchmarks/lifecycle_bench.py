@@ -275,6 +275,7 @@ def lifecycle_rows(model_cache: str, rounds: int = 6) -> tuple[list[dict], dict]
         gap_row(f"{JOINERS} sessions join a running anchor", f"steady, {MAX_BATCH} images", nine),
         gap_row(f"{JOINERS} sessions join a running anchor", f"{JOINERS} finish (decode, leave)", shrink),
         gap_row(f"{JOINERS} sessions on an idle device", f"steady, {JOINERS} images", eight),
+        raw_pipeline_row(model_cache, rounds),
     ]
     notes = {
         "lifecycle_rounds": rounds, "lifecycle_steps": STEPS, "lifecycle_anchor_steps": ANCHOR_STEPS,
@@ -296,6 +297,32 @@ def lifecycle_rows(model_cache: str, rounds: int = 6) -> tuple[list[dict], dict]
         "lifecycle_other_thread_sqlite_writes": counter.other_writes,
     }
     return rows, notes
+
+
+def raw_pipeline_row(model_cache: str, rounds: int) -> dict:
+    """The floor: the diffusers pipeline's own call, batch 8, has this gap between two UNet forwards
+    (its scheduler step, guidance and input scaling); the worker's steady gap less this is its own."""
+    import torch
+
+    from .worker_bench import tiny_pipeline
+
+    pipe = tiny_pipeline(model_cache)
+    ends: list[float] = []
+    gaps: list[float] = []
+    before = pipe.unet.register_forward_pre_hook(lambda m, a: ends and gaps.append(time.perf_counter() - ends[-1]))
+    after = pipe.unet.register_forward_hook(lambda m, a, o: ends.append(time.perf_counter()))
+    try:
+        for index in range(rounds):
+            ends.clear()
+            pipe([PROMPT] * JOINERS, num_inference_steps=STEPS, output_type="np",
+                 generator=[torch.Generator().manual_seed(1000 * index + i) for i in range(JOINERS)])
+    finally:
+        before.remove()
+        after.remove()
+    us = percentiles(gaps)
+    return {"scenario": f"raw diffusers call, batch {JOINERS} (the floor)", "boundary": f"steady, {JOINERS} images",
+            "n": us["n"], "p50_us": us["p50_us"], "p99_us": us["p99_us"], "max_us": us["max_us"],
+            "device_sqlite_writes": None, "round_device_writes_per_cohort_start": None}
 
 
 LIFECYCLE_TITLE = "Device thread between two UNet forwards (tiny SD, 32 px, CPU)"

@@ -27,6 +27,7 @@ Design notes
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -84,8 +85,14 @@ def make_scheduler(pipe, name: str):
     return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
+@functools.cache
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    """What a scheduler class's `step` accepts: looked up once per class, not at every step."""
+    return frozenset(inspect.signature(scheduler_class.step).parameters)
+
+
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
-    accepted = set(inspect.signature(scheduler.step).parameters)
+    accepted = _step_parameters(type(scheduler))
     kwargs = {}
     if "eta" in accepted:
         kwargs["eta"] = 0.0
@@ -100,12 +107,15 @@ class Conditioning:
     def __init__(self, positive: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None):
         self.positive = positive
         self.negative = negative
+        self._rows: dict[str, torch.Tensor] | None = None
 
     def rows(self) -> dict[str, torch.Tensor]:
-        """Rows in the pipeline's order: all negatives, then all prompts."""
+        """Rows in the pipeline's order: all negatives, then all prompts (joined once: every step uses them)."""
         if self.negative is None:
             return self.positive
-        return {k: torch.cat([self.negative[k], self.positive[k]]) for k in self.positive}
+        if self._rows is None:
+            self._rows = {k: torch.cat([self.negative[k], self.positive[k]]) for k in self.positive}
+        return self._rows
 
     def take(self, index: torch.Tensor) -> "Conditioning":
         pick = lambda side: {k: v.index_select(0, index) for k, v in side.items()}  # noqa: E731

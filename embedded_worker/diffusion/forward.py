@@ -36,13 +36,15 @@ def forward(unet, cohorts: list[Cohort], chunk: int, key: tuple, monitor: Memory
     rows_per_image = 2 if cohorts[0].uses_guidance else 1
     while True:
         try:
-            used_before = monitor.begin()
+            measured = monitor.due(key, chunk)
+            used_before = monitor.begin() if measured else 0
             started = time.perf_counter()
             predict_noise(unet, cohorts, chunk * rows_per_image)
             if stream is not None:
                 stream.synchronize()
             elapsed = time.perf_counter() - started
-            monitor.end(key, chunk, used_before)
+            if measured:
+                monitor.end(key, chunk, used_before)
             return elapsed, chunk
         except Exception as error:
             if not is_out_of_memory(error):

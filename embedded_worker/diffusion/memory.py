@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +25,9 @@ import psutil
 import torch
 
 GROW_AFTER_CLEAN_FORWARDS = 20
+MEASURE_FIRST = 2  # forwards of a size whose memory is always measured
+MEASURE_EVERY = 32  # then one in this many
+READING_MAX_AGE_S = 0.25  # a memory reading this fresh still says what the next forward may fill
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,30 @@ class MemoryMonitor:
         self.probe = probe
         self._lock = threading.Lock()  # guards `_cost` and `peak_used`
         self._cost: dict[tuple, float] = {}
+        self._forwards: dict[tuple, int] = {}  # (key, images) -> forwards seen; the device thread's only
+        self._reading: tuple[MemoryProbe, float, MemoryReading] | None = None  # the last reading, and when
         self.peak_used = 0
+
+    def due(self, key: tuple, images: int) -> bool:
+        """Measure this forward's memory? Its first forwards of each size, then every MEASURE_EVERY-th:
+        reading a process's memory costs a few hundred microseconds on a CPU, a step's whole budget."""
+        seen = self._forwards.get((key, images), 0) + 1
+        self._forwards[(key, images)] = seen
+        return seen <= MEASURE_FIRST or seen % MEASURE_EVERY == 0
+
+    def reading(self) -> MemoryReading:
+        """What the device has in use now, read at most every READING_MAX_AGE_S."""
+        now = time.monotonic()
+        last = self._reading
+        if last is None or last[0] is not self.probe or now - last[1] > READING_MAX_AGE_S:
+            last = self._reading = (self.probe, now, self.probe.read())
+        return last[2]
 
     def begin(self) -> int:
         self.probe.reset_peak()
-        return self.probe.read().used
+        reading = self.probe.read()
+        self._reading = (self.probe, time.monotonic(), reading)
+        return reading.used
 
     def end(self, key: tuple, images: int, used_before: int) -> None:
         peak = self.probe.peak_used()
@@ -131,7 +154,7 @@ class MemoryMonitor:
         cost = self.cost_per_image(key)
         if not cost:
             return None
-        reading = self.probe.read()
+        reading = self.reading()
         room = threshold * reading.total - reading.used
         return max(0, math.floor(room / cost))
 
