@@ -309,8 +309,15 @@ def raw_pipeline_row(model_cache: str, rounds: int) -> dict:
     pipe = tiny_pipeline(model_cache)
     ends: list[float] = []
     gaps: list[float] = []
-    before = pipe.unet.register_forward_pre_hook(lambda m, a: ends and gaps.append(time.perf_counter() - ends[-1]))
-    after = pipe.unet.register_forward_hook(lambda m, a, o: ends.append(time.perf_counter()))
+    def started(module, args) -> None:  # a hook that returns something replaces the forward's arguments
+        if ends:
+            gaps.append(time.perf_counter() - ends[-1])
+
+    def ended(module, args, output) -> None:
+        ends.append(time.perf_counter())
+
+    before = pipe.unet.register_forward_pre_hook(started)
+    after = pipe.unet.register_forward_hook(ended)
     try:
         for index in range(rounds):
             ends.clear()
