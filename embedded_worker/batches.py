@@ -209,11 +209,16 @@ class BatchService:
         if not failed:
             status = batch_view.status(items)
             raise InvalidState(f"{record.label()} has no failed items to retry (status: {status})")
+        unplanned = [item for item in failed if self.jobs.job(item.id).plan is None]  # restored from the store
+        plans = self.recovery_plans(record, unplanned)[1] if unplanned else {}
+        for plan in plans.values():
+            if isinstance(plan, WorkerError):
+                raise plan
         if batch_view.status(items) in FINAL:
             record.attempt += 1
             self.book.update(record)
         for item in failed:
-            self.jobs.restart(self.jobs.job(item.id))
+            self.jobs.restart(self.jobs.job(item.id), plans.get(item.id))
 
     def delete(self, request: DeleteBatchRequest) -> dict:
         with self.jobs.control_lock:

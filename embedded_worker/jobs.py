@@ -26,7 +26,7 @@ from typing import Callable
 
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing, DenoiseTask
-from .errors import WorkerError
+from .errors import InvalidState, WorkerError
 from .operations import StepImage
 from .outputs import OutputStore
 from .planning import RunPlan
@@ -185,8 +185,12 @@ class JobService:
             job.run.cancel()
         return True
 
-    def restart(self, job: Job) -> None:
-        """A new attempt of the same request, its earlier outputs released; InvalidState when completed."""
+    def restart(self, job: Job, plan: RunPlan | None = None) -> None:
+        """A new attempt of the same request, its earlier outputs released; InvalidState when completed.
+        `plan`: the request planned again, for a job restored from the store without one."""
+        job.plan = plan or job.plan
+        if job.plan is None:
+            raise InvalidState(f"{job.record.label()} cannot restart: its request was not planned")
         self.book.begin_attempt(job.record)
         self.outputs.release(job.owner_id, item_id=job.item_id)
         job.record.outputs = []
@@ -220,12 +224,12 @@ class JobService:
                 sizing: BatchSizing | None = None) -> None:
         """Apply a recovery decision to a stored unfinished record already in the book."""
         record.recoveries, record.restarts, record.on_device = decision.recoveries, decision.restarts, False
-        if decision.action in (FAIL, QUARANTINE):
-            self.book.transition(record, FAILED, decision.reason, {"error_code": decision.error_code})
-            return
         job = Job(self, record, plan, sizing)
         with self.book.locked():
             self._jobs[record.id] = job
+            if decision.action in (FAIL, QUARANTINE):
+                self.book.transition(record, FAILED, decision.reason, {"error_code": decision.error_code})
+                return
             if decision.action == KEEP_PAUSED:
                 self.book.update(record)
             elif record.status == CREATED:
@@ -235,7 +239,7 @@ class JobService:
         job.begin(paused=decision.action == KEEP_PAUSED, isolated=decision.isolated)
 
     def adopt(self, record: Record) -> None:
-        """A stored final record: listed and answered, nothing to run."""
+        """A stored final record: listed and answered, nothing to run (planned again if restarted)."""
         with self.book.lock:
             self._jobs[record.id] = Job(self, record, None, None)
 

@@ -123,7 +123,7 @@ class SessionService:
             record = self._record(request.session_id)
             job = jobs.job(record.id)
             if verb == "restart":
-                jobs.restart(job)
+                jobs.restart(job, None if job.plan else self.plan_stored(record))
             elif not {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel}[verb](job):
                 raise InvalidState(f"{record.label()} cannot {verb} in current status: {record.status}")
         if verb == "pause":  # outside the lock: other controls may come while the step boundary nears

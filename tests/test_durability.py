@@ -264,3 +264,31 @@ def test_damaged_raw_pixels_are_an_envelope_with_the_reason(durable, tmp_path):
     for reply in (again.get_output(output["output_id"]), again.output_info(output["output_id"])):
         assert reply["success"] is False and reply["error_code"] == "unavailable"
         assert "cannot be read from disk" in reply["error"]
+
+
+def test_work_restored_failed_or_finished_can_be_restarted_retried_and_deleted(durable):
+    """A record a new process restores without a run (failed by recovery, or finished before) is a job
+    all the same: restart and retry plan its stored request again, delete forgets it."""
+    first = durable()
+    generate(first, session_id="cut", steps=150, background=True)
+    first.execute_batch(batch_id="cut-batch", workflow_id="img-generation-basic", background=True,
+                        parameters={"total_images": 2, "steps": 150, "prompt": "b", "seed": 3})
+    wait_for(lambda: session_status(first, "cut")["status"] == "running")
+    generate(first, session_id="done", steps=2, background=False)
+    first.close(timeout=30, pending="suspend")
+
+    second = durable(recovery="fail")
+    assert session_status(second, "cut")["status"] == "failed"
+    assert second.get_batch_status(batch_id="cut-batch")["status"] == "failed"
+    restarted = second.control_session(session_id="cut", action="restart")
+    assert restarted["success"] and restarted["attempt"] == 2, restarted
+    assert second.control_session(session_id="done", action="restart")["error_code"] == "invalid_state"
+    retried = second.control_batch(batch_id="cut-batch", action="retry")
+    assert retried["success"] and retried["status"] in ("pending", "running"), retried
+    assert second.control_session(session_id="cut", action="cancel")["status"] == "cancelled"
+    assert second.control_batch(batch_id="cut-batch", action="cancel")["status"] == "cancelled"
+    for command, key, record_id in (("delete_session", "session_id", "cut"), ("delete_session", "session_id", "done"),
+                                    ("delete_batch", "batch_id", "cut-batch")):
+        assert getattr(second, command)(**{key: record_id})["success"]
+    assert second.get_status()["processing"]["sessions"]["total"] == 0
+    assert second.get_status()["processing"]["batches"]["total"] == 0
