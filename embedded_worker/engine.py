@@ -6,8 +6,7 @@ postprocessing; over them the job service (one lifecycle for sessions and
 batch items), the session and batch services (requests in, replies out)
 and the progress feed (the board and trackers). The engine builds them in
 dependency order, names the book's listeners in the order they hear events,
-and adds only what spans them: the aggregated status, retention and an
-orderly close.
+and adds only what spans them: the aggregated status and an orderly close.
 """
 
 from __future__ import annotations
@@ -31,15 +30,14 @@ from .outputs import OutputStore
 from .planning import Planner
 from .progress_board import ProgressBoard
 from .progress_feed import ProgressFeed
-from .protocol import DeleteBatchRequest, DeleteSessionRequest, parse
 from .restore import restore
+from .retention import Retention
 from .sessions import SessionService
-from .state import FINAL, Record, StateBook
+from .state import FINAL, StateBook
 from .store import StateStore
 from .workflows.catalog import WorkflowCatalog
 
 log = logging.getLogger("embedded_worker")
-PRUNE_INTERVAL_SECONDS = 60.0
 STOP_GRACE_SECONDS = 300.0  # past close's deadline: how long a step or a model load under way may still take
 
 
@@ -74,16 +72,16 @@ class Engine:
         self.batches = BatchService(self.book, self.jobs, self.intake, self.planner, self.workflows, self.outputs,
                                     self.pool)
         self.feed = ProgressFeed(self.board, self.book, self.jobs, self.batches, self.cpu)
+        self.retention = Retention(config.retention, self.book, self.sessions, self.batches, self.cpu,
+                                   self.intake.closing)
         # who hears a change, in order: on disk first, then the board and trackers, then retention
-        self.book.listeners = [self.store.record_event, self.feed.record_event, self._maybe_prune]
+        self.book.listeners = [self.store.record_event, self.feed.record_event, self.retention.record_event]
         self._close_lock = threading.Lock()  # a racing second close waits for the first
-        self._pruned_at = 0.0
-        self._pruning = threading.Lock()  # one prune at a time
         self.pool.start()
         self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
         self.recovery_report = restore(self.store, self.book, self.jobs, self.sessions, self.batches,
                                        config.recovery)
-        self.prune()
+        self.retention.prune()
 
     def _model_known(self, model_id: str) -> bool:
         try:
@@ -97,53 +95,6 @@ class Engine:
 
     def _progressed(self, job: Job) -> None:
         self.feed.progress(job)
-
-    # ---- retention ------------------------------------------------------------------------
-
-    def _is_final(self, record: Record) -> bool:
-        if record.kind == "batch":
-            return batch_view.status(self.batches.items(record)) in FINAL
-        return record.status in FINAL
-
-    def _maybe_prune(self, record: Record, event: str) -> None:
-        """After a session or batch finishes: prune on the CPU pool, at most every PRUNE_INTERVAL."""
-        if record.kind == "item" or record.status not in FINAL or self.intake.closing.is_set():
-            return
-        now = time.monotonic()
-        if now - self._pruned_at >= PRUNE_INTERVAL_SECONDS or \
-                len(self.book.sessions) + len(self.book.batches) > self.config.retention.max_finished:
-            self._pruned_at = now
-            self.cpu.submit(self.prune)
-
-    def prune(self) -> int:
-        """Delete the oldest finished sessions and batches beyond the count or past the age; their files too."""
-        with self._pruning:
-            return self._prune()
-
-    def _prune(self) -> int:
-        retention = self.config.retention
-        with self.book.lock:
-            candidates = [*self.book.sessions.values(), *self.book.batches.values()]
-        finished = sorted((r for r in candidates if self._is_final(r)), key=self._completed_at)
-        cutoff = time.time() - retention.max_age_hours * 3600
-        excess = max(0, len(finished) - retention.max_finished)
-        victims = [r for i, r in enumerate(finished) if i < excess or self._completed_at(r) < cutoff]
-        for record in victims:
-            try:
-                if record.kind == "session":
-                    self.sessions.delete(parse(DeleteSessionRequest, {"session_id": record.id}))
-                else:
-                    self.batches.delete(parse(DeleteBatchRequest, {"batch_id": record.id}))
-            except NotFound:
-                pass  # the caller deleted it meanwhile
-        if victims:
-            log.info("retention: pruned %d finished sessions and batches", len(victims))
-        return len(victims)
-
-    def _completed_at(self, record: Record) -> float:
-        if record.kind == "batch":
-            return batch_view.completed_at(self.batches.items(record)) or 0.0
-        return record.completed_at or 0.0
 
     # ---- status and close ----------------------------------------------------------------
 
