@@ -149,8 +149,7 @@ class SessionService:
     # ---- replies ---------------------------------------------------------------------------
 
     def _find(self, session_id: str) -> SessionRecord | None:
-        with self.book.lock:
-            return self.book.sessions.get(session_id)
+        return self.book.sessions.get(session_id)  # one dict read is atomic: a status poll takes no lock
 
     def _record(self, session_id: str) -> SessionRecord:
         record = self._find(session_id)
