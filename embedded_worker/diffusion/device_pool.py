@@ -47,8 +47,11 @@ class DevicePool:
         self.events = ThreadPoolExecutor(1, thread_name_prefix="ew-events")  # the workers' listeners hear here
         self.monitors: dict[str, MemoryMonitor] = {}
         self.sizers: dict[str, BatchSizer] = {}
-        self.workers: list[DeviceWorker] = []
+        self.workers: list[DeviceWorker] = []  # and RemoteDeviceWorkers when a cluster is configured
+        self.cluster = None
         self._devices = resolve_devices(config.device)
+        if config.cluster.address is not None:
+            self._join_cluster()
         for device in self._devices:
             monitor = MemoryMonitor(probe_factory(device))
             self.monitors[str(device)] = monitor
@@ -56,6 +59,17 @@ class DevicePool:
             for _ in range(scheduling.workers_per_device):
                 self._add_worker(device)
         self._closed = False  # guarded by queue.cond
+
+    def _join_cluster(self) -> None:
+        """Remote device workers beside (or instead of) the local ones; Ray is imported only here."""
+        from ..cluster.connection import ClusterConnection, remote_workers
+
+        self.cluster = ClusterConnection(self.config.cluster).open()
+        for worker in remote_workers(self.config, self.cluster, self.queue, self.events, self.mark_on_device):
+            self.monitors[str(worker.device)] = worker.monitor
+            self.workers.append(worker)
+        if not self.config.cluster.local_devices:
+            self._devices = []
 
     def _add_worker(self, device: torch.device) -> DeviceWorker:
         scheduling = self.config.scheduling
@@ -191,6 +205,8 @@ class DevicePool:
             late = [worker.name for worker in self.workers if worker.thread.is_alive()]
             if not late:
                 self.events.shutdown(wait=True)  # what the workers told last is heard before the close goes on
+                if self.cluster is not None:
+                    self.cluster.close()
                 return True
             log.warning("%s still finishing a step at the close deadline; waiting for it", ", ".join(late))
         return False
