@@ -99,6 +99,7 @@ class RemoteDeviceWorker:
         self.actor_name = ""
         self.actor = None
         self.node_id: str | None = None
+        self.actor_pid: int | None = None
         self.device = RemoteDevice(name)
         self.counters = WorkerCounters()
         self.resizes: Counter = Counter()  # remote forwards do not resize under the head's eyes
@@ -193,7 +194,7 @@ class RemoteDeviceWorker:
     def _new_actor(self) -> None:
         self.actor_name = f"{self.name}-{uuid.uuid4().hex[:8]}"
         self.actor = self._spawn(self.actor_name)
-        self.node_id = None
+        self.node_id = self.actor_pid = None
         self._progress_ref = None
 
     def _wait_ready(self) -> bool:
@@ -209,7 +210,7 @@ class RemoteDeviceWorker:
             done, _ = ray.wait([ready_ref], timeout=0.2)
             if done:
                 info = ray.get(ready_ref)
-                self.node_id = info["node_id"]
+                self.node_id, self.actor_pid = info["node_id"], info["pid"]
                 log.info("%s: actor %s ready on node %s (pid %s)", self.name, self.actor_name, self.node_id,
                          info["pid"])
                 return True

@@ -1,0 +1,168 @@
+"""Past one machine: remote device workers on a real local Ray cluster (issue 10).
+
+One head for the module (`ray start --head` on 127.0.0.1, 2 CPUs, no
+dashboard, its own temp dir), stopped after, with every process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from embedded_worker import ProcessingWorker, WorkerConfig  # noqa: E402
+from embedded_worker.cluster.local_head import LocalRayHead, _group_alive, free_port  # noqa: E402
+from embedded_worker.errors import Unavailable  # noqa: E402
+
+from .conftest import assert_same_up_to_batch_rounding, generate, run_of, session_status, wait_for  # noqa: E402
+
+SMALL = {"prompt": "a lighthouse at dusk", "steps": 4, "width": 32, "height": 32}
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = LocalRayHead(num_cpus=2)
+    try:
+        head.start(timeout=60)
+        pgid = head.process.pid
+        yield head.address
+    finally:
+        head.stop(timeout=40)  # SIGTERM to its process group, SIGKILL after 40 s
+    assert not _group_alive(pgid), "the Ray head left processes behind"
+
+
+def on_cluster(make_worker, address, **cluster):
+    settings = {"address": address, "actors": 2, "cpus_per_actor": 1, "local_devices": False,
+                "in_flight_per_actor": 2, **cluster}
+    return make_worker(cluster=settings)
+
+
+def remote_workers(worker):
+    return [w for w in worker._engine.pool.workers if str(w.device).startswith("ray:")]
+
+
+def run_batch(worker, batch_id, total, **parameters):
+    return worker.execute_batch(batch_id=batch_id, workflow_id="img-generation-basic", background=False,
+                                parameters={**SMALL, "seed": 500, "total_images": total, **parameters})
+
+
+def by_seed(worker, reply):
+    return {o["seed"]: worker.get_output(o["output_id"]) for o in reply["outputs"]}
+
+
+def test_without_a_cluster_ray_is_never_imported(model_cache):
+    script = textwrap.dedent(f"""
+        import sys
+        from embedded_worker import ProcessingWorker, WorkerConfig
+        worker = ProcessingWorker(WorkerConfig.model_validate({{
+            "model_cache_dir": {str(model_cache)!r}, "workflows_dir": None, "state_path": ":memory:",
+            "default_model": "builtin:tiny-sd"}}))
+        reply = worker.execute_workflow({{"workflow_id": "img-generation-basic", "background": False,
+                                          "parameters": {{"prompt": "x", "steps": 2, "width": 32, "height": 32}}}})
+        assert reply["status"] == "completed", reply
+        assert worker.close(timeout=30)["success"]
+        assert "ray" not in sys.modules, "ray was imported without a cluster"
+        print("no ray")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "no ray" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_a_bad_cluster_address_is_a_clear_error_at_start(model_cache, address):
+    config = {"model_cache_dir": str(model_cache), "workflows_dir": None, "state_path": ":memory:",
+              "default_model": "builtin:tiny-sd", "cluster": {"address": address.format(port=free_port())}}
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="no Ray cluster answers"):
+        ProcessingWorker(WorkerConfig.model_validate(config))
+    assert time.monotonic() - started < 15
+
+
+def test_an_address_that_is_no_address_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="unknown cluster address"):
+        WorkerConfig.model_validate({"cluster": {"address": "somewhere"}})
+    assert WorkerConfig().cluster.address is None
+
+
+def test_a_batch_runs_once_over_both_actors_with_the_local_pixels(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head)
+    reply = run_batch(worker, "spread", 16)
+    assert reply["status"] == "completed", reply.get("failed")
+    assert sorted(o["seed"] for o in reply["outputs"]) == list(range(500, 516))  # every item exactly once
+    done = [w.counters.images_done for w in remote_workers(worker)]
+    assert sum(done) == 16 and all(done), done  # each actor took work
+    remote = by_seed(worker, reply)
+    status = worker.get_status()
+    assert {d["device"] for d in status["device"]["devices"]} == {str(w.device) for w in remote_workers(worker)}
+
+    local = make_worker()
+    reference = by_seed(local, run_batch(local, "spread", 16))
+    for seed, pixels in remote.items():
+        assert pixels.flags["C_CONTIGUOUS"] and not pixels.flags["WRITEABLE"]
+        assert_same_up_to_batch_rounding(pixels, reference[seed])
+
+
+def _kill_mid_batch(worker, kill) -> None:
+    """Start a batch, kill one actor (by `kill`) while it holds images, and check every item completes once."""
+    worker.execute_batch(batch_id="doomed", workflow_id="img-generation-basic", background=True,
+                         parameters={**SMALL, "steps": 30, "seed": 900, "total_images": 12})
+    victim = remote_workers(worker)[0]
+    wait_for(lambda: victim.active_images > 0 and victim.node_id is not None, timeout=120)
+    dead_actor, deaths = victim.actor_name, victim.actor_deaths
+    kill(victim)
+    wait_for(lambda: worker.get_batch_status(batch_id="doomed")["status"] == "completed", timeout=180,
+             interval=0.05)
+    final = worker.get_batch_status(batch_id="doomed", include_items=True)
+    assert (final["processed_items"], final["failed_items"]) == (12, 0)
+    outputs = [o for item in final["items"] for o in item.get("outputs", [])] or final.get("outputs", [])
+    seeds = sorted(o["seed"] for o in outputs)
+    assert seeds == list(range(900, 912)), seeds  # each item exactly once, none lost, none twice
+    assert victim.actor_deaths == deaths + 1 and victim.actor_name != dead_actor
+    worker.delete_batch(batch_id="doomed")
+
+
+def test_an_actor_killed_mid_batch_loses_no_image_and_is_replaced(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head)
+    _kill_mid_batch(worker, lambda victim: ray.kill(victim.actor, no_restart=True))
+    _kill_mid_batch(worker, lambda victim: os.kill(victim.actor_pid, signal.SIGKILL))  # the process itself
+    # the replacement takes new work
+    victim = remote_workers(worker)[0]
+    wait_for(lambda: victim.node_id is not None, timeout=120)
+    before = victim.counters.images_done
+    reply = run_batch(worker, "after", 8)
+    assert reply["status"] == "completed"
+    assert victim.counters.images_done > before
+
+
+def test_pause_resume_and_cancel_reach_an_image_on_an_actor(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head, actors=1)
+    local = make_worker()
+    slow = {"prompt": "a slow one", "steps": 150, "width": 64, "height": 64}
+    expected = local.get_output(generate(local, seed=31, background=False, **slow)["outputs"][0]["output_id"])
+
+    generate(worker, session_id="held", seed=31, background=True, **slow)
+    task = wait_for(lambda: run_of(worker, "held") and run_of(worker, "held").all_tasks
+                    and run_of(worker, "held").all_tasks[0], timeout=120)
+    wait_for(lambda: task.step >= 3, timeout=120)
+    assert task.worker == "ew-ray-0"
+    worker.control_session(session_id="held", action="pause")
+    wait_for(lambda: session_status(worker, "held")["status"] == "paused", timeout=60)
+    assert worker.control_session(session_id="held", action="resume")["status"] in ("pending", "running")
+    wait_for(lambda: session_status(worker, "held")["status"] == "completed", timeout=120)
+    resumed = worker.get_output(session_status(worker, "held")["outputs"][0]["output_id"])
+    assert_same_up_to_batch_rounding(resumed, expected)  # restarted from step 0 on resume: same seed, same pixels
+
+    generate(worker, session_id="dropped", seed=32, background=True, **slow)
+    task = wait_for(lambda: run_of(worker, "dropped") and run_of(worker, "dropped").all_tasks
+                    and run_of(worker, "dropped").all_tasks[0], timeout=60)
+    wait_for(lambda: task.step >= 3, timeout=120)
+    assert worker.control_session(session_id="dropped", action="cancel")["status"] == "cancelled"
+    wait_for(lambda: task.future.done(), timeout=60)
+    assert task.step < 150 and session_status(worker, "dropped")["outputs"] == []
