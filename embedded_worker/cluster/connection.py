@@ -100,6 +100,18 @@ class ClusterConnection:
             self.head = None
 
 
+def join_cluster(pool) -> None:
+    """Connect (or start 'local') and give the DevicePool its remote device workers; Unavailable if the
+    cluster cannot be reached."""
+    connection = ClusterConnection(pool.config.cluster).open()
+    try:
+        pool.attach_remote(remote_workers(pool.config, connection, pool.queue, pool.events, pool.mark_on_device),
+                           connection)
+    except BaseException:
+        connection.close()
+        raise
+
+
 def remote_workers(config, connection: ClusterConnection, queue, events, mark_on_device) -> list:
     """One RemoteDeviceWorker per configured actor, each with its actor asked for (not yet ready)."""
     import ray

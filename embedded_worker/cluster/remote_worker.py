@@ -21,12 +21,11 @@ Design notes
 - An actor that dies (ActorDiedError, a killed process, a lost node) takes
   no work with it: its images go back to the queue with their spec and
   seed, at their old rank, the crash is logged with the actor's name and
-  node, and a fresh actor replaces it. Completion is recorded only here,
-  through each image's future, once.
+  node, and a fresh actor replaces it. Completion is recorded on the head
+  only (`outcomes`), through each image's future, once.
 - Pixels: the actor's uint8 array goes into the object store (one copy);
-  `ray.get` gives a read-only view of it (no copy); one copy here moves it
-  to this process's heap, so an output never points into the object store
-  after the driver disconnects. The OutputStore keeps that array as is.
+  `ray.get` gives a read-only view of it (no copy); `outcomes.complete`
+  copies it once to this process's heap; the OutputStore keeps that array.
 """
 
 from __future__ import annotations
@@ -40,15 +39,14 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from ..diffusion.active_set import OnDeviceMark, _tell_listeners
 from ..diffusion.admission import Admission
 from ..diffusion.device_worker import WorkerCounters
 from ..diffusion.memory import MemoryMonitor, MemoryReading
-from ..diffusion.task import CANCEL, DONE, PARKED, PAUSE, DenoiseTask
+from ..diffusion.task import DenoiseTask
 from ..diffusion.work_queue import WorkQueue
-from ..errors import Cancelled, InternalError, Unavailable, WorkerError
+from ..errors import Unavailable
+from . import outcomes
 
 log = logging.getLogger("embedded_worker.cluster")
 POLL_SECONDS = 0.05  # results and progress cross processes: looked for this often while images are out
@@ -239,7 +237,7 @@ class RemoteDeviceWorker:
                 self._actor_died(error, also=admitted)
             except Exception as error:  # a bug must cost the images in flight, never the thread
                 log.exception("%s: unexpected error; failing the images in flight", self.name)
-                self._fail(list(self._in_flight.values()), error)
+                outcomes.fail(self.queue, list(self._in_flight.values()), error, self.name)
                 self._in_flight.clear()
         self._shutdown()
 
@@ -310,45 +308,14 @@ class RemoteDeviceWorker:
                 raise  # the actor is gone: every image on it goes back to the queue
             except RayTaskError as error:
                 del self._in_flight[ref]
-                self._left(task, error)
+                self._forget(task)
+                if outcomes.ended_without_pixels(self.queue, task, error, f"{self.name} ({self.actor_name})"):
+                    self._tell(lambda listener, parked: listener.task_parked(parked), [task])
                 continue
             del self._in_flight[ref]
-            pixels = np.array(view, copy=True)  # the head's one copy: out of the object store
-            pixels.setflags(write=False)
             self._forget(task)
-            with self.queue.cond:
-                task.state = DONE
-                task.leaving = None
-            task.step = task.total_steps
-            task.eta_seconds = 0.0
-            task.finished_at = time.monotonic()
+            outcomes.complete(self.queue, task, view)
             self.counters.images_done += 1
-            if not task.future.done():
-                task.future.set_result(pixels)
-
-    def _left(self, task: DenoiseTask, error: Exception) -> None:
-        """An image that ended on the actor without pixels: cancelled or paused there, or failed."""
-        cause = getattr(error, "cause", None)
-        self._forget(task)
-        if not isinstance(cause, Cancelled):
-            self._fail([task], cause if isinstance(cause, WorkerError) else error)
-            return
-        with self.queue.cond:
-            reason, task.leaving = task.leaving, None
-            task.step = 0
-            if reason == PAUSE:
-                task.state = PARKED
-                task.parked = None  # its denoising state stayed on the actor: it starts again from step 0
-            elif reason == CANCEL or self.queue.closed:
-                task.state = DONE
-            else:  # resumed after the pause was forwarded: it runs again from the start
-                self.queue.put(task)
-                return
-        if reason == PAUSE:
-            self._tell(lambda listener, parked: listener.task_parked(parked), [task])
-        elif not task.future.done():
-            task.future.set_exception(Cancelled("cancelled") if reason == CANCEL
-                                      else Unavailable("the worker closed before this image finished"))
 
     def _poll_progress(self) -> None:
         import ray
@@ -386,27 +353,12 @@ class RemoteDeviceWorker:
 
         tasks = list(self._in_flight.values()) + [t for t in also if t not in self._in_flight.values()]
         self._in_flight.clear()
+        for task in tasks:
+            self._forget(task)
         self.actor_deaths += 1
-        log.error("%s: actor %s on node %s died (%s); %d images go back to the queue", self.name,
-                  self.actor_name, self.node_id, type(error).__name__, len(tasks))
-        parked = []
-        with self.queue.cond:
-            for task in tasks:
-                self._forget(task)
-                if task.state != "active":
-                    continue
-                reason, task.leaving = task.leaving, None
-                task.step, task.parked = 0, None
-                if reason == PAUSE:
-                    task.state = PARKED
-                    parked.append(task)
-                elif reason == CANCEL or self.queue.closed:
-                    task.state = DONE
-                    if not task.future.done():
-                        task.future.set_exception(Cancelled("cancelled") if reason == CANCEL
-                                                  else Unavailable("the worker closed before this image finished"))
-                else:
-                    self.queue.put(task)
+        log.error("%s: actor %s (pid %s) on node %s died (%s); %d images go back to the queue", self.name,
+                  self.actor_name, self.actor_pid, self.node_id, type(error).__name__, len(tasks))
+        parked = outcomes.take_back(self.queue, tasks)
         if parked:
             self._tell(lambda listener, task: listener.task_parked(task), parked)
         try:
@@ -424,19 +376,8 @@ class RemoteDeviceWorker:
         self._keys.pop(id(task), None)
         self._cancel_sent.discard(id(task))
 
-    def _fail(self, tasks: list[DenoiseTask], error: BaseException) -> None:
-        if not isinstance(error, WorkerError):
-            log.error("%s: denoising on actor %s failed: %s", self.name, self.actor_name, error)
-            error = InternalError(f"{type(error).__name__}: {error}")
-        for task in tasks:
-            self._forget(task)
-            with self.queue.cond:
-                task.state = DONE
-            if not task.future.done():
-                task.future.set_exception(error)
-
     def _tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
-        self.events.submit(_tell_listeners, self.name, tell, tasks, once_per_listener)
+        self.events.submit(_tell_listeners, self.name, tell, tasks, once_per_listener)  # as ActiveSet.tell
 
     def _shutdown(self) -> None:
         import ray
@@ -446,13 +387,8 @@ class RemoteDeviceWorker:
             self._calls.clear()
         for _, future in calls:
             future.set_exception(Unavailable("the worker is closing"))
-        tasks = list(self._in_flight.values())
-        self._in_flight.clear()
-        for task in tasks:
-            with self.queue.cond:
-                task.state = DONE
-            if not task.future.done():
-                task.future.set_exception(Unavailable("the worker closed before this image finished"))
+        tasks, self._in_flight = list(self._in_flight.values()), {}
+        outcomes.fail(self.queue, tasks, Unavailable("the worker closed before this image finished"), self.name)
         try:
             ray.kill(self.actor, no_restart=True)
         except Exception:  # already gone, or the driver already disconnected

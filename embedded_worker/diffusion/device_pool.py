@@ -48,10 +48,10 @@ class DevicePool:
         self.monitors: dict[str, MemoryMonitor] = {}
         self.sizers: dict[str, BatchSizer] = {}
         self.workers: list[DeviceWorker] = []  # and RemoteDeviceWorkers when a cluster is configured
-        self.cluster = None
+        self.cluster = None  # the Ray connection, when remote workers are attached (`attach_remote`)
         self._devices = resolve_devices(config.device)
-        if config.cluster.address is not None:
-            self._join_cluster()
+        if config.cluster.address is not None and not config.cluster.local_devices:
+            self._devices = []  # only the cluster's actors take work
         for device in self._devices:
             monitor = MemoryMonitor(probe_factory(device))
             self.monitors[str(device)] = monitor
@@ -60,16 +60,13 @@ class DevicePool:
                 self._add_worker(device)
         self._closed = False  # guarded by queue.cond
 
-    def _join_cluster(self) -> None:
-        """Remote device workers beside (or instead of) the local ones; Ray is imported only here."""
-        from ..cluster.connection import ClusterConnection, remote_workers
-
-        self.cluster = ClusterConnection(self.config.cluster).open()
-        for worker in remote_workers(self.config, self.cluster, self.queue, self.events, self.mark_on_device):
+    def attach_remote(self, workers: list, connection) -> None:
+        """Remote device workers (`cluster.RemoteDeviceWorker`) beside the local ones, before `start`; the
+        connection closes with the pool."""
+        self.cluster = connection
+        for worker in workers:
             self.monitors[str(worker.device)] = worker.monitor
             self.workers.append(worker)
-        if not self.config.cluster.local_devices:
-            self._devices = []
 
     def _add_worker(self, device: torch.device) -> DeviceWorker:
         scheduling = self.config.scheduling
