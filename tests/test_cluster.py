@@ -36,7 +36,7 @@ def ray_head():
         pgid = head.process.pid
         yield head.address
     finally:
-        head.stop(timeout=40)  # SIGTERM to its process group, SIGKILL after 40 s
+        head.stop(timeout=40)  # SIGTERM to `ray start`, then its process group, SIGKILL after 40 s
     assert not _group_alive(pgid), "the Ray head left processes behind"
 
 
@@ -171,7 +171,7 @@ def test_an_actor_killed_mid_batch_loses_no_image_and_is_replaced(make_worker, r
 def test_pause_resume_and_cancel_reach_an_image_on_an_actor(make_worker, ray_head):
     worker = on_cluster(make_worker, ray_head, actors=1)
     local = make_worker()
-    slow = {"prompt": "a slow one", "steps": 150, "width": 64, "height": 64}
+    slow = {"prompt": "a slow one", "steps": 60, "width": 64, "height": 64}
     expected = local.get_output(generate(local, seed=31, background=False, **slow)["outputs"][0]["output_id"])
 
     generate(worker, session_id="held", seed=31, background=True, **slow)
@@ -192,4 +192,4 @@ def test_pause_resume_and_cancel_reach_an_image_on_an_actor(make_worker, ray_hea
     wait_for(lambda: task.step >= 3, timeout=120)
     assert worker.control_session(session_id="dropped", action="cancel")["status"] == "cancelled"
     wait_for(lambda: task.future.done(), timeout=60)
-    assert task.step < 150 and session_status(worker, "dropped")["outputs"] == []
+    assert task.step < 60 and session_status(worker, "dropped")["outputs"] == []
