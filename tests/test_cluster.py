@@ -136,29 +136,34 @@ def test_a_batch_runs_once_over_both_actors_with_the_local_pixels(make_worker, r
         assert_same_up_to_batch_rounding(pixels, reference[seed])
 
 
-def _kill_mid_batch(worker, kill) -> None:
+def _kill_mid_batch(worker, kill, caplog, batch_id) -> None:
     """Start a batch, kill one actor (by `kill`) while it holds images, and check every item completes once."""
-    worker.execute_batch(batch_id="doomed", workflow_id="img-generation-basic", background=True,
-                         parameters={**SMALL, "steps": 20, "seed": 900, "total_images": 8})
     victim = remote_workers(worker)[0]
-    wait_for(lambda: victim.active_images > 0 and victim.node_id is not None, timeout=120)
+    wait_for(lambda: victim.node_id is not None, timeout=120)  # a replacement first answers
+    worker.execute_batch(batch_id=batch_id, workflow_id="img-generation-basic", background=True,
+                         parameters={**SMALL, "steps": 20, "seed": 900, "total_images": 8})
+    try:
+        wait_for(lambda: victim.active_images > 0, timeout=60)
+    except AssertionError:
+        raise AssertionError(f"{victim.status()} / {worker.get_batch_status(batch_id=batch_id)}") from None
     dead_actor, deaths = victim.actor_name, victim.actor_deaths
     kill(victim)
-    wait_for(lambda: worker.get_batch_status(batch_id="doomed")["status"] == "completed", timeout=180,
+    wait_for(lambda: worker.get_batch_status(batch_id=batch_id)["status"] == "completed", timeout=180,
              interval=0.05)
-    final = worker.get_batch_status(batch_id="doomed", include_items=True)
+    final = worker.get_batch_status(batch_id=batch_id, include_items=True)
     assert (final["processed_items"], final["failed_items"]) == (8, 0)
     outputs = [o for item in final["items"] for o in item.get("outputs", [])] or final.get("outputs", [])
     seeds = sorted(o["seed"] for o in outputs)
     assert seeds == list(range(900, 908)), seeds  # each item exactly once, none lost, none twice
     assert victim.actor_deaths == deaths + 1 and victim.actor_name != dead_actor
-    worker.delete_batch(batch_id="doomed")
+    assert f"actor {dead_actor} (pid" in caplog.text and "died" in caplog.text  # the crash names the actor
 
 
-def test_an_actor_killed_mid_batch_loses_no_image_and_is_replaced(make_worker, ray_head):
+def test_an_actor_killed_mid_batch_loses_no_image_and_is_replaced(make_worker, ray_head, caplog):
     worker = on_cluster(make_worker, ray_head)
-    _kill_mid_batch(worker, lambda victim: ray.kill(victim.actor, no_restart=True))
-    _kill_mid_batch(worker, lambda victim: os.kill(victim.actor_pid, signal.SIGKILL))  # the process itself
+    _kill_mid_batch(worker, lambda victim: ray.kill(victim.actor, no_restart=True), caplog, "killed")
+    # and the actor's process itself, as a crashed node would lose it
+    _kill_mid_batch(worker, lambda victim: os.kill(victim.actor_pid, signal.SIGKILL), caplog, "sigkilled")
     # the replacement takes new work
     victim = remote_workers(worker)[0]
     wait_for(lambda: victim.node_id is not None, timeout=120)

@@ -104,12 +104,24 @@ def join_cluster(pool) -> None:
     """Connect (or start 'local') and give the DevicePool its remote device workers; Unavailable if the
     cluster cannot be reached."""
     connection = ClusterConnection(pool.config.cluster).open()
+    _warn_if_unplaceable(pool.config.cluster)
     try:
         pool.attach_remote(remote_workers(pool.config, connection, pool.queue, pool.events, pool.mark_on_device),
                            connection)
     except BaseException:
         connection.close()
         raise
+
+
+def _warn_if_unplaceable(cluster: ClusterConfig) -> None:
+    """An actor the cluster cannot place waits (an autoscaler may add the node): say so at start."""
+    import ray
+
+    resources = ray.cluster_resources()
+    for name, each in (("GPU", cluster.gpus_per_actor), ("CPU", cluster.cpus_per_actor)):
+        if each * cluster.actors > resources.get(name, 0):
+            log.warning("the cluster has %s %s for %d actors asking %s each: some wait until nodes join",
+                        resources.get(name, 0), name, cluster.actors, each)
 
 
 def remote_workers(config, connection: ClusterConnection, queue, events, mark_on_device) -> list:

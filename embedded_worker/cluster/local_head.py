@@ -40,7 +40,8 @@ def ray_script() -> str:
                 return str(folder / name)
     found = shutil.which("ray")
     if found is None:
-        raise Unavailable("the 'ray' command was not found beside the ray package (pip install embedded_worker[cluster])")
+        raise Unavailable("the 'ray' command was not found beside the ray package "
+                          "(pip install embedded_worker[cluster])")
     return found
 
 
