@@ -52,6 +52,9 @@ class Engine:
         try:
             self._start(config, probe_factory)
         except BaseException:
+            cluster = getattr(getattr(self, "pool", None), "cluster", None)
+            if cluster is not None:
+                cluster.close()  # the driver's actors end with its connection; a private head stops
             self.store.close()  # a worker that never started must not keep the state file locked
             raise
 

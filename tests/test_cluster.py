@@ -13,13 +13,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from embedded_worker import ProcessingWorker, WorkerConfig  # noqa: E402
-from embedded_worker.cluster.local_head import LocalRayHead, _group_alive, free_port  # noqa: E402
+from embedded_worker.cluster.local_head import LocalRayHead, _group_alive, free_port, ray_script  # noqa: E402
 from embedded_worker.errors import Unavailable  # noqa: E402
 
 from .conftest import assert_same_up_to_batch_rounding, generate, run_of, session_status, wait_for  # noqa: E402
@@ -85,6 +86,13 @@ def test_a_bad_cluster_address_is_a_clear_error_at_start(model_cache, address):
     with pytest.raises(Unavailable, match="no Ray cluster answers"):
         ProcessingWorker(WorkerConfig.model_validate(config))
     assert time.monotonic() - started < 15
+
+
+def test_the_ray_command_is_the_venvs_whatever_the_interpreter_says(monkeypatch):
+    """Inside the .NET host sys.prefix and sys.executable need not be the venv's: the package's place decides."""
+    monkeypatch.setattr(sys, "prefix", "/nonexistent")
+    monkeypatch.setenv("PATH", "")
+    assert Path(ray_script()).parent == Path(ray.__file__).resolve().parents[4] / "bin"  # venv/lib/python3.X/...
 
 
 def test_an_address_that_is_no_address_is_refused_by_the_config():

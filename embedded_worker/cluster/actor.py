@@ -36,8 +36,9 @@ class DenoiseActor:
                                                            worker_config.resolved_model_cache_dir),
                                mark_on_device=lambda tasks: None)
         self.pool.start()
-        self._lock = threading.Lock()  # guards _tasks
+        self._lock = threading.Lock()  # guards _tasks and _cancelled
         self._tasks: dict[str, object] = {}  # the head's key -> the DenoiseTask running it here
+        self._cancelled: set[str] = set()  # keys cancelled before their `run` began (calls may overtake)
 
     def ready(self) -> dict:
         import ray
@@ -56,9 +57,13 @@ class DenoiseActor:
     def run(self, key: str, spec, priority: int) -> np.ndarray:
         """Denoise and decode one image; its pixels, uint8 HWC (Cancelled when the head cancelled it)."""
         from ..diffusion.task import DenoiseTask
+        from ..errors import Cancelled
 
         task = DenoiseTask(spec, priority)
         with self._lock:
+            if key in self._cancelled:
+                self._cancelled.discard(key)
+                raise Cancelled("cancelled")
             self._tasks[key] = task
         try:
             self.pool.submit(task)
@@ -70,6 +75,8 @@ class DenoiseActor:
     def cancel(self, key: str) -> None:
         with self._lock:
             task = self._tasks.get(key)
+            if task is None:
+                self._cancelled.add(key)  # a threaded actor may run this before that image's `run`
         if task is not None:
             self.pool.cancel(task)
 

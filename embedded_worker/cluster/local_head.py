@@ -34,7 +34,8 @@ def ray_script() -> str:
     import ray  # the package's location names its environment, wherever this interpreter came from
 
     package = Path(ray.__file__).resolve().parent
-    for folder in (package.parents[2] / "bin", package.parents[1] / "Scripts", Path(sys.prefix) / "bin"):
+    # venv/lib/python3.X/site-packages/ray (POSIX), venv/Lib/site-packages/ray (Windows)
+    for folder in (package.parents[3] / "bin", package.parents[2] / "Scripts", Path(sys.prefix) / "bin"):
         for name in ("ray", "ray.exe"):
             if (folder / name).is_file():
                 return str(folder / name)
