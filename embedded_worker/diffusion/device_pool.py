@@ -206,4 +206,6 @@ class DevicePool:
                     self.cluster.close()
                 return True
             log.warning("%s still finishing a step at the close deadline; waiting for it", ", ".join(late))
+        if self.cluster is not None:
+            self.cluster.close()  # a private Ray head must not outlive the worker, even a late one
         return False
