@@ -144,6 +144,19 @@ def test_a_batch_runs_once_over_both_actors_with_the_local_pixels(make_worker, r
         assert_same_up_to_batch_rounding(pixels, reference[seed])
 
 
+def test_parallel_processing_spreads_a_batch_over_more_actors(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head, actors=1, cpus_per_actor=0.5)
+    reply = worker.execute_batch(workflow_id="img-generation-basic", background=False,
+                                 parameters={**SMALL, "seed": 700, "total_images": 12},
+                                 configuration={"parallel_processing": True, "max_parallel_batches": 3,
+                                                "max_batch_size": 2})
+    assert reply["status"] == "completed" and reply["parallel"]["added"] == ["ew-ray-1", "ew-ray-2"]
+    assert sorted(o["seed"] for o in reply["outputs"]) == list(range(700, 712))
+    added = remote_workers(worker)[1:]
+    wait_for(lambda: all(w.node_id is not None for w in added), timeout=120)  # each got its own actor
+    assert len({w.actor_name for w in remote_workers(worker)}) == 3
+
+
 def _kill_mid_batch(worker, kill, caplog, batch_id) -> None:
     """Start a batch, kill one actor (by `kill`) while it holds images, and check every item completes once."""
     victim = remote_workers(worker)[0]

@@ -106,8 +106,8 @@ def join_cluster(pool) -> None:
     connection = ClusterConnection(pool.config.cluster).open()
     _warn_if_unplaceable(pool.config.cluster)
     try:
-        pool.attach_remote(remote_workers(pool.config, connection, pool.queue, pool.events, pool.mark_on_device),
-                           connection)
+        make = remote_worker_factory(pool.config, connection, pool.queue, pool.events, pool.mark_on_device)
+        pool.attach_remote([make(index) for index in range(connection.config.actors)], connection, grow=make)
     except BaseException:
         connection.close()
         raise
@@ -124,8 +124,8 @@ def _warn_if_unplaceable(cluster: ClusterConfig) -> None:
                         resources.get(name, 0), name, cluster.actors, each)
 
 
-def remote_workers(config, connection: ClusterConnection, queue, events, mark_on_device) -> list:
-    """One RemoteDeviceWorker per configured actor, each with its actor asked for (not yet ready)."""
+def remote_worker_factory(config, connection: ClusterConnection, queue, events, mark_on_device):
+    """index -> a RemoteDeviceWorker (`ew-ray-<index>`) with its actor asked for (not yet ready)."""
     import ray
 
     from ..diffusion.admission import Admission
@@ -145,11 +145,11 @@ def remote_workers(config, connection: ClusterConnection, queue, events, mark_on
         return actor_class.options(name=name, num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor,
                                    max_concurrency=window + 8, max_restarts=0).remote(actor_config, name)
 
-    workers = []
-    for index in range(cluster.actors):
+    def make(index: int) -> RemoteDeviceWorker:
         monitor = MemoryMonitor(ReportedProbe())
         admission = Admission(queue, BatchSizer(monitor, window), config.scheduling.coalesce_wait_ms / 1000.0,
                               preempt=False)
-        workers.append(RemoteDeviceWorker(f"ew-ray-{index}", index, spawn, queue, admission, monitor, events,
-                                          mark_on_device, window))
-    return workers
+        return RemoteDeviceWorker(f"ew-ray-{index}", index, spawn, queue, admission, monitor, events,
+                                  mark_on_device, window)
+
+    return make
