@@ -144,6 +144,18 @@ def test_a_batch_runs_once_over_both_actors_with_the_local_pixels(make_worker, r
         assert_same_up_to_batch_rounding(pixels, reference[seed])
 
 
+def test_local_devices_and_an_actor_share_one_queue(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head, actors=1, local_devices=True)
+    remote = remote_workers(worker)[0]
+    wait_for(lambda: remote.node_id is not None, timeout=120)
+    reply = run_batch(worker, "shared", 16, steps=10)
+    assert reply["status"] == "completed" and sorted(o["seed"] for o in reply["outputs"]) == list(range(500, 516))
+    done = {w.name: w.counters.images_done for w in worker._engine.pool.workers}
+    assert sum(done.values()) == 16 and len(done) == 2 and all(done.values()), done  # both took work
+    devices = {d["device"] for d in worker.get_status()["device"]["devices"]}
+    assert devices == {"cpu", "ray:ew-ray-0"}
+
+
 def test_parallel_processing_spreads_a_batch_over_more_actors(make_worker, ray_head):
     worker = on_cluster(make_worker, ray_head, actors=1, cpus_per_actor=0.5)
     reply = worker.execute_batch(workflow_id="img-generation-basic", background=False,
