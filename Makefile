@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench,cluster]"
 	touch $@
 
 test: setup host

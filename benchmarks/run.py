@@ -12,6 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from .cluster_bench import CLUSTER_TITLE, cluster_rows
 from .coalescing_bench import coalescing_rows, sweep, write_plots
 from .common import RESULTS, table, write_results
 from .host_bench import host_rows
@@ -20,7 +21,7 @@ from .preemption_bench import preemption_rows, write_timeline
 from .worker_bench import durability_rows, status_rows, throughput_against_pipeline, tiny_pipeline
 
 
-PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "durability", "lifecycle", "host")
+PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "durability", "lifecycle", "host", "cluster")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         sections[LIFECYCLE_TITLE], lifecycle_notes = lifecycle_rows(args.model_cache, rounds)
     if "host" in parts:
         sections.update(host_rows())
+    if "cluster" in parts:
+        batch_rows, pixel_rows = cluster_rows(args.model_cache, max(2, rounds // 2))
+        if batch_rows:  # Ray installed (pip install embedded_worker[cluster])
+            sections[CLUSTER_TITLE] = batch_rows
+            sections["Pixels back from a Ray actor, per image (one machine)"] = pixel_rows
     for title, rows in sections.items():
         print(table(title, rows))
     plots = write_plots(sweep_rows, [s * 1e6 for s in loaded_status_samples], RESULTS) if sweep_rows else []

@@ -77,6 +77,36 @@ class SchedulingConfig(BaseModel):
     cpu_threads: StrictInt = Field(2, ge=1, le=32, description="postprocessing and encoding pool")
 
 
+class ClusterConfig(BaseModel):
+    """Remote device workers on a Ray cluster (issue 10). No address: no cluster, and Ray is never imported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(
+        None, description="none: this machine's devices only; 'auto' (RAY_ADDRESS or the head on this machine), "
+        "'ray://host:port' (Ray client), 'host:port' (a head's GCS), or 'local': start a private head here as a "
+        "subprocess (127.0.0.1), stopped at close")
+    actors: StrictInt = Field(1, ge=1, le=256, description="remote device workers, one Ray actor each")
+    cpus_per_actor: Number = Field(1.0, ge=0)
+    gpus_per_actor: Number = Field(0.0, ge=0, description="0: the actors run on CPU")
+    local_devices: StrictBool = Field(True, description="whether this machine's devices also take work")
+    in_flight_per_actor: StrictInt = Field(8, ge=1, le=256, description="images handed to one actor at once")
+    connect_timeout_s: Number = Field(30.0, gt=0, description="connecting (or starting 'local') fails after this")
+
+    @field_validator("address")
+    @classmethod
+    def _known_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if value in ("auto", "local"):
+            return value
+        host, _, port = value.removeprefix("ray://").rpartition(":")
+        if host and "/" not in host and port.isdigit() and 0 < int(port) < 65536:
+            return value
+        raise ValueError(f"unknown cluster address '{value}' (auto, local, ray://host:port, host:port)")
+
+
 class WorkerConfig(BaseModel):
     """The worker's whole configuration."""
 
@@ -102,6 +132,7 @@ class WorkerConfig(BaseModel):
     allowed_roots: list[Path] = Field(default_factory=list, description="folders a request may name paths inside")
     limits: Limits = Field(default_factory=Limits)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     gc_freeze: StrictBool = Field(True, description="freeze collector generations after model load (GIL pauses)")
     board_slots: StrictInt = Field(1024, ge=1, le=1_000_000, description="rows of the progress board")
     log_capacity: StrictInt = Field(10_000, ge=1, description="log records kept for the host to drain")

@@ -50,6 +50,9 @@ class Engine:
         try:
             self._start(config, probe_factory)
         except BaseException:
+            cluster = getattr(getattr(self, "pool", None), "cluster", None)
+            if cluster is not None:
+                cluster.close()  # the driver's actors end with its connection; a private head stops
             self.store.close()  # a worker that never started must not keep the state file locked
             raise
 
@@ -64,6 +67,10 @@ class Engine:
         self.cpu = ThreadPoolExecutor(config.scheduling.cpu_threads, thread_name_prefix="ew-post")
         self.pool = DevicePool(config, self.models, mark_on_device=self._mark_on_device,
                                probe_factory=probe_factory)
+        if config.cluster.address is not None:  # Ray is imported only here, and only then
+            from .cluster.connection import join_cluster
+
+            join_cluster(self.pool)
         self.jobs = JobService(self.book, self.pool, self.cpu, self.outputs, self.store, self.models.native_size,
                                on_progress=self._progressed)
         self.intake = Intake(self.book, self.jobs, self.pool, config.limits.max_queued_work, config.limits.max_items,

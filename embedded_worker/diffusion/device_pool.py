@@ -47,8 +47,13 @@ class DevicePool:
         self.events = ThreadPoolExecutor(1, thread_name_prefix="ew-events")  # the workers' listeners hear here
         self.monitors: dict[str, MemoryMonitor] = {}
         self.sizers: dict[str, BatchSizer] = {}
-        self.workers: list[DeviceWorker] = []
+        self.workers: list[DeviceWorker] = []  # and RemoteDeviceWorkers when a cluster is configured
+        self.cluster = None  # the Ray connection, when remote workers are attached (`attach_remote`)
+        self._grow_remote: Callable | None = None  # index -> a new remote worker
+        self._remote = 0  # remote workers attached
         self._devices = resolve_devices(config.device)
+        if config.cluster.address is not None and not config.cluster.local_devices:
+            self._devices = []  # only the cluster's actors take work
         for device in self._devices:
             monitor = MemoryMonitor(probe_factory(device))
             self.monitors[str(device)] = monitor
@@ -56,6 +61,18 @@ class DevicePool:
             for _ in range(scheduling.workers_per_device):
                 self._add_worker(device)
         self._closed = False  # guarded by queue.cond
+
+    def attach_remote(self, workers: list, connection, grow: Callable | None = None) -> None:
+        """Remote device workers (`cluster.RemoteDeviceWorker`) beside the local ones, before `start`; the
+        connection closes with the pool; `grow(index)` makes one more (`ensure_parallel`)."""
+        self.cluster, self._grow_remote = connection, grow
+        for worker in workers:
+            self._attach(worker)
+
+    def _attach(self, worker) -> None:
+        self.monitors[str(worker.device)] = worker.monitor
+        self.workers.append(worker)
+        self._remote += 1
 
     def _add_worker(self, device: torch.device) -> DeviceWorker:
         scheduling = self.config.scheduling
@@ -82,7 +99,8 @@ class DevicePool:
             worker.start()
 
     def ensure_parallel(self, workers: int, model_id: str) -> dict:
-        """At least `workers` device workers per device (each its own pipeline copy), where memory allows.
+        """At least `workers` device workers per device (each its own pipeline copy), where memory allows,
+        and at least `workers` Ray actors when a cluster is attached.
 
         A further copy is added only while the device has room for the model
         (its safetensors bytes, at the worker's dtype) half as much again.
@@ -102,6 +120,12 @@ class DevicePool:
                     worker = self._add_worker(device)
                     worker.start()
                     added.append(worker.name)
+            # with a cluster, a batch's parallelism is also its spread over actors: one more each short
+            while self._grow_remote is not None and self._remote < min(workers, MAX_WORKERS_PER_DEVICE):
+                worker = self._grow_remote(self._remote)
+                self._attach(worker)
+                worker.start()
+                added.append(worker.name)
         return {"added": added, "refused": refused}
 
     def submit(self, task: DenoiseTask) -> None:
@@ -191,6 +215,10 @@ class DevicePool:
             late = [worker.name for worker in self.workers if worker.thread.is_alive()]
             if not late:
                 self.events.shutdown(wait=True)  # what the workers told last is heard before the close goes on
+                if self.cluster is not None:
+                    self.cluster.close()
                 return True
             log.warning("%s still finishing a step at the close deadline; waiting for it", ", ".join(late))
+        if self.cluster is not None:
+            self.cluster.close()  # a private Ray head must not outlive the worker, even a late one
         return False

@@ -1,0 +1,94 @@
+"""DenoiseActor: a remote device worker's far side, one Ray actor holding its own pipeline.
+
+Design notes
+- Inside, it is this package's own device side: a DevicePool with one
+  DeviceWorker on the actor's device runs our denoising loop, so images the
+  head hands over in one burst share forwards (iteration-level coalescing)
+  exactly as they would locally.
+- Threaded (`max_concurrency` > 1): every `run` call holds one actor thread
+  until its image is done, and `progress`, `cancel` and `load` are served
+  by the others while the device thread steps.
+- `run` returns the image's uint8 HWC array; Ray puts it in the object
+  store (one copy) and the head reads it from there.
+- No state of its own survives it: the head keeps every request and
+  re-sends it elsewhere when this actor dies.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+
+class DenoiseActor:
+    def __init__(self, config: dict, name: str):
+        from ..config import WorkerConfig
+        from ..diffusion.device_pool import DevicePool
+        from ..diffusion.models import ModelCatalog
+        from ..diffusion.offline import set_offline_environment
+
+        set_offline_environment()
+        self.name = name
+        worker_config = WorkerConfig.model_validate(config)
+        self.pool = DevicePool(worker_config, ModelCatalog(worker_config.models,
+                                                           worker_config.resolved_model_cache_dir),
+                               mark_on_device=lambda tasks: None)
+        self.pool.start()
+        self._lock = threading.Lock()  # guards _tasks and _cancelled
+        self._tasks: dict[str, object] = {}  # the head's key -> the DenoiseTask running it here
+        self._cancelled: set[str] = set()  # keys cancelled before their `run` began (calls may overtake)
+
+    def ready(self) -> dict:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"name": self.name, "node_id": context.get_node_id(), "pid": os.getpid()}
+
+    def load(self, model_id: str) -> list[str]:
+        worker = self.pool.workers[0]
+        worker.call(lambda w: w.pipeline(model_id) and None).result()
+        return worker.pipelines.loaded()
+
+    def unload(self, model_id: str) -> bool:
+        return self.pool.workers[0].call(lambda w: w.unload(model_id)).result()
+
+    def run(self, key: str, spec, priority: int) -> np.ndarray:
+        """Denoise and decode one image; its pixels, uint8 HWC (Cancelled when the head cancelled it)."""
+        from ..diffusion.task import DenoiseTask
+        from ..errors import Cancelled
+
+        task = DenoiseTask(spec, priority)
+        with self._lock:
+            if key in self._cancelled:
+                self._cancelled.discard(key)
+                raise Cancelled("cancelled")
+            self._tasks[key] = task
+        try:
+            self.pool.submit(task)
+            return task.future.result()
+        finally:
+            with self._lock:
+                self._tasks.pop(key, None)
+
+    def cancel(self, key: str) -> None:
+        with self._lock:
+            task = self._tasks.get(key)
+            if task is None:
+                self._cancelled.add(key)  # a threaded actor may run this before that image's `run`
+        if task is not None:
+            self.pool.cancel(task)
+
+    def progress(self) -> dict:
+        """What the head shows: each image's step, its steps in all and ETA; the worker's speed and memory."""
+        with self._lock:
+            tasks = dict(self._tasks)
+        worker = self.pool.workers[0]
+        return {"images": {key: (t.step, t.total_steps, t.eta_seconds) for key, t in tasks.items()},
+                "seconds_per_step": worker.seconds_per_step,
+                "loaded_models": worker.pipelines.loaded(),
+                "memory": next(iter(self.pool.monitors.values())).snapshot()}
+
+    def close(self) -> bool:
+        return self.pool.close(10.0, 30.0)

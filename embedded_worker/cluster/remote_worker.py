@@ -1,0 +1,395 @@
+"""RemoteDeviceWorker: a device worker whose device is a Ray actor; its thread runs on the head.
+
+Design notes
+- Where each decision is taken: priority, aging, fair share, batch limits
+  and which images go together are decided here on the head, by the same
+  `Admission` over the same WorkQueue as the local workers, under the
+  queue's lock. The actor only coalesces what it was handed into forwards
+  (its own DevicePool), in the priority order it was given.
+- A bounded window: at most `in_flight_per_actor` images on one actor.
+  Admission is not told to preempt on an actor (`preempt=False`): a more
+  urgent image waits for a free place in the window, or runs locally.
+- The thread launches, polls and hands off: images go out as one `run`
+  call each (the actor coalesces them), results come back through
+  `ray.wait` every POLL_SECONDS, and so does progress (one `progress` call
+  in flight at a time). Listeners hear `task_started`, `task_stepped` and
+  `task_parked` on the pool's event thread, as from a local worker.
+- Pause and cancel reach the actor at its next step boundary (its pool's
+  own cancel). A paused image drops its denoising state there and starts
+  again from step 0 when resumed, anywhere: same seed, same pixels (up to
+  batch rounding). Preemption never parks a remote image.
+- An actor that dies (ActorDiedError, a killed process, a lost node) takes
+  no work with it: its images go back to the queue with their spec and
+  seed, at their old rank, the crash is logged with the actor's name and
+  node, and a fresh actor replaces it. Completion is recorded on the head
+  only (`outcomes`), through each image's future, once.
+- Pixels: the actor's uint8 array goes into the object store (one copy);
+  `ray.get` gives a read-only view of it (no copy); `outcomes.complete`
+  copies it once to this process's heap; the OutputStore keeps that array.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Callable
+
+from ..diffusion.active_set import OnDeviceMark, _tell_listeners
+from ..diffusion.admission import Admission
+from ..diffusion.device_worker import WorkerCounters
+from ..diffusion.memory import MemoryMonitor, MemoryReading
+from ..diffusion.task import DenoiseTask
+from ..diffusion.work_queue import WorkQueue
+from ..errors import Unavailable
+from . import outcomes
+
+log = logging.getLogger("embedded_worker.cluster")
+POLL_SECONDS = 0.05  # results and progress cross processes: looked for this often while images are out
+READY_TIMEOUT_SECONDS = 300.0  # a fresh actor imports torch and diffusers
+
+
+@dataclass(frozen=True)
+class RemoteDevice:
+    """What a remote worker shows where a local one shows its torch.device."""
+
+    actor: str
+    type: str = "ray"
+
+    def __str__(self) -> str:
+        return f"ray:{self.actor}"
+
+
+class ReportedProbe:
+    """The actor's memory as it last reported it: a monitor for status, never a sizing input."""
+
+    def __init__(self):
+        self.reading = MemoryReading(0, 0)
+
+    def read(self) -> MemoryReading:
+        return self.reading
+
+    def reset_peak(self) -> None:
+        pass
+
+    def peak_used(self) -> int:
+        return self.reading.used
+
+
+class RemoteDeviceWorker:
+    def __init__(self, name: str, index: int, spawn: Callable[[str], object], queue: WorkQueue,
+                 admission: Admission, monitor: MemoryMonitor, events: Executor, mark_on_device: OnDeviceMark,
+                 window: int):
+        self.name = name
+        self.index = index
+        self.queue = queue
+        self.admission = admission
+        self.sizer = admission.sizer
+        self.monitor = monitor
+        self.events = events
+        self.mark_on_device = mark_on_device
+        self.window = window
+        self._spawn = spawn  # actor name -> a new actor handle
+        self.actor_name = ""
+        self.actor = None
+        self.node_id: str | None = None
+        self.actor_pid: int | None = None
+        self.device = RemoteDevice(name)
+        self.counters = WorkerCounters()
+        self.resizes: Counter = Counter()  # remote forwards do not resize under the head's eyes
+        self.seconds_per_step: float | None = None
+        self.loading: str | None = None
+        self.load_errors: dict[str, str] = {}
+        self.actor_deaths = 0
+        self._loaded: list[str] = []
+        self._in_flight: dict[object, DenoiseTask] = {}  # ObjectRef -> image; the thread only
+        self._keys: dict[int, str] = {}  # id(task) -> its key on the actor; the thread only
+        self._cancel_sent: set[int] = set()  # id(task) whose leave was forwarded; the thread only
+        self._progress_ref = None
+        self._calls: deque[tuple[Callable, Future]] = deque()  # guarded by queue.cond
+        self._stopping = False  # guarded by queue.cond
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._new_actor()
+
+    # ---- other threads -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.queue.cond:
+            self._stopping = True
+            self.queue.cond.notify_all()
+
+    def call(self, fn: Callable) -> Future:
+        """Run `fn(worker)` on this worker's thread between two polls (model loads: `pipeline`, `unload`)."""
+        future: Future = Future()
+        with self.queue.cond:
+            if self._stopping:
+                future.set_exception(Unavailable("the worker is closing"))
+                return future
+            self._calls.append((fn, future))
+            self.queue.cond.notify_all()
+        return future
+
+    @property
+    def active_images(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def capacity(self) -> int:
+        return self.window
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            "device": str(self.device),
+            "dtype": "remote",
+            "actor": self.actor_name,
+            "node_id": self.node_id,
+            "loaded_models": list(self._loaded),
+            "active_images": self.active_images,
+            "capacity": self.capacity,
+            "seconds_per_step": self.seconds_per_step,
+            "forwards": self.counters.forwards,
+            "images_done": self.counters.images_done,
+            "cohorts_started": self.counters.cohorts_started,
+            "preemptions": 0,
+            "out_of_memory_events": 0,
+            "actor_deaths": self.actor_deaths,
+        }
+
+    # ---- on this worker's thread: models -------------------------------------------------------
+
+    def pipeline(self, model_id: str) -> tuple:
+        """Load `model_id` on the actor; there is no pipeline object on the head."""
+        import ray
+
+        self.loading = model_id
+        try:
+            self._loaded = ray.get(self.actor.load.remote(model_id))
+        except Exception as error:
+            self.load_errors[model_id] = f"{self.actor_name}: {type(error).__name__}: {error}"
+            raise Unavailable(self.load_errors[model_id]) from error
+        finally:
+            self.loading = None
+        self.load_errors.pop(model_id, None)
+        return None, None
+
+    def unload(self, model_id: str) -> bool:
+        import ray
+
+        unloaded = ray.get(self.actor.unload.remote(model_id))
+        self._loaded = [m for m in self._loaded if m != model_id]
+        return unloaded
+
+    # ---- the worker thread -----------------------------------------------------------------
+
+    def _new_actor(self) -> None:
+        self.actor_name = f"{self.name}-{uuid.uuid4().hex[:8]}"
+        self.actor = self._spawn(self.actor_name)
+        self.node_id = self.actor_pid = None
+        self._progress_ref = None
+
+    def _wait_ready(self) -> bool:
+        """Until the actor answers (True), or the worker stops (False)."""
+        import ray
+
+        ready_ref = self.actor.ready.remote()
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            with self.queue.cond:
+                if self._stopping:
+                    return False
+            done, _ = ray.wait([ready_ref], timeout=0.2)
+            if done:
+                info = ray.get(ready_ref)
+                self.node_id, self.actor_pid = info["node_id"], info["pid"]
+                log.info("%s: actor %s ready on node %s (pid %s)", self.name, self.actor_name, self.node_id,
+                         info["pid"])
+                return True
+        raise Unavailable(f"actor {self.actor_name} did not start within {READY_TIMEOUT_SECONDS:.0f} s")
+
+    def _run(self) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
+            if not self._wait_ready():
+                return self._shutdown()
+        except Exception:
+            log.exception("%s: actor %s never became ready; this worker takes no work", self.name, self.actor_name)
+            return self._shutdown()
+        while True:
+            admitted = self._admit()
+            if admitted is None:
+                break
+            try:
+                self._run_calls()
+                self._send(admitted)
+                self._forward_leaving()
+                self._collect()
+                self._poll_progress()
+            except RayActorError as error:
+                self._actor_died(error, also=admitted)
+            except Exception as error:  # a bug must cost the images in flight, never the thread
+                log.exception("%s: unexpected error; failing the images in flight", self.name)
+                outcomes.fail(self.queue, list(self._in_flight.values()), error, self.name)
+                self._in_flight.clear()
+        self._shutdown()
+
+    def _admit(self) -> list[DenoiseTask] | None:
+        """What joins the window now; waits only while nothing is out. None when stopping."""
+        with self.queue.cond:
+            while True:
+                if self._stopping:
+                    return None
+                if self._calls:
+                    return []
+                taken, wait = self.admission.decide(list(self._in_flight.values()))
+                if taken is None:
+                    if self._in_flight:
+                        return []
+                    self.queue.cond.wait(wait)
+                    continue
+                for task in taken:
+                    task.mark_active(self.name)
+                return taken
+
+    def _run_calls(self) -> None:
+        with self.queue.cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for fn, future in calls:
+            try:
+                future.set_result(fn(self))
+            except BaseException as error:  # handed to the caller, who turns it into an envelope
+                future.set_exception(error)
+
+    def _send(self, tasks: list[DenoiseTask]) -> None:
+        if not tasks:
+            return
+        try:
+            self.mark_on_device(tasks)
+        except Exception:
+            log.exception("%s: the on-device mark could not be stored", self.name)
+        self._tell(lambda listener, task: listener.task_started(task), tasks)
+        self.counters.cohorts_started += 1
+        for task in tasks:
+            key = uuid.uuid4().hex
+            self._keys[id(task)] = key
+            task.step = 0
+            ref = self.actor.run.remote(key, task.spec, task.priority)
+            self._in_flight[ref] = task
+
+    def _forward_leaving(self) -> None:
+        """Pause and cancel asked on the head reach the actor, which applies them at its next step boundary."""
+        for task in list(self._in_flight.values()):
+            if task.leaving is not None and id(task) not in self._cancel_sent:
+                self._cancel_sent.add(id(task))
+                self.actor.cancel.remote(self._keys[id(task)])
+
+    def _collect(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        refs = list(self._in_flight)
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_SECONDS)
+        for ref in ready:
+            task = self._in_flight[ref]
+            try:
+                view = ray.get(ref)  # read-only, in the object store: no copy yet
+            except RayActorError:
+                raise  # the actor is gone: every image on it goes back to the queue
+            except RayTaskError as error:
+                del self._in_flight[ref]
+                self._forget(task)
+                if outcomes.ended_without_pixels(self.queue, task, error, f"{self.name} ({self.actor_name})"):
+                    self._tell(lambda listener, parked: listener.task_parked(parked), [task])
+                continue
+            del self._in_flight[ref]
+            self._forget(task)
+            outcomes.complete(self.queue, task, view)
+            self.counters.images_done += 1
+
+    def _poll_progress(self) -> None:
+        import ray
+
+        if not self._in_flight:
+            return
+        if self._progress_ref is None:
+            self._progress_ref = self.actor.progress.remote()
+            return
+        done, _ = ray.wait([self._progress_ref], timeout=0)
+        if not done:
+            return
+        report, self._progress_ref = ray.get(self._progress_ref), None
+        self.seconds_per_step = report["seconds_per_step"]
+        self._loaded = report["loaded_models"]
+        memory = report["memory"]
+        self.monitor.probe.reading = MemoryReading(memory["used_bytes"], memory["total_bytes"])
+        moved = []
+        for task in self._in_flight.values():
+            state = report["images"].get(self._keys.get(id(task)))
+            if state is None:
+                continue
+            step, total, eta = state
+            if step != task.step or total != task.total_steps:
+                task.step, task.total_steps, task.eta_seconds = step, total, eta
+                moved.append(task)
+        if moved:
+            self.counters.steps += 1
+            self._tell(lambda listener, task: listener.task_stepped(task), moved, once_per_listener=True)
+
+    def _actor_died(self, error: Exception, also: list[DenoiseTask] = ()) -> None:
+        """Every image that was on the actor goes back to the queue (same spec, same seed); a new actor
+        takes its place."""
+        import ray
+
+        tasks = list(self._in_flight.values()) + [t for t in also if t not in self._in_flight.values()]
+        self._in_flight.clear()
+        for task in tasks:
+            self._forget(task)
+        self.actor_deaths += 1
+        log.error("%s: actor %s (pid %s) on node %s died (%s); %d images go back to the queue", self.name,
+                  self.actor_name, self.actor_pid, self.node_id, type(error).__name__, len(tasks))
+        parked = outcomes.take_back(self.queue, tasks)
+        if parked:
+            self._tell(lambda listener, task: listener.task_parked(task), parked)
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self._new_actor()
+        try:
+            self._wait_ready()
+        except Exception:
+            log.exception("%s: the replacement actor %s did not start", self.name, self.actor_name)
+            self.stop()
+
+    def _forget(self, task: DenoiseTask) -> None:
+        self._keys.pop(id(task), None)
+        self._cancel_sent.discard(id(task))
+
+    def _tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
+        self.events.submit(_tell_listeners, self.name, tell, tasks, once_per_listener)  # as ActiveSet.tell
+
+    def _shutdown(self) -> None:
+        import ray
+
+        with self.queue.cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for _, future in calls:
+            future.set_exception(Unavailable("the worker is closing"))
+        tasks, self._in_flight = list(self._in_flight.values()), {}
+        outcomes.fail(self.queue, tasks, Unavailable("the worker closed before this image finished"), self.name)
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # already gone, or the driver already disconnected
+            pass

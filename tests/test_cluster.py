@@ -1,0 +1,233 @@
+"""Past one machine: remote device workers on a real local Ray cluster (issue 10).
+
+One head for the module (`ray start --head` on 127.0.0.1, 2 CPUs, no
+dashboard, its own temp dir), stopped after, with every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from embedded_worker import ProcessingWorker, WorkerConfig  # noqa: E402
+from embedded_worker.cluster.local_head import LocalRayHead, _group_alive, free_port, ray_script  # noqa: E402
+from embedded_worker.errors import Unavailable  # noqa: E402
+
+from .conftest import assert_same_up_to_batch_rounding, generate, run_of, session_status, wait_for  # noqa: E402
+from .test_dotnet_host import HOST, host_build  # noqa: E402,F401  (the Mono build, shared)
+
+SMALL = {"prompt": "a lighthouse at dusk", "steps": 4, "width": 32, "height": 32}
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = LocalRayHead(num_cpus=2)
+    try:
+        head.start(timeout=60)
+        pgid = head.process.pid
+        yield head.address
+    finally:
+        head.stop(timeout=40)  # SIGTERM to `ray start`, then its process group, SIGKILL after 40 s
+    assert not _group_alive(pgid), "the Ray head left processes behind"
+
+
+def on_cluster(make_worker, address, **cluster):
+    settings = {"address": address, "actors": 2, "cpus_per_actor": 1, "local_devices": False,
+                "in_flight_per_actor": 2, **cluster}
+    return make_worker(cluster=settings)
+
+
+def remote_workers(worker):
+    return [w for w in worker._engine.pool.workers if str(w.device).startswith("ray:")]
+
+
+def run_batch(worker, batch_id, total, **parameters):
+    return worker.execute_batch(batch_id=batch_id, workflow_id="img-generation-basic", background=False,
+                                parameters={**SMALL, "seed": 500, "total_images": total, **parameters})
+
+
+def by_seed(worker, reply):
+    return {o["seed"]: worker.get_output(o["output_id"]) for o in reply["outputs"]}
+
+
+def test_without_a_cluster_ray_is_never_imported(model_cache):
+    script = textwrap.dedent(f"""
+        import sys
+        from embedded_worker import ProcessingWorker, WorkerConfig
+        worker = ProcessingWorker(WorkerConfig.model_validate({{
+            "model_cache_dir": {str(model_cache)!r}, "workflows_dir": None, "state_path": ":memory:",
+            "default_model": "builtin:tiny-sd"}}))
+        reply = worker.execute_workflow({{"workflow_id": "img-generation-basic", "background": False,
+                                          "parameters": {{"prompt": "x", "steps": 2, "width": 32, "height": 32}}}})
+        assert reply["status"] == "completed", reply
+        assert worker.close(timeout=30)["success"]
+        assert "ray" not in sys.modules, "ray was imported without a cluster"
+        print("no ray")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "no ray" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_a_bad_cluster_address_is_a_clear_error_at_start(model_cache, address):
+    config = {"model_cache_dir": str(model_cache), "workflows_dir": None, "state_path": ":memory:",
+              "default_model": "builtin:tiny-sd", "cluster": {"address": address.format(port=free_port())}}
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="no Ray cluster answers"):
+        ProcessingWorker(WorkerConfig.model_validate(config))
+    assert time.monotonic() - started < 15
+
+
+def test_the_ray_command_is_the_venvs_whatever_the_interpreter_says(monkeypatch):
+    """Inside the .NET host sys.prefix and sys.executable need not be the venv's: the package's place decides."""
+    monkeypatch.setattr(sys, "prefix", "/nonexistent")
+    monkeypatch.setenv("PATH", "")
+    assert Path(ray_script()).parent == Path(ray.__file__).resolve().parents[4] / "bin"  # venv/lib/python3.X/...
+
+
+def test_an_address_that_is_no_address_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="unknown cluster address"):
+        WorkerConfig.model_validate({"cluster": {"address": "somewhere"}})
+    assert WorkerConfig().cluster.address is None
+
+
+def test_a_local_cluster_starts_with_the_worker_and_stops_with_it(make_worker):
+    worker = make_worker(cluster={"address": "local", "actors": 1, "local_devices": False})
+    head = worker._engine.pool.cluster.head
+    pgid = head.process.pid
+    assert generate(worker, background=False, seed=3, **SMALL)["status"] == "completed"
+    assert remote_workers(worker)[0].counters.images_done == 1
+    assert worker.close(timeout=30)["success"]
+    assert not _group_alive(pgid), "the private Ray head outlived the worker"
+
+
+@pytest.mark.dotnet
+def test_the_mono_host_runs_a_session_and_a_batch_through_the_cluster(host_build, model_cache, ray_head, tmp_path):
+    """The .NET process is the Ray driver: it connects to the running head (the README's recommendation)."""
+    cluster = {"address": ray_head, "actors": 2, "local_devices": False, "in_flight_per_actor": 4}
+    environment = {**os.environ, "EMBEDDED_WORKER_VENV": str(host_build),
+                   "EMBEDDED_WORKER_CONFIG": json.dumps({"model_cache_dir": str(model_cache),
+                                                         "state_path": ":memory:", "cluster": cluster})}
+    result = subprocess.run([str(HOST / "run.sh"), "--out", str(tmp_path)], env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "connected to the Ray cluster" in result.stdout and "ew-ray-1: actor" in result.stdout
+    assert "session: completed" in result.stdout and "batch: 8 images" in result.stdout
+    assert "demo passed: 10 PNG files" in result.stdout and "CHECK FAILED" not in result.stdout
+
+
+def test_a_batch_runs_once_over_both_actors_with_the_local_pixels(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head)
+    reply = run_batch(worker, "spread", 16)
+    assert reply["status"] == "completed", reply.get("failed")
+    assert sorted(o["seed"] for o in reply["outputs"]) == list(range(500, 516))  # every item exactly once
+    done = [w.counters.images_done for w in remote_workers(worker)]
+    assert sum(done) == 16 and all(done), done  # each actor took work
+    remote = by_seed(worker, reply)
+    status = worker.get_status()
+    assert {d["device"] for d in status["device"]["devices"]} == {str(w.device) for w in remote_workers(worker)}
+
+    local = make_worker()
+    reference = by_seed(local, run_batch(local, "spread", 16))
+    for seed, pixels in remote.items():
+        assert pixels.flags["C_CONTIGUOUS"] and not pixels.flags["WRITEABLE"]
+        assert_same_up_to_batch_rounding(pixels, reference[seed])
+
+
+def test_local_devices_and_an_actor_share_one_queue(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head, actors=1, local_devices=True)
+    remote = remote_workers(worker)[0]
+    wait_for(lambda: remote.node_id is not None, timeout=120)
+    reply = run_batch(worker, "shared", 16, steps=10)
+    assert reply["status"] == "completed" and sorted(o["seed"] for o in reply["outputs"]) == list(range(500, 516))
+    done = {w.name: w.counters.images_done for w in worker._engine.pool.workers}
+    assert sum(done.values()) == 16 and len(done) == 2 and all(done.values()), done  # both took work
+    devices = {d["device"] for d in worker.get_status()["device"]["devices"]}
+    assert devices == {"cpu", "ray:ew-ray-0"}
+
+
+def test_parallel_processing_spreads_a_batch_over_more_actors(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head, actors=1, cpus_per_actor=0.5)
+    reply = worker.execute_batch(workflow_id="img-generation-basic", background=False,
+                                 parameters={**SMALL, "seed": 700, "total_images": 12},
+                                 configuration={"parallel_processing": True, "max_parallel_batches": 3,
+                                                "max_batch_size": 2})
+    assert reply["status"] == "completed" and reply["parallel"]["added"] == ["ew-ray-1", "ew-ray-2"]
+    assert sorted(o["seed"] for o in reply["outputs"]) == list(range(700, 712))
+    added = remote_workers(worker)[1:]
+    wait_for(lambda: all(w.node_id is not None for w in added), timeout=120)  # each got its own actor
+    assert len({w.actor_name for w in remote_workers(worker)}) == 3
+
+
+def _kill_mid_batch(worker, kill, caplog, batch_id) -> None:
+    """Start a batch, kill one actor (by `kill`) while it holds images, and check every item completes once."""
+    victim = remote_workers(worker)[0]
+    wait_for(lambda: victim.node_id is not None, timeout=120)  # a replacement first answers
+    worker.execute_batch(batch_id=batch_id, workflow_id="img-generation-basic", background=True,
+                         parameters={**SMALL, "steps": 20, "seed": 900, "total_images": 8})
+    try:
+        wait_for(lambda: victim.active_images > 0, timeout=60)
+    except AssertionError:
+        raise AssertionError(f"{victim.status()} / {worker.get_batch_status(batch_id=batch_id)}") from None
+    dead_actor, deaths = victim.actor_name, victim.actor_deaths
+    kill(victim)
+    wait_for(lambda: worker.get_batch_status(batch_id=batch_id)["status"] == "completed", timeout=180,
+             interval=0.05)
+    final = worker.get_batch_status(batch_id=batch_id, include_items=True)
+    assert (final["processed_items"], final["failed_items"]) == (8, 0)
+    outputs = [o for item in final["items"] for o in item.get("outputs", [])] or final.get("outputs", [])
+    seeds = sorted(o["seed"] for o in outputs)
+    assert seeds == list(range(900, 908)), seeds  # each item exactly once, none lost, none twice
+    assert victim.actor_deaths == deaths + 1 and victim.actor_name != dead_actor
+    assert f"actor {dead_actor} (pid" in caplog.text and "died" in caplog.text  # the crash names the actor
+
+
+def test_an_actor_killed_mid_batch_loses_no_image_and_is_replaced(make_worker, ray_head, caplog):
+    worker = on_cluster(make_worker, ray_head)
+    _kill_mid_batch(worker, lambda victim: ray.kill(victim.actor, no_restart=True), caplog, "killed")
+    # and the actor's process itself, as a crashed node would lose it
+    _kill_mid_batch(worker, lambda victim: os.kill(victim.actor_pid, signal.SIGKILL), caplog, "sigkilled")
+    # the replacement takes new work
+    victim = remote_workers(worker)[0]
+    wait_for(lambda: victim.node_id is not None, timeout=120)
+    before = victim.counters.images_done
+    reply = run_batch(worker, "after", 8)
+    assert reply["status"] == "completed"
+    assert victim.counters.images_done > before
+
+
+def test_pause_resume_and_cancel_reach_an_image_on_an_actor(make_worker, ray_head):
+    worker = on_cluster(make_worker, ray_head, actors=1)
+    local = make_worker()
+    slow = {"prompt": "a slow one", "steps": 60, "width": 64, "height": 64}
+    expected = local.get_output(generate(local, seed=31, background=False, **slow)["outputs"][0]["output_id"])
+
+    generate(worker, session_id="held", seed=31, background=True, **slow)
+    task = wait_for(lambda: run_of(worker, "held") and run_of(worker, "held").all_tasks
+                    and run_of(worker, "held").all_tasks[0], timeout=120)
+    wait_for(lambda: task.step >= 3, timeout=120)
+    assert task.worker == "ew-ray-0"
+    worker.control_session(session_id="held", action="pause")
+    wait_for(lambda: session_status(worker, "held")["status"] == "paused", timeout=60)
+    assert worker.control_session(session_id="held", action="resume")["status"] in ("pending", "running")
+    wait_for(lambda: session_status(worker, "held")["status"] == "completed", timeout=120)
+    resumed = worker.get_output(session_status(worker, "held")["outputs"][0]["output_id"])
+    assert_same_up_to_batch_rounding(resumed, expected)  # restarted from step 0 on resume: same seed, same pixels
+
+    generate(worker, session_id="dropped", seed=32, background=True, **slow)
+    task = wait_for(lambda: run_of(worker, "dropped") and run_of(worker, "dropped").all_tasks
+                    and run_of(worker, "dropped").all_tasks[0], timeout=60)
+    wait_for(lambda: task.step >= 3, timeout=120)
+    assert worker.control_session(session_id="dropped", action="cancel")["status"] == "cancelled"
+    wait_for(lambda: task.future.done(), timeout=60)
+    assert task.step < 60 and session_status(worker, "dropped")["outputs"] == []
