@@ -39,7 +39,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Callable
 
-from ..diffusion.active_set import OnDeviceMark, _tell_listeners
+from ..diffusion.active_set import OnDeviceMark, tell_listeners
 from ..diffusion.admission import Admission
 from ..diffusion.device_worker import WorkerCounters
 from ..diffusion.memory import MemoryMonitor, MemoryReading
@@ -377,7 +377,7 @@ class RemoteDeviceWorker:
         self._cancel_sent.discard(id(task))
 
     def _tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
-        self.events.submit(_tell_listeners, self.name, tell, tasks, once_per_listener)  # as ActiveSet.tell
+        self.events.submit(tell_listeners, self.name, tell, tasks, once_per_listener)  # as ActiveSet.tell
 
     def _shutdown(self) -> None:
         import ray

@@ -151,10 +151,10 @@ class ActiveSet:
 
     def tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
         """Hand `tell(listener, task)` for each task to the event thread: the device goes on at once."""
-        self.events.submit(_tell_listeners, self.name, tell, tasks, once_per_listener)
+        self.events.submit(tell_listeners, self.name, tell, tasks, once_per_listener)
 
 
-def _tell_listeners(worker: str, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool) -> None:
+def tell_listeners(worker: str, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool) -> None:
     """On the event thread: each task's listener hears `tell` (once per listener when asked)."""
     told: set[int] = set()
     for task in tasks:
