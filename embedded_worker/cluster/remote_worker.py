@@ -31,20 +31,20 @@ Design notes
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
-from collections import Counter, deque
-from concurrent.futures import Executor, Future
+from collections import Counter
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable
 
-from ..diffusion.active_set import OnDeviceMark, tell_listeners
+from ..diffusion.active_set import OnDeviceMark, announce_start, tell_listeners
 from ..diffusion.admission import Admission
 from ..diffusion.device_worker import WorkerCounters
 from ..diffusion.memory import MemoryMonitor, MemoryReading
 from ..diffusion.task import DenoiseTask
 from ..diffusion.work_queue import WorkQueue
+from ..diffusion.worker_thread import WorkerThread
 from ..errors import Unavailable
 from . import outcomes
 
@@ -80,13 +80,12 @@ class ReportedProbe:
         return self.reading.used
 
 
-class RemoteDeviceWorker:
+class RemoteDeviceWorker(WorkerThread):
     def __init__(self, name: str, index: int, spawn: Callable[[str], object], queue: WorkQueue,
                  admission: Admission, monitor: MemoryMonitor, events: Executor, mark_on_device: OnDeviceMark,
                  window: int):
-        self.name = name
+        super().__init__(name, queue)
         self.index = index
-        self.queue = queue
         self.admission = admission
         self.sizer = admission.sizer
         self.monitor = monitor
@@ -110,31 +109,9 @@ class RemoteDeviceWorker:
         self._keys: dict[int, str] = {}  # id(task) -> its key on the actor; the thread only
         self._cancel_sent: set[int] = set()  # id(task) whose leave was forwarded; the thread only
         self._progress_ref = None
-        self._calls: deque[tuple[Callable, Future]] = deque()  # guarded by queue.cond
-        self._stopping = False  # guarded by queue.cond
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._new_actor()
 
     # ---- other threads -------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.queue.cond:
-            self._stopping = True
-            self.queue.cond.notify_all()
-
-    def call(self, fn: Callable) -> Future:
-        """Run `fn(worker)` on this worker's thread between two polls (model loads: `pipeline`, `unload`)."""
-        future: Future = Future()
-        with self.queue.cond:
-            if self._stopping:
-                future.set_exception(Unavailable("the worker is closing"))
-                return future
-            self._calls.append((fn, future))
-            self.queue.cond.notify_all()
-        return future
 
     @property
     def active_images(self) -> int:
@@ -259,24 +236,10 @@ class RemoteDeviceWorker:
                     task.mark_active(self.name)
                 return taken
 
-    def _run_calls(self) -> None:
-        with self.queue.cond:
-            calls = list(self._calls)
-            self._calls.clear()
-        for fn, future in calls:
-            try:
-                future.set_result(fn(self))
-            except BaseException as error:  # handed to the caller, who turns it into an envelope
-                future.set_exception(error)
-
     def _send(self, tasks: list[DenoiseTask]) -> None:
         if not tasks:
             return
-        try:
-            self.mark_on_device(tasks)
-        except Exception:
-            log.exception("%s: the on-device mark could not be stored", self.name)
-        self._tell(lambda listener, task: listener.task_started(task), tasks)
+        announce_start(self.name, tasks, self.mark_on_device, self._tell)
         self.counters.cohorts_started += 1
         for task in tasks:
             key = uuid.uuid4().hex
@@ -382,11 +345,7 @@ class RemoteDeviceWorker:
     def _shutdown(self) -> None:
         import ray
 
-        with self.queue.cond:
-            calls = list(self._calls)
-            self._calls.clear()
-        for _, future in calls:
-            future.set_exception(Unavailable("the worker is closing"))
+        self._refuse_calls()
         tasks, self._in_flight = list(self._in_flight.values()), {}
         outcomes.fail(self.queue, tasks, Unavailable("the worker closed before this image finished"), self.name)
         try:

@@ -57,13 +57,7 @@ class ActiveSet:
         """Put admitted tasks into cohorts: resumed ones bring theirs, fresh ones share by schedule."""
         if not tasks:
             return
-        try:
-            # stored before any work on them: if the process dies in what follows, the next start knows
-            # which images were on the device and treats them as suspects
-            self.mark_on_device(tasks)
-        except Exception:
-            log.exception("%s: the on-device mark could not be stored", self.name)
-        self.tell(lambda listener, task: listener.task_started(task), tasks)
+        announce_start(self.name, tasks, self.mark_on_device, self.tell)
         fresh: dict[tuple, list[DenoiseTask]] = {}
         for task in tasks:
             if task.parked is not None:
@@ -152,6 +146,17 @@ class ActiveSet:
     def tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
         """Hand `tell(listener, task)` for each task to the event thread: the device goes on at once."""
         self.events.submit(tell_listeners, self.name, tell, tasks, once_per_listener)
+
+
+def announce_start(worker: str, tasks: list[DenoiseTask], mark_on_device: OnDeviceMark, tell: Callable) -> None:
+    """Images start on a device: stored as on it before any work on them (if the process dies in what
+    follows, the next start knows which images were there and treats them as suspects), then their
+    listeners hear `task_started`."""
+    try:
+        mark_on_device(tasks)
+    except Exception:
+        log.exception("%s: the on-device mark could not be stored", worker)
+    tell(lambda listener, task: listener.task_started(task), tasks)
 
 
 def tell_listeners(worker: str, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool) -> None:

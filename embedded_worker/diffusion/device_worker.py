@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -38,6 +36,7 @@ from .models import ModelCatalog
 from .pipelines import PipelineCache
 from .task import DONE, DenoiseTask
 from .work_queue import WorkQueue
+from .worker_thread import WorkerThread
 
 log = logging.getLogger("embedded_worker.device")
 
@@ -52,7 +51,7 @@ class WorkerCounters:
     out_of_memory: int = 0
 
 
-class DeviceWorker:
+class DeviceWorker(WorkerThread):
     def __init__(
         self,
         name: str,
@@ -67,10 +66,9 @@ class DeviceWorker:
         max_loaded_models: int,
         gc_freeze: bool,
     ):
-        self.name = name
+        super().__init__(name, queue)
         self.device = device
         self.dtype = dtype
-        self.queue = queue
         self.catalog = catalog
         self.monitor = monitor
         self.admission = admission
@@ -83,31 +81,9 @@ class DeviceWorker:
         self.seconds_per_decode: float | None = None
         self._reported_capacity: int | None = None  # the size the groups in flight were last counted at
         self.active = ActiveSet(name, queue, self.pipelines, events, mark_on_device, self.counters)
-        self._calls: deque[tuple[Callable, Future]] = deque()  # guarded by queue.cond
-        self._stopping = False  # guarded by queue.cond
         self._stream = None  # this worker's CUDA stream, made on its own thread
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # ---- other threads -------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.queue.cond:
-            self._stopping = True
-            self.queue.cond.notify_all()
-
-    def call(self, fn: Callable) -> Future:
-        """Run `fn(worker)` on this worker's thread between two steps."""
-        future: Future = Future()
-        with self.queue.cond:
-            if self._stopping:
-                future.set_exception(Unavailable("the worker is closing"))
-                return future
-            self._calls.append((fn, future))
-            self.queue.cond.notify_all()
-        return future
 
     @property
     def loading(self) -> str | None:
@@ -190,16 +166,6 @@ class DeviceWorker:
         own = task.total_steps - task.step
         return (wait + own) * self.seconds_per_step + (self.seconds_per_decode or 0.0)
 
-    def _run_calls(self) -> None:
-        with self.queue.cond:
-            calls = list(self._calls)
-            self._calls.clear()
-        for fn, future in calls:
-            try:
-                future.set_result(fn(self))
-            except BaseException as error:  # handed to the caller, who turns it into an envelope
-                future.set_exception(error)
-
     def pipeline(self, model_id: str) -> tuple:
         """(pipe, family) for `model_id`; on this thread only."""
         return self.pipelines.get(model_id)
@@ -274,11 +240,7 @@ class DeviceWorker:
         release_memory(self.device)
 
     def _shutdown(self) -> None:
-        with self.queue.cond:
-            calls = list(self._calls)
-            self._calls.clear()
-        for _, future in calls:
-            future.set_exception(Unavailable("the worker is closing"))
+        self._refuse_calls()
         self.active.fail_all(Unavailable("the worker closed before this image finished"))
         self.pipelines.clear()
 
