@@ -97,8 +97,8 @@ class Engine:
         except NotFound:
             return False
 
-    def _mark_on_device(self, tasks) -> None:
-        self.jobs.mark_on_device(tasks)
+    def _mark_on_device(self, tasks, left) -> None:
+        self.jobs.mark_on_device(tasks, left)
 
     def _progressed(self, job: Job) -> None:
         self.feed.progress(job)

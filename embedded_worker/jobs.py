@@ -14,7 +14,8 @@ Design notes
 - Dependencies come in narrowly: the book, the device pool, the CPU pool,
   the output store and the model sizes; `on_progress` hears each step.
 - `mark_on_device` runs on a device thread when images start: the one
-  write the device makes, so that a crash in what follows names them.
+  write the device makes, so that a crash in what follows names them (and
+  no longer the records whose images left the device before them).
 """
 
 from __future__ import annotations
@@ -245,13 +246,16 @@ class JobService:
 
     # ---- the device thread's one write --------------------------------------------------------------
 
-    def mark_on_device(self, tasks: list[DenoiseTask]) -> None:
-        """Images start on a device: their records are stored as on it, in one write."""
-        marked = []
-        for task in tasks:
-            job = self._jobs.get(task.record_id) if task.record_id is not None else None
-            if job is not None and not job.record.on_device:
-                job.record.on_device = True  # in memory first: a full save from now on carries it too
-                marked.append(job.record.id)
-        if marked:
-            self.store.mark_on_device(marked)
+    def mark_on_device(self, tasks: list[DenoiseTask], left: set[str] = frozenset()) -> None:
+        """Images start on a device: their records are stored as on it, and the records in `left` (whose
+        images left the device since) as off it, in one write."""
+        on = {task.record_id for task in tasks if task.record_id is not None}
+        changed: dict[str, bool] = {}
+        for record_id, flag in [*((r, False) for r in left - on), *((r, True) for r in on)]:
+            job = self._jobs.get(record_id) if record_id is not None else None
+            if job is not None and job.record.on_device != flag:
+                job.record.on_device = flag  # in memory first: a full save from now on carries it too
+                changed[record_id] = flag
+        if changed:
+            self.store.mark_on_device([r for r, flag in changed.items() if flag],
+                                      [r for r, flag in changed.items() if not flag])

@@ -8,7 +8,8 @@ Design notes
   listeners, right after its lock is released and before `transition()`
   returns to the thread that made the change.
 - `mark_on_device` is the one write a device thread makes: one statement
-  for every record whose images start, before their first forward.
+  for every record whose images start (on) and whose images left since the
+  last start (off), before the first forward of the starting ones.
 - One process per state file: an exclusive lock on `<file>.lock`. A second
   worker on the same file is refused instead of corrupting the first.
 - Records are JSON rows of their dataclass fields; outputs a table of their
@@ -90,12 +91,15 @@ class StateStore:
                 (record.id, record.kind, record.status, record.completed_at, json.dumps(_fields(record), default=str)),
             )
 
-    def mark_on_device(self, record_ids: list[str]) -> None:
-        """Stored as on the device, in one statement: a crash from now on names these records."""
-        marks = ",".join("?" * len(record_ids))
+    def mark_on_device(self, on: list[str], off: list[str] = ()) -> None:
+        """Records `on` stored as on the device and `off` as off it, in one statement: a crash from now on
+        names exactly the `on` ones (and any still marked)."""
+        ids = [*on, *off]
+        flags = ",".join("?" * len(on)) or "NULL"
         with self._lock:
-            self._db.execute(f"UPDATE records SET data = json_set(data, '$.on_device', json('true')) "
-                             f"WHERE id IN ({marks})", record_ids)
+            self._db.execute(
+                f"UPDATE records SET data = json_set(data, '$.on_device', json(CASE WHEN id IN ({flags}) "
+                f"THEN 'true' ELSE 'false' END)) WHERE id IN ({','.join('?' * len(ids))})", [*on, *ids])
 
     def load_records(self) -> list[Record]:
         """Every readable record; the unreadable ones are moved to quarantine."""

@@ -167,6 +167,14 @@ def test_images_starting_are_stored_on_the_device_in_one_write(service):
     assert len(statements) == 1 and statements[0].startswith("UPDATE records")
     assert all(r.on_device for r in records)
     assert all(r.on_device for r in service.store.load_records())
+    # the next start also unmarks the records whose images left since, in the same one statement
+    statements.clear()
+    service.store._db.set_trace_callback(statements.append)
+    service.mark_on_device(tasks[2:], left={"m0", "m1", "m2"})  # m2 starts again: it stays marked
+    service.store._db.set_trace_callback(None)
+    assert len(statements) == 1
+    assert {r.id: r.on_device for r in service.store.load_records()} == {"m0": False, "m1": False, "m2": True}
+    assert [r.on_device for r in records] == [False, False, True]
     for task in tasks:
         service.pool.play(task)
     wait_for(lambda: all(r.status == COMPLETED for r in records))

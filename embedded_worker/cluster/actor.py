@@ -34,7 +34,7 @@ class DenoiseActor:
         worker_config = WorkerConfig.model_validate(config)
         self.pool = DevicePool(worker_config, ModelCatalog(worker_config.models,
                                                            worker_config.resolved_model_cache_dir),
-                               mark_on_device=lambda tasks: None)
+                               mark_on_device=lambda tasks, left: None)
         self.pool.start()
         self._lock = threading.Lock()  # guards _tasks and _cancelled
         self._tasks: dict[str, object] = {}  # the head's key -> the DenoiseTask running it here

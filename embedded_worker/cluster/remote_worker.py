@@ -239,7 +239,7 @@ class RemoteDeviceWorker(WorkerThread):
     def _send(self, tasks: list[DenoiseTask]) -> None:
         if not tasks:
             return
-        announce_start(self.name, tasks, self.mark_on_device, self._tell)
+        announce_start(self.name, tasks, set(), self.mark_on_device, self._tell)  # an actor cannot end the head
         self.counters.cohorts_started += 1
         for task in tasks:
             key = uuid.uuid4().hex

@@ -5,8 +5,10 @@ A cohort is a group of images that share a schedule and started together
 and every step is one forward over all of them. At a boundary:
 - images join: fresh ones in new cohorts by schedule, resumed or preempted
   ones with the cohort they parked with. Before any work on them, they are
-  stored as on the device (`mark_on_device`, the device thread's one write)
-  and their listeners hear `task_started`;
+  stored as on the device, and the records whose images left the device
+  since the last start as off it (`mark_on_device`: the device thread's one
+  write, so a crash in what follows blames the images that were there and
+  only those), then their listeners hear `task_started`;
 - images asked to leave (`DenoiseTask.leaving`) leave: cancelled ones end,
   paused ones park with their own cohort (state and all), preempted ones go
   back to the queue at their old rank with it and resume from that step.
@@ -29,7 +31,7 @@ from .work_queue import WorkQueue
 
 log = logging.getLogger("embedded_worker.device")
 _cohort_ids = itertools.count(1)
-OnDeviceMark = Callable[[list[DenoiseTask]], None]
+OnDeviceMark = Callable[[list[DenoiseTask], set[str]], None]  # (starting, records that left)
 
 
 class ActiveSet:
@@ -42,6 +44,7 @@ class ActiveSet:
         self.mark_on_device = mark_on_device
         self.counters = counters
         self.cohorts: list[Cohort] = []  # the worker's thread only
+        self._left: set[str] = set()  # records whose images left since the last start; the thread only
 
     @property
     def size(self) -> int:
@@ -57,7 +60,9 @@ class ActiveSet:
         """Put admitted tasks into cohorts: resumed ones bring theirs, fresh ones share by schedule."""
         if not tasks:
             return
-        announce_start(self.name, tasks, self.mark_on_device, self.tell)
+        still_here = {t.record_id for t in self.tasks() + tasks}
+        announce_start(self.name, tasks, self._left - still_here, self.mark_on_device, self.tell)
+        self._left.clear()
         fresh: dict[tuple, list[DenoiseTask]] = {}
         for task in tasks:
             if task.parked is not None:
@@ -101,6 +106,7 @@ class ActiveSet:
     def _leave(self, task: DenoiseTask, cohort: Cohort, eta_after_preemption) -> None:
         """Cancelled: done. Paused: parked with its cohort. Preempted: back in the queue with its cohort,
         at its old rank, still `running` to its owner."""
+        self._left.add(task.record_id)
         with self.queue.cond:
             reason, task.leaving = task.leaving, None
             if reason == PREEMPT and not self.queue.closed:
@@ -127,6 +133,7 @@ class ActiveSet:
         done = [c for c in self.cohorts if c.finished]
         if done:
             self.cohorts = [c for c in self.cohorts if not c.finished]
+            self._left.update(t.record_id for c in done for t in c.members)
         return done
 
     def fail(self, tasks: list[DenoiseTask], error: BaseException) -> None:
@@ -134,6 +141,7 @@ class ActiveSet:
             log.exception("%s: denoising failed", self.name, exc_info=error)
             error = InternalError(f"{type(error).__name__}: {error}")
         for task in tasks:
+            self._left.add(task.record_id)
             with self.queue.cond:
                 task.state = DONE
             if not task.future.done():
@@ -148,12 +156,13 @@ class ActiveSet:
         self.events.submit(tell_listeners, self.name, tell, tasks, once_per_listener)
 
 
-def announce_start(worker: str, tasks: list[DenoiseTask], mark_on_device: OnDeviceMark, tell: Callable) -> None:
-    """Images start on a device: stored as on it before any work on them (if the process dies in what
-    follows, the next start knows which images were there and treats them as suspects), then their
-    listeners hear `task_started`."""
+def announce_start(worker: str, tasks: list[DenoiseTask], left: set[str], mark_on_device: OnDeviceMark,
+                   tell: Callable) -> None:
+    """Images start on a device: stored as on it before any work on them, and the records in `left` as
+    off it (if the process dies in what follows, the next start knows which images were there and treats
+    them as suspects), then their listeners hear `task_started`."""
     try:
-        mark_on_device(tasks)
+        mark_on_device(tasks, left)
     except Exception:
         log.exception("%s: the on-device mark could not be stored", worker)
     tell(lambda listener, task: listener.task_started(task), tasks)
