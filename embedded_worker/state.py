@@ -167,21 +167,25 @@ class StateBook:
         if getattr(local, "dispatching", False) or getattr(local, "depth", 0):
             return  # the loop below (or the outermost `locked`) sends them
         local.dispatching = True
+        failure: BaseException | None = None
         try:
             with self._dispatching:
                 while self._outbox:
                     record, event = self._outbox.popleft()
-                    try:
-                        for listener in self.listeners:
+                    for listener in self.listeners:
+                        try:
                             listener(record, event)
-                    finally:
-                        with self.lock:
-                            self._unheard[record.id] -= 1
-                            if not self._unheard[record.id]:
-                                del self._unheard[record.id]
-                            self.changed.notify_all()
+                        except Exception as error:  # the others still hear it; the changer hears of it
+                            failure = failure or error
+                    with self.lock:
+                        self._unheard[record.id] -= 1
+                        if not self._unheard[record.id]:
+                            del self._unheard[record.id]
+                        self.changed.notify_all()
         finally:
             local.dispatching = False
+        if failure is not None:
+            raise failure  # e.g. the store could not write: the change is not durable, and its maker says so
 
     def _record(self, record: Record, event: str) -> None:
         """Call with the lock held."""

@@ -125,3 +125,22 @@ def _in_other_thread(book: StateBook) -> bool:
     thread.start()
     thread.join()
     return result == [True]
+
+
+def test_a_failing_listener_neither_silences_the_others_nor_stalls_later_events():
+    """A listener that raises (a full disk under the store) reaches the thread that made the change; every
+    other listener still hears that event, and the events after it are not left in the outbox."""
+    heard = []
+
+    def failing(record, event):
+        if record.id == "bad":
+            raise OSError("disk full")
+
+    book = StateBook([failing, lambda record, event: heard.append((record.id, event))])
+    bad, good = SessionRecord(id="bad"), SessionRecord(id="good")
+    with pytest.raises(OSError, match="disk full"):
+        with book.locked():
+            book.add(bad)
+            book.add(good)
+    assert heard == [("bad", "added"), ("good", "added")]
+    assert not book._unheard and not book._outbox  # nothing left waiting to be heard
