@@ -248,10 +248,10 @@ class BatchService:
 
     def figures(self, record: BatchRecord, items: list[ItemRecord] | None = None) -> dict:
         """Counts, progress (0-100), pace and ETA: what the status reply, the board and trackers show."""
-        runs = self.jobs.run_of
-        return batch_view.figures(record, self.items(record) if items is None else items,
-                                  lambda item: runs(item.id).progress if runs(item.id) else 0.0,
-                                  lambda item: runs(item.id).eta_seconds if runs(item.id) else None)
+        items = self.items(record) if items is None else items
+        runs = {item.id: self.jobs.run_of(item.id) for item in items}
+        return batch_view.figures(record, items, lambda item: runs[item.id].progress if runs[item.id] else 0.0,
+                                  lambda item: runs[item.id].eta_seconds if runs[item.id] else None)
 
     def describe(self, record: BatchRecord, include_items: bool) -> dict:
         items = self.items(record)

@@ -33,7 +33,7 @@ from .progress_feed import ProgressFeed
 from .restore import restore
 from .retention import Retention
 from .sessions import SessionService
-from .state import FINAL, StateBook
+from .state import FINAL, StateBook, status_counts
 from .store import StateStore
 from .workflows.catalog import WorkflowCatalog
 
@@ -116,9 +116,8 @@ class Engine:
             "inference": {"queued_images": pool["queued_images"],
                           "active_images": sum(w["active_images"] for w in pool["workers"])},
             "postprocessing": {"threads": self.config.scheduling.cpu_threads},
-            "processing": {"sessions": self.book.counts(),
-                           "batches": {s: batch_statuses.count(s) for s in set(batch_statuses)}
-                           | {"total": len(batch_statuses)},
+            "processing": {"sessions": status_counts(self.book.session_statuses()),
+                           "batches": status_counts(batch_statuses),
                            "outputs": self.outputs.count(),
                            "workflows": len(self.workflows.describe_all()),
                            "workflow_problems": self.workflows.problems()},

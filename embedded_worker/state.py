@@ -61,6 +61,11 @@ def is_legal(current: str, target: str) -> bool:
     return target in _LEGAL[current]
 
 
+def status_counts(statuses: list[str]) -> dict:
+    """How many are in each status, and in all: what get_status reports for sessions and for batches."""
+    return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
+
+
 @dataclass(eq=False)
 class Record:
     """What every tracked unit of work has: identity, status and its times."""
@@ -260,11 +265,9 @@ class StateBook:
             self._record(record, CHANGED)
             self.changed.notify_all()
 
-    def counts(self, records: list[Record] | None = None) -> dict:
-        """How many sessions (or of `records`) are in each status, and in all."""
+    def session_statuses(self) -> list[str]:
         with self.lock:
-            statuses = [r.status for r in (self.sessions.values() if records is None else records)]
-        return {status: statuses.count(status) for status in set(statuses)} | {"total": len(statuses)}
+            return [r.status for r in self.sessions.values()]
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Block until `predicate()` holds after some status change, or `timeout` passes."""
