@@ -42,9 +42,15 @@ def ray_head():
 
 
 def on_cluster(make_worker, address, **cluster):
+    """A worker on the cluster whose actors have all loaded the default model: an actor still loading
+    takes no work, so a test that counts who took work must not start before (CI saw the local device
+    run a whole batch while its actor was still importing diffusers)."""
     settings = {"address": address, "actors": 2, "cpus_per_actor": 1, "local_devices": False,
                 "in_flight_per_actor": 2, **cluster}
-    return make_worker(cluster=settings)
+    worker = make_worker(cluster=settings)
+    for remote in remote_workers(worker):
+        wait_for(lambda: remote.status()["loaded_models"], timeout=120)
+    return worker
 
 
 def remote_workers(worker):
@@ -146,8 +152,6 @@ def test_a_batch_runs_once_over_both_actors_with_the_local_pixels(make_worker, r
 
 def test_local_devices_and_an_actor_share_one_queue(make_worker, ray_head):
     worker = on_cluster(make_worker, ray_head, actors=1, local_devices=True)
-    remote = remote_workers(worker)[0]
-    wait_for(lambda: remote.node_id is not None, timeout=120)
     reply = run_batch(worker, "shared", 16, steps=10)
     assert reply["status"] == "completed" and sorted(o["seed"] for o in reply["outputs"]) == list(range(500, 516))
     done = {w.name: w.counters.images_done for w in worker._engine.pool.workers}
