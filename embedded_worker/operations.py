@@ -36,8 +36,11 @@ from .diffusion.denoise import DEFAULT_SCHEDULER, SCHEDULERS, ImageSpec
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing
 from .protocol import MAX_SEED, BatchConfiguration, Id, Number, one_batch_count
+from .toy_model import SHAPES_GUIDANCE, SHAPES_MODEL_ID
 
 SchedulerName = Literal[tuple([DEFAULT_SCHEDULER, *SCHEDULERS])]  # type: ignore[valid-type]
+DEFAULT_GUIDANCE = 7.5
+MODEL_GUIDANCE = {SHAPES_MODEL_ID: SHAPES_GUIDANCE}
 
 
 @dataclass
@@ -62,7 +65,7 @@ class GenerateParams(OperationParams):
     negative_prompt: str = ""
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="none: a random seed, reported back")
     steps: StrictInt = Field(20, ge=1)
-    guidance_scale: Number = Field(7.5, ge=0, le=50)
+    guidance_scale: Number | None = Field(None, ge=0, le=50, description="none: the model's own (`guidance_for`)")
     width: StrictInt | None = Field(None, ge=8, description="none: the model's native size")
     height: StrictInt | None = Field(None, ge=8)
     num_images: StrictInt = Field(1, ge=1)
@@ -227,6 +230,11 @@ class Operation:
         return f"{self.domain}.{self.name}"
 
 
+def guidance_for(model_id: str) -> float:
+    """The guidance scale a model draws best at: SD's usual 7.5 unless the model is known to want another."""
+    return MODEL_GUIDANCE.get(model_id, DEFAULT_GUIDANCE)
+
+
 def image_specs(
     params: GenerateParams, inputs: list[StepImage], model_id: str, native: tuple[int, int]
 ) -> list[ImageSpec]:
@@ -241,7 +249,7 @@ def image_specs(
         negative_prompt=params.negative_prompt,
         seed=seed,
         steps=params.steps,
-        guidance_scale=params.guidance_scale,
+        guidance_scale=params.guidance_scale if params.guidance_scale is not None else guidance_for(model_id),
         width=width,
         height=height,
         scheduler=params.scheduler,
