@@ -1,5 +1,6 @@
 // `--check-async`: cancellation tokens, progress from the board, typed
-// errors, where JSON calls run and how command names travel, checked
+// errors, where JSON calls run, how command names travel and replies read
+// from threads that come and go, checked
 // against the real worker. Prints one line per failed check and "async
 // checks passed" when none failed.
 using System;
@@ -153,6 +154,31 @@ namespace EmbeddedWorkerHost
             check(spelled.Success && spelled.Text("status") == camel.Text("status"), "GetSessionStatus: " + spelled.Error);
             var devices = worker.ExecuteAsync(PythonWorkerType.Device, "list_devices", new { }).Result;
             check(devices.Success, "Device.list_devices: " + devices.Error);
+
+            // 9. replies whose strings Python makes afresh each call (their addresses reused as they are freed), from
+            //    threads that come and go: each reply names its own id (the reader's string table never answers stale text)
+            int wrong = 0;
+            for (int round = 0; round < 3; round++)
+            {
+                var threads = new List<Thread>();
+                for (int t = 0; t < 4; t++)
+                {
+                    int thread = t + 4 * round;
+                    threads.Add(new Thread(() =>
+                    {
+                        for (int i = 0; i < 500; i++)
+                        {
+                            string unknown = "gone-" + thread + "-" + i;
+                            var reply = worker.Execute("get_session_status", new { session_id = unknown });
+                            if (reply.Error != "Session '" + unknown + "' not found") Interlocked.Increment(ref wrong);
+                        }
+                    }));
+                }
+                foreach (var thread in threads) thread.Start();
+                foreach (var thread in threads) thread.Join();
+            }
+            check(wrong == 0, "6,000 replies from 12 threads, each naming its own id: " + wrong + " wrong");
+            check(worker.GetSessionStatus(id).Status == "completed", "calls still work after those threads ended");
 
             Console.WriteLine(failed == 0 ? "async checks passed" : "async checks FAILED: " + failed);
             return failed == 0 ? 0 : 1;

@@ -43,13 +43,15 @@ namespace EmbeddedWorker
         public static bool Available { get; private set; }
         public static string Unavailable { get; private set; }
 
-        public static GilEnsureFn GilEnsure;
+        public static GilEnsureFn GilEnsure, GilCheck;
         public static GilReleaseFn GilRelease;
+        public static NewFn GetThisThreadState, SaveThread;
+        public static RefFn ThreadStateClear, ThreadStateDelete;
         public static DictNextFn DictNext;
         public static Utf8Fn AsUtf8;
         public static AsLongFn AsLong;
         public static AsDoubleFn AsDouble, LongAsDouble;
-        public static SizeFn ListSize, TupleSize;
+        public static SizeFn ListSize, TupleSize, DictSize;
         public static ItemFn ListItem, TupleItem;
         public static SetItemFn ListSet, TupleSet;
         public static NewFn NewDict, ErrorOccurred;
@@ -76,6 +78,11 @@ namespace EmbeddedWorker
                 Func<string, IntPtr> symbol = name => Native.Symbol(library, name);
                 GilEnsure = Get<GilEnsureFn>(symbol, "PyGILState_Ensure");
                 GilRelease = Get<GilReleaseFn>(symbol, "PyGILState_Release");
+                GilCheck = Get<GilEnsureFn>(symbol, "PyGILState_Check");
+                GetThisThreadState = Get<NewFn>(symbol, "PyGILState_GetThisThreadState");
+                SaveThread = Get<NewFn>(symbol, "PyEval_SaveThread");
+                ThreadStateClear = Get<RefFn>(symbol, "PyThreadState_Clear");
+                ThreadStateDelete = Get<RefFn>(symbol, "PyThreadState_Delete");
                 DictNext = Get<DictNextFn>(symbol, "PyDict_Next");
                 AsUtf8 = Get<Utf8Fn>(symbol, "PyUnicode_AsUTF8AndSize");
                 AsLong = Get<AsLongFn>(symbol, "PyLong_AsLongLong");
@@ -83,6 +90,7 @@ namespace EmbeddedWorker
                 AsDouble = Get<AsDoubleFn>(symbol, "PyFloat_AsDouble");
                 ListSize = Get<SizeFn>(symbol, "PyList_Size");
                 TupleSize = Get<SizeFn>(symbol, "PyTuple_Size");
+                DictSize = Get<SizeFn>(symbol, "PyDict_Size");
                 ListItem = Get<ItemFn>(symbol, "PyList_GetItem");
                 TupleItem = Get<ItemFn>(symbol, "PyTuple_GetItem");
                 ListSet = Get<SetItemFn>(symbol, "PyList_SetItem");
@@ -116,6 +124,7 @@ namespace EmbeddedWorker
                 bool layout = TypeOf(probe) == DictType && TypeOf(True) == BoolType;
                 DecRef(probe);
                 if (!layout) throw new InvalidOperationException("unexpected object layout (a free-threaded build?)");
+                ThreadStates.NewInterpreter();
                 Available = true;
             }
             catch (Exception error)
@@ -154,14 +163,33 @@ namespace EmbeddedWorker
 
         public static string ReadString(IntPtr text)
         {
+            byte* bytes;
+            int length;
+            return Utf8Of(text, out bytes, out length) ? Decode(bytes, length) : null;
+        }
+
+        /// <summary>A str's UTF-8 bytes, valid while it lives; false (error cleared) for lone surrogates.</summary>
+        public static bool Utf8Of(IntPtr text, out byte* bytes, out int length)
+        {
             IntPtr size;
-            var bytes = AsUtf8(text, out size);
-            if (bytes == IntPtr.Zero)
+            bytes = (byte*)AsUtf8(text, out size);
+            length = (int)size;
+            if (bytes != null) return true;
+            ClearError();  // lone surrogates cannot be UTF-8
+            return false;
+        }
+
+        /// <summary>UTF-8 bytes as a string; ASCII (nearly every protocol string) widened directly.</summary>
+        public static string Decode(byte* bytes, int length)
+        {
+            if (length > 256) return new string((sbyte*)bytes, 0, length, Encoding.UTF8);
+            char* chars = stackalloc char[length];
+            for (int i = 0; i < length; i++)
             {
-                ClearError();  // lone surrogates cannot be UTF-8
-                return null;
+                if (bytes[i] >= 0x80) return new string((sbyte*)bytes, 0, length, Encoding.UTF8);
+                chars[i] = (char)bytes[i];
             }
-            return new string((sbyte*)bytes, 0, (int)size, Encoding.UTF8);
+            return new string(chars, 0, length);
         }
 
         public static IntPtr NewString(string value)

@@ -455,7 +455,7 @@ namespace EmbeddedWorker
             Reply reply;
             try
             {
-                int gil = PythonApi.GilEnsure();
+                int gil = ThreadStates.Ensure();  // the thread's state kept between calls
                 try
                 {
                     if (closed || method == IntPtr.Zero) return Reply.Failure("unavailable", "the worker is closed");
