@@ -21,7 +21,8 @@ ray = pytest.importorskip("ray")
 
 from embedded_worker import ProcessingWorker, WorkerConfig  # noqa: E402
 from embedded_worker.cluster.local_head import LocalRayHead, _group_alive, free_port, ray_script  # noqa: E402
-from embedded_worker.errors import Unavailable  # noqa: E402
+from embedded_worker.diffusion.denoise import ImageSpec  # noqa: E402
+from embedded_worker.errors import Cancelled, Unavailable  # noqa: E402
 
 from .conftest import assert_same_up_to_batch_rounding, generate, run_of, session_status, wait_for  # noqa: E402
 from .test_dotnet_host import HOST, host_build  # noqa: E402,F401  (the Mono build, shared)
@@ -235,3 +236,31 @@ def test_pause_resume_and_cancel_reach_an_image_on_an_actor(make_worker, ray_hea
     assert worker.control_session(session_id="dropped", action="cancel")["status"] == "cancelled"
     wait_for(lambda: task.future.done(), timeout=60)
     assert task.step < 60 and session_status(worker, "dropped")["outputs"] == []
+
+
+def test_an_actor_forgets_cancels_whose_run_never_comes(model_cache, monkeypatch):
+    """A cancel that finds no image is kept for the `run` it may have overtaken, but not for ever: the image may
+    have finished before the cancel arrived, and then no `run` will ever ask for it."""
+    from types import SimpleNamespace
+
+    from embedded_worker.cluster import actor as actor_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(actor_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    actor = actor_module.DenoiseActor({"model_cache_dir": str(model_cache), "workflows_dir": None,
+                                       "state_path": ":memory:", "default_model": "builtin:tiny-sd"}, "test-actor")
+    try:
+        actor.cancel("overtaken")
+        actor.cancel("finished-before")
+        clock[0] += actor_module.CANCEL_MEMORY_S / 2
+        actor.cancel("recent")
+        assert set(actor._cancelled) == {"overtaken", "finished-before", "recent"}
+        clock[0] += actor_module.CANCEL_MEMORY_S / 2 + 1
+        actor.cancel("latest")
+        assert set(actor._cancelled) == {"recent", "latest"}
+        spec = ImageSpec(model_id="builtin:tiny-sd", prompt="x", steps=2, width=32, height=32)
+        with pytest.raises(Cancelled):  # the `run` a cancel overtook: cancelled on arrival, and forgotten
+            actor.run("recent", spec, 5)
+        assert set(actor._cancelled) == {"latest"}
+    finally:
+        assert actor.close()

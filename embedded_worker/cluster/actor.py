@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
+
+CANCEL_MEMORY_S = 300.0  # a cancel that overtook its `run` waits this long for it; then the image had finished
 
 
 class DenoiseActor:
@@ -38,7 +41,7 @@ class DenoiseActor:
         self.pool.start()
         self._lock = threading.Lock()  # guards _tasks and _cancelled
         self._tasks: dict[str, object] = {}  # the head's key -> the DenoiseTask running it here
-        self._cancelled: set[str] = set()  # keys cancelled before their `run` began (calls may overtake)
+        self._cancelled: dict[str, float] = {}  # key -> when: cancelled before its `run` began (calls may overtake)
 
     def ready(self) -> dict:
         import ray
@@ -61,8 +64,7 @@ class DenoiseActor:
 
         task = DenoiseTask(spec, priority)
         with self._lock:
-            if key in self._cancelled:
-                self._cancelled.discard(key)
+            if self._cancelled.pop(key, None) is not None:
                 raise Cancelled("cancelled")
             self._tasks[key] = task
         try:
@@ -75,8 +77,11 @@ class DenoiseActor:
     def cancel(self, key: str) -> None:
         with self._lock:
             task = self._tasks.get(key)
-            if task is None:
-                self._cancelled.add(key)  # a threaded actor may run this before that image's `run`
+            if task is None:  # its `run` has not begun (a threaded actor may take calls out of order), or it ended
+                now = time.monotonic()
+                for old in [k for k, when in self._cancelled.items() if now - when > CANCEL_MEMORY_S]:
+                    del self._cancelled[old]  # their images had ended: no `run` will ask
+                self._cancelled[key] = now
         if task is not None:
             self.pool.cancel(task)
 
