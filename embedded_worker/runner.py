@@ -8,7 +8,7 @@ Design notes
 - The owner (a `jobs.Job`: a session, or a batch item) hears
   `run_running`, `run_progress`, `run_paused`, `run_off_device` and, exactly
   once, `run_finished`; it owns the status, the run owns only how far the
-  work has got. The run's own state is one `RunState`, moved along `_MOVES`.
+  work has got. The run's own state is one `RunState` (`run_state.py`).
 - The device worker tells a run about its images (started, stepped, parked)
   on its event thread, never its own: the device thread only launches.
 - A parallel plan runs in waves (PlannedStep.wave): every step of a wave at
@@ -20,11 +20,13 @@ Design notes
   kept); a CPU step finishes, then the run waits before the next step.
   Resume continues exactly there. Cancel is final at once; images still on
   the device stop at their next step boundary and skip the VAE decode.
+  What pause, resume, cancel and a launch tell the pool reaches it in the
+  order they decided (`_steering`): a launch parking its images for a pause
+  must not overtake a resume, or they would stay parked under a running run.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
@@ -36,6 +38,7 @@ from .diffusion.task import PARKED, BatchSizing, DenoiseTask
 from .errors import Cancelled, InvalidRequest, WorkerError
 from .operations import BatchProcessParams, StepImage, image_specs
 from .planning import PlannedStep, RunPlan
+from .run_state import RunState, can_move
 from .step_work import StepWork, aggregate_errors, as_worker_error, describe_steps, image_metadata
 
 log = logging.getLogger("embedded_worker.runner")
@@ -53,23 +56,6 @@ class RunOwner(Protocol):
     def run_paused(self, run: "WorkflowRun") -> None: ...
 
     def run_finished(self, run: "WorkflowRun", images: list[StepImage], error: WorkerError | None) -> None: ...
-
-
-class RunState(enum.Enum):
-    """Where a run is; one value, moved only along `_MOVES`."""
-
-    ACTIVE = "active"  # launching steps, or waiting for the ones in flight
-    PAUSING = "pausing"  # asked to pause: its images park at their next step boundary, a CPU step finishes
-    PAUSED = "paused"  # everything parked (or between two steps): nothing of it runs until `resume`
-    ENDED = "ended"  # finished, failed or cancelled: `run_finished` was told, exactly once
-
-
-_MOVES = {
-    RunState.ACTIVE: {RunState.PAUSING, RunState.ENDED},
-    RunState.PAUSING: {RunState.ACTIVE, RunState.PAUSED, RunState.ENDED},
-    RunState.PAUSED: {RunState.ACTIVE, RunState.ENDED},
-    RunState.ENDED: set(),
-}
 
 
 class WorkflowRun:
@@ -98,6 +84,7 @@ class WorkflowRun:
         self.submitted_at = time.monotonic()  # its images queue in the order their requests came
         # guards everything below: device, event and CPU threads report here concurrently
         self._lock = threading.RLock()
+        self._steering = threading.Lock()  # pool calls in the order of the decisions (design notes)
         self.state = RunState.ACTIVE
         self.error: WorkerError | None = None  # how it ended, once ENDED (None: it succeeded)
         self.next_step = 0
@@ -113,7 +100,7 @@ class WorkflowRun:
 
     def _move(self, target: RunState) -> bool:
         """Call with `_lock` held; False when the run cannot go there from where it is."""
-        if target not in _MOVES[self.state]:
+        if not can_move(self.state, target):
             return False
         self.state = target
         return True
@@ -138,32 +125,34 @@ class WorkflowRun:
 
     def pause(self) -> None:
         """Park every image at its next step boundary; `run_paused` follows once all are parked."""
-        with self._lock:
-            if not self._move(RunState.PAUSING):
-                return
-            tasks = self._live_tasks()
-        for task in tasks:
-            self.pool.pause(task)
-        self._become_paused()  # nothing on the device and no CPU step: paused at once
+        if self._steer(RunState.PAUSING, self.pool.pause) is not None:
+            self._become_paused()  # nothing on the device and no CPU step: paused at once
 
     def resume(self) -> None:
-        with self._lock:
-            between_steps = self.state is RunState.PAUSED and not self.work
-            if not self._move(RunState.ACTIVE):
-                return
-            tasks = self._live_tasks()
-        for task in tasks:
-            self.pool.resume(task)
-        if between_steps:
+        if self._steer(RunState.ACTIVE, self.pool.resume):  # paused between two steps: the next one begins
             self.cpu.submit(self._launch_next)
 
+    def _steer(self, target: RunState, tell: Callable[[DenoiseTask], None]) -> bool | None:
+        """Move to `target`, then tell the pool about every image still out; whether the run was paused
+        between two steps (None: it cannot go there)."""
+        with self._steering:
+            with self._lock:
+                between_steps = self.state is RunState.PAUSED and not self.work
+                if not self._move(target):
+                    return None
+                tasks = self._live_tasks()
+            for task in tasks:
+                tell(task)
+        return between_steps
+
     def cancel(self) -> None:
-        with self._lock:
-            if self.ended:
-                return
-            tasks = self._live_tasks()
-        for task in tasks:
-            self.pool.cancel(task)
+        with self._steering:
+            with self._lock:
+                if self.ended:
+                    return
+                tasks = self._live_tasks()
+            for task in tasks:
+                self.pool.cancel(task)
         self._finish([], Cancelled("cancelled"))
 
     # ---- progress, read by status calls ---------------------------------------------------
@@ -310,10 +299,11 @@ class WorkflowRun:
                 self.pool.cancel(task)
             self._settle(work, error=error)
             return
-        with self._lock:
-            pause = self.pause_requested  # a pause that came while the step was being launched
-        for task in tasks if pause else ():
-            self.pool.pause(task)
+        with self._steering:
+            with self._lock:
+                pause = self.pause_requested  # a pause that came while the step was being launched
+            for task in tasks if pause else ():
+                self.pool.pause(task)
 
     def _answer(self, work: StepWork, inputs: list[StepImage]) -> list[StepImage]:
         """An answering step: acts on the device side, keeps its answer; the images pass through it."""
