@@ -108,7 +108,11 @@ class Job:
             outputs.release(self.owner_id, item_id=self.item_id)
             book.transition(record, FAILED, f"outputs could not be written: {failure}", {"error_code": "internal"})
             return
-        if not book.transition(record, COMPLETED):
+        with book.locked():  # a cancel in between wins, whole
+            if record.status == PENDING:  # resumed after its last step ended: it ran, with nothing left to start
+                book.transition(record, RUNNING)
+            completed = book.transition(record, COMPLETED)
+        if not completed:
             # deleted, cancelled or suspended while its files were written: they belong to nobody
             outputs.release(self.owner_id, item_id=self.item_id)
             record.outputs = []

@@ -189,3 +189,52 @@ def test_cancel_all_cancels_every_unfinished_job_with_the_reason(service):
     service.cancel_all("the worker closed")
     assert [(r.status, r.error) for r in records] == [(CANCELLED, "the worker closed")] * 2
     assert RUNNING not in {r.status for r in records}
+
+
+def test_a_resume_between_a_launch_seeing_a_pause_and_parking_its_images_is_not_overtaken(service):
+    """A pause lands while a step launches (before its images exist), so the launch parks them itself; a resume
+    that comes between the launch seeing the pause and parking must still win (a control storm in the Mono host
+    left a session pending for ever, its image parked under a resumed run)."""
+    pool, record = service.pool, SessionRecord(id="race")
+    parking, resumer = threading.Event(), []
+    real_pause, real_native_size = pool.pause, service.native_size
+
+    def pause_while_launching(model_id):  # in the launch, after its step is set, before its images exist
+        service.pause(service.job("race"))
+        return real_native_size(model_id)
+
+    def resume_racing_the_launch(task):
+        if threading.current_thread().name.startswith("test-cpu") and not parking.is_set():
+            parking.set()  # the launch saw the pause and now parks its image: a resume comes at this moment
+            thread = threading.Thread(target=lambda: service.resume(service.job("race")))
+            thread.start()
+            resumer.append(thread)  # once started: the test waits for it to end
+            thread.join(1.0)  # unserialised, it completes here; serialised, it waits for this launch
+        real_pause(task)
+
+    service.native_size, pool.pause = pause_while_launching, resume_racing_the_launch
+    admit(service, record)
+    wait_for(lambda: resumer and not resumer[0].is_alive())
+    (task,) = pool.tasks
+    assert record.status == PENDING and task.state == QUEUED  # resumed: queued again, not parked under it
+    pool.play(task)
+    wait_for(lambda: record.status == COMPLETED)
+
+
+def test_a_run_paused_after_its_last_step_completes_when_resumed(service):
+    """Paused once every step had ended, resumed: the run has nothing left to start and finishes at once; the
+    record goes pending -> running -> completed and keeps its outputs (it stayed pending for ever, its outputs
+    released, when the finish was refused from pending)."""
+    record = SessionRecord(id="last")
+
+    def pause_after_the_last_step(job):
+        if job.run.completed_steps == len(job.plan.steps):
+            service.pause(job)
+
+    service.on_progress = pause_after_the_last_step
+    job = admit(service, record)
+    service.pool.play(submitted(service, 1))
+    wait_for(lambda: record.status == PAUSED)
+    assert service.resume(job)
+    wait_for(lambda: record.status == COMPLETED)
+    assert len(record.outputs) == 1 and service.outputs.get(record.outputs[0]["output_id"]).pixels[0, 0, 0] == 7
