@@ -1,4 +1,5 @@
-"""Eight threads calling status and control while work runs: envelopes always, states always legal."""
+"""Eight threads calling status and control while work runs: envelopes always, states always legal, and
+nothing left stuck once the storm ends (`make soak` runs 20 more storms, each with other choices)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,23 @@ import threading
 
 from embedded_worker.state import ALL_STATUSES
 
+import pytest
+
 from .conftest import generate, session_status, settle, wait_for
 
 
 def test_eight_threads_of_status_and_control_while_sessions_run(worker):
+    storm(worker, rounds_seed=0)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("rounds_seed", range(1, 21))
+def test_more_control_storms_leave_nothing_stuck(worker, rounds_seed):
+    """One storm in 15 left a session pending for ever before two lifecycle races were fixed (test_jobs)."""
+    storm(worker, rounds_seed)
+
+
+def storm(worker, rounds_seed: int) -> None:
     ids = [f"c{i}" for i in range(6)]
     for index, session_id in enumerate(ids):
         assert generate(worker, session_id=session_id, steps=30, seed=index, background=True)["success"]
@@ -19,7 +33,7 @@ def test_eight_threads_of_status_and_control_while_sessions_run(worker):
     seen: dict[str, set] = {s: set() for s in ids}
 
     def hammer(seed: int) -> None:
-        rng = random.Random(seed)
+        rng = random.Random(seed + 1000 * rounds_seed)
         # ~2,000 calls/s per thread: tight loops of pure-Python callers starve the device thread of the GIL
         # (every torch op gives it up and must win it back); hosts poll the board instead
         while not stop.wait(0.0005):
