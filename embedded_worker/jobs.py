@@ -29,7 +29,7 @@ from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing, DenoiseTask
 from .errors import InvalidState, WorkerError
 from .operations import StepImage
-from .outputs import OutputStore
+from .outputs import OutputBuffer, OutputStore
 from .planning import RunPlan
 from .recovery import FAIL, KEEP_PAUSED, QUARANTINE, Decision
 from .runner import WorkflowRun
@@ -58,72 +58,93 @@ class Job:
     def item_id(self) -> str | None:
         return getattr(self.record, "item_id", None)
 
-    def begin(self, paused: bool = False, isolated: bool = False) -> WorkflowRun:
-        """A new run for the current attempt, started (or waiting paused before its first step)."""
+    def new_run(self, isolated: bool = False) -> WorkflowRun:
         service = self.service
-        old, self.run = self.run, WorkflowRun(
-            self.plan, self, service.pool, service.cpu, service.native_size, record_id=self.record.id,
-            priority=self.record.priority, sizing=self.sizing, isolated=isolated)
+        return WorkflowRun(self.plan, self, service.pool, service.cpu, service.native_size,
+                           record_id=self.record.id, priority=self.record.priority, sizing=self.sizing,
+                           isolated=isolated)
+
+    def begin(self, paused: bool = False, isolated: bool = False) -> None:
+        """A new run for the current attempt, started (or waiting paused before its first step); none for a
+        record a cancel or delete already ended (its run would compute images for nobody)."""
+        run = self.new_run(isolated)
+        with self.service.book.lock:  # against `JobService.cancel`: it sees this run, or this sees its status
+            if self.record.status in FINAL:
+                return
+            old, self.run = self.run, run
         if old is not None:
             old.cancel()  # its reports are ignored from now on
-        self.run.start(paused=paused)
-        return self.run
+        run.start(paused=paused)
 
-    # ---- RunOwner: what the run reports ------------------------------------------------------
+    # ---- RunOwner: what the run reports; each change checks, under the book's lock, that the run is current ----
 
     def run_running(self, run: WorkflowRun) -> None:
-        if run is self.run:
-            self.service.book.transition(self.record, RUNNING)  # refused unless pending: the state machine decides
+        with self.service.book.locked():
+            if run is self.run:
+                self.service.book.transition(self.record, RUNNING)  # refused unless pending: the state machine decides
 
     def run_off_device(self, run: WorkflowRun) -> None:
         """Its images left the device: a crash from now on is not theirs."""
-        if run is self.run and self.record.on_device:
-            self.record.on_device = False
-            self.service.book.update(self.record)
+        with self.service.book.locked():
+            if run is self.run and self.record.on_device:
+                self.record.on_device = False
+                self.service.book.update(self.record)
 
     def run_progress(self, run: WorkflowRun) -> None:
         if run is self.run:
             self.service.on_progress(self)
 
     def run_paused(self, run: WorkflowRun) -> None:
-        if run is self.run:
-            self.service.book.transition(self.record, PAUSED)
+        with self.service.book.locked():
+            if run is self.run:
+                self.service.book.transition(self.record, PAUSED)
 
     def run_finished(self, run: WorkflowRun, images: list[StepImage], error: WorkerError | None) -> None:
         if run is not self.run:
             return
         record, book = self.record, self.service.book
         if error is not None:
-            if error.code == "cancelled":
-                book.transition(record, CANCELLED)
-            else:
-                book.transition(record, FAILED, error.message, {"error_code": error.code, "details": error.details})
+            with book.locked():
+                if run is not self.run:
+                    return
+                if error.code == "cancelled":
+                    book.transition(record, CANCELLED)
+                    return
+                failed = book.transition(record, FAILED, error.message,
+                                         {"error_code": error.code, "details": error.details})
+            if failed:
                 log.warning("%s failed (%s): %s", record.label(), error.code, error.message)
             return
         outputs = self.service.outputs
+        kept: list[OutputBuffer] = []
         try:
-            record.outputs = [self._keep(image) for image in images]
+            for image in images:
+                kept.append(self._keep(image))
         except Exception as failure:  # an unwritable folder fails the work; nothing claims success
             log.error("%s: outputs could not be written: %s", record.label(), failure)
-            outputs.release(self.owner_id, item_id=self.item_id)
-            book.transition(record, FAILED, f"outputs could not be written: {failure}", {"error_code": "internal"})
+            outputs.discard(kept)
+            with book.locked():
+                if run is self.run:
+                    book.transition(record, FAILED, f"outputs could not be written: {failure}",
+                                    {"error_code": "internal"})
             return
-        with book.locked():  # a cancel in between wins, whole
-            if record.status == PENDING:  # resumed after its last step ended: it ran, with nothing left to start
-                book.transition(record, RUNNING)
-            completed = book.transition(record, COMPLETED)
+        with book.locked():  # a cancel, delete or restart in between wins, whole
+            completed = run is self.run
+            if completed:
+                record.outputs = [buffer.reference() for buffer in kept]
+                completed = book.transition(record, COMPLETED)
+                if not completed:
+                    record.outputs = []
         if not completed:
-            # deleted, cancelled or suspended while its files were written: they belong to nobody
-            outputs.release(self.owner_id, item_id=self.item_id)
-            record.outputs = []
+            # replaced, deleted, cancelled or suspended while its files were written: they belong to nobody
+            outputs.discard(kept)
             return
         log.info("%s completed with %d output(s)", record.label(), len(record.outputs))
 
-    def _keep(self, image: StepImage) -> dict:
-        buffer = self.service.outputs.add(self.owner_id, image.pixels, item_id=self.item_id, seed=image.seed,
-                                          metadata=image.metadata, image_format=self.plan.file_format,
-                                          quality=self.plan.file_quality)
-        return buffer.reference()
+    def _keep(self, image: StepImage) -> OutputBuffer:
+        return self.service.outputs.add(self.owner_id, image.pixels, item_id=self.item_id, seed=image.seed,
+                                        metadata=image.metadata, image_format=self.plan.file_format,
+                                        quality=self.plan.file_quality)
 
 
 class JobService:
@@ -184,10 +205,12 @@ class JobService:
         return True
 
     def cancel(self, job: Job, reason: str | None = None) -> bool:
-        if not self.book.transition(job.record, CANCELLED, reason):
-            return False
-        if job.run is not None:
-            job.run.cancel()
+        with self.book.locked():  # against `Job.begin`: this sees its run, or it sees the cancel
+            if not self.book.transition(job.record, CANCELLED, reason):
+                return False
+            run = job.run
+        if run is not None:
+            run.cancel()
         return True
 
     def restart(self, job: Job, plan: RunPlan | None = None) -> None:
@@ -196,10 +219,15 @@ class JobService:
         job.plan = plan or job.plan
         if job.plan is None:
             raise InvalidState(f"{job.record.label()} cannot restart: its request was not planned")
-        self.book.begin_attempt(job.record)
+        run = job.new_run()
+        with self.book.locked():  # the new attempt and its run together: the old run is never current again
+            self.book.begin_attempt(job.record)
+            job.record.outputs = []
+            old, job.run = job.run, run
+        if old is not None:
+            old.cancel()  # outputs it is still writing are discarded when it reports its end
         self.outputs.release(job.owner_id, item_id=job.item_id)
-        job.record.outputs = []
-        job.begin()
+        run.start()
 
     def delete(self, owner_id: str, jobs: list[Job], delete_files: bool) -> list[dict]:
         """Cancel what is unfinished, release the owner's outputs (before the records go: a record that is

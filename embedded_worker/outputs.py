@@ -146,6 +146,18 @@ class OutputStore:
             Path(path).unlink(missing_ok=True)
         return released
 
+    def discard(self, buffers: list[OutputBuffer]) -> None:
+        """Forget outputs written for work that did not keep them (replaced, cancelled or deleted meanwhile):
+        their rows and files go; the owner's other outputs stay."""
+        with self._lock:
+            for buffer in buffers:
+                self._outputs.pop(buffer.output_id, None)
+        ids = [buffer.output_id for buffer in buffers]
+        rows = self.store.remove_output_ids(ids) if self.store is not None and ids else []
+        paths = [row["raw_path"] for row in rows] + [row["file_path"] for row in rows] + [b.path for b in buffers]
+        for path in {p for p in paths if p}:
+            Path(path).unlink(missing_ok=True)
+
     def count(self) -> int:
         with self._lock:
             return len(self._outputs)

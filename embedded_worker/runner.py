@@ -22,7 +22,9 @@ Design notes
   the device stop at their next step boundary and skip the VAE decode.
   What pause, resume, cancel and a launch tell the pool reaches it in the
   order they decided (`_steering`): a launch parking its images for a pause
-  must not overtake a resume, or they would stay parked under a running run.
+  must not overtake a resume, or they would stay parked under a running run,
+  and a launch after a cancel submits nothing (its images would run for
+  nobody, ahead of live work).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class WorkflowRun:
         """Begin with the first step, or (paused) wait before it until `resume`."""
         if paused:
             with self._lock:
-                self.state = RunState.PAUSED  # recovered paused: nothing launched yet, `resume` begins it
+                if not self.ended:  # recovered paused: nothing launched yet, `resume` begins it
+                    self.state = RunState.PAUSED
             return
         self.cpu.submit(self._launch_next)
 
@@ -146,14 +149,17 @@ class WorkflowRun:
         return between_steps
 
     def cancel(self) -> None:
+        """Final at once: the run ends under `_steering`, so a launch either sees it and submits nothing, or
+        came first and its images are among those cancelled here."""
         with self._steering:
             with self._lock:
-                if self.ended:
+                if not self._move(RunState.ENDED):
                     return
+                self.error = Cancelled("cancelled")
                 tasks = self._live_tasks()
             for task in tasks:
                 self.pool.cancel(task)
-        self._finish([], Cancelled("cancelled"))
+        self._tell_finished([])
 
     # ---- progress, read by status calls ---------------------------------------------------
 
@@ -240,7 +246,8 @@ class WorkflowRun:
             if pause_now:
                 self.owner.run_paused(self)
                 return
-            if not self.work:
+            if not self.work:  # every step has ended (perhaps resumed after the last): it ran, and is done
+                self.owner.run_running(self)
                 self._finish(self.images, None)
                 return
         except Exception as error:  # a bug here must still end the run with an envelope
@@ -286,24 +293,27 @@ class WorkflowRun:
         tasks = [DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,
                              isolated=self.isolated, record_id=self.record_id)
                  for spec in specs]
-        with self._lock:
-            work.tasks = tasks
-            self.all_tasks.extend(tasks)
-        for task in tasks:
-            task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
-        try:
-            for task in tasks:
-                self.pool.submit(task)
-        except WorkerError as error:
-            for task in tasks:
-                self.pool.cancel(task)
-            self._settle(work, error=error)
-            return
-        with self._steering:
+        refused: WorkerError | None = None
+        with self._steering:  # against cancel, pause and resume: each sees these images, or they see it
             with self._lock:
-                pause = self.pause_requested  # a pause that came while the step was being launched
-            for task in tasks if pause else ():
+                if self.ended:
+                    return  # cancelled while the step was being planned: nothing of it reaches a device
+                work.tasks = tasks
+                self.all_tasks.extend(tasks)
+                pause = self.pause_requested  # a pause that came while the step was being planned
+            for task in tasks:
+                task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
+            try:
+                for task in tasks:
+                    self.pool.submit(task)
+            except WorkerError as error:
+                refused = error
+                for task in tasks:
+                    self.pool.cancel(task)
+            for task in tasks if pause and refused is None else ():
                 self.pool.pause(task)
+        if refused is not None:
+            self._settle(work, error=refused)
 
     def _answer(self, work: StepWork, inputs: list[StepImage]) -> list[StepImage]:
         """An answering step: acts on the device side, keeps its answer; the images pass through it."""
@@ -370,8 +380,12 @@ class WorkflowRun:
             if not self._move(RunState.ENDED):
                 return
             self.error = error
+        self._tell_finished(images)
+
+    def _tell_finished(self, images: list[StepImage]) -> None:
+        """Once per run, right after the move to ENDED."""
         try:
-            self.owner.run_finished(self, images, error)
+            self.owner.run_finished(self, images, self.error)
         except Exception:
             log.exception("run owner failed to record the end of a run")
 

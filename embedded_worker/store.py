@@ -160,6 +160,16 @@ class StateStore:
             self._db.execute(f"DELETE FROM outputs WHERE {clause}", arguments)
         return [{"raw_path": raw, "file_path": file} for raw, file in rows]
 
+    def remove_output_ids(self, output_ids: list[str]) -> list[dict]:
+        """Forget outputs one by one (an owner's others stay); their rows come back so the files can go too."""
+        rows = []
+        with self._lock:
+            for output_id in output_ids:
+                rows += self._db.execute("SELECT raw_path, file_path FROM outputs WHERE output_id = ?",
+                                         (output_id,)).fetchall()
+                self._db.execute("DELETE FROM outputs WHERE output_id = ?", (output_id,))
+        return [{"raw_path": raw, "file_path": file} for raw, file in rows]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

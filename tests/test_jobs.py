@@ -238,3 +238,68 @@ def test_a_run_paused_after_its_last_step_completes_when_resumed(service):
     assert service.resume(job)
     wait_for(lambda: record.status == COMPLETED)
     assert len(record.outputs) == 1 and service.outputs.get(record.outputs[0]["output_id"]).pixels[0, 0, 0] == 7
+
+
+def test_a_cancel_during_a_launch_sends_nothing_of_the_run_to_the_device(service):
+    """A cancel lands while a step is being launched (after its step is planned, before its images exist): the
+    launch sees the run ended and submits none of them (they ran for nobody, ahead of live work)."""
+    real_native_size = service.native_size
+
+    def cancel_while_launching(model_id):
+        service.cancel(service.job("gone"))
+        return real_native_size(model_id)
+
+    service.native_size = cancel_while_launching
+    record = SessionRecord(id="gone")
+    job = admit(service, record)
+    wait_for(lambda: job.run is not None and job.run.ended)
+    service.native_size = real_native_size
+    admit(service, SessionRecord(id="after"))  # the CPU pool runs in order: the cancelled launch is over by now
+    submitted(service, 1)
+    assert record.status == CANCELLED and [t.record_id for t in service.pool.tasks] == ["after"]
+    assert job.run.all_tasks == []
+
+
+def test_a_cancel_or_delete_before_the_run_begins_starts_no_run(service):
+    """Between `admit` and `launch` the job has no run yet: a cancel (or a delete) there is final, and the launch
+    then begins nothing."""
+    cancelled, deleted = SessionRecord(id="early"), SessionRecord(id="dropped")
+    with service.book.locked():
+        jobs = [service.admit(cancelled, service.test_plan(1)), service.admit(deleted, service.test_plan(2))]
+    assert service.cancel(jobs[0])
+    service.delete("dropped", [jobs[1]], delete_files=True)
+    service.launch(jobs)
+    admit(service, SessionRecord(id="later"))
+    submitted(service, 1)
+    assert [t.record_id for t in service.pool.tasks] == ["later"]
+    assert jobs[0].run is None and jobs[1].run is None and cancelled.status == CANCELLED
+
+
+def test_a_restart_while_the_old_run_writes_its_outputs_keeps_exactly_the_new_attempts(service):
+    """The old run has made its image and is writing it when a restart lands: the old run's outputs go, the new
+    attempt runs to completion and keeps its own (a restart near the end lost every output: the old run completed
+    the new attempt, the new run's completion was refused and released all of the owner's outputs)."""
+    record = SessionRecord(id="late")
+    job = admit(service, record)
+    first = submitted(service, 1)
+    real_add, restarted = service.outputs.add, []
+
+    def restart_during_the_write(*args, **kwargs):
+        buffer = real_add(*args, **kwargs)
+        if not restarted:
+            restarted.append(buffer.output_id)
+            service.restart(job)
+        return buffer
+
+    service.outputs.add = restart_during_the_write
+    service.pool.play(first)
+    second = submitted(service, 2)
+    wait_for(lambda: job.run.ended or record.status != PENDING or second.state == QUEUED)
+    assert record.attempt == 2 and record.status in (PENDING, RUNNING) and record.outputs == []
+    service.pool.play(second)
+    wait_for(lambda: record.status == COMPLETED)
+    (output,) = record.outputs
+    assert output["output_id"] != restarted[0] and service.outputs.get(output["output_id"]).pixels[0, 0, 0] == 7
+    assert service.outputs.count() == 1  # the old attempt's image is not kept
+    (stored,) = [r for r in service.store.load_records() if r.id == "late"]
+    assert stored.status == COMPLETED and stored.outputs == record.outputs
