@@ -135,14 +135,17 @@ class WorkflowRun:
         if self._steer(RunState.ACTIVE, self.pool.resume):  # paused between two steps: the next one begins
             self.cpu.submit(self._launch_next)
 
-    def _steer(self, target: RunState, tell: Callable[[DenoiseTask], None]) -> bool | None:
-        """Move to `target`, then tell the pool about every image still out; whether the run was paused
-        between two steps (None: it cannot go there)."""
+    def _steer(self, target: RunState, tell: Callable[[DenoiseTask], None],
+               error: WorkerError | None = None) -> bool | None:
+        """Move to `target` (ENDED: with `error`), then tell the pool about every image still out; whether the
+        run was paused between two steps (None: it cannot go there)."""
         with self._steering:
             with self._lock:
                 between_steps = self.state is RunState.PAUSED and not self.work
                 if not self._move(target):
                     return None
+                if target is RunState.ENDED:
+                    self.error = error
                 tasks = self._live_tasks()
             for task in tasks:
                 tell(task)
@@ -151,15 +154,8 @@ class WorkflowRun:
     def cancel(self) -> None:
         """Final at once: the run ends under `_steering`, so a launch either sees it and submits nothing, or
         came first and its images are among those cancelled here."""
-        with self._steering:
-            with self._lock:
-                if not self._move(RunState.ENDED):
-                    return
-                self.error = Cancelled("cancelled")
-                tasks = self._live_tasks()
-            for task in tasks:
-                self.pool.cancel(task)
-        self._tell_finished([])
+        if self._steer(RunState.ENDED, self.pool.cancel, Cancelled("cancelled")) is not None:
+            self._tell_finished([])
 
     # ---- progress, read by status calls ---------------------------------------------------
 

@@ -6,6 +6,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from embedded_worker.state import ALL_STATUSES
 
 from .conftest import generate, settle, wait_for
@@ -90,3 +92,79 @@ def test_deletes_racing_completion_leave_no_outputs_behind(model_cache, tmp_path
         assert rows == 0
     assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
     assert not [p for p in (tmp_path / "pixels").rglob("*") if p.is_file()]
+
+
+def burn_cpu(stop: threading.Event) -> None:
+    """A CPU-heavy neighbour in the same process: pure Python, so it fights the device thread for the GIL."""
+    while not stop.is_set():
+        sum(i * i for i in range(20_000))
+
+
+def mixed_storm(worker, seed: int, seconds: float = 4.0) -> None:
+    """3 batches of 4 items and 3 sessions; 6 threads fire pause / resume / cancel / restart / retry at random,
+    then everything left paused is resumed: every record ends final, nothing of a cancelled or replaced run is
+    left on the device, completed work holds its outputs and cancelled work none."""
+    sessions, batches = [f"ms{seed}-s{i}" for i in range(3)], [f"mb{seed}-b{i}" for i in range(3)]
+    for index, session_id in enumerate(sessions):
+        assert generate(worker, session_id=session_id, steps=10, seed=index, background=True)["success"]
+    for index, batch_id in enumerate(batches):
+        reply = worker.execute_batch(batch_id=batch_id, workflow_id="img-generation-basic",
+                                     parameters={"prompt": "p", "steps": 8, "seed": 100 * index, "total_images": 4})
+        assert reply["success"], reply
+    stop, problems = threading.Event(), []
+
+    def fire(thread_seed: int) -> None:
+        rng = random.Random(thread_seed)
+        while not stop.wait(0.002):
+            if rng.random() < 0.5:
+                reply = worker.control_session(session_id=rng.choice(sessions),
+                                               action=rng.choice(("pause", "resume", "cancel", "restart")))
+            else:
+                reply = worker.control_batch(batch_id=rng.choice(batches),
+                                             action=rng.choice(("pause", "resume", "cancel", "retry")))
+            if not reply["success"] and reply["error_code"] != "invalid_state":
+                problems.append(reply)
+
+    burner_stop = threading.Event()
+    burner = threading.Thread(target=burn_cpu, args=(burner_stop,), name="burner")
+    threads = [threading.Thread(target=fire, args=(1000 * seed + n,), name=f"fire-{n}") for n in range(6)]
+    burner.start()
+    for thread in threads:
+        thread.start()
+    try:
+        stop.wait(seconds)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        burner_stop.set()
+        burner.join(30)
+    assert not problems, problems[:3]
+
+    def batch_final(batch_id: str) -> bool:
+        status = worker.get_batch_status(batch_id=batch_id)
+        if status["status"] == "paused" or status.get("counts", {}).get("paused"):
+            worker.control_batch(batch_id=batch_id, action="resume")
+        return status["status"] in ("completed", "failed", "cancelled")
+
+    settle(worker, sessions)
+    wait_for(lambda: all([batch_final(b) for b in batches]), timeout=120, interval=0.05)
+    pool = worker._engine.pool
+    wait_for(lambda: pool.pending() == 0 and all(w.active_images == 0 for w in pool.workers), timeout=60)
+    for session_id in sessions:
+        final = worker.get_session_status(session_id=session_id)
+        assert len(final["outputs"]) == (1 if final["status"] == "completed" else 0), final
+    for batch_id in batches:
+        final = worker.get_batch_status(batch_id=batch_id, include_items=True)
+        for item in final["items"]:
+            assert len(item["outputs"]) == (1 if item["status"] == "completed" else 0), item
+
+
+def test_a_mixed_storm_over_batches_and_sessions_settles_with_a_cpu_burner_beside_it(make_worker):
+    mixed_storm(make_worker(scheduling={"coalesce_wait_ms": 2}), seed=0)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", range(1, 21))
+def test_more_mixed_storms_settle(make_worker, seed):
+    mixed_storm(make_worker(scheduling={"coalesce_wait_ms": 2}), seed=seed)
