@@ -14,7 +14,8 @@ Design notes
   30k finished rows, a 1-step session then took 15.7 s).
 - A pass deletes at most PRUNE_CHUNK records, then goes to the back of the
   pool's queue while more remain: live work queued meanwhile runs first,
-  and a start on 100k rows does one chunk before it accepts work.
+  and a start on 100k rows does one chunk before it accepts work. The
+  restore's own events ask for nothing: `start` looks once, after it.
 - Victims are chosen once (one sort of every record) and deleted over the
   passes that follow; each is checked again just before its delete, so one
   restarted meanwhile is left alone.
@@ -56,10 +57,11 @@ class Retention:
         self._job = threading.Lock()  # guards the two flags below
         self._scheduled = False  # a pass is queued or running on the CPU pool
         self._again = False  # asked for while a pass was scheduled: look again after it
+        self._started = False  # until `start`, events are the restore's: `start` looks at them all at once
 
     def record_event(self, record: Record, event: str) -> None:
         """After a session or batch finishes: ask for a prune, at most every PRUNE_INTERVAL."""
-        if record.kind == "item" or record.status not in FINAL or self.closing.is_set():
+        if record.kind == "item" or record.status not in FINAL or self.closing.is_set() or not self._started:
             return
         now = time.monotonic()
         if now - self._pruned_at >= PRUNE_INTERVAL_SECONDS or \
@@ -68,7 +70,9 @@ class Retention:
             self.schedule()
 
     def start(self) -> None:
-        """At start: one pass now (a few aged records are gone before the first request), the rest on the pool."""
+        """After the restore: one pass now (a few aged records are gone before the first request), the rest on
+        the pool."""
+        self._started = True
         if self.prune_some():
             self.schedule()
 
