@@ -208,12 +208,14 @@ class _CountedOwner:
     """An owner (a batch id) that counts how often the queue looks it up: one look per owner examined."""
 
     looked_at: set = set()
+    looks = 0
 
     def __init__(self, name: str):
         self.name = name
 
     def __hash__(self) -> int:
         _CountedOwner.looked_at.add(self.name)
+        _CountedOwner.looks += 1
         return hash(self.name)
 
     def __eq__(self, other) -> bool:
@@ -254,3 +256,24 @@ def test_an_admission_decision_looks_at_a_few_owners_not_at_every_waiting_one():
         assert taken == []
         examined[owners] = len({name for name in _CountedOwner.looked_at if name.startswith("waiting")})
     assert examined[4_000] <= 20 and examined[4_000] == examined[100], examined
+
+
+def test_previewing_at_every_step_does_not_make_later_choices_slower():
+    """Admission previews the next images at every step boundary (to weigh preemption) and puts them back,
+    each as its owner's head again: the work of a choice stays what it was at the first boundary."""
+    from embedded_worker.diffusion.task import BatchSizing
+
+    queue = WorkQueue(aging_per_second=0.1, policy="fair")
+    in_flight, bulk = _CountedOwner("in-flight"), _CountedOwner("bulk")
+    queue.put(DenoiseTask(ImageSpec(model_id="m", prompt="x"), 5, sizing=BatchSizing(in_flight, 4), submitted_at=0.0))
+    for index in range(20):
+        queue.put(DenoiseTask(ImageSpec(model_id="m", prompt="x"), 5, sizing=BatchSizing(bulk, 4),
+                              submitted_at=1.0 + index))
+    key = ImageSpec(model_id="m", prompt="").forward_key()
+    looks = []
+    with queue.cond:
+        for _ in range(300):
+            _CountedOwner.looks = 0
+            assert len(queue.preview(key, 1, {in_flight: 1})) == 1
+            looks.append(_CountedOwner.looks)
+    assert looks[-1] <= looks[1], looks[:3] + looks[-3:]

@@ -45,14 +45,16 @@ class OwnerHeads:
     """One forward key's waiting images: each owner's own heap in rank order, and per priority a heap of
     the owners' heads, so choosing the next owner looks at a few heads, never at every owner.
 
-    Every owner with images has exactly one published head item, (rank, submitted_at, order, owner) in
-    its head's priority heap, named by `head_order`, and it is live: a withdrawn head is replaced at once.
-    Items an owner's later head replaced are stale and dropped when they surface."""
+    Every owner with images has exactly one published head item, (rank, submitted_at, order, token,
+    owner) in its head's priority heap, named by the token in `published`, and it is live: a withdrawn head
+    is replaced at once. Items an owner's later head replaced are stale and dropped when they surface; a
+    fresh token each time keeps an entry that comes back as head (refused by a take) from counting twice."""
 
     def __init__(self):
         self.owners: dict[object, list[list]] = {}  # owner -> its entries, a heap by rank
         self.levels: dict[int, list[tuple]] = {}  # priority -> heap of head items
-        self.head_order: dict[object, int] = {}  # owner -> `order` of its published head
+        self.published: dict[object, tuple[int, list]] = {}  # owner -> (token of its head item, head entry)
+        self._tokens = itertools.count()
         self.live = 0  # entries not blanked
 
     def push(self, entry: list) -> None:
@@ -84,18 +86,19 @@ class OwnerHeads:
             heapq.heappop(heap)
         if not heap:
             self.owners.pop(owner, None)
-            self.head_order.pop(owner, None)
+            self.published.pop(owner, None)
             return None
         head = heap[0]
-        if self.head_order.get(owner) != head[2]:
-            self.head_order[owner] = head[2]
-            heapq.heappush(self.levels.setdefault(head[-1].priority, []), (head[0], head[1], head[2], owner))
+        if self.published.get(owner, (None, None))[1] is not head:
+            token = next(self._tokens)
+            self.published[owner] = (token, head)
+            heapq.heappush(self.levels.setdefault(head[-1].priority, []), (*head[:3], token, owner))
         return head
 
     def level_top(self, priority: int) -> tuple | None:
         """The most urgent owner's head item among heads of `priority`."""
         heap = self.levels.get(priority)
-        while heap and self.head_order.get(heap[0][3]) != heap[0][2]:
+        while heap and self.published.get(heap[0][4], (None,))[0] != heap[0][3]:
             heapq.heappop(heap)  # stale: the owner's head changed since
         return heap[0] if heap else None
 
@@ -108,14 +111,14 @@ class OwnerHeads:
                 del self.levels[priority]
             elif best is None or item[:3] < best[0][:3]:
                 best = (item, priority)
-        return (self.owners[best[0][3]][0], best[1]) if best else None
+        return (self.owners[best[0][4]][0], best[1]) if best else None
 
     def first_idle(self, priority: int, counts: dict) -> tuple | None:
         """The most urgent head item of `priority` whose owner has no image counted in `counts`. The owners
         skipped on the way are those in `counts`: few (the active set and what this admission took)."""
         skipped, found = [], None
         while (item := self.level_top(priority)) is not None:
-            if counts.get(item[3], 0) == 0:
+            if counts.get(item[4], 0) == 0:
                 found = item
                 break
             skipped.append(heapq.heappop(self.levels[priority]))
@@ -215,7 +218,7 @@ class WorkQueue:
                 candidates.append((count, tuple(head[:3]), owner))
         idle = lane.first_idle(level, in_flight)
         if idle is not None:
-            candidates.append((0, idle[:3], idle[3]))
+            candidates.append((0, idle[:3], idle[4]))
         return min(candidates, key=lambda candidate: candidate[:2])[2]
 
     def _in_order(self, key: tuple, in_flight: dict, popped: list[list]):
