@@ -12,16 +12,19 @@ import json
 import tempfile
 from pathlib import Path
 
+from .admission_bench import ADMISSION_TITLE, admission_rows
 from .cluster_bench import CLUSTER_TITLE, cluster_rows
 from .coalescing_bench import coalescing_rows, sweep, write_plots
 from .common import RESULTS, table, write_results
 from .host_bench import host_rows
 from .lifecycle_bench import LIFECYCLE_TITLE, lifecycle_rows
 from .preemption_bench import preemption_rows, write_timeline
+from .prune_bench import PRUNE_TITLE, prune_rows
 from .worker_bench import durability_rows, status_rows, throughput_against_pipeline, tiny_pipeline
 
 
-PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "durability", "lifecycle", "host", "cluster")
+PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "admission", "durability", "prune", "lifecycle",
+         "host", "cluster")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         preemption, preemption_notes = preemption_rows(args.model_cache, rounds=max(1, rounds // 2))
         timelines = preemption_notes.pop("timelines")
         sections["Interactive during bulk: a 1-image session against a 48-item batch (tiny SD, 20 steps)"] = preemption
+    if "admission" in parts:
+        sections[ADMISSION_TITLE] = admission_rows(args.quick)
     if "durability" in parts:
         sections["What durability costs: batches of 8 with state in memory or in SQLite with synced files"] = \
             durability_rows(args.model_cache, rounds)
+    if "prune" in parts:
+        sections[PRUNE_TITLE] = prune_rows(args.model_cache, args.quick)
     lifecycle_notes = {}
     if "lifecycle" in parts:
         sections[LIFECYCLE_TITLE], lifecycle_notes = lifecycle_rows(args.model_cache, rounds)

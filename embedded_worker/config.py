@@ -73,6 +73,9 @@ class SchedulingConfig(BaseModel):
     preempt: StrictBool = Field(
         True, description="park less urgent images at a step boundary when more urgent ones wait and the device is "
         "full (and, under fair, an owner far over its share), and size an urgent image's forward by learned cost")
+    max_preemptions_per_image: StrictInt = Field(
+        2, ge=0, description="how often one image may be preempted; past it, it runs to its end and more urgent "
+        "work waits for it (one image of a 12-step run was preempted 7 times)")
     workers_per_device: StrictInt = Field(1, ge=1, le=8)
     cpu_threads: StrictInt = Field(2, ge=1, le=32, description="postprocessing and encoding pool")
 

@@ -88,7 +88,7 @@ class Engine:
         self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
         self.recovery_report = restore(self.store, self.book, self.jobs, self.sessions, self.batches,
                                        config.recovery)
-        self.retention.prune()
+        self.retention.start()
 
     def _model_known(self, model_id: str) -> bool:
         try:

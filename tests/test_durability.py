@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,51 @@ def test_work_restored_failed_or_finished_can_be_restarted_retried_and_deleted(d
         assert getattr(second, command)(**{key: record_id})["success"]
     assert second.get_status()["processing"]["sessions"]["total"] == 0
     assert second.get_status()["processing"]["batches"]["total"] == 0
+
+
+def test_a_start_on_a_big_prune_backlog_queues_one_prune_at_a_time_and_live_work_still_runs(
+        model_cache, tmp_path, monkeypatch):
+    """Every final event over `max_finished` (each deletion's own included) used to queue a prune on the CPU
+    pool that runs' continuations use: thousands queued at a start on a big store, and live work waited
+    behind them. Now one pass waits at most; a pass held in the middle of the backlog leaves the other CPU
+    thread to a live session, which completes while the backlog is still there."""
+    from benchmarks.prune_bench import PruneCounter, write_finished_sessions
+    from embedded_worker import engine as engine_module
+    from embedded_worker.retention import PRUNE_CHUNK
+    from embedded_worker.sessions import SessionService
+
+    rows, keep = 20 * PRUNE_CHUNK, 10
+    state = tmp_path / "state" / "state.sqlite3"
+    state.parent.mkdir()
+    write_finished_sessions(state, rows)
+    counter = PruneCounter()
+    monkeypatch.setattr(engine_module, "ThreadPoolExecutor", counter.pool_class())
+    started, held, release = threading.Event(), threading.Event(), threading.Event()
+    delete = SessionService.delete
+
+    def held_delete(self, request):  # a pass on the pool, once the worker is up, stops here until let go
+        if started.is_set() and threading.current_thread().name.startswith("ew-post") and not held.is_set():
+            held.set()
+            release.wait(120)
+        return delete(self, request)
+
+    monkeypatch.setattr(SessionService, "delete", held_delete)
+    worker = ProcessingWorker(WorkerConfig.model_validate({
+        "model_cache_dir": str(model_cache), "state_path": str(state), "default_model": "builtin:tiny-sd",
+        "workflows_dir": None, "retention": {"max_finished": keep}}))
+    try:
+        started.set()
+        book = worker._engine.book
+        assert counter.most_waiting <= 1, f"{counter.most_waiting} prune tasks waited at once at the start"
+        assert held.wait(60), "no prune pass ran on the pool after the start"
+        reply = generate(worker, session_id="live", steps=1, background=False)
+        assert reply["status"] == "completed"
+        assert len(book.sessions) > keep + PRUNE_CHUNK  # the backlog was there all along
+        release.set()
+        wait_for(lambda: len(book.sessions) == keep, timeout=120)
+        assert "live" in book.sessions  # the newest stays
+        assert counter.most_waiting <= 1, f"{counter.most_waiting} prune tasks waited at once"
+        assert counter.queued <= rows // PRUNE_CHUNK + 5, f"{counter.queued} prune tasks for {rows} rows"
+    finally:
+        release.set()
+        worker.close(timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 
 import numpy as np
@@ -107,3 +108,172 @@ def test_max_batch_size_caps_the_images_in_one_forward(make_worker, size):
     assert reply["status"] == "completed"
     assert max(pipe_rows) == 2 * size  # two rows per image with guidance
     assert np.sum(pipe_rows) == 2 * 5 * 3  # DDIM: one forward per step
+
+
+class _ReferenceQueue:
+    """The admission policy written the plain way, over a list: what WorkQueue must choose, image by image.
+
+    Urgency is (aged rank, submitted_at, put order), lower first. fifo: the most urgent image. fair: among
+    the owners' most urgent images of that image's priority, the owner with the fewest images in flight
+    (counting what this admission took), then the most urgent."""
+
+    def __init__(self, aging_per_second: float, policy: str):
+        self.aging_per_second, self.policy = aging_per_second, policy
+        self.waiting: list[tuple[tuple, DenoiseTask]] = []
+        self.puts = 0
+
+    def put(self, task: DenoiseTask) -> None:
+        rank = self.aging_per_second * task.submitted_at - task.priority
+        self.waiting.append(((rank, task.submitted_at, self.puts), task))
+        self.puts += 1
+
+    def remove(self, task: DenoiseTask) -> None:
+        self.waiting = [(urgency, t) for urgency, t in self.waiting if t is not task]
+
+    def of(self, key: tuple) -> list[tuple[tuple, DenoiseTask]]:
+        return [(urgency, t) for urgency, t in self.waiting if t.spec.forward_key() == key]
+
+    def best_key(self) -> tuple | None:
+        return min(self.waiting, key=lambda w: w[0])[1].spec.forward_key() if self.waiting else None
+
+    def order(self, key: tuple, in_flight: dict) -> list[DenoiseTask]:
+        left, counts, order = self.of(key), dict(in_flight), []
+        while left:
+            heads: dict = {}
+            for urgency, task in left:
+                if task.owner not in heads or urgency < heads[task.owner][0]:
+                    heads[task.owner] = (urgency, task)
+            best = min(heads.values(), key=lambda head: head[0])
+            if self.policy == "fair":
+                peers = [head for head in heads.values() if head[1].priority == best[1].priority]
+                best = min(peers, key=lambda head: (counts.get(head[1].owner, 0), head[0]))
+            order.append(best[1])
+            left.remove(best)
+            counts[best[1].owner] = counts.get(best[1].owner, 0) + 1
+        return order
+
+
+def test_the_queue_chooses_exactly_what_the_plain_policy_chooses_over_random_queues():
+    """Property-style, seeded: random puts (sessions and batches, priorities, equal times), withdrawals,
+    re-puts of taken images (as a preemption does), takes that refuse some images, previews, under both
+    policies and several aging rates; every choice equals the reference's."""
+    from embedded_worker.diffusion.task import BatchSizing
+
+    rng = random.Random(23)
+    for round_ in range(300):
+        policy = rng.choice(["fair", "fifo"])
+        aging = rng.choice([0.0, 0.1, 2.0])
+        queue, reference = WorkQueue(aging, policy), _ReferenceQueue(aging, policy)
+        owners = [f"batch-{n}" for n in range(rng.randint(1, 6))] + [None] * rng.randint(0, 6)
+        models = ["m", "n"][: rng.randint(1, 2)]
+        queued: list[DenoiseTask] = []
+        for step in range(rng.randint(5, 60)):
+            action = rng.random()
+            if action < 0.5 or not queued:
+                owner = rng.choice(owners)
+                task = DenoiseTask(ImageSpec(model_id=rng.choice(models), prompt=f"{round_}-{step}"),
+                                   rng.randint(1, 10), sizing=BatchSizing(owner, 8) if owner else None,
+                                   submitted_at=float(rng.randint(0, 20)), record_id=f"s-{rng.randint(0, 5)}")
+                queue.put(task)
+                reference.put(task)
+                queued.append(task)
+            elif action < 0.6:
+                task = queued.pop(rng.randrange(len(queued)))
+                assert queue.withdraw(task, "parked")
+                reference.remove(task)
+            else:
+                key = rng.choice([t.spec.forward_key() for t in queued])
+                in_flight = {rng.choice(owners + ["s-1", "s-2"]): rng.randint(1, 4) for _ in range(rng.randint(0, 3))}
+                limit = rng.randint(0, 6)
+                refused = {id(t) for t in queued if rng.random() < 0.2}
+                expected = reference.order(key, in_flight)
+                with queue.cond:
+                    assert queue.best_key() == reference.best_key()
+                    assert queue.peek(key) is min(reference.of(key), key=lambda w: w[0])[1]
+                    assert queue.preview(key, limit, in_flight) == expected[:limit]
+                    taken = queue.take(key, limit, lambda t: id(t) not in refused, in_flight)
+                assert taken == [t for t in expected if id(t) not in refused][:limit]
+                for task in taken:
+                    reference.remove(task)
+                    queued.remove(task)
+                    if rng.random() < 0.3:  # preempted: back in the queue at its old rank
+                        queue.put(task)
+                        reference.put(task)
+                        queued.append(task)
+                assert queue.count(key) == len(reference.of(key))
+            assert queue.pending() == len(reference.waiting)
+
+
+class _CountedOwner:
+    """An owner (a batch id) that counts how often the queue looks it up: one look per owner examined."""
+
+    looked_at: set = set()
+    looks = 0
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __hash__(self) -> int:
+        _CountedOwner.looked_at.add(self.name)
+        _CountedOwner.looks += 1
+        return hash(self.name)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _CountedOwner) and other.name == self.name
+
+
+def test_an_admission_decision_looks_at_a_few_owners_not_at_every_waiting_one():
+    """The device thread decides under the queue lock at every step boundary: with 4,000 owners waiting it
+    used to examine all 4,000 heads several times per decision (41 ms median, 181 ms p99). A decision now
+    examines the owners in flight and a few heads, however many wait."""
+    from embedded_worker.diffusion.admission import Admission
+    from embedded_worker.diffusion.memory import BatchSizer
+    from embedded_worker.diffusion.task import BatchSizing
+
+    class NoMemoryLimit:
+        def recommend(self, key, threshold):
+            return None
+
+    examined = {}
+    for owners in (100, 4_000):
+        queue = WorkQueue(aging_per_second=0.1, policy="fair")
+        active = []
+        for index in range(8):  # a full device, one image each of eight owners
+            task = DenoiseTask(ImageSpec(model_id="m", prompt="active"), 5,
+                               sizing=BatchSizing(_CountedOwner(f"active-{index}"), 8), submitted_at=float(index))
+            task.step, task.total_steps = 5, 20
+            active.append(task)
+        for index in range(owners):
+            queue.put(DenoiseTask(ImageSpec(model_id="m", prompt="waiting"), 5,
+                                  sizing=BatchSizing(_CountedOwner(f"waiting-{index}"), 8),
+                                  submitted_at=100.0 + index))
+        admission = Admission(queue, BatchSizer(NoMemoryLimit(), 8), 0.0, True, 2)
+        admission.key = active[0].spec.forward_key()
+        with queue.cond:
+            admission.decide(active)  # the first decision may tidy what the puts left
+            _CountedOwner.looked_at = set()
+            taken, _ = admission.decide(active)
+        assert taken == []
+        examined[owners] = len({name for name in _CountedOwner.looked_at if name.startswith("waiting")})
+    assert examined[4_000] <= 20 and examined[4_000] == examined[100], examined
+
+
+def test_previewing_at_every_step_does_not_make_later_choices_slower():
+    """Admission previews the next images at every step boundary (to weigh preemption) and puts them back,
+    each as its owner's head again: the work of a choice stays what it was at the first boundary."""
+    from embedded_worker.diffusion.task import BatchSizing
+
+    queue = WorkQueue(aging_per_second=0.1, policy="fair")
+    in_flight, bulk = _CountedOwner("in-flight"), _CountedOwner("bulk")
+    queue.put(DenoiseTask(ImageSpec(model_id="m", prompt="x"), 5, sizing=BatchSizing(in_flight, 4), submitted_at=0.0))
+    for index in range(20):
+        queue.put(DenoiseTask(ImageSpec(model_id="m", prompt="x"), 5, sizing=BatchSizing(bulk, 4),
+                              submitted_at=1.0 + index))
+    key = ImageSpec(model_id="m", prompt="").forward_key()
+    looks = []
+    with queue.cond:
+        for _ in range(300):
+            _CountedOwner.looks = 0
+            assert len(queue.preview(key, 1, {in_flight: 1})) == 1
+            looks.append(_CountedOwner.looks)
+    assert looks[-1] <= looks[1], looks[:3] + looks[-3:]

@@ -156,3 +156,54 @@ def test_short_soak(model_cache, tmp_path):
 @pytest.mark.soak
 def test_soak(model_cache, tmp_path):
     soak(model_cache, tmp_path, sessions=200, threads=16, seconds=60)
+
+
+def prune_storm(model_cache, tmp_path, monkeypatch, rows: int, sessions: int) -> dict:
+    """A start on `rows` finished sessions with `max_finished` far below them, `sessions` live sessions
+    submitted at once from four threads while the backlog is pruned: each completes with its outputs, at
+    most one prune task waits on the CPU pool at any time, and the backlog ends at `max_finished`."""
+    from benchmarks.prune_bench import PruneCounter, write_finished_sessions
+    from embedded_worker import engine as engine_module
+
+    keep = 1_000
+    state = tmp_path / "state.sqlite3"
+    write_finished_sessions(state, rows)
+    counter = PruneCounter()
+    monkeypatch.setattr(engine_module, "ThreadPoolExecutor", counter.pool_class())
+    worker = ProcessingWorker(WorkerConfig(model_cache_dir=model_cache, state_path=str(state),
+                                           retention={"max_finished": keep}, limits={"max_queued_work": 10_000},
+                                           scheduling={"coalesce_wait_ms": 5}, default_model="builtin:tiny-sd"))
+    try:
+        backlog_at_start = len(worker._engine.book.sessions) - keep
+        ids = [f"live-{n}" for n in range(sessions)]
+
+        def submit(share: list[str]) -> None:
+            for session_id in share:
+                reply = worker.execute_workflow(session_id=session_id, workflow_id="img-generation-basic",
+                                                parameters={"prompt": session_id, "steps": 3, "seed": 1})
+                assert reply["success"], reply
+
+        submitters = [threading.Thread(target=submit, args=(ids[n::4],)) for n in range(4)]
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join(120)
+        finals = settle(worker, ids, timeout=600)
+        backlog_when_settled = len(worker._engine.book.sessions) - keep
+        wait_for(lambda: len(worker._engine.book.sessions) <= keep, timeout=600)
+        lost = [s for s, r in finals.items() if r["status"] != "completed" or not r["outputs"]]
+        summary = {"rows": rows, "sessions": sessions, "backlog_at_start": backlog_at_start,
+                   "backlog_when_settled": backlog_when_settled, "prune_tasks": counter.queued,
+                   "most_prune_tasks_waiting": counter.most_waiting, "lost": len(lost)}
+        print("\nprune storm held: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        assert lost == []
+        assert all(s in worker._engine.book.sessions for s in ids)  # the newest are kept
+        assert counter.most_waiting <= 1
+        return summary
+    finally:
+        worker.close(timeout=60)
+
+
+@pytest.mark.soak
+def test_soak_prune_storm(model_cache, tmp_path, monkeypatch):
+    prune_storm(model_cache, tmp_path, monkeypatch, rows=30_000, sessions=40)

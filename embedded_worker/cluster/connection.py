@@ -148,7 +148,7 @@ def remote_worker_factory(config, connection: ClusterConnection, queue, events, 
     def make(index: int) -> RemoteDeviceWorker:
         monitor = MemoryMonitor(ReportedProbe())
         admission = Admission(queue, BatchSizer(monitor, window), config.scheduling.coalesce_wait_ms / 1000.0,
-                              preempt=False)
+                              preempt=False, max_preemptions=config.scheduling.max_preemptions_per_image)
         return RemoteDeviceWorker(f"ew-ray-{index}", index, spawn, queue, admission, monitor, events,
                                   mark_on_device, window)
 

@@ -136,6 +136,7 @@ class RemoteDeviceWorker(WorkerThread):
             "images_done": self.counters.images_done,
             "cohorts_started": self.counters.cohorts_started,
             "preemptions": 0,
+            "preempted_images": 0,
             "out_of_memory_events": 0,
             "actor_deaths": self.actor_deaths,
         }

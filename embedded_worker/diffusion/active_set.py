@@ -112,6 +112,8 @@ class ActiveSet:
             if reason == PREEMPT and not self.queue.closed:
                 task.parked = cohort
                 task.preemptions += 1
+                if task.preemptions == 1:
+                    self.counters.preempted_images += 1
                 task.parked_at_step = task.step
                 task.waiting_for_device = f"waiting for the device (preempted by {task.preempted_by})"
                 task.eta_seconds = eta_after_preemption(task)

@@ -16,7 +16,10 @@ Design notes
   flight), the less urgent image is asked to leave at the next step
   boundary (`PREEMPT`); the worker parks it exactly as a pause does and puts
   it back in the queue at its old rank. Not again before it made a step of
-  progress, and never for less than one step of gain.
+  progress, never for less than one step of gain, and never more than
+  `max_preemptions` times (`scheduling.max_preemptions_per_image`): a
+  stream of urgent arrivals would otherwise park the same image at every
+  boundary (7 times in one 12-step run).
 - Cost-aware admission: while images of a higher priority run, lower ones
   join their forward only while that costs the urgent images less than one
   of their steps over their remaining run, judged on learned seconds per
@@ -37,11 +40,13 @@ from .work_queue import WorkQueue
 
 
 class Admission:
-    def __init__(self, queue: WorkQueue, sizer: BatchSizer, coalesce_wait_s: float, preempt: bool):
+    def __init__(self, queue: WorkQueue, sizer: BatchSizer, coalesce_wait_s: float, preempt: bool,
+                 max_preemptions: int):
         self.queue = queue
         self.sizer = sizer
         self.coalesce_wait_s = coalesce_wait_s
         self.preempt = preempt
+        self.max_preemptions = max_preemptions  # per image: past it, it runs to its end
         self.forward_times = ForwardTimes()
         self.capacity = sizer.max_batch_size
         self.capacity_reason = "configured"
@@ -81,12 +86,14 @@ class Admission:
         return queue.take(self.key, limit, self._acceptor(active), in_flight), None
 
     def _preemptible(self, active: list[DenoiseTask]) -> list[DenoiseTask]:
-        """Active images that may be parked now: not alone by isolation, not already leaving, progressed
-        since they were last parked, and with more than one step left (a last step gains nobody anything)."""
+        """Active images that may be parked now: not alone by isolation, not already leaving, preempted
+        fewer than `max_preemptions` times, progressed since they were last parked, and with more than one
+        step left (a last step gains nobody anything)."""
         if any(t.isolated for t in active):
             return []
         return [t for t in active
                 if t.leaving is None
+                and t.preemptions < self.max_preemptions
                 and (t.parked_at_step is None or t.step > t.parked_at_step)
                 and t.total_steps - t.step > 1]
 

@@ -85,7 +85,7 @@ class DevicePool:
             catalog=self.catalog,
             monitor=self.monitors[str(device)],
             admission=Admission(self.queue, self.sizers[str(device)], scheduling.coalesce_wait_ms / 1000.0,
-                                scheduling.preempt),
+                                scheduling.preempt, scheduling.max_preemptions_per_image),
             events=self.events,
             mark_on_device=self.mark_on_device,
             max_loaded_models=self.config.max_loaded_models,

@@ -45,6 +45,7 @@ log = logging.getLogger("embedded_worker.device")
 class WorkerCounters:
     forwards: int = 0
     preemptions: int = 0
+    preempted_images: int = 0  # images preempted at least once: preemptions / preempted_images is the churn
     steps: int = 0
     images_done: int = 0
     cohorts_started: int = 0
@@ -114,6 +115,7 @@ class DeviceWorker(WorkerThread):
             "images_done": self.counters.images_done,
             "cohorts_started": self.counters.cohorts_started,
             "preemptions": self.counters.preemptions,
+            "preempted_images": self.counters.preempted_images,
             "out_of_memory_events": self.counters.out_of_memory,
         }
 

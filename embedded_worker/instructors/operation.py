@@ -82,6 +82,7 @@ class OperationInstructor:
             metrics = engine.batches.current_metrics()
         pool = engine.pool.status()
         workers = [{key: worker[key] for key in ("name", "device", "capacity", "active_images", "seconds_per_step",
-                                                 "forwards", "images_done", "out_of_memory_events")}
+                                                 "forwards", "images_done", "preemptions", "preempted_images",
+                                                 "out_of_memory_events")}
                    for worker in pool["workers"]]
         return {"metrics": metrics, "workers": workers, "queued_images": pool["queued_images"]}
