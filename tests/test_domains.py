@@ -116,6 +116,58 @@ def test_a_model_that_fails_to_load_is_not_left_registered(make_worker, model_co
     assert "named-then-refused" not in [m["model_id"] for m in worker.execute("model.list", {})["models"]]
 
 
+def sources(worker) -> dict[str, str]:
+    return {m["model_id"]: m["source"] for m in worker.execute("model.list", {})["models"]}
+
+
+@pytest.mark.parametrize("model_id", ["builtin:tiny-sd", "builtin:shapes", "configured"])
+def test_a_request_cannot_redefine_a_built_in_or_configured_model(make_worker, model_copy, model_id):
+    """Every caller's sessions run on these ids: a request that names a folder for one is refused (as a
+    direct load or as a coordination's step), and the id keeps its model."""
+    worker = make_worker(allowed_roots=[str(model_copy.parent)], models={"configured": str(model_copy)})
+    before = sources(worker)
+    loaded = worker.execute("model.load_model", {"model_id": model_id, "path": str(model_copy)})
+    assert loaded["error_code"] == "invalid_request" and f"'{model_id}'" in loaded["error"], loaded
+    assert "cannot be redefined" in loaded["error"]
+    stepped = worker.execute_workflow(domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": model_id, "path": str(model_copy)}},
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "x", "steps": 2}}])
+    assert stepped["error_code"] == "invalid_request" and f"'{model_id}'" in stepped["error"], stepped
+    assert sources(worker) == before
+
+
+def test_a_model_id_a_request_named_keeps_its_folder(make_worker, model_copy):
+    """Loading it again from the same folder is fine; naming another folder as it is refused: the pipeline
+    a device worker holds for the id would otherwise answer for the new folder."""
+    other = model_copy.parent / "other-sd"
+    shutil.copytree(model_copy, other)
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    assert worker.execute("model.load", {"model_id": "mine", "path": str(model_copy)})["loaded"]
+    assert worker.execute("model.load", {"model_id": "mine", "path": str(model_copy)})["loaded"]
+    moved = worker.execute("model.load", {"model_id": "mine", "path": str(other)})
+    assert moved["error_code"] == "invalid_request" and "'mine' already names" in moved["error"]
+    assert sources(worker)["mine"] == str(model_copy)
+    twice = worker.execute_workflow(domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "two", "path": str(model_copy)}},
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "two", "path": str(other)}}])
+    assert twice["error_code"] == "invalid_request" and "two folders" in twice["error"]
+    assert "two" not in sources(worker)
+
+
+def test_a_request_refused_after_planning_registers_no_model(make_worker, model_copy):
+    """An id collision is found after the plan is made: the model the request names stays unknown."""
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    batch = worker.execute_batch(batch_id="taken", workflow_id="img-generation-basic",
+                                 parameters={"steps": 1, "total_images": 1})
+    assert batch["success"], batch
+    refused = worker.execute_workflow(session_id="taken", domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "collider",
+                                                                      "path": str(model_copy)}},
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "x", "steps": 2}}])
+    assert refused["error_code"] == "invalid_request" and "already the id of" in refused["error"], refused
+    assert "collider" not in sources(worker)
+
+
 def test_the_image_limit_counts_images_through_every_step(make_worker):
     """text2img x4 then img2img x4 makes 16 images: more than max_items 4, refused before anything runs."""
     worker = make_worker(limits={"max_items": 4})
