@@ -54,6 +54,17 @@ class RunPlan:
     file_quality: int = 90
     models: dict[str, Path] = field(default_factory=dict)  # model id -> the folder the request names for it
 
+    @property
+    def run_steps(self) -> int:
+        """What its run time grows with: denoising steps end to end, a CPU step counting as one; the steps
+        of one parallel wave run at once, so a wave counts its longest."""
+        if not self.parallel:
+            return sum(step.weight for step in self.steps)
+        waves: dict[int, int] = {}
+        for step in self.steps:
+            waves[step.wave] = max(waves.get(step.wave, 0), step.weight)
+        return sum(waves.values())
+
 
 class Planner:
     def __init__(self, config: WorkerConfig, models: ModelCatalog, outputs: OutputStore):
@@ -81,6 +92,9 @@ class Planner:
         they wait, in a second wave, until the model steps are done. A device step that names no model
         uses the model the request loads (the last load before it, in sequence). Model folders the request
         names are registered only when it is accepted (`register`): a refused request changes nothing."""
+        limit = self.config.limits.max_operations
+        if len(domains) > limit:
+            raise InvalidRequest(f"domains: {len(domains)} operations, more than limits.max_operations ({limit})")
         parsed: list[tuple[Operation, OperationParams, list[StepImage]]] = []
         folders: dict[str, Path] = {}  # model id -> the folder a model step names for it
         for index, item in enumerate(domains):
@@ -139,6 +153,7 @@ class Planner:
 
     def _finish(self, plan: RunPlan, prefix: Callable[[PlannedStep], str]) -> RunPlan:
         self._check_image_count(plan, prefix)
+        self._check_denoising_steps(plan, prefix)
         for step in plan.steps:
             if step.operation.name in ("encode", "save"):
                 plan.file_format = step.params.format
@@ -163,6 +178,18 @@ class Planner:
             if counted > limit:
                 raise InvalidRequest(f"{prefix(step)}num_images: the request makes {counted} images, "
                                      f"more than the limit of {limit}")
+
+    def _check_denoising_steps(self, plan: RunPlan, prefix: Callable[[PlannedStep], str]) -> None:
+        """`limits.max_denoising_steps` bounds one session's device work, summed over its operations:
+        `max_steps` bounds one operation only, and a coordination may list many."""
+        limit = self.config.limits.max_denoising_steps
+        total = 0
+        for step in plan.steps:
+            if step.operation.on_device and step.operation.answers is None:
+                total += step.params.steps
+                if total > limit:
+                    raise InvalidRequest(f"{prefix(step)}steps: the request runs {total} denoising steps by here, "
+                                         f"more than limits.max_denoising_steps ({limit})")
 
     def _operation_params(self, operation: Operation, values: dict, prefix: str) -> OperationParams:
         return parse(operation.params, values, prefix=prefix, context={"limits": self.config.limits})

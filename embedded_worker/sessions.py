@@ -28,6 +28,7 @@ from .protocol import (
 from .state import COMPLETED, FINAL, PAUSED, PENDING, RUNNING, SessionRecord, StateBook
 from .workflows.catalog import WorkflowCatalog
 
+COORDINATION_SECONDS_PER_STEP = 0.25  # a coordination's estimate before any step was measured (20 steps: 5 s)
 PAUSE_WAIT_SECONDS = 30.0  # one step boundary away; a loaded machine may take seconds to reach it
 log = logging.getLogger("embedded_worker.sessions")
 
@@ -98,7 +99,7 @@ class SessionService:
                     for i, s in enumerate(plan.steps)
                 ],
             }
-            return plan, workflow, 5.0
+            return plan, workflow, plan.run_steps * COORDINATION_SECONDS_PER_STEP
         definition = self.workflows.take_for_run(request.workflow_id)
         plan = self.planner.for_workflow(definition, request.parameters)
         return plan, self.workflows.describe(definition.id), definition.estimated_duration

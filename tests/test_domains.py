@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 import torch
 
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
+
+from .conftest import pipeline_of, wait_for
 
 
 @pytest.fixture
@@ -186,3 +189,50 @@ def test_the_image_limit_counts_images_through_every_step(make_worker):
         {"domain": "inference", "operation": "img2img", "parameters": {"prompt": "b", "num_images": 2,
                                                                        "steps": 2}}])
     assert within["status"] == "completed" and len(within["outputs"]) == 4
+
+
+def text2img(steps: int) -> dict:
+    return {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a", "steps": steps}}
+
+
+def test_a_coordination_is_bounded_in_operations_and_in_denoising_steps(make_worker):
+    """max_steps bounds one operation; a coordination may list many, so their number and their summed
+    denoising steps have limits of their own, refused before anything is accepted."""
+    worker = make_worker()
+    status = {"domain": "device", "operation": "get_status", "parameters": {}}
+    many = worker.execute_workflow(domains=[status] * 20_000)
+    assert many["error_code"] == "invalid_request" and "limits.max_operations (100)" in many["error"], many
+    long = worker.execute_workflow(domains=[text2img(150)] * 21)  # 3,150 steps, each operation within max_steps
+    assert long["error_code"] == "invalid_request" and "limits.max_denoising_steps (3000)" in long["error"]
+    assert long["error"].startswith("domains.20.parameters.steps: the request runs 3150 denoising steps")
+    tight = make_worker(limits={"max_operations": 2, "max_denoising_steps": 10})
+    assert "max_operations" in tight.execute_workflow(domains=[status] * 3)["error"]
+    assert "max_denoising_steps" in tight.execute_workflow(domains=[text2img(6), text2img(5)])["error"]
+    assert worker.list_sessions()["total"] == tight.list_sessions()["total"] == 0
+
+
+def test_a_coordinations_estimate_is_the_sum_of_its_steps(worker):
+    """Before any step was measured (the device is held inside its first forward) the estimate is in
+    proportion to the steps; once measured, more steps still estimate longer."""
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(*_args) -> None:
+        reached.set()
+        release.wait(300)
+
+    handle = pipeline_of(worker).unet.register_forward_hook(hold)
+    try:
+        first = worker.execute_workflow(domains=[text2img(1)])
+        assert reached.wait(300)
+        one = worker.execute_workflow(domains=[text2img(2)])
+        three = worker.execute_workflow(domains=[text2img(2)] * 3)
+        assert one["estimated_time"] > 0 and three["estimated_time"] == pytest.approx(3 * one["estimated_time"])
+    finally:
+        handle.remove()
+        release.set()
+    for session in (one, three):
+        worker.control_session(session_id=session["session_id"], action="cancel")
+    wait_for(lambda: worker.get_session_status(session_id=first["session_id"])["status"] == "completed")
+    one = worker.execute_workflow(domains=[text2img(2)])
+    three = worker.execute_workflow(domains=[text2img(2)] * 3)
+    assert three["estimated_time"] > one["estimated_time"] > 0
