@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedded_worker")
 EXIT_CLOSE_SECONDS = 10.0  # how long the exit waits for the device threads' step boundary, before close's grace
 
-_open: dict[int, ProcessingWorker] = {}  # id -> worker, in the order they opened; guarded by _lock
+# id -> worker, in the order they opened; guarded by _lock. Held strongly: an open worker's threads run on
+# whether or not the host still holds it, so it must still be closed at exit
+_open: dict[int, ProcessingWorker] = {}
 _lock = threading.Lock()
 _hooked = False  # guarded by _lock
 
