@@ -42,6 +42,9 @@ class Limits(BaseModel):
     max_image_side: StrictInt = Field(2048, ge=8)
     max_steps: StrictInt = Field(150, ge=1)
     max_items: StrictInt = Field(1000, ge=1, description="items of one batch or images of one session")
+    max_operations: StrictInt = Field(100, ge=1, description="operations of one coordination (its domains)")
+    max_denoising_steps: StrictInt = Field(
+        3000, ge=1, description="denoising steps of one session, summed over its operations (20 at max_steps)")
     max_prompt_chars: StrictInt = Field(4000, ge=1)
 
 

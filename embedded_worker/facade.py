@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import interpreter_exit
 from .batch_tracker import BatchProgressTracker
 from .call_shapes import id_request, json_reply, json_text, polled_id, request_data, snake_case
 from .config import WorkerConfig
@@ -76,6 +77,7 @@ class ProcessingWorker:
             log.removeHandler(self._logs)  # a worker that never started leaves nothing attached
             raise
         self._closed = threading.Event()
+        interpreter_exit.opened(self)  # closed at the interpreter's exit if the host never closes it
         self._instructors = {
             "device": DeviceInstructor(self._engine),
             "model": ModelInstructor(self._engine),
@@ -343,6 +345,7 @@ class ProcessingWorker:
             return failure(InternalError(f"close failed: {error}"))
         finally:
             log.removeHandler(self._logs)
+            interpreter_exit.closed(self)
         return ok(closed=True, threads_stopped=stopped)
 
     @property

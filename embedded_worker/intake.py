@@ -51,10 +51,12 @@ class Intake:
                               "resumes at the next start", details={"status": record.status})
 
     def estimate(self, plan: RunPlan, fallback_seconds: float) -> tuple[float, float]:
-        """(queue wait, run time) in seconds from measured step times; the fallback before any."""
+        """(queue wait, run time) in seconds from measured step times; the fallback before any. The run
+        takes every step of the plan (`run_steps`); the images queued ahead are taken to be like its
+        longest operation."""
         per_step = self.pool.seconds_per_step()
-        steps = max((getattr(s.params, "steps", 0) for s in plan.steps if s.operation.on_device), default=0)
         if per_step is None:
             return 0.0, fallback_seconds
+        steps = max((getattr(s.params, "steps", 0) for s in plan.steps if s.operation.on_device), default=0)
         queued_forwards = self.pool.pending() / self.max_batch_size
-        return queued_forwards * steps * per_step, steps * per_step
+        return queued_forwards * steps * per_step, plan.run_steps * per_step

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from .config import WorkerConfig
-from .diffusion.models import ModelCatalog
+from .diffusion.models import ModelCatalog, check_model_folder
 from .errors import InvalidRequest, NotFound
 from .operations import OPERATIONS, ModelParams, Operation, OperationParams, StepImage
 from .outputs import INPUT_PREFIX, OUTPUT_PREFIX, OutputStore
@@ -52,6 +52,18 @@ class RunPlan:
     workflow_id: str | None
     file_format: str = "png"
     file_quality: int = 90
+    models: dict[str, Path] = field(default_factory=dict)  # model id -> the folder the request names for it
+
+    @property
+    def run_steps(self) -> int:
+        """What its run time grows with: denoising steps end to end, a CPU step counting as one; the steps
+        of one parallel wave run at once, so a wave counts its longest."""
+        if not self.parallel:
+            return sum(step.weight for step in self.steps)
+        waves: dict[int, int] = {}
+        for step in self.steps:
+            waves[step.wave] = max(waves.get(step.wave, 0), step.weight)
+        return sum(waves.values())
 
 
 class Planner:
@@ -78,18 +90,13 @@ class Planner:
         """Every routed domain's operations as steps. Sequential: in order, each on the images before it.
         Parallel: at once, but for operations on a model that a model step of the same request names:
         they wait, in a second wave, until the model steps are done. A device step that names no model
-        uses the model the request loads (the last load before it, in sequence)."""
+        uses the model the request loads (the last load before it, in sequence). Model folders the request
+        names are registered only when it is accepted (`register`): a refused request changes nothing."""
+        limit = self.config.limits.max_operations
+        if len(domains) > limit:
+            raise InvalidRequest(f"domains: {len(domains)} operations, more than limits.max_operations ({limit})")
         parsed: list[tuple[Operation, OperationParams, list[StepImage]]] = []
-        undos: list[Callable[[], None]] = []
-        try:
-            return self._coordination(domains, parallel, workflow_id, parsed, undos)
-        except Exception:
-            for undo in undos:  # a refused request leaves no model it named registered
-                undo()
-            raise
-
-    def _coordination(self, domains: list[DomainOperation], parallel: bool, workflow_id: str | None,
-                      parsed: list, undos: list[Callable[[], None]]) -> RunPlan:
+        folders: dict[str, Path] = {}  # model id -> the folder a model step names for it
         for index, item in enumerate(domains):
             prefix = f"domains.{index}.parameters."
             operation = OPERATIONS.get(f"{item.domain}.{item.operation}")
@@ -101,7 +108,7 @@ class Planner:
             inputs = self._image_inputs(values.pop(IMAGE_PARAMETER, None), prefix + IMAGE_PARAMETER)
             params = self._operation_params(operation, values, prefix)
             if isinstance(params, ModelParams):
-                undos.append(self.prepare_model(params, prefix))
+                self.prepare_model(params, prefix, folders)
             parsed.append((operation, params, inputs))
         named = {p.model_id for _, p, _ in parsed if isinstance(p, ModelParams)}
         loads = {p.model_id for o, p, _ in parsed if o.qualified == "model.load_model"}
@@ -114,34 +121,39 @@ class Planner:
             wave = 0
             if operation.on_device:
                 params.model = params.model or loaded
-                models.add(self.model_for(params.model, f"domains.{index}.parameters."))
+                models.add(self.model_for(params.model, f"domains.{index}.parameters.", folders))
                 wave = int(parallel and (params.model or self.config.default_model) in named)
             steps.append(PlannedStep(operation, params, inputs or ([] if parallel else None), index + 1, wave))
         self._check_inputs(steps, lambda index: f"domains.{index}.parameters.", parallel)
         model_id = models.pop() if len(models) == 1 else self.config.default_model
         steps.sort(key=lambda step: step.wave)  # stable: request order within a wave
-        return self._finish(RunPlan(steps, parallel, model_id, workflow_id),
+        return self._finish(RunPlan(steps, parallel, model_id, workflow_id, models=folders),
                             lambda step: f"domains.{step.order - 1}.parameters.")
 
-    def prepare_model(self, params: ModelParams, prefix: str) -> Callable[[], None]:
-        """A model a model step names: its folder registered when given (inside the allowed roots), then
-        checked (safetensors only) before anything loads it. Returns the undo of the registration, for a
-        load or a request that then fails; a failed check undoes it here."""
-        undo: Callable[[], None] = lambda: None  # noqa: E731
+    def prepare_model(self, params: ModelParams, prefix: str, folders: dict[str, Path]) -> None:
+        """A model a model step names. With a folder: inside the allowed roots, safetensors only, and an id
+        the request may name it as (not built in or configured, not naming another folder), added to
+        `folders` for `register`. Without: a known model, its folder checked."""
         if params.path:
             folder = confine_path(params.path, self.config.allowed_roots, prefix + "path")
-            previous = self.models.register(params.model_id, folder)
-            undo = lambda: self.models.restore(params.model_id, previous)  # noqa: E731
-        try:
+            refusal = self.models.redefinition(params.model_id, folder)
+            if refusal is None and folders.get(params.model_id, folder) != folder:
+                refusal = f"the request names two folders as '{params.model_id}'"
+            if refusal is not None:
+                raise InvalidRequest(f"{prefix}model_id: {refusal}")
+            check_model_folder(folder)
+            folders[params.model_id] = folder
+        elif params.model_id not in folders:
             self.model_for(params.model_id, prefix)
             self.models.folder(params.model_id)
-        except Exception:
-            undo()
-            raise
-        return undo
+
+    def register(self, plan: RunPlan) -> list[str]:
+        """The model folders an accepted request names, registered as its ids (all or none); the new ids."""
+        return self.models.register(plan.models)
 
     def _finish(self, plan: RunPlan, prefix: Callable[[PlannedStep], str]) -> RunPlan:
         self._check_image_count(plan, prefix)
+        self._check_denoising_steps(plan, prefix)
         for step in plan.steps:
             if step.operation.name in ("encode", "save"):
                 plan.file_format = step.params.format
@@ -167,12 +179,27 @@ class Planner:
                 raise InvalidRequest(f"{prefix(step)}num_images: the request makes {counted} images, "
                                      f"more than the limit of {limit}")
 
+    def _check_denoising_steps(self, plan: RunPlan, prefix: Callable[[PlannedStep], str]) -> None:
+        """`limits.max_denoising_steps` bounds one session's device work, summed over its operations:
+        `max_steps` bounds one operation only, and a coordination may list many."""
+        limit = self.config.limits.max_denoising_steps
+        total = 0
+        for step in plan.steps:
+            if step.operation.on_device and step.operation.answers is None:
+                total += step.params.steps
+                if total > limit:
+                    raise InvalidRequest(f"{prefix(step)}steps: the request runs {total} denoising steps by here, "
+                                         f"more than limits.max_denoising_steps ({limit})")
+
     def _operation_params(self, operation: Operation, values: dict, prefix: str) -> OperationParams:
         return parse(operation.params, values, prefix=prefix, context={"limits": self.config.limits})
 
-    def model_for(self, model_id: Any, prefix: str) -> str:
-        """A known model id (the default one when none is given), or an invalid_request naming the field."""
+    def model_for(self, model_id: Any, prefix: str, named: Collection[str] = ()) -> str:
+        """A known model id (the default one when none is given), or an invalid_request naming the field;
+        `named`: the ids the request itself names folders for."""
         model_id = model_id or self.config.default_model
+        if model_id in named:
+            return model_id
         try:
             self.models.entry(model_id)
         except NotFound:

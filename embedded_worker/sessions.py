@@ -28,6 +28,7 @@ from .protocol import (
 from .state import COMPLETED, FINAL, PAUSED, PENDING, RUNNING, SessionRecord, StateBook
 from .workflows.catalog import WorkflowCatalog
 
+COORDINATION_SECONDS_PER_STEP = 0.25  # a coordination's estimate before any step was measured (20 steps: 5 s)
 PAUSE_WAIT_SECONDS = 30.0  # one step boundary away; a loaded machine may take seconds to reach it
 log = logging.getLogger("embedded_worker.sessions")
 
@@ -53,7 +54,8 @@ class SessionService:
         fallback = 0.0
         if existing is None:
             plan, workflow, fallback = self.plan(request)
-            intake.native_size(plan.model_id)  # may wait for a first model build: not under the lock
+            if plan.model_id not in plan.models:
+                intake.native_size(plan.model_id)  # may wait for a first model build: not under the lock
             record = SessionRecord(id=session_id, priority=request.priority, workflow_id=plan.workflow_id,
                                    request=request.model_dump(mode="json", exclude_none=True),
                                    total_steps=len(plan.steps))
@@ -63,6 +65,7 @@ class SessionService:
                 if existing is None:
                     intake.check_capacity(1)
                     self.book.require_free_id(record)
+                    self.planner.register(plan)  # the last check: a refused request registered no model
                     log.info("Session '%s' accepted: %s, priority %d", session_id, plan.workflow_id or "inline",
                              request.priority)
                     self._described[session_id] = workflow
@@ -96,7 +99,7 @@ class SessionService:
                     for i, s in enumerate(plan.steps)
                 ],
             }
-            return plan, workflow, 5.0
+            return plan, workflow, plan.run_steps * COORDINATION_SECONDS_PER_STEP
         definition = self.workflows.take_for_run(request.workflow_id)
         plan = self.planner.for_workflow(definition, request.parameters)
         return plan, self.workflows.describe(definition.id), definition.estimated_duration
@@ -104,6 +107,7 @@ class SessionService:
     def plan_stored(self, record: SessionRecord) -> RunPlan:
         """The plan of a session stored by an earlier process (WorkerError when it can no longer run)."""
         plan, workflow, _ = self.plan(parse(ExecuteWorkflowRequest, record.request))
+        self.planner.register(plan)
         self.intake.native_size(plan.model_id)
         self._described[record.id] = workflow
         return plan

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 import torch
 
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
+
+from .conftest import pipeline_of, wait_for
 
 
 @pytest.fixture
@@ -116,6 +119,58 @@ def test_a_model_that_fails_to_load_is_not_left_registered(make_worker, model_co
     assert "named-then-refused" not in [m["model_id"] for m in worker.execute("model.list", {})["models"]]
 
 
+def sources(worker) -> dict[str, str]:
+    return {m["model_id"]: m["source"] for m in worker.execute("model.list", {})["models"]}
+
+
+@pytest.mark.parametrize("model_id", ["builtin:tiny-sd", "builtin:shapes", "configured"])
+def test_a_request_cannot_redefine_a_built_in_or_configured_model(make_worker, model_copy, model_id):
+    """Every caller's sessions run on these ids: a request that names a folder for one is refused (as a
+    direct load or as a coordination's step), and the id keeps its model."""
+    worker = make_worker(allowed_roots=[str(model_copy.parent)], models={"configured": str(model_copy)})
+    before = sources(worker)
+    loaded = worker.execute("model.load_model", {"model_id": model_id, "path": str(model_copy)})
+    assert loaded["error_code"] == "invalid_request" and f"'{model_id}'" in loaded["error"], loaded
+    assert "cannot be redefined" in loaded["error"]
+    stepped = worker.execute_workflow(domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": model_id, "path": str(model_copy)}},
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "x", "steps": 2}}])
+    assert stepped["error_code"] == "invalid_request" and f"'{model_id}'" in stepped["error"], stepped
+    assert sources(worker) == before
+
+
+def test_a_model_id_a_request_named_keeps_its_folder(make_worker, model_copy):
+    """Loading it again from the same folder is fine; naming another folder as it is refused: the pipeline
+    a device worker holds for the id would otherwise answer for the new folder."""
+    other = model_copy.parent / "other-sd"
+    shutil.copytree(model_copy, other)
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    assert worker.execute("model.load", {"model_id": "mine", "path": str(model_copy)})["loaded"]
+    assert worker.execute("model.load", {"model_id": "mine", "path": str(model_copy)})["loaded"]
+    moved = worker.execute("model.load", {"model_id": "mine", "path": str(other)})
+    assert moved["error_code"] == "invalid_request" and "'mine' already names" in moved["error"]
+    assert sources(worker)["mine"] == str(model_copy)
+    twice = worker.execute_workflow(domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "two", "path": str(model_copy)}},
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "two", "path": str(other)}}])
+    assert twice["error_code"] == "invalid_request" and "two folders" in twice["error"]
+    assert "two" not in sources(worker)
+
+
+def test_a_request_refused_after_planning_registers_no_model(make_worker, model_copy):
+    """An id collision is found after the plan is made: the model the request names stays unknown."""
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    batch = worker.execute_batch(batch_id="taken", workflow_id="img-generation-basic",
+                                 parameters={"steps": 1, "total_images": 1})
+    assert batch["success"], batch
+    refused = worker.execute_workflow(session_id="taken", domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "collider",
+                                                                      "path": str(model_copy)}},
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "x", "steps": 2}}])
+    assert refused["error_code"] == "invalid_request" and "already the id of" in refused["error"], refused
+    assert "collider" not in sources(worker)
+
+
 def test_the_image_limit_counts_images_through_every_step(make_worker):
     """text2img x4 then img2img x4 makes 16 images: more than max_items 4, refused before anything runs."""
     worker = make_worker(limits={"max_items": 4})
@@ -134,3 +189,50 @@ def test_the_image_limit_counts_images_through_every_step(make_worker):
         {"domain": "inference", "operation": "img2img", "parameters": {"prompt": "b", "num_images": 2,
                                                                        "steps": 2}}])
     assert within["status"] == "completed" and len(within["outputs"]) == 4
+
+
+def text2img(steps: int) -> dict:
+    return {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a", "steps": steps}}
+
+
+def test_a_coordination_is_bounded_in_operations_and_in_denoising_steps(make_worker):
+    """max_steps bounds one operation; a coordination may list many, so their number and their summed
+    denoising steps have limits of their own, refused before anything is accepted."""
+    worker = make_worker()
+    status = {"domain": "device", "operation": "get_status", "parameters": {}}
+    many = worker.execute_workflow(domains=[status] * 20_000)
+    assert many["error_code"] == "invalid_request" and "limits.max_operations (100)" in many["error"], many
+    long = worker.execute_workflow(domains=[text2img(150)] * 21)  # 3,150 steps, each operation within max_steps
+    assert long["error_code"] == "invalid_request" and "limits.max_denoising_steps (3000)" in long["error"]
+    assert long["error"].startswith("domains.20.parameters.steps: the request runs 3150 denoising steps")
+    tight = make_worker(limits={"max_operations": 2, "max_denoising_steps": 10})
+    assert "max_operations" in tight.execute_workflow(domains=[status] * 3)["error"]
+    assert "max_denoising_steps" in tight.execute_workflow(domains=[text2img(6), text2img(5)])["error"]
+    assert worker.list_sessions()["total"] == tight.list_sessions()["total"] == 0
+
+
+def test_a_coordinations_estimate_is_the_sum_of_its_steps(worker):
+    """Before any step was measured (the device is held inside its first forward) the estimate is in
+    proportion to the steps; once measured, more steps still estimate longer."""
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(*_args) -> None:
+        reached.set()
+        release.wait(300)
+
+    handle = pipeline_of(worker).unet.register_forward_hook(hold)
+    try:
+        first = worker.execute_workflow(domains=[text2img(1)])
+        assert reached.wait(300)
+        one = worker.execute_workflow(domains=[text2img(2)])
+        three = worker.execute_workflow(domains=[text2img(2)] * 3)
+        assert one["estimated_time"] > 0 and three["estimated_time"] == pytest.approx(3 * one["estimated_time"])
+    finally:
+        handle.remove()
+        release.set()
+    for session in (one, three):
+        worker.control_session(session_id=session["session_id"], action="cancel")
+    wait_for(lambda: worker.get_session_status(session_id=first["session_id"])["status"] == "completed")
+    one = worker.execute_workflow(domains=[text2img(2)])
+    three = worker.execute_workflow(domains=[text2img(2)] * 3)
+    assert three["estimated_time"] > one["estimated_time"] > 0

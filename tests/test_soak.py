@@ -207,3 +207,20 @@ def prune_storm(model_cache, tmp_path, monkeypatch, rows: int, sessions: int) ->
 @pytest.mark.soak
 def test_soak_prune_storm(model_cache, tmp_path, monkeypatch):
     prune_storm(model_cache, tmp_path, monkeypatch, rows=30_000, sessions=40)
+
+
+@pytest.mark.soak
+def test_soak_exits_without_close(model_cache, tmp_path, make_worker):
+    """Three rounds of three processes on a state file of their own, each ending while a step is under way
+    (no close, a refused close, a close) and each resuming the session the one before suspended: every exit
+    is clean and the session stays resumable (4 starts: under the restart limit that quarantines)."""
+    from .test_exit_without_close import exit_run
+
+    for round_ in range(3):
+        state_path = tmp_path / f"state-{round_}.sqlite3"
+        for how in ("no-close", "refused-close", "close"):
+            done = exit_run(model_cache, state_path, how)
+            assert done.returncode == 0, (round_, how, done.stderr[-2000:])
+        resumed = make_worker(state_path=str(state_path))
+        assert resumed.get_session_status(session_id="long")["status"] in ("pending", "running")
+        assert resumed.close(timeout=0)["success"]

@@ -137,8 +137,8 @@ def test_parallel_coordination_runs_independent_operations_and_aggregates_errors
     ])
     assert failed["error_code"] == "invalid_request"  # found before anything ran
 
-    worker._engine.models.register("broken-a", worker._engine.config.resolved_model_cache_dir / "missing-a")
-    worker._engine.models.register("broken-b", worker._engine.config.resolved_model_cache_dir / "missing-b")
+    cache = worker._engine.config.resolved_model_cache_dir
+    worker._engine.models.register({"broken-a": cache / "missing-a", "broken-b": cache / "missing-b"})
     both = worker.execute_workflow(coordination_mode="parallel", background=False, domains=[
         {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a", "model": "broken-a"}},
         {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "b", "model": "broken-b"}},

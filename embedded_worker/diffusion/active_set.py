@@ -153,6 +153,17 @@ class ActiveSet:
         tasks, self.cohorts = self.tasks() + list(also), []
         self.fail(tasks, error)
 
+    def store_left(self) -> None:
+        """The thread ends: the records whose images left since the last start are stored as off the device
+        now, not at a next start that never comes, so the next process does not take a close for a crash
+        under them (two such closes quarantined a session)."""
+        if self._left:
+            try:
+                self.mark_on_device([], set(self._left))
+            except Exception:
+                log.exception("%s: the off-device mark could not be stored", self.name)
+            self._left.clear()
+
     def tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
         """Hand `tell(listener, task)` for each task to the event thread: the device goes on at once."""
         self.events.submit(tell_listeners, self.name, tell, tasks, once_per_listener)

@@ -244,6 +244,7 @@ class DeviceWorker(WorkerThread):
     def _shutdown(self) -> None:
         self._refuse_calls()
         self.active.fail_all(Unavailable("the worker closed before this image finished"))
+        self.active.store_left()
         self.pipelines.clear()
 
 

@@ -35,6 +35,7 @@ BUILTIN_MODELS = (*TINY_MODELS, *SHIPPED_MODELS)
 class ModelEntry:
     model_id: str
     source: str  # a folder, or the built-in recipe name
+    by_request: bool = False  # named by a request's model.load_model (not built in, not configured)
 
     @property
     def builtin(self) -> bool:
@@ -63,22 +64,41 @@ class ModelCatalog:
                 raise NotFound(f"Model '{model_id}' not found")
             return self._entries[model_id]
 
-    def register(self, model_id: str, folder: Path) -> ModelEntry | None:
-        """Name a folder as `model_id`; the entry it replaces (None if it is new), for `restore`."""
+    def redefinition(self, model_id: str, folder: Path) -> str | None:
+        """Why a request may not name `folder` as `model_id` (None when it may): built-in and configured ids
+        are the worker's, and an id a request named keeps its folder, so no caller's model changes under
+        another's sessions (or under a pipeline a device worker already holds)."""
         with self._lock:
-            previous = self._entries.get(model_id)
-            self._entries[model_id] = ModelEntry(model_id, str(folder))
-            self._folders.pop(model_id, None)
-            return previous
+            return self._redefinition(model_id, folder)
 
-    def restore(self, model_id: str, previous: ModelEntry | None) -> None:
-        """Undo a `register` whose model then failed to load: the id is as it was before."""
+    def _redefinition(self, model_id: str, folder: Path) -> str | None:
+        entry = self._entries.get(model_id)
+        if entry is None or (entry.by_request and entry.source == str(folder)):
+            return None
+        if not entry.by_request:
+            kind = "a built-in" if entry.builtin else "a configured"
+            return f"'{model_id}' is {kind} model and cannot be redefined by a request (load it without a path)"
+        return f"'{model_id}' already names {entry.source} and cannot be redefined (name the folder another id)"
+
+    def register(self, folders: dict[str, Path]) -> list[str]:
+        """Name each folder as its model id, all or none (invalid_request naming the id that cannot be);
+        the ids that are new, for `forget`."""
         with self._lock:
-            if previous is None:
+            for model_id, folder in folders.items():
+                refusal = self._redefinition(model_id, folder)
+                if refusal is not None:
+                    raise InvalidRequest(f"model_id: {refusal}")
+            added = [model_id for model_id in folders if model_id not in self._entries]
+            for model_id in added:
+                self._entries[model_id] = ModelEntry(model_id, str(folders[model_id]), by_request=True)
+            return added
+
+    def forget(self, model_ids: list[str]) -> None:
+        """Undo a `register` whose model then failed to load: those ids are unknown again."""
+        with self._lock:
+            for model_id in model_ids:
                 self._entries.pop(model_id, None)
-            else:
-                self._entries[model_id] = previous
-            self._folders.pop(model_id, None)
+                self._folders.pop(model_id, None)
 
     def folder(self, model_id: str) -> Path:
         """The checked folder of `model_id`, building a built-in model on first use."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .. import domain_answers, work_status
 from ..engine import Engine
 from ..operations import ModelParams
@@ -34,11 +36,13 @@ class ModelInstructor:
 
     def load_model(self, data: dict) -> dict:
         params = parse(ModelParams, data)
-        undo = self.engine.planner.prepare_model(params, "")  # checks the folder (safetensors only) first
+        named: dict[str, Path] = {}
+        self.engine.planner.prepare_model(params, "", named)  # checks the id and the folder (safetensors only)
+        added = self.engine.models.register(named)
         try:
             answer = domain_answers.load_model(self.engine.pool, params.model_id)
         except Exception:
-            undo()  # a model that failed to load is not left registered
+            self.engine.models.forget(added)  # a model that failed to load is not left registered
             raise
         return {**answer, **self.list_models({})}
 
