@@ -50,7 +50,7 @@ mono:
 
 # The long load test, then the leak-then-shutdown host ten times over.
 soak: setup host
-	$(PY) -m pytest -q -s -m soak -p no:cacheprovider tests/test_soak.py tests/test_concurrency.py
+	$(PY) -m pytest -q -s -m soak -p no:cacheprovider tests/test_soak.py tests/test_concurrency.py tests/test_cluster.py
 	EMBEDDED_WORKER_REQUIRE_DOTNET=1 $(PY) -m pytest -q -m soak -p no:cacheprovider tests/test_dotnet_host.py -k leak
 
 clean:

@@ -53,8 +53,10 @@ def _pixels_back(address: str, sides=(32, 512, 1024), calls: int = 30) -> list[d
     import ray
 
     from embedded_worker.cluster.connection import NAMESPACE
+    from embedded_worker.cluster.ray_environment import prepare_driver
 
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, _node_ip_address="127.0.0.1")
+    prepare_driver(loopback=True)  # the head is on 127.0.0.1: so is this driver (Ray would take eth0's address)
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     try:
         @ray.remote(num_cpus=1)
         class Pixels:

@@ -98,6 +98,10 @@ class ClusterConfig(BaseModel):
     local_devices: StrictBool = Field(True, description="whether this machine's devices also take work")
     in_flight_per_actor: StrictInt = Field(8, ge=1, le=256, description="images handed to one actor at once")
     connect_timeout_s: Number = Field(30.0, gt=0, description="connecting (or starting 'local') fails after this")
+    head_check_s: Number = Field(
+        2.0, gt=0, le=60, description="how often the head is probed; 3 probes in a row unanswered and it is lost: "
+        "the images out on actors go to this machine's devices (or fail as unavailable without them) until it is "
+        "back")
 
     @field_validator("address")
     @classmethod

@@ -36,7 +36,10 @@ def unload_model(pool: DevicePool, model_id: str) -> dict:
 
 def device_status(pool: DevicePool) -> dict:
     status = pool.status()
-    return {"workers": status["workers"], "memory": status["memory"], "queued_images": status["queued_images"]}
+    answer = {"workers": status["workers"], "memory": status["memory"], "queued_images": status["queued_images"]}
+    if "cluster" in status:
+        answer["cluster"] = status["cluster"]  # a lost Ray head shows here: state, head_losses, lost_since
+    return answer
 
 
 def device_memory(pool: DevicePool) -> dict:

@@ -111,7 +111,8 @@ class Engine:
             batches = list(self.book.batches.values())
         batch_statuses = [batch_view.status(self.batches.items(b)) for b in batches]
         return {
-            "device": {"devices": pool["workers"], "memory": pool["memory"]},
+            "device": {"devices": pool["workers"], "memory": pool["memory"]} | (
+                {"cluster": pool["cluster"]} if "cluster" in pool else {}),
             "model": {"models": self.models.ids(), "default_model": self.config.default_model},
             "inference": {"queued_images": pool["queued_images"],
                           "active_images": sum(w["active_images"] for w in pool["workers"])},

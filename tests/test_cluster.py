@@ -2,16 +2,21 @@
 
 One head for the module (`ray start --head` on 127.0.0.1, 2 CPUs, no
 dashboard, its own temp dir), stopped after, with every process it started.
+The head-loss cases start their own heads, in a process of their own: Ray
+ends a driver whose head it gave up on, and that must not be pytest.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -31,15 +36,20 @@ SMALL = {"prompt": "a lighthouse at dusk", "steps": 4, "width": 32, "height": 32
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def local_head():
     head = LocalRayHead(num_cpus=2)
     try:
         head.start(timeout=60)
         pgid = head.process.pid
-        yield head.address
+        yield head
     finally:
         head.stop(timeout=40)  # SIGTERM to `ray start`, then its process group, SIGKILL after 40 s
     assert not _group_alive(pgid), "the Ray head left processes behind"
+
+
+@pytest.fixture(scope="module")
+def ray_head(local_head):
+    return local_head.address
 
 
 def on_cluster(make_worker, address, **cluster):
@@ -264,3 +274,139 @@ def test_an_actor_forgets_cancels_whose_run_never_comes(model_cache, monkeypatch
         assert set(actor._cancelled) == {"latest"}
     finally:
         assert actor.close()
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack socket shows it
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def test_every_ray_process_of_ours_talks_over_loopback_only(make_worker, local_head):
+    """The head, its raylet and agents, the actors it starts and this driver: no listener and no connection on
+    any address but loopback (Ray rewrites 127.0.0.1 to the machine's network address unless told not to)."""
+    psutil = pytest.importorskip("psutil")
+    worker = on_cluster(make_worker, local_head.address, actors=1)
+    assert run_batch(worker, "loopback", 4)["status"] == "completed"
+    head = psutil.Process(local_head.process.pid)
+    ours = {os.getpid(), head.pid, remote_workers(worker)[0].actor_pid}
+    ours |= {child.pid for child in head.children(recursive=True)}
+    ours |= {p.pid for p in psutil.process_iter() if _process_group(p.pid) == head.pid}
+    seen = [c for c in psutil.net_connections("inet") if c.pid in ours]
+    assert any(c.status == psutil.CONN_LISTEN for c in seen) and len({c.pid for c in seen}) >= 3, seen
+    outside = [(c.pid, c.status, c.laddr, c.raddr) for c in seen
+               if not _is_loopback(c.laddr.ip) or (c.raddr and not _is_loopback(c.raddr.ip))]
+    assert outside == [], outside
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def test_a_port_that_answers_but_is_no_ray_head_is_refused_and_leaves_nothing(model_cache):
+    """Issue 23, item 13: `ray.init` against a port that accepts and never speaks retries for minutes on a thread
+    nobody can stop. The start is refused in bounded time, with no connect thread and no connection left."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    config = {"model_cache_dir": str(model_cache), "workflows_dir": None, "state_path": ":memory:",
+              "default_model": "builtin:tiny-sd",
+              "cluster": {"address": f"127.0.0.1:{server.getsockname()[1]}", "connect_timeout_s": 3}}
+    try:
+        with pytest.raises(Unavailable):
+            ProcessingWorker(WorkerConfig.model_validate(config))
+        assert [t.name for t in threading.enumerate() if t.name.startswith("ew-ray")] == []
+        assert accepted, "the start never tried the port"
+        for connection in list(accepted):  # each one closed by its client: read to its end
+            connection.settimeout(10)
+            while connection.recv(4096):
+                pass
+        assert not ray.is_initialized()
+    finally:
+        stop.set()
+        acceptor.join()
+        for connection in accepted:
+            connection.close()
+        server.close()
+
+
+def _head_loss_run(model_cache, *arguments) -> dict:
+    """tests/helpers/head_loss.py in a process of its own, told Ray's reconnect limit is 5 s: without our own
+    watch, Ray ends that process 5 s after its head dies (exit 1, "Failed to connect to GCS within 5 seconds").
+    Every head it started is stopped here, whatever happened to it."""
+    environment = {**os.environ, "RAY_gcs_rpc_server_reconnect_timeout_s": "5"}
+    child = subprocess.Popen([sys.executable, "-m", "tests.helpers.head_loss", str(model_cache), *arguments],
+                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = child.communicate(timeout=560)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            out, err = child.communicate()
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        for pgid in (line["head_pgid"] for line in lines if "head_pgid" in line):
+            if _group_alive(pgid):
+                os.killpg(pgid, signal.SIGKILL)
+    assert child.returncode == 0 and lines and "head_pgid" not in lines[-1], (child.returncode, out[-3000:],
+                                                                             err[-5000:])
+    return lines[-1]
+
+
+def test_a_lost_head_leaves_the_process_up_and_its_images_finish_here(model_cache):
+    """Issue 23, item 3: the head is SIGKILLed (its whole process group) while images are out on its actor."""
+    seen = _head_loss_run(model_cache, "local_devices")
+    assert seen["out_on_actor_at_kill"] > 0
+    assert seen["cut"] == {"status": "completed", "processed": 8, "failed": 0, "seeds": list(range(900, 908)),
+                           "errors": []}  # every item exactly once
+    before, after = seen["done_before_kill"], seen["done_after_cut"]
+    assert after["ew-ray-0"] == before["ew-ray-0"] and sum(after.values()) == 8, (before, after)  # the rest here
+    for cluster in (seen["cluster_after_cut"], seen["device_get_status"]):
+        assert (cluster["state"], cluster["head_losses"]) == ("lost", 1), cluster
+    assert seen["later"] == {"accepted": True, "status": "completed", "error_code": None}  # past Ray's limit
+    assert seen["status_still_answers"]
+    assert seen["back"]["status"] == "completed" and seen["back"]["seeds"] == list(range(950, 958))
+    assert seen["actor_took_work_again"]
+    assert (seen["cluster_at_end"]["state"], seen["cluster_at_end"]["reconnects"]) == ("connected", 1)
+    assert seen["closed"]
+
+
+def test_without_local_devices_a_lost_head_answers_unavailable_until_it_is_back(model_cache):
+    seen = _head_loss_run(model_cache, "cluster_only")
+    cut = seen["cut"]
+    assert seen["out_on_actor_at_kill"] > 0 and cut["failed"] >= seen["out_on_actor_at_kill"]
+    assert cut["processed"] + cut["failed"] == 8 and cut["errors"] == ["unavailable"], cut
+    assert len(cut["seeds"]) == len(set(cut["seeds"])) == cut["processed"]  # none twice
+    assert seen["cluster_after_cut"]["state"] == "lost"
+    assert seen["later"]["error_code"] == "unavailable", seen["later"]  # refused, not left waiting
+    assert seen["status_still_answers"]
+    assert seen["back"]["status"] == "completed" and seen["back"]["seeds"] == list(range(950, 958))
+    assert seen["actor_took_work_again"] and seen["cluster_at_end"]["state"] == "connected"
+    assert seen["closed"]
+
+
+@pytest.mark.soak
+def test_a_private_head_killed_again_and_again_loses_no_image(model_cache):
+    """`make soak`: the worker's own head ("local") SIGKILLed mid-batch 4 times; each time the watch finds it
+    lost, the batch finishes here with every item once, and the worker starts the head again and uses it."""
+    seen = _head_loss_run(model_cache, "private", "4")
+    for round, result in enumerate(seen["rounds"]):
+        assert result["out_on_actor_at_kill"] > 0 and result["status"] == "completed", result
+        assert result["seeds"] == list(range(1000 + 10 * round, 1008 + 10 * round)), result
+    assert len(seen["rounds"]) == 4 and seen["back"]["status"] == "completed" and seen["actor_took_work_again"]
+    cluster = seen["cluster_at_end"]
+    assert (cluster["state"], cluster["head_losses"], cluster["reconnects"]) == ("connected", 4, 4), cluster
+    assert seen["closed"]

@@ -8,7 +8,9 @@ Design notes
 - `ray.init()` starting a local cluster from inside the Mono host timed out
   (field notes); a head started as a plain subprocess and then connected to
   works there, so "local" is that, in the host and outside it alike.
-- Bound to 127.0.0.1, its own temp dir (short: Ray's socket paths must fit
+- Bound to 127.0.0.1 with Ray's multi-node switch off, so every process
+  it starts listens and connects on loopback only (`ray_environment`);
+  its own temp dir (short: Ray's socket paths must fit
   in 107 bytes), `--block` in its own session. Stopped by SIGTERM to the
   `ray start` process, then to its process group, SIGKILL after a deadline;
   never `ray stop`, which stops every Ray on the machine.
@@ -27,6 +29,10 @@ import time
 from pathlib import Path
 
 from ..errors import Unavailable
+from .ray_environment import loopback_head_environment
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+SETTINGS_FRAME = 4
 
 
 def ray_script() -> str:
@@ -60,6 +66,20 @@ def port_open(host: str, port: int, timeout: float) -> bool:
         return False
 
 
+def speaks_grpc(host: str, port: int, timeout: float) -> bool:
+    """Whether the port answers as an HTTP/2 (gRPC) server does, with its SETTINGS frame, within `timeout`:
+    a Ray head's GCS and a Ray client server do; a port that accepts and stays silent does not, and
+    `ray.init` against one retries for minutes on a thread that cannot be stopped (issue 23)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
+            connection.settimeout(timeout)
+            connection.sendall(HTTP2_PREFACE)
+            header = connection.recv(9)
+    except OSError:
+        return False
+    return len(header) >= 4 and header[3] == SETTINGS_FRAME
+
+
 class LocalRayHead:
     def __init__(self, num_cpus: int | None = None, port: int | None = None):
         self.num_cpus = num_cpus
@@ -78,7 +98,7 @@ class LocalRayHead:
             command.append(f"--num-cpus={self.num_cpus}")
         log = open(Path(self.temp_dir) / "head.log", "wb")
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env=loopback_head_environment())
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

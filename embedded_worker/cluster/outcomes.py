@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -47,14 +48,25 @@ def ended_without_pixels(queue: WorkQueue, task: DenoiseTask, error: Exception, 
         return _settle(queue, task)
 
 
-def take_back(queue: WorkQueue, tasks: list[DenoiseTask]) -> list[DenoiseTask]:
+def take_back(queue: WorkQueue, tasks: list[DenoiseTask],
+              refusal: Callable[[], WorkerError | None] = lambda: None) -> list[DenoiseTask]:
     """A dead actor's images: back in the queue at their old rank, from their spec (same seed), unless a
-    pause or cancel was already asked for them. The ones now parked."""
-    parked = []
+    pause or cancel was already asked for them, or `refusal()` (asked under the queue's lock) says why
+    nothing may wait there now: then they fail with it. The ones now parked."""
+    parked, refused = [], []
     with queue.cond:
+        error = refusal()
         for task in tasks:
-            if task.state == "active" and _settle(queue, task):
+            if task.state != "active":
+                continue
+            if error is not None and task.leaving is None:
+                task.state = DONE
+                refused.append(task)
+            elif _settle(queue, task):
                 parked.append(task)
+    for task in refused:
+        if not task.future.done():
+            task.future.set_exception(error)
     return parked
 
 

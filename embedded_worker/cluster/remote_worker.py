@@ -23,6 +23,12 @@ Design notes
   seed, at their old rank, the crash is logged with the actor's name and
   node, and a fresh actor replaces it. Completion is recorded on the head
   only (`outcomes`), through each image's future, once.
+- A lost head (the connection's `HeadWatch` decides) is not an actor's
+  death: every Ray call runs inside `connection.using_ray()`, which raises
+  `HeadLost` from then on; the images out on the actor go back to the
+  queue for this machine's devices, or fail as unavailable when there are
+  none, and the worker waits, taking nothing, until the connection is
+  back, then asks for a fresh actor.
 - Pixels: the actor's uint8 array goes into the object store (one copy);
   `ray.get` gives a read-only view of it (no copy); `outcomes.complete`
   copies it once to this process's heap; the OutputStore keeps that array.
@@ -47,6 +53,7 @@ from ..diffusion.work_queue import WorkQueue
 from ..diffusion.worker_thread import WorkerThread
 from ..errors import Unavailable
 from . import outcomes
+from .connection import ClusterConnection, HeadLost
 
 log = logging.getLogger("embedded_worker.cluster")
 POLL_SECONDS = 0.05  # results and progress cross processes: looked for this often while images are out
@@ -81,11 +88,12 @@ class ReportedProbe:
 
 
 class RemoteDeviceWorker(WorkerThread):
-    def __init__(self, name: str, index: int, spawn: Callable[[str], object], queue: WorkQueue,
-                 admission: Admission, monitor: MemoryMonitor, events: Executor, mark_on_device: OnDeviceMark,
-                 window: int):
+    def __init__(self, name: str, index: int, spawn: Callable[[str], object], connection: ClusterConnection,
+                 queue: WorkQueue, admission: Admission, monitor: MemoryMonitor, events: Executor,
+                 mark_on_device: OnDeviceMark, window: int):
         super().__init__(name, queue)
         self.index = index
+        self.connection = connection
         self.admission = admission
         self.sizer = admission.sizer
         self.monitor = monitor
@@ -109,7 +117,9 @@ class RemoteDeviceWorker(WorkerThread):
         self._keys: dict[int, str] = {}  # id(task) -> its key on the actor; the thread only
         self._cancel_sent: set[int] = set()  # id(task) whose leave was forwarded; the thread only
         self._progress_ref = None
-        self._new_actor()
+        self._ready = False  # the current actor answered `ready`; the thread only
+        with connection.using_ray():
+            self._new_actor()
 
     # ---- other threads -------------------------------------------------------------------
 
@@ -149,7 +159,8 @@ class RemoteDeviceWorker(WorkerThread):
 
         self.loading = model_id
         try:
-            self._loaded = ray.get(self.actor.load.remote(model_id))
+            with self.connection.using_ray():
+                self._loaded = ray.get(self.actor.load.remote(model_id))
         except Exception as error:
             self.load_errors[model_id] = f"{self.actor_name}: {type(error).__name__}: {error}"
             raise Unavailable(self.load_errors[model_id]) from error
@@ -161,20 +172,24 @@ class RemoteDeviceWorker(WorkerThread):
     def unload(self, model_id: str) -> bool:
         import ray
 
-        unloaded = ray.get(self.actor.unload.remote(model_id))
+        with self.connection.using_ray():
+            unloaded = ray.get(self.actor.unload.remote(model_id))
         self._loaded = [m for m in self._loaded if m != model_id]
         return unloaded
 
     # ---- the worker thread -----------------------------------------------------------------
 
     def _new_actor(self) -> None:
+        """Inside `using_ray`."""
         self.actor_name = f"{self.name}-{uuid.uuid4().hex[:8]}"
         self.actor = self._spawn(self.actor_name)
         self.node_id = self.actor_pid = None
         self._progress_ref = None
+        self._ready = False
 
     def _wait_ready(self) -> bool:
-        """Until the actor answers (True), or the worker stops (False)."""
+        """Inside `using_ray`: until the actor answers (True), or the worker stops (False); HeadLost when the
+        head is lost meanwhile."""
         import ray
 
         ready_ref = self.actor.ready.remote()
@@ -183,10 +198,13 @@ class RemoteDeviceWorker(WorkerThread):
             with self.queue.cond:
                 if self._stopping:
                     return False
+                if not self.connection.connected:
+                    raise HeadLost(f"the Ray head was lost while actor {self.actor_name} started")
             done, _ = ray.wait([ready_ref], timeout=0.2)
             if done:
                 info = ray.get(ready_ref)
                 self.node_id, self.actor_pid = info["node_id"], info["pid"]
+                self._ready = True
                 log.info("%s: actor %s ready on node %s (pid %s)", self.name, self.actor_name, self.node_id,
                          info["pid"])
                 return True
@@ -195,29 +213,59 @@ class RemoteDeviceWorker(WorkerThread):
     def _run(self) -> None:
         from ray.exceptions import RayActorError
 
-        try:
-            if not self._wait_ready():
-                return self._shutdown()
-        except Exception:
-            log.exception("%s: actor %s never became ready; this worker takes no work", self.name, self.actor_name)
-            return self._shutdown()
         while True:
+            if not self._ready:
+                try:
+                    if not self._start_actor():
+                        break
+                except Exception:
+                    log.exception("%s: actor %s never became ready; this worker takes no work", self.name,
+                                  self.actor_name)
+                    break
+                continue
             admitted = self._admit()
             if admitted is None:
                 break
             try:
-                self._run_calls()
-                self._send(admitted)
-                self._forward_leaving()
-                self._collect()
-                self._poll_progress()
+                with self.connection.using_ray():
+                    self._run_calls()
+                    self._send(admitted)
+                    self._forward_leaving()
+                    self._collect()
+                    self._poll_progress()
+            except HeadLost:
+                self._head_lost(also=admitted)
             except RayActorError as error:
-                self._actor_died(error, also=admitted)
+                if self.connection.connected:
+                    self._actor_died(error, also=admitted)
+                else:  # the actor went with the head
+                    self._head_lost(also=admitted)
             except Exception as error:  # a bug must cost the images in flight, never the thread
                 log.exception("%s: unexpected error; failing the images in flight", self.name)
                 outcomes.fail(self.queue, list(self._in_flight.values()), error, self.name)
                 self._in_flight.clear()
         self._shutdown()
+
+    def _start_actor(self) -> bool:
+        """Wait until the head is connected (calls asked meanwhile are refused: they need the actor), ask for
+        an actor unless one is already asked for, and wait until it is ready. False when stopping."""
+        while True:
+            with self.queue.cond:
+                while not (self._stopping or self._calls or self.connection.connected):
+                    self.queue.cond.wait()
+                if self._stopping:
+                    return False
+                connected = self.connection.connected
+            if not connected:
+                self._run_calls()  # each raises HeadLost into its caller's future
+                continue
+            try:
+                with self.connection.using_ray():
+                    if self.actor is None:
+                        self._new_actor()
+                    return self._wait_ready()
+            except HeadLost:
+                self._head_lost()
 
     def _admit(self) -> list[DenoiseTask] | None:
         """What joins the window now; waits only while nothing is out. None when stopping."""
@@ -225,8 +273,8 @@ class RemoteDeviceWorker(WorkerThread):
             while True:
                 if self._stopping:
                     return None
-                if self._calls:
-                    return []
+                if self._calls or not self.connection.connected:
+                    return []  # a lost head: the next Ray call raises HeadLost
                 taken, wait = self.admission.decide(list(self._in_flight.values()))
                 if taken is None:
                     if self._in_flight:
@@ -326,15 +374,31 @@ class RemoteDeviceWorker(WorkerThread):
         if parked:
             self._tell(lambda listener, task: listener.task_parked(task), parked)
         try:
-            ray.kill(self.actor, no_restart=True)
-        except Exception:  # already gone
-            pass
-        self._new_actor()
-        try:
-            self._wait_ready()
-        except Exception:
-            log.exception("%s: the replacement actor %s did not start", self.name, self.actor_name)
-            self.stop()
+            with self.connection.using_ray():
+                try:
+                    ray.kill(self.actor, no_restart=True)
+                except Exception:  # already gone
+                    pass
+                self._new_actor()  # `_run` waits until it is ready
+        except HeadLost:  # the head went too: a fresh actor once it is back
+            self.actor, self._ready = None, False
+
+    def _head_lost(self, also: list[DenoiseTask] = ()) -> None:
+        """The head is lost: the images that were on the actor go back to the queue for this machine's devices
+        (or fail as unavailable without them); the actor is forgotten (it went with the head, or its node
+        ends it) and a fresh one is asked for once the head is back."""
+        tasks = list(self._in_flight.values()) + [t for t in also if t not in self._in_flight.values()]
+        self._in_flight.clear()
+        for task in tasks:
+            self._forget(task)
+        self.actor, self._ready, self._loaded = None, False, []
+        self.node_id = self.actor_pid = self._progress_ref = None
+        if tasks:
+            log.warning("%s: the Ray head is lost; %d images that were on actor %s go %s", self.name, len(tasks),
+                        self.actor_name, "back as unavailable" if self.connection.refusal() else "back to the queue")
+        parked = outcomes.take_back(self.queue, tasks, self.connection.refusal)
+        if parked:
+            self._tell(lambda listener, task: listener.task_parked(task), parked)
 
     def _forget(self, task: DenoiseTask) -> None:
         self._keys.pop(id(task), None)
@@ -350,6 +414,7 @@ class RemoteDeviceWorker(WorkerThread):
         tasks, self._in_flight = list(self._in_flight.values()), {}
         outcomes.fail(self.queue, tasks, Unavailable("the worker closed before this image finished"), self.name)
         try:
-            ray.kill(self.actor, no_restart=True)
-        except Exception:  # already gone, or the driver already disconnected
+            with self.connection.using_ray():
+                ray.kill(self.actor, no_restart=True)
+        except Exception:  # already gone, the head is lost, or the driver already disconnected
             pass

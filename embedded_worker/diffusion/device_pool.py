@@ -5,6 +5,10 @@ configured) and the event thread on which the workers tell each image's
 listener what happened to it, and is the only way the engine moves an
 image: submit, pause, resume, cancel. Each of those is decided under the
 queue's lock, so a request never races a worker taking the same image.
+
+With a Ray cluster attached, a lost head (`cluster_lost`) leaves the local
+workers taking everything; without local devices, cluster work is refused
+as unavailable until the head is back (the connection's `refusal`).
 """
 
 from __future__ import annotations
@@ -121,7 +125,8 @@ class DevicePool:
                     worker.start()
                     added.append(worker.name)
             # with a cluster, a batch's parallelism is also its spread over actors: one more each short
-            while self._grow_remote is not None and self._remote < min(workers, MAX_WORKERS_PER_DEVICE):
+            while (self._grow_remote is not None and self.cluster.connected
+                   and self._remote < min(workers, MAX_WORKERS_PER_DEVICE)):
                 worker = self._grow_remote(self._remote)
                 self._attach(worker)
                 worker.start()
@@ -132,6 +137,9 @@ class DevicePool:
         with self.queue.cond:
             if self._closed:
                 raise Unavailable("the worker is closing")
+            refused = self.cluster.refusal() if self.cluster is not None else None
+            if refused is not None:
+                raise refused
             if task.state == NEW:  # not cancelled between its creation and now
                 self.queue.put(task)
 
@@ -170,6 +178,16 @@ class DevicePool:
         if not task.future.done():
             task.future.set_exception(Cancelled("cancelled"))
 
+    def cluster_lost(self) -> None:
+        """The connection's watch found the Ray head lost. Local workers take what waits, and the images the
+        remote workers put back; without local devices what waits fails now, as unavailable."""
+        with self.queue.cond:
+            refused = self.cluster.refusal()
+            left = self.queue.take_all() if refused is not None else []
+        for task in left:
+            if not task.future.done():
+                task.future.set_exception(refused)
+
     def on_every_worker(self, fn: Callable) -> list[Future]:
         """Run `fn(worker)` on each worker's own thread, between two of its steps."""
         return [worker.call(fn) for worker in self.workers]
@@ -190,11 +208,14 @@ class DevicePool:
         return min(known) if known else None
 
     def status(self) -> dict:
-        return {
+        status = {
             "workers": [worker.status() for worker in self.workers],
             "queued_images": self.queue.pending(),
             "memory": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
         }
+        if self.cluster is not None:
+            status["cluster"] = self.cluster.status()
+        return status
 
     def close(self, timeout: float, grace: float) -> bool:
         """Stop taking work, fail what waits, stop the workers at their next step boundary and join them:

@@ -272,6 +272,11 @@ class WorkQueue:
         """Close the queue and hand back everything still waiting."""
         with self.cond:
             self.closed = True
+            return self.take_all()
+
+    def take_all(self) -> list[DenoiseTask]:
+        """Everything still waiting, ended (DONE) and handed back; the queue stays open."""
+        with self.cond:
             left = [entry[-1] for lane in self._lanes.values() for entry in lane.entries()]
             self._lanes.clear()
             for task in left:
