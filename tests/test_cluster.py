@@ -344,7 +344,7 @@ def test_a_port_that_answers_but_is_no_ray_head_is_refused_and_leaves_nothing(mo
         server.close()
 
 
-def _head_loss_run(model_cache, *arguments) -> dict:
+def _head_loss_run(model_cache, *arguments, timeout: float = 560) -> dict:
     """tests/helpers/head_loss.py in a process of its own, told Ray's reconnect limit is 5 s: without our own
     watch, Ray ends that process 5 s after its head dies (exit 1, "Failed to connect to GCS within 5 seconds").
     Every head it started is stopped here, whatever happened to it."""
@@ -352,7 +352,7 @@ def _head_loss_run(model_cache, *arguments) -> dict:
     child = subprocess.Popen([sys.executable, "-m", "tests.helpers.head_loss", str(model_cache), *arguments],
                              env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = child.communicate(timeout=560)
+        out, err = child.communicate(timeout=timeout)
     finally:
         if child.poll() is None:
             child.kill()
@@ -402,7 +402,7 @@ def test_without_local_devices_a_lost_head_answers_unavailable_until_it_is_back(
 def test_a_private_head_killed_again_and_again_loses_no_image(model_cache):
     """`make soak`: the worker's own head ("local") SIGKILLed mid-batch 4 times; each time the watch finds it
     lost, the batch finishes here with every item once, and the worker starts the head again and uses it."""
-    seen = _head_loss_run(model_cache, "private", "4")
+    seen = _head_loss_run(model_cache, "private", "4", timeout=1200)  # 6.5 min on a busy 2-core machine
     for round, result in enumerate(seen["rounds"]):
         assert result["out_on_actor_at_kill"] > 0 and result["status"] == "completed", result
         assert result["seeds"] == list(range(1000 + 10 * round, 1008 + 10 * round)), result

@@ -161,7 +161,7 @@ class ClusterConnection:
 
     def _lost_error(self) -> HeadLost:
         since = time.strftime("%H:%M:%S", time.localtime(self.lost_since)) if self.lost_since else "start"
-        return HeadLost(f"the Ray head at {self.config.address} is lost (since {since})")
+        return HeadLost(f"the Ray head at {self.address} is lost (since {since})")
 
     def status(self) -> dict:
         with self.cond:
@@ -187,7 +187,7 @@ class ClusterConnection:
             self.state, self.lost_since = LOST, time.time()
             self.losses += 1
             self.cond.notify_all()
-        log.error("the Ray head at %s is lost (%s); its actors' images go %s", self.config.address, why,
+        log.error("the Ray head at %s is lost (%s); its actors' images go %s", self.address, why,
                   "to this machine's devices" if self.config.local_devices else "back as unavailable")
         self._on_lost()
         with self.cond:
@@ -217,7 +217,7 @@ class ClusterConnection:
             with _lock:
                 self._init(timeout)
         except Exception as error:
-            log.warning("the Ray head at %s is not back yet: %s", self.config.address, error)
+            log.warning("the Ray head at %s is not back yet: %s", self.address, error)
             self._disconnect()  # a half-made driver must not retry behind the watch's back
             return False
         with self.cond:

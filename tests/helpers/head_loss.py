@@ -79,6 +79,8 @@ def private_rounds(model_cache: str, rounds: int) -> int:
     try:
         for round in range(rounds):
             print(json.dumps({"head_pgid": connection.head.process.pid}), flush=True)
+            if round == 0:  # the start loads the model on the actor, which takes no image meanwhile
+                wait_for(lambda: remote.status()["loaded_models"], 180, "the actor loads the model")
             wait_for(lambda: remote.node_id is not None, 180, "the actor is ready")
             batch(worker, f"round-{round}", 1000 + 10 * round, steps=12)
             wait_for(lambda: remote.active_images > 0, 120, "images out on the actor")
