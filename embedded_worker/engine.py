@@ -75,9 +75,10 @@ class Engine:
                                on_progress=self._progressed)
         self.intake = Intake(self.book, self.jobs, self.pool, config.limits.max_queued_work, config.limits.max_items,
                              config.scheduling.max_batch_size, self.models.native_size)
-        self.sessions = SessionService(self.book, self.jobs, self.intake, self.planner, self.workflows, self.outputs)
-        self.batches = BatchService(self.book, self.jobs, self.intake, self.planner, self.workflows, self.outputs,
-                                    self.pool)
+        self.sessions = SessionService(self.book, self.store, self.jobs, self.intake, self.planner, self.workflows,
+                                       self.outputs)
+        self.batches = BatchService(self.book, self.store, self.jobs, self.intake, self.planner, self.workflows,
+                                    self.outputs, self.pool)
         self.feed = ProgressFeed(self.board, self.book, self.jobs, self.batches, self.cpu)
         self.retention = Retention(config.retention, self.book, self.sessions, self.batches, self.cpu,
                                    self.intake.closing)

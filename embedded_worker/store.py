@@ -17,6 +17,8 @@ Design notes
 - A row this version cannot read (damaged JSON, a newer version's fields)
   is moved to `quarantined_records` with the reason, kept for a person to
   look at, and reported; it never stops a start.
+- New work is written in one transaction before it joins the book
+  (`add_records`): a submit the store cannot take is refused whole.
 - ":memory:" keeps everything in memory: one switch for tests.
 """
 
@@ -48,6 +50,9 @@ CREATE INDEX IF NOT EXISTS outputs_by_owner ON outputs (owner_id);
 CREATE TABLE IF NOT EXISTS quarantined_records (
     id TEXT, kind TEXT, data TEXT, reason TEXT NOT NULL, found_at REAL NOT NULL);
 """
+UPSERT_RECORD = ("INSERT INTO records (id, kind, status, completed_at, data) VALUES (?, ?, ?, ?, ?) "
+                 "ON CONFLICT(id) DO UPDATE SET status = excluded.status, completed_at = excluded.completed_at, "
+                 "data = excluded.data")
 
 
 class StateStore:
@@ -84,12 +89,21 @@ class StateStore:
             if event == REMOVED:
                 self._db.execute("DELETE FROM records WHERE id = ?", (record.id,))
                 return
-            self._db.execute(
-                "INSERT INTO records (id, kind, status, completed_at, data) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET status = excluded.status, completed_at = excluded.completed_at, "
-                "data = excluded.data",
-                (record.id, record.kind, record.status, record.completed_at, json.dumps(_fields(record), default=str)),
-            )
+            self._db.execute(UPSERT_RECORD, _row(record))
+
+    def add_records(self, records: list[Record]) -> None:
+        """New work, written whole or not at all before it joins the book; Unavailable when the store
+        cannot take it (a full disk): the submit is refused and nothing of it stays."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                self._db.executemany(UPSERT_RECORD, [_row(record) for record in records])
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise Unavailable(f"the state store cannot take new work now ({error}); nothing was accepted, "
+                                  f"send it again later") from None
 
     def mark_on_device(self, on: list[str], off: list[str] = ()) -> None:
         """Records `on` stored as on the device and `off` as off it, in one statement: a crash from now on
@@ -182,6 +196,10 @@ def _record_from_row(kind: str, data: str) -> Record:
     if not isinstance(record.id, str) or record.status not in ALL_STATUSES:
         raise ValueError(f"bad id or status {record.status!r}")
     return record
+
+
+def _row(record: Record) -> tuple:
+    return record.id, record.kind, record.status, record.completed_at, json.dumps(_fields(record), default=str)
 
 
 def _fields(record: Record) -> dict:
