@@ -90,13 +90,20 @@ class OutputStore:
                               metadata=dict(metadata or {}))
         raw_path = None
         folder = owner_folder(owner_id)
-        if self.raw_dir is not None:
-            raw_path = str(write_raw_pixels(buffer.output_id, buffer.pixels, self.raw_dir / folder))
-        if self.files_dir is not None:
-            buffer.path = str(write_output_file(buffer.output_id, buffer.pixels, buffer.metadata,
-                                                self.files_dir / folder, image_format, quality))
-        if self.store is not None:
-            self.store.add_output(buffer.output_id, owner_id, item_id, seed, raw_path, buffer.path, buffer.metadata)
+        try:
+            if self.raw_dir is not None:
+                raw_path = str(write_raw_pixels(buffer.output_id, buffer.pixels, self.raw_dir / folder))
+            if self.files_dir is not None:
+                buffer.path = str(write_output_file(buffer.output_id, buffer.pixels, buffer.metadata,
+                                                    self.files_dir / folder, image_format, quality))
+            if self.store is not None:
+                self.store.add_output(buffer.output_id, owner_id, item_id, seed, raw_path, buffer.path,
+                                      buffer.metadata)
+        except BaseException:  # a full disk: what was written of it has no row, so nobody would remove it
+            for path in (raw_path, buffer.path):
+                if path:
+                    Path(path).unlink(missing_ok=True)
+            raise
         with self._lock:
             self._outputs[buffer.output_id] = buffer
         return buffer

@@ -3,9 +3,14 @@ and once space returns the same requests run."""
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 import pytest
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, output_files
+from embedded_worker.outputs import owner_folder
 
 from .conftest import generate, session_status, wait_for
 from .helpers.full_disk import FullDisk
@@ -74,3 +79,55 @@ def test_work_stored_before_a_later_write_failed_is_accepted_and_runs(durable):
         reply = submit_batch(worker, "stored-batch")
     assert reply["success"], reply
     wait_for(lambda: worker.get_batch_status(batch_id="stored-batch")["status"] == "completed")
+
+
+class FullFiles:
+    """`open` as output_files sees it, on a disk that fills up while the files of one owner are written:
+    their staging file gets a byte, then the write fails with ENOSPC."""
+
+    def __init__(self, folder: str, suffix: str):
+        self.folder, self.suffix = folder, suffix
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)
+        path = Path(path)
+        if path.parent.name == self.folder and path.name.endswith(self.suffix + ".partial"):
+            return Filling(handle)
+        return handle
+
+
+class Filling:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data) -> int:
+        self.handle.write(bytes(data)[:1])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        self.handle.close()
+
+
+@pytest.mark.parametrize("failing", [".npy", ".png"])
+def test_an_output_the_disk_cannot_hold_fails_its_work_and_leaves_no_files(durable, tmp_path, monkeypatch, failing):
+    worker = durable()
+    monkeypatch.setattr(output_files, "open", FullFiles(owner_folder("doomed"), failing), raising=False)
+    generate(worker, session_id="doomed", steps=3, background=True)
+    fine = generate(worker, session_id="fine", steps=3, background=False)
+    wait_for(lambda: session_status(worker, "doomed")["status"] in ("completed", "failed", "cancelled"))
+    doomed = session_status(worker, "doomed")
+    assert doomed["status"] == "failed" and "No space left on device" in doomed["error"], doomed
+    assert fine["status"] == "completed" and Path(fine["outputs"][0]["path"]).is_file()
+    state = tmp_path / "state"
+    assert [p for p in state.rglob("*") if p.name.endswith(".partial")] == []
+    assert [p for p in state.rglob("*") if p.is_file() and p.parent.name == owner_folder("doomed")] == []
+    monkeypatch.undo()  # space returns
+    restarted = worker.control_session(session_id="doomed", action="restart")
+    assert restarted["success"], restarted
+    wait_for(lambda: session_status(worker, "doomed")["status"] == "completed")
