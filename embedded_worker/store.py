@@ -17,6 +17,12 @@ Design notes
 - A row this version cannot read (damaged JSON, a newer version's fields)
   is moved to `quarantined_records` with the reason, kept for a person to
   look at, and reported; it never stops a start.
+- The file says which format it is (PRAGMA user_version, FORMAT_VERSION).
+  A start checks it and the tables' columns before anything is accepted: a
+  newer or unknown format, a missing table or a column this version does
+  not write is refused with the reason, instead of starting with an empty
+  history or failing every piece of work at its first write. A file made
+  before the stamp (version 0) is this format and gets stamped.
 - New work is written in one transaction before it joins the book
   (`add_records`): a submit the store cannot take is refused whole.
 - ":memory:" keeps everything in memory: one switch for tests.
@@ -40,6 +46,7 @@ from .state import ALL_STATUSES, REMOVED, BatchRecord, ItemRecord, Record, Sessi
 log = logging.getLogger("embedded_worker.store")
 MEMORY = ":memory:"
 KINDS: dict[str, type[Record]] = {"session": SessionRecord, "batch": BatchRecord, "item": ItemRecord}
+FORMAT_VERSION = 1  # PRAGMA user_version this version writes; 0 is the same format, made before the stamp
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, completed_at REAL, data TEXT NOT NULL);
@@ -50,6 +57,11 @@ CREATE INDEX IF NOT EXISTS outputs_by_owner ON outputs (owner_id);
 CREATE TABLE IF NOT EXISTS quarantined_records (
     id TEXT, kind TEXT, data TEXT, reason TEXT NOT NULL, found_at REAL NOT NULL);
 """
+COLUMNS = {  # every table this version reads and writes, with its columns in order: checked at each start
+    "records": ("id", "kind", "status", "completed_at", "data"),
+    "outputs": ("output_id", "owner_id", "item_id", "seed", "raw_path", "file_path", "metadata"),
+    "quarantined_records": ("id", "kind", "data", "reason", "found_at"),
+}
 UPSERT_RECORD = ("INSERT INTO records (id, kind, status, completed_at, data) VALUES (?, ?, ?, ?, ?) "
                  "ON CONFLICT(id) DO UPDATE SET status = excluded.status, completed_at = excluded.completed_at, "
                  "data = excluded.data")
@@ -61,14 +73,44 @@ class StateStore:
         self.durable = self.path != MEMORY
         self._lock = threading.Lock()  # guards the connection: one statement at a time
         self._lock_file = self._take_process_lock() if self.durable else None
+        self._db = None
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            version = self._check_format()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+            if version != FORMAT_VERSION:
+                self._db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {FORMAT_VERSION}; COMMIT;")
         except sqlite3.Error as error:
-            self._release_process_lock()  # a failed start must not leave the file looking in use
+            self._abandon()
             raise Unavailable(f"the state file {self.path} cannot be opened: {error}") from None
+        except BaseException:
+            self._abandon()  # a failed start must not leave the file looking in use
+            raise
+
+    def _check_format(self) -> int:
+        """The file's format version; Unavailable, with the reason, for a file this version must not use."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if not 0 <= version <= FORMAT_VERSION:
+            raise Unavailable(f"the state file {self.path} has format version {version}; this worker reads "
+                              f"versions up to {FORMAT_VERSION} (a newer worker wrote it?): start that version, "
+                              f"or move the file aside to start empty")
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == 0 and not tables:
+            return version  # a new file
+        required = set(COLUMNS) if version else {"records", "outputs"}  # quarantine came after the first files
+        missing = sorted(required - tables)
+        if missing:
+            raise Unavailable(f"the state file {self.path} has no table {', '.join(missing)} (tables: "
+                              f"{', '.join(sorted(tables)) or 'none'}): not a state file this worker can use "
+                              f"without losing its history; move it aside to start empty")
+        for table, expected in COLUMNS.items():
+            found = tuple(row[1] for row in self._db.execute(f"PRAGMA table_info({table})"))
+            if found and found != expected:
+                raise Unavailable(f"the state file {self.path}: table {table} has columns ({', '.join(found)}), "
+                                  f"this worker writes ({', '.join(expected)}): a different format; start the "
+                                  f"version that wrote it, or move the file aside")
+        return version
 
     def _take_process_lock(self) -> FileLock:
         """flock on POSIX, LockFileEx on Windows (filelock): held until close, or until the process dies."""
@@ -176,6 +218,12 @@ class StateStore:
 
     def close(self) -> None:
         with self._lock:
+            self._db.close()
+        self._release_process_lock()
+
+    def _abandon(self) -> None:
+        """A start that failed: nothing written, the file free for the next one."""
+        if self._db is not None:
             self._db.close()
         self._release_process_lock()
 
