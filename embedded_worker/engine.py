@@ -87,8 +87,8 @@ class Engine:
         self._close_lock = threading.Lock()  # a racing second close waits for the first
         self.pool.start()
         self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
-        self.recovery_report = restore(self.store, self.book, self.jobs, self.sessions, self.batches,
-                                       config.recovery)
+        self.recovery_report = restore(self.store, self.outputs, self.book, self.jobs, self.sessions,
+                                       self.batches, config.recovery)
         self.retention.prune()
 
     def _model_known(self, model_id: str) -> bool:
@@ -124,7 +124,7 @@ class Engine:
                            "workflow_problems": self.workflows.problems()},
             "recovery": self.recovery_report,
             "state": {"path": self.store.path, "durable": self.store.durable,
-                      "quarantined_rows": self.store.quarantined()},
+                      "quarantined_rows": self.store.quarantined(), "journal_loss": self.store.journal_loss},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "closing": self.intake.closing.is_set(),
         }

@@ -23,6 +23,10 @@ Design notes
   not write is refused with the reason, instead of starting with an empty
   history or failing every piece of work at its first write. A file made
   before the stamp (version 0) is this format and gets stamped.
+- A start that finds the last process ended without closing (its
+  `<file>.running` marker is still there) checks that process's
+  write-ahead log: missing, or with frames SQLite could not read, means its
+  last commits are lost; the worker says so (`journal_loss`).
 - New work is written in one transaction before it joins the book
   (`add_records`): a submit the store cannot take is refused whole.
 - ":memory:" keeps everything in memory: one switch for tests.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -65,28 +70,48 @@ COLUMNS = {  # every table this version reads and writes, with its columns in or
 UPSERT_RECORD = ("INSERT INTO records (id, kind, status, completed_at, data) VALUES (?, ?, ?, ?, ?) "
                  "ON CONFLICT(id) DO UPDATE SET status = excluded.status, completed_at = excluded.completed_at, "
                  "data = excluded.data")
+WAL_HEADER, WAL_FRAME_HEADER = 32, 24  # bytes, from SQLite's WAL file format
 
 
 class StateStore:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.durable = self.path != MEMORY
+        self.journal_loss: str | None = None  # what a start found lost with the last process's log, if anything
         self._lock = threading.Lock()  # guards the connection: one statement at a time
         self._lock_file = self._take_process_lock() if self.durable else None
+        self._running = Path(self.path + ".running") if self.durable else None  # there while a process has it
         self._db = None
         try:
+            ended_unclosed = self._running is not None and self._running.exists()
+            wal = Path(self.path + "-wal")
+            wal_bytes = wal.stat().st_size if self.durable and wal.exists() else None  # before SQLite reads it
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             version = self._check_format()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA journal_size_limit=0")  # a log reused after a checkpoint holds no stale frames
+            if ended_unclosed:
+                self.journal_loss = self._journal_loss(wal_bytes)
+            if self.journal_loss:
+                log.error("%s", self.journal_loss)
             if version != FORMAT_VERSION:
                 self._db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {FORMAT_VERSION}; COMMIT;")
+            self._mark_running()
         except sqlite3.Error as error:
             self._abandon()
             raise Unavailable(f"the state file {self.path} cannot be opened: {error}") from None
         except BaseException:
             self._abandon()  # a failed start must not leave the file looking in use
             raise
+
+    def _mark_running(self) -> None:
+        if self._running is None:
+            return
+        try:
+            self._running.write_text(str(os.getpid()))
+        except OSError as error:  # a full disk must not stop a start; only the next start's check is lost
+            log.warning("cannot write %s (%s): the next start cannot check this process's log", self._running, error)
 
     def _check_format(self) -> int:
         """The file's format version; Unavailable, with the reason, for a file this version must not use."""
@@ -111,6 +136,20 @@ class StateStore:
                                   f"this worker writes ({', '.join(expected)}): a different format; start the "
                                   f"version that wrote it, or move the file aside")
         return version
+
+    def _journal_loss(self, wal_bytes: int | None) -> str | None:
+        """The last process ended without closing: did its write-ahead log survive whole?"""
+        wal = f"{self.path}-wal"
+        if wal_bytes is None:
+            return (f"the last worker process ended without closing the state file and its write-ahead log "
+                    f"({wal}) is missing: what it stored after its last checkpoint is lost")
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        in_file = max(0, wal_bytes - WAL_HEADER) // (WAL_FRAME_HEADER + page_size)
+        _, read, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if read >= in_file:
+            return None
+        return (f"the last worker process ended without closing the state file and its write-ahead log ({wal}) "
+                f"is damaged: {in_file - read} of its {in_file} frames could not be read; what they held is lost")
 
     def _take_process_lock(self) -> FileLock:
         """flock on POSIX, LockFileEx on Windows (filelock): held until close, or until the process dies."""
@@ -207,6 +246,12 @@ class StateStore:
         found["metadata"] = json.loads(found["metadata"])
         return found
 
+    def output_paths(self) -> set[str]:
+        """Every file a stored output row names."""
+        with self._lock:
+            rows = self._db.execute("SELECT raw_path, file_path FROM outputs").fetchall()
+        return {os.path.abspath(path) for row in rows for path in row if path}
+
     def remove_outputs(self, owner_id: str, item_id: str | None = None) -> list[dict]:
         """Forget an owner's (or one item's) outputs; their rows come back so the files can go too."""
         clause, arguments = ("owner_id = ?", (owner_id,)) if item_id is None else \
@@ -219,6 +264,8 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._running is not None:
+            self._running.unlink(missing_ok=True)  # closed: the next start has no log to doubt
         self._release_process_lock()
 
     def _abandon(self) -> None:
