@@ -124,7 +124,8 @@ class Engine:
                            "workflow_problems": self.workflows.problems()},
             "recovery": self.recovery_report,
             "state": {"path": self.store.path, "durable": self.store.durable,
-                      "quarantined_rows": self.store.quarantined(), "journal_loss": self.store.journal_loss},
+                      "quarantined_rows": self.store.quarantined(), "journal_loss": self.store.journal_loss,
+                      "unsaved_changes": self.store.unsaved_changes()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "closing": self.intake.closing.is_set(),
         }

@@ -29,6 +29,11 @@ Design notes
   last commits are lost; the worker says so (`journal_loss`).
 - New work is written in one transaction before it joins the book
   (`add_records`): a submit the store cannot take is refused whole.
+- A change of work already accepted that the disk refuses (full) is kept
+  and written with the next write that succeeds, in order: the work goes
+  on in memory, a status reply never waits for space, and a crash
+  meanwhile resumes from what was stored last. Raising into the threads
+  that run the work would leave it running for ever.
 - ":memory:" keeps everything in memory: one switch for tests.
 """
 
@@ -78,7 +83,10 @@ class StateStore:
         self.path = str(path)
         self.durable = self.path != MEMORY
         self.journal_loss: str | None = None  # what a start found lost with the last process's log, if anything
-        self._lock = threading.Lock()  # guards the connection: one statement at a time
+        self._lock = threading.Lock()  # guards the connection and the unsaved changes: one write at a time
+        self._unsaved: dict[str, Record | None] = {}  # record id -> the record to write again (None: delete it)
+        self._unsaved_deletes: list[tuple[str, tuple]] = []  # output rows to delete, in order
+        self._refusing = False  # the last write failed: said once in the log, until one succeeds
         self._lock_file = self._take_process_lock() if self.durable else None
         self._running = Path(self.path + ".running") if self.durable else None  # there while a process has it
         self._db = None
@@ -165,36 +173,61 @@ class StateStore:
     # ---- records -------------------------------------------------------------------------------
 
     def record_event(self, record: Record, event: str) -> None:
-        """The StateBook listener: write (or delete) the record before the change is reported."""
+        """The StateBook listener: write (or delete) the record before the change is reported; kept for the
+        next write when the disk refuses it."""
         with self._lock:
-            if event == REMOVED:
-                self._db.execute("DELETE FROM records WHERE id = ?", (record.id,))
-                return
-            self._db.execute(UPSERT_RECORD, _row(record))
+            self._unsaved[record.id] = None if event == REMOVED else record
+            self._write()
+
+    def _write(self, *statements: tuple[str, list | tuple]) -> sqlite3.Error | None:
+        """Call with the lock held: the unsaved changes, then `statements`, in one transaction. The error
+        when the disk refused it: then nothing of it was written, and the unsaved changes stay."""
+        try:
+            self._db.execute("BEGIN")
+            for record_id, record in self._unsaved.items():
+                if record is None:
+                    self._db.execute("DELETE FROM records WHERE id = ?", (record_id,))
+                else:
+                    self._db.execute(UPSERT_RECORD, _row(record))
+            for statement, arguments in [*self._unsaved_deletes, *statements]:
+                self._db.execute(statement, arguments)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if not self._refusing:
+                log.error("the state file refuses writes (%s): changes are kept in memory until a write "
+                          "succeeds", error)
+            self._refusing = True
+            return error
+        if self._refusing:
+            log.warning("the state file takes writes again: %d kept change(s) stored", self.unsaved_changes())
+        self._unsaved.clear()
+        self._unsaved_deletes.clear()
+        self._refusing = False
+        return None
+
+    def unsaved_changes(self) -> int:
+        """Changes kept in memory because the disk refused them."""
+        return len(self._unsaved) + len(self._unsaved_deletes)
 
     def add_records(self, records: list[Record]) -> None:
         """New work, written whole or not at all before it joins the book; Unavailable when the store
         cannot take it (a full disk): the submit is refused and nothing of it stays."""
         with self._lock:
-            try:
-                self._db.execute("BEGIN")
-                self._db.executemany(UPSERT_RECORD, [_row(record) for record in records])
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise Unavailable(f"the state store cannot take new work now ({error}); nothing was accepted, "
-                                  f"send it again later") from None
+            error = self._write(*[(UPSERT_RECORD, _row(record)) for record in records])
+        if error is not None:
+            raise Unavailable(f"the state store cannot take new work now ({error}); nothing was accepted, "
+                              f"send it again later")
 
     def mark_on_device(self, on: list[str], off: list[str] = ()) -> None:
         """Records `on` stored as on the device and `off` as off it, in one statement: a crash from now on
         names exactly the `on` ones (and any still marked)."""
         ids = [*on, *off]
         flags = ",".join("?" * len(on)) or "NULL"
-        with self._lock:
-            self._db.execute(
-                f"UPDATE records SET data = json_set(data, '$.on_device', json(CASE WHEN id IN ({flags}) "
-                f"THEN 'true' ELSE 'false' END)) WHERE id IN ({','.join('?' * len(ids))})", [*on, *ids])
+        with self._lock:  # refused, it is not kept: each record's next write carries its flag
+            self._write((f"UPDATE records SET data = json_set(data, '$.on_device', json(CASE WHEN id IN ({flags}) "
+                         f"THEN 'true' ELSE 'false' END)) WHERE id IN ({','.join('?' * len(ids))})", [*on, *ids]))
 
     def load_records(self) -> list[Record]:
         """Every readable record; the unreadable ones are moved to quarantine."""
@@ -230,11 +263,13 @@ class StateStore:
 
     def add_output(self, output_id: str, owner_id: str, item_id: str | None, seed: int | None,
                    raw_path: str | None, file_path: str | None, metadata: dict) -> None:
+        """A new output's row, after the deletes kept before it; the error when the disk refuses it."""
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (output_id, owner_id, item_id, seed, raw_path, file_path, json.dumps(metadata, default=str)),
-            )
+            error = self._write(("INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (output_id, owner_id, item_id, seed, raw_path, file_path,
+                                  json.dumps(metadata, default=str))))
+        if error is not None:
+            raise error
 
     def find_output(self, output_id: str) -> dict | None:
         with self._lock:
@@ -258,11 +293,15 @@ class StateStore:
             ("owner_id = ? AND item_id = ?", (owner_id, item_id))
         with self._lock:
             rows = self._db.execute(f"SELECT raw_path, file_path FROM outputs WHERE {clause}", arguments).fetchall()
-            self._db.execute(f"DELETE FROM outputs WHERE {clause}", arguments)
+            self._unsaved_deletes.append((f"DELETE FROM outputs WHERE {clause}", arguments))
+            self._write()
         return [{"raw_path": raw, "file_path": file} for raw, file in rows]
 
     def close(self) -> None:
         with self._lock:
+            if self.unsaved_changes() and self._write() is not None:
+                log.error("%d change(s) could not be stored: the next start resumes from what was",
+                          self.unsaved_changes())
             self._db.close()
         if self._running is not None:
             self._running.unlink(missing_ok=True)  # closed: the next start has no log to doubt

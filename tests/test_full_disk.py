@@ -75,7 +75,7 @@ def test_work_stored_before_a_later_write_failed_is_accepted_and_runs(durable):
         reply = generate(worker, session_id="stored", steps=3, background=True)
     assert reply["success"] and reply["duplicate"] is False, reply
     wait_for(lambda: session_status(worker, "stored")["status"] == "completed")
-    with FullDisk(worker._engine.store, writes=1, after=1):
+    with FullDisk(worker._engine.store, writes=1, after=3):  # the batch and its two items
         reply = submit_batch(worker, "stored-batch")
     assert reply["success"], reply
     wait_for(lambda: worker.get_batch_status(batch_id="stored-batch")["status"] == "completed")
@@ -131,3 +131,29 @@ def test_an_output_the_disk_cannot_hold_fails_its_work_and_leaves_no_files(durab
     restarted = worker.control_session(session_id="doomed", action="restart")
     assert restarted["success"], restarted
     wait_for(lambda: session_status(worker, "doomed")["status"] == "completed")
+
+
+def test_work_running_when_the_disk_fills_ends_and_is_stored_once_space_returns(durable):
+    """Its status changes are kept in memory while the disk refuses them (raising into the threads that
+    run it left it `running` for ever), and stored, in order, with the first write that succeeds."""
+    worker = durable()
+    store = worker._engine.store
+    generate(worker, session_id="caught", steps=6, background=True)
+    worker.execute_batch(batch_id="caught-batch", workflow_id="img-generation-basic", background=True,
+                         parameters={"total_images": 3, "steps": 6, "prompt": "b"})
+    with FullDisk(store) as disk:
+        finals = ("completed", "failed", "cancelled")
+        wait_for(lambda: session_status(worker, "caught")["status"] in finals)
+        wait_for(lambda: worker.get_batch_status(batch_id="caught-batch")["status"] in finals)
+        assert disk.refused > 0 and worker.get_status()["state"]["unsaved_changes"] > 0
+        caught = session_status(worker, "caught")
+        if caught["status"] == "failed":  # its outputs' rows could not be written: it says so
+            assert "database or disk is full" in caught["error"]
+    assert generate(worker, session_id="after", steps=3, background=False)["status"] == "completed"
+    assert worker.get_status()["state"]["unsaved_changes"] == 0
+    expected = {"caught": caught["status"], "after": "completed",
+                "caught-batch": worker.get_batch_status(batch_id="caught-batch")["status"]}
+    worker.close(timeout=30)
+    again = durable()
+    assert {"caught": session_status(again, "caught")["status"], "after": session_status(again, "after")["status"],
+            "caught-batch": again.get_batch_status(batch_id="caught-batch")["status"]} == expected
