@@ -13,6 +13,8 @@ Design notes
   `failed` and says which items failed and why; `retry` re-runs exactly
   those. The bare request the existing C# client sends (no items) becomes
   `total_images` items with seeds seed + i.
+- A new batch and its items are on disk, in one write, before they are
+  accepted: a batch the store cannot take (a full disk) is refused whole.
 - Metrics come from what ran: a "batch" in BatchMetrics is a group of images
   that started denoising together in one cohort.
 """
@@ -34,6 +36,7 @@ from .planning import Planner, RunPlan
 from .protocol import BatchConfiguration, ControlBatchRequest, DeleteBatchRequest, ExecuteBatchRequest, iso, ok
 from .runner import WorkflowRun
 from .state import COMPLETED, FAILED, FINAL, PAUSED, PENDING, RUNNING, BatchRecord, ItemRecord, StateBook
+from .store import StateStore
 from .workflows.catalog import WorkflowCatalog
 
 PAUSE_WAIT_SECONDS = 30.0  # one step boundary away; a loaded machine may take seconds to reach it
@@ -41,9 +44,10 @@ log = logging.getLogger("embedded_worker.batches")
 
 
 class BatchService:
-    def __init__(self, book: StateBook, jobs: JobService, intake: Intake, planner: Planner,
+    def __init__(self, book: StateBook, store: StateStore, jobs: JobService, intake: Intake, planner: Planner,
                  workflows: WorkflowCatalog, outputs: OutputStore, pool: DevicePool):
         self.book = book
+        self.store = store
         self.jobs = jobs
         self.intake = intake
         self.planner = planner
@@ -93,18 +97,25 @@ class BatchService:
             item_ids=[f"{batch_id}/{item_id}" for item_id, _ in items],
         )
         sizing = BatchSizing.for_configuration(batch_id, configuration)
-        with self.book.locked():
-            existing = self.book.batches.get(batch_id)
-            if existing is not None:
-                return existing
-            self.intake.check_capacity(len(items))
-            self.book.require_free_id(record, record.item_ids)
-            self.book.add(record)
-            log.info("Batch '%s' accepted: %d item(s) of %s", batch_id, len(items), workflow.id)
-            jobs = [self.jobs.admit(ItemRecord(id=record_id, priority=request.priority, batch_id=batch_id,
-                                               item_id=item_id, index=index, parameters=values,
-                                               seed=values.get("seed")), plan, sizing)
-                    for index, (record_id, (item_id, values), plan) in enumerate(zip(record.item_ids, items, plans))]
+        jobs = []
+        try:
+            with self.book.locked():
+                existing = self.book.batches.get(batch_id)
+                if existing is not None:
+                    return existing
+                self.intake.check_capacity(len(items))
+                self.book.require_free_id(record, record.item_ids)
+                members = [ItemRecord(id=record_id, priority=request.priority, batch_id=batch_id, item_id=item_id,
+                                      index=index, parameters=values, seed=values.get("seed"))
+                           for index, (record_id, (item_id, values)) in enumerate(zip(record.item_ids, items))]
+                self.store.add_records([record, *members])  # refused here, nothing of it stays
+                self.book.add(record)
+                log.info("Batch '%s' accepted: %d item(s) of %s", batch_id, len(items), workflow.id)
+                jobs = [self.jobs.admit(member, plan, sizing) for member, plan in zip(members, plans)]
+        except Exception:
+            if not jobs:
+                raise
+            log.exception("Batch '%s' is stored and runs, but a later write of its state failed", batch_id)
         self.jobs.launch(jobs)
         return record
 

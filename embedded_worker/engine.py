@@ -75,9 +75,10 @@ class Engine:
                                on_progress=self._progressed)
         self.intake = Intake(self.book, self.jobs, self.pool, config.limits.max_queued_work, config.limits.max_items,
                              config.scheduling.max_batch_size, self.models.native_size)
-        self.sessions = SessionService(self.book, self.jobs, self.intake, self.planner, self.workflows, self.outputs)
-        self.batches = BatchService(self.book, self.jobs, self.intake, self.planner, self.workflows, self.outputs,
-                                    self.pool)
+        self.sessions = SessionService(self.book, self.store, self.jobs, self.intake, self.planner, self.workflows,
+                                       self.outputs)
+        self.batches = BatchService(self.book, self.store, self.jobs, self.intake, self.planner, self.workflows,
+                                    self.outputs, self.pool)
         self.feed = ProgressFeed(self.board, self.book, self.jobs, self.batches, self.cpu)
         self.retention = Retention(config.retention, self.book, self.sessions, self.batches, self.cpu,
                                    self.intake.closing)
@@ -86,8 +87,8 @@ class Engine:
         self._close_lock = threading.Lock()  # a racing second close waits for the first
         self.pool.start()
         self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
-        self.recovery_report = restore(self.store, self.book, self.jobs, self.sessions, self.batches,
-                                       config.recovery)
+        self.recovery_report = restore(self.store, self.outputs, self.book, self.jobs, self.sessions,
+                                       self.batches, config.recovery)
         self.retention.start()
 
     def _model_known(self, model_id: str) -> bool:
@@ -124,7 +125,8 @@ class Engine:
                            "workflow_problems": self.workflows.problems()},
             "recovery": self.recovery_report,
             "state": {"path": self.store.path, "durable": self.store.durable,
-                      "quarantined_rows": self.store.quarantined()},
+                      "quarantined_rows": self.store.quarantined(), "journal_loss": self.store.journal_loss,
+                      "unsaved_changes": self.store.unsaved_changes()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "closing": self.intake.closing.is_set(),
         }

@@ -1,38 +1,34 @@
 """Output files: encoded with their metadata (or raw, for mapping back), synced, then renamed into place.
 
 A file either exists complete or not at all, and it is on disk before the
-work that made it is reported completed.
+work that made it is reported completed. A write that fails (a full disk)
+removes its staging file: nothing half-written is left behind.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
 from .postprocess import encode
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+STAGING_SUFFIX = ".partial"
 
 
 def write_output_file(output_id: str, pixels: np.ndarray, metadata: dict, folder: Path, image_format: str = "png",
                       quality: int = 90) -> Path:
     path = folder / f"{output_id}.{EXTENSIONS[image_format]}"
-    return _write_synced(path, encode(pixels, image_format, metadata, quality))
+    data = encode(pixels, image_format, metadata, quality)
+    return _write_synced(path, lambda handle: handle.write(data))
 
 
 def write_raw_pixels(output_id: str, pixels: np.ndarray, folder: Path) -> Path:
     """The pixels as an .npy file, which np.load maps straight back into a read-only array."""
-    path = folder / f"{output_id}.npy"
-    staging = path.with_name(path.name + ".partial")
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(staging, "wb") as handle:
-        np.save(handle, pixels, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
-    return path
+    return _write_synced(folder / f"{output_id}.npy", lambda handle: np.save(handle, pixels, allow_pickle=False))
 
 
 def map_raw_pixels(path: Path) -> np.ndarray:
@@ -43,12 +39,16 @@ def map_raw_pixels(path: Path) -> np.ndarray:
     return pixels
 
 
-def _write_synced(path: Path, data: bytes) -> Path:
+def _write_synced(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".partial")
-    with open(staging, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
+    staging = path.with_name(path.name + STAGING_SUFFIX)
+    try:
+        with open(staging, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     return path

@@ -14,6 +14,12 @@ Caller ids never decide where a file lands: an owner's folder is named by
 `owner_folder` (a slug of the id plus a hash of it), so an id like
 "../../x" or "C:\\x" writes inside the output folder like any other.
 
+At a start, before any work runs, files a write never finished and raw
+pixel files no stored row owns are removed (`sweep_unowned`): a process
+that died between a file and its row, or a state log lost after a crash,
+leaves them. Image files no row owns are only counted: a delete with
+`force_cleanup: false` keeps them on purpose.
+
 An input is the reverse: the worker allocates a writable array, the host
 fills it in place, then names its `input_id` as an image parameter.
 """
@@ -21,6 +27,8 @@ fills it in place, then names its `input_id` as an image parameter.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import threading
 import uuid
@@ -30,12 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidRequest, NotFound, Unavailable
-from .output_files import map_raw_pixels, write_output_file, write_raw_pixels
+from .output_files import STAGING_SUFFIX, map_raw_pixels, write_output_file, write_raw_pixels
 from .pixels import as_output_pixels
 
 OUTPUT_PREFIX = "out_"
 INPUT_PREFIX = "in_"
 _NOT_SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+log = logging.getLogger("embedded_worker.outputs")
 
 
 def owner_folder(owner_id: str) -> str:
@@ -90,13 +99,20 @@ class OutputStore:
                               metadata=dict(metadata or {}))
         raw_path = None
         folder = owner_folder(owner_id)
-        if self.raw_dir is not None:
-            raw_path = str(write_raw_pixels(buffer.output_id, buffer.pixels, self.raw_dir / folder))
-        if self.files_dir is not None:
-            buffer.path = str(write_output_file(buffer.output_id, buffer.pixels, buffer.metadata,
-                                                self.files_dir / folder, image_format, quality))
-        if self.store is not None:
-            self.store.add_output(buffer.output_id, owner_id, item_id, seed, raw_path, buffer.path, buffer.metadata)
+        try:
+            if self.raw_dir is not None:
+                raw_path = str(write_raw_pixels(buffer.output_id, buffer.pixels, self.raw_dir / folder))
+            if self.files_dir is not None:
+                buffer.path = str(write_output_file(buffer.output_id, buffer.pixels, buffer.metadata,
+                                                    self.files_dir / folder, image_format, quality))
+            if self.store is not None:
+                self.store.add_output(buffer.output_id, owner_id, item_id, seed, raw_path, buffer.path,
+                                      buffer.metadata)
+        except BaseException:  # a full disk: what was written of it has no row, so nobody would remove it
+            for path in (raw_path, buffer.path):
+                if path:
+                    Path(path).unlink(missing_ok=True)
+            raise
         with self._lock:
             self._outputs[buffer.output_id] = buffer
         return buffer
@@ -157,6 +173,30 @@ class OutputStore:
         paths = [row["raw_path"] for row in rows] + [row["file_path"] for row in rows] + [b.path for b in buffers]
         for path in {p for p in paths if p}:
             Path(path).unlink(missing_ok=True)
+
+    def sweep_unowned(self) -> dict:
+        """Call at a start, before any work runs: what no stored row owns goes (see the module notes)."""
+        found = {"swept_files": 0, "unowned_image_files": 0}
+        if self.store is None:
+            return found  # nothing is stored, so nothing says what is owned
+        sharing = [p for p in Path(self.store.path).parent.glob("*.lock") if str(p) != self.store.path + ".lock"]
+        if sharing:
+            log.warning("not sweeping output files: another state file uses the same folder (%s)", sharing[0])
+            return found
+        owned = self.store.output_paths()
+        for folder in (self.raw_dir, self.files_dir):
+            for path in folder.glob(f"*/{OUTPUT_PREFIX}*") if folder is not None else ():
+                if os.path.abspath(path) in owned:
+                    continue
+                if folder == self.raw_dir or path.name.endswith(STAGING_SUFFIX):
+                    path.unlink(missing_ok=True)
+                    found["swept_files"] += 1
+                else:
+                    found["unowned_image_files"] += 1
+        if found["swept_files"] or found["unowned_image_files"]:
+            log.warning("output files no stored row owns: %d removed (raw pixels, unfinished writes), %d image "
+                        "files kept", found["swept_files"], found["unowned_image_files"])
+        return found
 
     def count(self) -> int:
         with self._lock:

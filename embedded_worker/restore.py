@@ -3,7 +3,10 @@
 Completed work is listed and its outputs map back from disk. Each
 unfinished session and batch item gets a recovery decision (`recovery`),
 which the job service applies: requeued from its stored request, kept
-paused, failed or quarantined.
+paused, failed or quarantined. Before any of it runs, output files no row
+owns are swept; the report says so, and says when the last process's log
+was lost (`StateStore.journal_loss`): what it held cannot be recovered,
+only reported.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from . import recovery
 from .batches import BatchService
 from .errors import WorkerError
 from .jobs import JobService
+from .outputs import OutputStore
 from .sessions import SessionService
 from .state import FINAL, BatchRecord, ItemRecord, Record, SessionRecord, StateBook
 from .store import StateStore
@@ -21,12 +25,14 @@ from .store import StateStore
 log = logging.getLogger("embedded_worker.recovery")
 
 
-def restore(store: StateStore, book: StateBook, jobs: JobService, sessions: SessionService,
+def restore(store: StateStore, outputs: OutputStore, book: StateBook, jobs: JobService, sessions: SessionService,
             batches: BatchService, mode: str) -> dict:
     """Load every stored record into the book and resume the unfinished ones; a report of what happened."""
+    files = outputs.sweep_unowned()
     records = store.load_records()
     report = {"records": len(records), "sessions": {}, "batches": {f"{action}_items": 0 for action in (
-        recovery.REQUEUE, recovery.KEEP_PAUSED, recovery.FAIL, recovery.QUARANTINE)}}
+        recovery.REQUEUE, recovery.KEEP_PAUSED, recovery.FAIL, recovery.QUARANTINE)},
+        "journal_loss": store.journal_loss, **files}
     if not records:
         return report
     ordered = sorted(records, key=lambda r: {"batch": 0, "item": 1, "session": 2}[r.kind])

@@ -2,7 +2,9 @@
 
 The same caller id twice gives back the first session, never a second run.
 Planning turns the request into a RunPlan; everything after (status
-changes, controls, restart, deletion) is the job service's.
+changes, controls, restart, deletion) is the job service's. A new session
+is on disk before it is accepted: one the store cannot take (a full disk)
+is refused and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .protocol import (
     parse,
 )
 from .state import COMPLETED, FINAL, PAUSED, PENDING, RUNNING, SessionRecord, StateBook
+from .store import StateStore
 from .workflows.catalog import WorkflowCatalog
 
 COORDINATION_SECONDS_PER_STEP = 0.25  # a coordination's estimate before any step was measured (20 steps: 5 s)
@@ -34,9 +37,10 @@ log = logging.getLogger("embedded_worker.sessions")
 
 
 class SessionService:
-    def __init__(self, book: StateBook, jobs: JobService, intake: Intake, planner: Planner,
+    def __init__(self, book: StateBook, store: StateStore, jobs: JobService, intake: Intake, planner: Planner,
                  workflows: WorkflowCatalog, outputs: OutputStore):
         self.book = book
+        self.store = store
         self.jobs = jobs
         self.intake = intake
         self.planner = planner
@@ -60,16 +64,26 @@ class SessionService:
                                    request=request.model_dump(mode="json", exclude_none=True),
                                    total_steps=len(plan.steps))
             job = None
-            with self.book.locked():
-                existing = self.book.sessions.get(session_id)
-                if existing is None:
-                    intake.check_capacity(1)
-                    self.book.require_free_id(record)
-                    self.planner.register(plan)  # the last check: a refused request registered no model
-                    log.info("Session '%s' accepted: %s, priority %d", session_id, plan.workflow_id or "inline",
-                             request.priority)
-                    self._described[session_id] = workflow
-                    job = self.jobs.admit(record, plan)
+            try:
+                with self.book.locked():
+                    existing = self.book.sessions.get(session_id)
+                    if existing is None:
+                        intake.check_capacity(1)
+                        self.book.require_free_id(record)
+                        registered = self.planner.register(plan)  # a refused request registers no model
+                        try:
+                            self.store.add_records([record])  # refused here, nothing of it stays
+                        except Exception:
+                            self.planner.models.forget(registered)
+                            raise
+                        log.info("Session '%s' accepted: %s, priority %d", session_id,
+                                 plan.workflow_id or "inline", request.priority)
+                        self._described[session_id] = workflow
+                        job = self.jobs.admit(record, plan)
+            except Exception:
+                if job is None:
+                    raise
+                log.exception("Session '%s' is stored and runs, but a later write of its state failed", session_id)
             if job is not None:
                 self.jobs.launch([job])
         record = existing or record

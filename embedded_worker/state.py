@@ -190,7 +190,7 @@ class StateBook:
         finally:
             local.dispatching = False
         if failure is not None:
-            raise failure  # e.g. the store could not write: the change is not durable, and its maker says so
+            raise failure  # a listener failed (a bug: the store keeps what the disk refuses): its maker says so
 
     def _record(self, record: Record, event: str) -> None:
         """Call with the lock held."""

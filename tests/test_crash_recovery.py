@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from embedded_worker import ProcessingWorker, WorkerConfig
 
 from .conftest import assert_same_up_to_batch_rounding
@@ -80,3 +82,46 @@ def test_an_item_that_kills_the_process_twice_is_quarantined(model_cache, tmp_pa
     assert poisoned["item_id"] == "item-03"
     assert "quarantined" in poisoned["error"] and "on the device, on 2 consecutive starts" in poisoned["error"]
     assert sorted(o["seed"] for o in final["outputs"]) == [500, 501, 502, 504, 505]
+
+
+@pytest.mark.parametrize("loss", ["intact", "deleted", "garbled"])
+def test_a_log_lost_after_kill_nine_is_reported_and_unowned_files_are_swept(model_cache, tmp_path, loss):
+    """The state file's write-ahead log holds what the killed process stored since its last checkpoint:
+    deleted or garbled, that is lost; the next start says so, and removes the raw pixels no row owns."""
+    config = WorkerConfig(model_cache_dir=model_cache, state_path=str(tmp_path / "state.sqlite3"))
+    with ProcessingWorker(config) as first:  # closed: its work is in the database file itself
+        kept = first.execute_workflow(session_id="kept", workflow_id="img-generation-basic", background=False,
+                                      parameters={"prompt": "calm", "seed": 1, "steps": 4})["outputs"][0]
+    crashing = start(tmp_path, model_cache, "crashy", 8)
+    lines_until(crashing, done=2)
+    os.kill(crashing.pid, signal.SIGKILL)
+    crashing.wait(timeout=30)
+    wal = tmp_path / "state.sqlite3-wal"
+    if loss == "deleted":
+        wal.unlink()
+    elif loss == "garbled":
+        garbled = bytearray(wal.read_bytes())
+        frame = 24 + 4096  # the second frame's page on: SQLite reads no frame after a bad checksum
+        garbled[32 + frame + 24:32 + frame + 88] = b"\xaa" * 64
+        wal.write_bytes(bytes(garbled))
+    written_images = len(list((tmp_path / "outputs").rglob("out_*.png")))
+
+    with ProcessingWorker(config) as again:
+        status = again.get_status()
+        journal_loss = status["state"]["journal_loss"]
+        assert status["recovery"]["journal_loss"] == journal_loss
+        raw_files = sorted((tmp_path / "pixels").rglob("out_*.npy"))
+        if loss == "intact":
+            assert journal_loss is None
+            assert again.get_batch_status(batch_id="crashy")["success"]
+        else:
+            assert journal_loss and "ended without closing" in journal_loss
+            assert ("is missing" if loss == "deleted" else "is damaged") in journal_loss
+            assert status["recovery"]["swept_files"] >= 2
+            assert status["recovery"]["unowned_image_files"] == written_images - 1  # the user's files stay
+            assert [p.name for p in raw_files] == [f"{kept['output_id']}.npy"]
+        if loss == "deleted":
+            assert again.get_batch_status(batch_id="crashy")["error_code"] == "not_found"
+        assert again.get_session_status(session_id="kept")["outputs"] == [kept]
+        assert again.get_output(kept["output_id"]).shape[2] == 3
+        assert not [p for p in tmp_path.rglob("*.partial")]

@@ -12,6 +12,7 @@ import pytest
 from embedded_worker import ProcessingWorker, WorkerConfig
 from embedded_worker.errors import Unavailable
 from embedded_worker.outputs import owner_folder
+from embedded_worker.store import FORMAT_VERSION
 
 from .conftest import generate, session_status, wait_for
 
@@ -341,3 +342,57 @@ def test_a_start_on_a_big_prune_backlog_queues_one_prune_at_a_time_and_live_work
     finally:
         release.set()
         worker.close(timeout=30)
+
+
+def test_a_new_state_file_is_stamped_with_its_format(durable, tmp_path):
+    durable().close(timeout=30)
+    database = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
+    assert database.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 1
+    database.close()
+
+
+def altered(tmp_path, *statements: str) -> None:
+    database = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
+    for statement in statements:
+        database.execute(statement)
+    database.commit()
+    database.close()
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("PRAGMA user_version = 99", "has format version 99; this worker reads versions up to 1"),
+    ("PRAGMA user_version = -3", "has format version -3"),
+    ("ALTER TABLE outputs ADD COLUMN thumbnail TEXT", "table outputs has columns (output_id, owner_id, item_id, "
+                                                      "seed, raw_path, file_path, metadata, thumbnail)"),
+    ("ALTER TABLE records RENAME TO records_old", "has no table records"),
+    ("DROP TABLE quarantined_records", "has no table quarantined_records"),
+])
+def test_a_state_file_of_another_format_is_refused_at_start_with_the_reason(durable, tmp_path, change, reason):
+    """Refused before any work is accepted, instead of starting with an empty history or failing every
+    piece of work at its first write; the file is left as it was, and free for the next start."""
+    worker = durable()
+    generate(worker, session_id="kept", background=False)
+    worker.close(timeout=30)
+    altered(tmp_path, change)
+    before = (tmp_path / "state" / "state.sqlite3").read_bytes()
+    with pytest.raises(Unavailable) as refused:
+        durable()
+    assert reason in str(refused.value) and "state.sqlite3" in str(refused.value)
+    assert (tmp_path / "state" / "state.sqlite3").read_bytes() == before
+    with pytest.raises(Unavailable, match="format|table"):  # refused again, not "in use by another worker"
+        durable()
+
+
+def test_a_state_file_made_before_the_format_stamp_is_migrated_and_keeps_its_history(durable, tmp_path):
+    """Version 0 is the first files' format: no stamp, and no quarantine table yet."""
+    worker = durable()
+    reply = generate(worker, session_id="old", background=False)
+    worker.close(timeout=30)
+    altered(tmp_path, "PRAGMA user_version = 0", "DROP TABLE quarantined_records")
+    again = durable()
+    assert session_status(again, "old")["outputs"] == reply["outputs"]
+    assert again.get_status()["state"]["quarantined_rows"] == []
+    again.close(timeout=30)
+    database = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
+    assert database.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION
+    database.close()

@@ -1,5 +1,8 @@
 """Load: many sessions, many threads of status and control, faults injected; nothing lost or stuck.
 
+`test_disk_full_soak` fills the state file's disk while threads submit: what cannot be stored is
+refused whole, and once space returns the same requests run; nothing lost.
+
 The mix holds what hostile callers send too: ids that look like paths, ids another kind of record
 already has, JSON nested thousands deep. Then the worker is closed while the load goes on, and a second
 worker on the same state file finishes everything that was accepted.
@@ -23,6 +26,7 @@ from embedded_worker import ProcessingWorker, WorkerConfig
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 from .conftest import settle, wait_for
+from .helpers.full_disk import FullDisk
 
 
 @dataclass
@@ -224,3 +228,92 @@ def test_soak_exits_without_close(model_cache, tmp_path, make_worker):
         resumed = make_worker(state_path=str(state_path))
         assert resumed.get_session_status(session_id="long")["status"] in ("pending", "running")
         assert resumed.close(timeout=0)["success"]
+
+
+def disk_full_soak(model_cache, tmp_path, rounds: int, submitters: int, per_submitter: int) -> dict:
+    """Rounds of: work in flight, then the disk fills while many threads submit sessions and batches (all
+    refused, nothing of them left), then space returns and the same ids are sent again. Every piece of
+    work accepted ends final, and a restart finds each as it ended."""
+    config = WorkerConfig(model_cache_dir=model_cache, state_path=str(tmp_path / "state.sqlite3"),
+                          limits={"max_queued_work": 10_000}, scheduling={"coalesce_wait_ms": 5},
+                          default_model="builtin:tiny-sd")
+    worker = ProcessingWorker(config)
+    accepted: dict[str, str] = {}  # id -> "session" or "batch"
+    errors: list = []
+    refused = 0
+
+    def submit(kind: str, record_id: str) -> dict:
+        if kind == "session":
+            return worker.execute_workflow(session_id=record_id, workflow_id="img-generation-basic",
+                                           parameters={"prompt": record_id, "seed": 3, "steps": 3})
+        return worker.execute_batch(batch_id=record_id, workflow_id="img-generation-basic",
+                                    parameters={"total_images": 2, "steps": 3, "prompt": record_id, "seed": 3})
+
+    def status(kind: str, record_id: str) -> dict:
+        if kind == "session":
+            return worker.get_session_status(session_id=record_id)
+        return worker.get_batch_status(batch_id=record_id, include_items=True)
+
+    for round_ in range(rounds):
+        for kind, record_id in [("session", f"r{round_}-live-{n}") for n in range(4)] + [("batch", f"r{round_}-b")]:
+            reply = submit(kind, record_id)
+            if not reply["success"]:
+                errors.append(reply)
+            accepted[record_id] = kind
+        full = [("batch" if (n + j) % 3 == 0 else "session", f"r{round_}-full-{n}-{j}")
+                for n in range(submitters) for j in range(per_submitter)]
+        with FullDisk(worker._engine.store) as disk:
+            def hammer(share: list[tuple[str, str]]) -> None:
+                for kind, record_id in share:
+                    reply = submit(kind, record_id)
+                    if reply["success"] or reply["error_code"] != "unavailable":
+                        errors.append(reply)
+                    live = status("session", f"r{round_}-live-0")  # answers stay possible on a full disk
+                    if not live["success"]:
+                        errors.append(live)
+
+            threads = [threading.Thread(target=hammer, args=(full[n::submitters],)) for n in range(submitters)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(600)
+            refused += disk.refused
+            left = [record_id for kind, record_id in full if status(kind, record_id)["success"]]
+            processing = worker.get_status()["processing"]
+            counted = processing["sessions"]["total"] + processing["batches"]["total"]
+            if left or counted != len(accepted):
+                errors.append({"left_behind": left, "counted": counted, "accepted": len(accepted)})
+        for kind, record_id in full:  # space is back: the same ids are new work, and run
+            reply = submit(kind, record_id)
+            if not reply["success"] or reply["duplicate"]:
+                errors.append(reply)
+            accepted[record_id] = kind
+
+    finals = ("completed", "failed", "cancelled")
+    wait_for(lambda: all(status(kind, record_id)["status"] in finals for record_id, kind in accepted.items()),
+             timeout=900, interval=0.2)
+    ended = {record_id: status(kind, record_id) for record_id, kind in accepted.items()}
+    unsound = [r for r, reply in ended.items() if reply["status"] == "failed"
+               and ("-full-" in r or "database or disk is full" not in str(reply))]
+    unsound += [r for r, reply in ended.items() if reply["status"] == "completed" and not reply["outputs"]]
+    worker.close(timeout=60)
+    worker = ProcessingWorker(config)  # the next process finds everything as it ended
+    lost = [r for r, kind in accepted.items() if status(kind, r).get("status") != ended[r]["status"]]
+    lost += [r for r, reply in ended.items() if reply["status"] == "completed" and not all(
+        worker.get_output(o["output_id"]) is not None for o in reply["outputs"])]
+    unsaved = worker.get_status()["state"]["unsaved_changes"]
+    worker.close(timeout=60)
+    summary = {"rounds": rounds, "accepted": len(accepted), "writes_refused": refused, "errors": len(errors),
+               "completed": sum(r["status"] == "completed" for r in ended.values()),
+               "failed_on_full_disk": sum(r["status"] == "failed" for r in ended.values()),
+               "unsound": len(unsound), "lost": len(lost), "unsaved_changes": unsaved}
+    print("\ndisk-full soak held: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    assert not errors, errors[:3]
+    assert unsound == [] and lost == [] and unsaved == 0
+    assert refused >= rounds * submitters * per_submitter
+    return summary
+
+
+@pytest.mark.soak
+def test_disk_full_soak(model_cache, tmp_path):
+    disk_full_soak(model_cache, tmp_path, rounds=3, submitters=8, per_submitter=10)
