@@ -19,6 +19,7 @@ import numpy as np
 from .batch_tracker import BatchProgressTracker
 from .call_shapes import id_request, json_reply, json_text, polled_id, request_data, snake_case
 from .config import WorkerConfig
+from . import field_names
 from .errors import InternalError, InvalidRequest, NotFound, Unavailable, WorkerError
 from .log_bridge import LogBridge
 from .protocol import (
@@ -30,6 +31,7 @@ from .protocol import (
     DomainStatusRequest,
     ExecuteBatchRequest,
     ExecuteWorkflowRequest,
+    InputRequest,
     ListSessionsRequest,
     OutputRequest,
     Request,
@@ -91,10 +93,8 @@ class ProcessingWorker:
             )
         }
         # the command names a host sends most, resolved once: these methods check their own request
-        # (board_layout ignores its request, so it keeps the general path and its shape check)
         self._direct: dict[str, Callable[..., dict]] = {
-            key: method for name, method in self._processing.items() if name != "board_layout"
-            for key in (name, f"processing.{name}")
+            key: method for name, method in self._processing.items() for key in (name, f"processing.{name}")
         }
 
     # ---- the boundary ---------------------------------------------------------------------
@@ -104,16 +104,21 @@ class ProcessingWorker:
             raise Unavailable("the worker is closed")
 
     def _call(self, fn: Callable[[], Any]) -> dict:
-        """Run `fn` and envelope whatever happens; the one place errors become values."""
-        try:
-            self._ensure_open()
-            result = fn()
-            return result if isinstance(result, dict) and "success" in result else ok(**(result or {}))
-        except WorkerError as error:
-            return failure(error)
-        except Exception as error:  # a bug must not cross into the host
-            log.exception("unexpected error at the facade")
-            return failure(InternalError(f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]))
+        """Run `fn` and envelope whatever happens; the one place errors become values. The request's fields
+        that no model takes were refused, or (`unknown_request_fields: ignore`) are listed in the reply."""
+        with field_names.answering(self.config.unknown_request_fields) as policy:
+            try:
+                self._ensure_open()
+                result = fn()
+                reply = result if isinstance(result, dict) and "success" in result else ok(**(result or {}))
+            except WorkerError as error:
+                reply = failure(error)
+            except Exception as error:  # a bug must not cross into the host
+                log.exception("unexpected error at the facade")
+                reply = failure(InternalError(f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]))
+        if policy.ignored:
+            reply["ignored_parameters"] = policy.ignored
+        return reply
 
     # ---- the nine commands (and their companions) -----------------------------------------
 
@@ -218,9 +223,8 @@ class ProcessingWorker:
 
     def release_input(self, request: Any = None, **kwargs: Any) -> dict:
         def run() -> dict:
-            data = request_data(id_request(request, "input_id"), kwargs)
-            input_id = data.get("input_id")
-            if not isinstance(input_id, str) or not self._engine.outputs.release_input(input_id):
+            input_id = parse(InputRequest, request_data(id_request(request, "input_id"), kwargs)).input_id
+            if not self._engine.outputs.release_input(input_id):
                 raise NotFound(f"Input '{input_id}' not found")
             return ok(input_id=input_id, released=True)
 
@@ -241,7 +245,11 @@ class ProcessingWorker:
         return self._engine.board.view()
 
     def board_layout(self, request: Any = None, **kwargs: Any) -> dict:
-        return self._call(lambda: ok(**self._engine.board.layout()))
+        def run() -> dict:
+            parse(Request, request_data(request, kwargs))
+            return ok(**self._engine.board.layout())
+
+        return self._call(run)
 
     def read_board_slot(self, slot: Any) -> dict:
         """One slot, read with the same sequence protocol a host uses (for Python callers and tests)."""
