@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import field_names
 from .batch_tracker import BatchProgressTracker
 from .call_shapes import id_request, json_reply, json_text, polled_id, request_data, snake_case
 from .config import WorkerConfig
-from . import field_names
 from .errors import InternalError, InvalidRequest, NotFound, Unavailable, WorkerError
 from .log_bridge import LogBridge
 from .protocol import (

@@ -35,7 +35,8 @@ from .errors import InvalidRequest
 from .diffusion.denoise import DEFAULT_SCHEDULER, SCHEDULERS, ImageSpec
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing
-from .protocol import MAX_SEED, BatchConfiguration, Id, Number, accepted_names, one_batch_count
+from .field_names import spellings
+from .protocol import MAX_SEED, BatchConfiguration, Id, Number, one_batch_count
 from .toy_model import SHAPES_GUIDANCE, SHAPES_MODEL_ID
 
 SchedulerName = Literal[tuple([DEFAULT_SCHEDULER, *SCHEDULERS])]  # type: ignore[valid-type]
@@ -64,7 +65,7 @@ class OperationParams(BaseModel):
     @classmethod
     def taken(cls, values: dict) -> dict:
         """The values this operation takes, of a workflow's parameters (which serve all of its steps)."""
-        names = accepted_names(cls, ())
+        names = spellings(cls)
         return {name: value for name, value in values.items() if name in names}
 
 

@@ -73,7 +73,6 @@ BATCH_VERBS = ("pause", "resume", "cancel", "retry")
 
 
 class Request(ProtocolModel):
-
     action: str | None = None
 
 
@@ -129,8 +128,8 @@ class ControlSessionRequest(SessionRequest):
     @field_validator("parameters")
     @classmethod
     def _none_taken(cls, value: dict[str, Any]) -> dict[str, Any]:
-        """A restart runs the request the session was accepted with: parameters given here would be dropped
-        (or, applied, make the session's stored request say what it never ran)."""
+        """A restart runs again the request the session was accepted with, as stored (recovery runs it too):
+        parameters given here would be dropped, so they are refused."""
         if value:
             raise ValueError(f"no control takes parameters, got {', '.join(map(str, value))}: a restart runs the "
                              "session's own request again; submit a new session to change them")
