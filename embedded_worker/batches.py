@@ -25,7 +25,7 @@ import logging
 import random
 import uuid
 
-from . import batch_view
+from . import batch_view, field_names
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing
 from .errors import InvalidRequest, InvalidState, NotFound, WorkerError
@@ -33,7 +33,7 @@ from .intake import Intake
 from .jobs import JobService
 from .outputs import OutputStore
 from .planning import Planner, RunPlan
-from .protocol import BatchConfiguration, ControlBatchRequest, DeleteBatchRequest, ExecuteBatchRequest, iso, ok
+from .protocol import BatchConfiguration, ControlBatchRequest, DeleteBatchRequest, ExecuteBatchRequest, iso, ok, parse
 from .runner import WorkflowRun
 from .state import COMPLETED, FAILED, FINAL, PAUSED, PENDING, RUNNING, BatchRecord, ItemRecord, StateBook
 from .store import StateStore
@@ -75,9 +75,8 @@ class BatchService:
         configuration = request.configuration or BatchConfiguration(total_images=total or 1)
         items = self._item_parameters(request, parameters, total or configuration.total_images)
         plans = [
-            self.planner.for_workflow(
-                workflow, values, prefix=f"items.{index}.parameters." if request.items else "parameters."
-            )
+            self.planner.for_workflow(workflow, values, prefix=f"items.{index}.parameters.") if request.items
+            else self.planner.for_workflow(workflow, values, also_accepted=("total_images",))
             for index, (_, values) in enumerate(items)
         ]
         for model_id in {plan.model_id for plan in plans}:
@@ -142,7 +141,9 @@ class BatchService:
     def recovery_plans(self, record: BatchRecord, items: list[ItemRecord]) \
             -> tuple[BatchSizing, dict[str, RunPlan | WorkerError]]:
         """For a stored batch: its items' sizing, and each item's plan (or why it can no longer run)."""
-        sizing = BatchSizing.for_configuration(record.id, BatchConfiguration.model_validate(record.configuration))
+        with field_names.reading_stored(record.label()):
+            configuration = parse(BatchConfiguration, record.configuration)
+        sizing = BatchSizing.for_configuration(record.id, configuration)
         try:
             workflow = self.workflows.take_for_run(record.workflow_id)
         except WorkerError as error:
@@ -150,7 +151,8 @@ class BatchService:
         plans: dict[str, RunPlan | WorkerError] = {}
         for item in items:
             try:
-                plans[item.id] = self.planner.for_workflow(workflow, item.parameters)
+                with field_names.reading_stored(item.label()):
+                    plans[item.id] = self.planner.for_workflow(workflow, item.parameters)
                 self.intake.native_size(plans[item.id].model_id)
             except WorkerError as error:
                 plans[item.id] = error
@@ -235,7 +237,7 @@ class BatchService:
         with self.jobs.control_lock:
             record = self.record(request.batch_id)
             jobs = [job for job in map(self.jobs.job, record.item_ids) if job is not None]
-            released = self.jobs.delete(record.id, jobs, request.force_cleanup)
+            released = self.jobs.delete(record.id, jobs, request.delete_files)
             self.book.remove(record)
             self.pool.forget(record.id)
         return ok(batch_id=record.id, deleted=True, released_outputs=len(released))

@@ -19,6 +19,7 @@ from .diffusion.models import BUILTIN_MODELS
 from .errors import InvalidRequest
 from .protocol import Number
 from .toy_model import SHAPES_MODEL_ID
+from .field_names import UnknownFields
 
 DEFAULT_MODEL_ID = SHAPES_MODEL_ID  # trained here, so it draws what it is asked; tiny-sd's weights are random
 CONFIG_ENV_VAR = "EMBEDDED_WORKER_CONFIG"
@@ -140,6 +141,9 @@ class WorkerConfig(BaseModel):
     output_dir: Path | None = Field(
         None, description="image files with metadata; with a durable state file it defaults to outputs/ beside it")
     allowed_roots: list[Path] = Field(default_factory=list, description="folders a request may name paths inside")
+    unknown_request_fields: UnknownFields = Field(
+        "refuse", description="a request field or parameter no model takes: refuse it (invalid_request naming it "
+        "and what is accepted), or ignore it, listed in the reply's ignored_parameters and warned in the log")
     limits: Limits = Field(default_factory=Limits)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import interpreter_exit
+from . import field_names, interpreter_exit
 from .batch_tracker import BatchProgressTracker
 from .call_shapes import id_request, json_reply, json_text, polled_id, request_data, snake_case
 from .config import WorkerConfig
@@ -31,6 +31,7 @@ from .protocol import (
     DomainStatusRequest,
     ExecuteBatchRequest,
     ExecuteWorkflowRequest,
+    InputRequest,
     ListSessionsRequest,
     OutputRequest,
     Request,
@@ -93,10 +94,8 @@ class ProcessingWorker:
             )
         }
         # the command names a host sends most, resolved once: these methods check their own request
-        # (board_layout ignores its request, so it keeps the general path and its shape check)
         self._direct: dict[str, Callable[..., dict]] = {
-            key: method for name, method in self._processing.items() if name != "board_layout"
-            for key in (name, f"processing.{name}")
+            key: method for name, method in self._processing.items() for key in (name, f"processing.{name}")
         }
 
     # ---- the boundary ---------------------------------------------------------------------
@@ -106,16 +105,21 @@ class ProcessingWorker:
             raise Unavailable("the worker is closed")
 
     def _call(self, fn: Callable[[], Any]) -> dict:
-        """Run `fn` and envelope whatever happens; the one place errors become values."""
-        try:
-            self._ensure_open()
-            result = fn()
-            return result if isinstance(result, dict) and "success" in result else ok(**(result or {}))
-        except WorkerError as error:
-            return failure(error)
-        except Exception as error:  # a bug must not cross into the host
-            log.exception("unexpected error at the facade")
-            return failure(InternalError(f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]))
+        """Run `fn` and envelope whatever happens; the one place errors become values. The request's fields
+        that no model takes were refused, or (`unknown_request_fields: ignore`) are listed in the reply."""
+        with field_names.answering(self.config.unknown_request_fields) as policy:
+            try:
+                self._ensure_open()
+                result = fn()
+                reply = result if isinstance(result, dict) and "success" in result else ok(**(result or {}))
+            except WorkerError as error:
+                reply = failure(error)
+            except Exception as error:  # a bug must not cross into the host
+                log.exception("unexpected error at the facade")
+                reply = failure(InternalError(f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]))
+        if policy.ignored:
+            reply["ignored_parameters"] = policy.ignored
+        return reply
 
     # ---- the nine commands (and their companions) -----------------------------------------
 
@@ -220,9 +224,8 @@ class ProcessingWorker:
 
     def release_input(self, request: Any = None, **kwargs: Any) -> dict:
         def run() -> dict:
-            data = request_data(id_request(request, "input_id"), kwargs)
-            input_id = data.get("input_id")
-            if not isinstance(input_id, str) or not self._engine.outputs.release_input(input_id):
+            input_id = parse(InputRequest, request_data(id_request(request, "input_id"), kwargs)).input_id
+            if not self._engine.outputs.release_input(input_id):
                 raise NotFound(f"Input '{input_id}' not found")
             return ok(input_id=input_id, released=True)
 
@@ -243,7 +246,11 @@ class ProcessingWorker:
         return self._engine.board.view()
 
     def board_layout(self, request: Any = None, **kwargs: Any) -> dict:
-        return self._call(lambda: ok(**self._engine.board.layout()))
+        def run() -> dict:
+            parse(Request, request_data(request, kwargs))
+            return ok(**self._engine.board.layout())
+
+        return self._call(run)
 
     def read_board_slot(self, slot: Any) -> dict:
         """One slot, read with the same sequence protocol a host uses (for Python callers and tests)."""

@@ -35,6 +35,7 @@ from .errors import InvalidRequest
 from .diffusion.denoise import DEFAULT_SCHEDULER, SCHEDULERS, ImageSpec
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing
+from .field_names import spellings
 from .protocol import MAX_SEED, BatchConfiguration, Id, Number, one_batch_count
 from .toy_model import SHAPES_GUIDANCE, SHAPES_MODEL_ID
 
@@ -57,7 +58,15 @@ def _limits(info: ValidationInfo) -> Limits:
 
 
 class OperationParams(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """An operation's parameters: a name it does not take is refused (`protocol.parse`), never dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def taken(cls, values: dict) -> dict:
+        """The values this operation takes, of a workflow's parameters (which serve all of its steps)."""
+        names = spellings(cls)
+        return {name: value for name, value in values.items() if name in names}
 
 
 class GenerateParams(OperationParams):

@@ -72,8 +72,12 @@ class Planner:
         self.models = models
         self.outputs = outputs
 
-    def for_workflow(self, workflow: Workflow, parameters: dict, prefix: str = "parameters.") -> RunPlan:
-        values = parse(workflow.parameter_model(), parameters, prefix=prefix).model_dump(exclude_none=True)
+    def for_workflow(self, workflow: Workflow, parameters: dict, prefix: str = "parameters.",
+                     also_accepted: tuple[str, ...] = ()) -> RunPlan:
+        """`also_accepted`: names the caller took out of `parameters` before (a batch's total_images), listed
+        with the workflow's own when a name is refused."""
+        values = parse(workflow.parameter_model(), parameters, prefix=prefix,
+                       also_accepted=also_accepted).model_dump(exclude_none=True)
         model_id = self.model_for(values.get("model"), prefix)
         inputs = self._image_inputs(values.pop(IMAGE_PARAMETER, None), prefix + IMAGE_PARAMETER)
         steps: list[PlannedStep] = []
@@ -81,7 +85,7 @@ class Planner:
             if step.skip_when and step.skip_when in parameters and parameters[step.skip_when] is not None:
                 continue
             operation = OPERATIONS[f"{step.domain}.{step.operation}"]
-            params = self._operation_params(operation, {**values, **step.parameters}, prefix)
+            params = self._operation_params(operation, {**operation.params.taken(values), **step.parameters}, prefix)
             steps.append(PlannedStep(operation, params, inputs if not steps and inputs else None, step.order))
         self._check_inputs(steps, lambda index: prefix)
         return self._finish(RunPlan(steps, False, model_id, workflow.id), lambda step: prefix)

@@ -1,9 +1,9 @@
 """The protocol's requests as pydantic models, and the envelopes replies travel in.
 
 Field names are the ones the C# ServiceProcessing client sends
-(`../shared/protocol.md`); unknown fields are tolerated, because the client
-adds its own (`action`, timestamps) and a newer client may add more.
-Validation failures become `invalid_request` envelopes naming the field.
+(`../shared/protocol.md`), also camelCase; a name nothing takes is refused
+or, by configuration, ignored and reported (`field_names`). Validation
+failures become `invalid_request` envelopes naming the field.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import datetime as dt
 import functools
 import math
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     StrictBool,
     StrictInt,
@@ -31,6 +30,7 @@ from pydantic import (
 )
 
 from .errors import InvalidRequest, WorkerError
+from .field_names import M, ProtocolModel, accepted_names, validate
 
 # What one request may be, checked before any model sees it: deeper nesting overflows the
 # interpreter's stack, and a huge request would be kept alive by whatever logs it.
@@ -72,9 +72,7 @@ Domain = Literal[DOMAINS]  # type: ignore[valid-type]
 BATCH_VERBS = ("pause", "resume", "cancel", "retry")
 
 
-class Request(BaseModel):
-    model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
-
+class Request(ProtocolModel):
     action: str | None = None
 
 
@@ -86,10 +84,8 @@ class WorkflowRequest(Request):
     workflow_id: Id
 
 
-class DomainOperation(BaseModel):
+class DomainOperation(ProtocolModel):
     """One operation of an inline coordination request."""
-
-    model_config = ConfigDict(extra="allow")
 
     domain: Annotated[Domain, BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value)]
     operation: Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1)]
@@ -125,9 +121,19 @@ class SessionRequest(Request):
 
 class ControlSessionRequest(SessionRequest):
     action: Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True)]
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict, description="null or empty: no verb takes any")
 
     _empty = field_validator("parameters", mode="before")(_none_as_empty)
+
+    @field_validator("parameters")
+    @classmethod
+    def _none_taken(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A restart runs again the request the session was accepted with, as stored (recovery runs it too):
+        parameters given here would be dropped, so they are refused."""
+        if value:
+            raise ValueError(f"no control takes parameters, got {', '.join(map(str, value))}: a restart runs the "
+                             "session's own request again; submit a new session to change them")
+        return value
 
     @field_validator("action")
     @classmethod
@@ -137,13 +143,22 @@ class ControlSessionRequest(SessionRequest):
         return value
 
 
-class DeleteSessionRequest(SessionRequest):
-    force_cleanup: StrictBool = True
+class FilesChoice(ProtocolModel):
+    """A delete frees the work's pixels; its image files stay when the caller says so, either way."""
+
+    force_cleanup: StrictBool = Field(True, description="false: the image files stay")
+    keep_files: StrictBool = Field(False, description="true: the image files stay")
+
+    @property
+    def delete_files(self) -> bool:
+        return self.force_cleanup and not self.keep_files
 
 
-class BatchConfiguration(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class DeleteSessionRequest(SessionRequest, FilesChoice):
+    pass
 
+
+class BatchConfiguration(ProtocolModel):
     total_images: StrictInt = Field(1, ge=1)
     preferred_batch_size: StrictInt = Field(4, ge=1)
     min_batch_size: StrictInt = Field(1, ge=1)
@@ -189,9 +204,7 @@ def one_batch_count(data: Any) -> Any:
     return data
 
 
-class BatchItem(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class BatchItem(ProtocolModel):
     item_id: Id | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
 
@@ -237,12 +250,16 @@ class ControlBatchRequest(BatchRequest):
         return value
 
 
-class DeleteBatchRequest(BatchRequest):
-    force_cleanup: StrictBool = True
+class DeleteBatchRequest(BatchRequest, FilesChoice):
+    pass
 
 
 class OutputRequest(Request):
     output_id: Id
+
+
+class InputRequest(Request):
+    input_id: Id
 
 
 class ListSessionsRequest(Request):
@@ -285,23 +302,30 @@ class BatchMetricsRequest(Request):
     batch_id: Id | None = None
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def describe_errors(error: ValidationError, prefix: str = "") -> tuple[str, list[dict]]:
-    """'field: problem' for each error, the way the envelope reports them."""
+def describe_errors(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None,
+                    also_accepted: tuple[str, ...] = ()) -> tuple[str, list[dict]]:
+    """'field: problem' for each error, the way the envelope reports them; an unknown field with the names
+    accepted where it stands (at the top, with `also_accepted`: names the caller took out before)."""
     problems = []
     for item in error.errors(include_url=False):
         location = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         field = prefix + location if location else prefix.rstrip(".")
-        problems.append({"field": field, "message": message})
+        problem = {"field": field, "message": message}
+        accepted = accepted_names(model, item["loc"][:-1]) if item["type"] == "extra_forbidden" and model else None
+        if accepted is not None:
+            accepted += list(also_accepted) if len(item["loc"]) == 1 else []
+            problem["message"] = f"unknown field (accepted here: {', '.join(accepted) or 'none'})"
+            problem["accepted"] = accepted
+        problems.append(problem)
     text = "; ".join(f"{p['field']}: {p['message']}" if p["field"] else p["message"] for p in problems)
     return text, problems
 
 
-def parse(model: type[M], data: Any, prefix: str = "", context: dict | None = None) -> M:
-    """Validate `data` as `model`, or raise InvalidRequest that names every bad field."""
+def parse(model: type[M], data: Any, prefix: str = "", context: dict | None = None,
+          also_accepted: tuple[str, ...] = ()) -> M:
+    """Validate `data` as `model`, or raise InvalidRequest that names every bad field; a name nothing takes
+    among them, unless the call's policy ignores it (`field_names`)."""
     if isinstance(data, model):
         return data
     if isinstance(data, BaseModel):
@@ -309,9 +333,9 @@ def parse(model: type[M], data: Any, prefix: str = "", context: dict | None = No
     if not isinstance(data, dict):
         raise InvalidRequest(f"request must be a JSON object, got {type(data).__name__}")
     try:
-        return model.model_validate(data, context=context)
+        return validate(model, data, prefix, context)
     except ValidationError as error:
-        text, problems = describe_errors(error, prefix)
+        text, problems = describe_errors(error, prefix, model, also_accepted)
         raise InvalidRequest(text, details=problems) from None
 
 

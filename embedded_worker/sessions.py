@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 
+from . import field_names
 from .errors import InvalidState, NotFound
 from .intake import Intake
 from .jobs import JobService
@@ -120,7 +121,8 @@ class SessionService:
 
     def plan_stored(self, record: SessionRecord) -> RunPlan:
         """The plan of a session stored by an earlier process (WorkerError when it can no longer run)."""
-        plan, workflow, _ = self.plan(parse(ExecuteWorkflowRequest, record.request))
+        with field_names.reading_stored(record.label()):
+            plan, workflow, _ = self.plan(parse(ExecuteWorkflowRequest, record.request))
         self.planner.register(plan)
         self.intake.native_size(plan.model_id)
         self._described[record.id] = workflow
@@ -153,7 +155,7 @@ class SessionService:
     def delete(self, request: DeleteSessionRequest) -> dict:
         with self.jobs.control_lock:
             record = self._record(request.session_id)
-            released = self.jobs.delete(record.id, [self.jobs.job(record.id)], request.force_cleanup)
+            released = self.jobs.delete(record.id, [self.jobs.job(record.id)], request.delete_files)
             self._described.pop(record.id, None)
         return ok(session_id=record.id, deleted=True, released_outputs=len(released))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -396,3 +397,26 @@ def test_a_state_file_made_before_the_format_stamp_is_migrated_and_keeps_its_his
     database = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
     assert database.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION
     database.close()
+
+
+def test_a_stored_request_naming_fields_unknown_now_still_runs_and_the_log_says_so(durable, tmp_path):
+    """An earlier version stored requests with fields it dropped (`priorty`, `parameters.model_id`): they were
+    accepted then, so recovery runs them, ignoring those fields with a warning, instead of failing them."""
+    first = durable()
+    generate(first, session_id="held", steps=150, background=True)
+    wait_for(lambda: session_status(first, "held")["status"] == "running")
+    assert first.control_session(session_id="held", action="pause")["status"] == "paused"
+    first.close(timeout=30)
+    database = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
+    data = json.loads(database.execute("SELECT data FROM records WHERE id = 'held'").fetchone()[0])
+    data["request"]["priorty"] = 9
+    data["request"]["parameters"]["model_id"] = "builtin:shapes"
+    database.execute("UPDATE records SET data = ? WHERE id = 'held'", (json.dumps(data),))
+    database.commit()
+    database.close()
+    second = durable()
+    assert second.control_session(session_id="held", action="resume")["success"]
+    wait_for(lambda: session_status(second, "held")["status"] == "completed", timeout=600)  # 150 steps, busy CPU
+    warnings = [r["message"] for r in second.drain_logs()["records"] if r["level"] == "WARNING"]
+    for field in ("priorty", "parameters.model_id"):
+        assert any("Session 'held'" in m and field in m and "ignored" in m for m in warnings), (field, warnings)

@@ -179,6 +179,8 @@ BAD_WORKFLOW_FILES = {
     "bounded-text.json": '{"id": "bounded-text", "name": "b", "steps": [{"order": 1, "domain": "inference", '
                          '"operation": "text2img"}], "parameters": [{"name": "prompt", "type": "string", '
                          '"minimum": 3}]}',
+    "step-typo.json": '{"id": "step-typo", "name": "t", "steps": [{"order": 1, "domain": "inference", '
+                      '"operation": "text2img", "parameters": {"stpes": 3}}]}',
     "bad-default.json": '{"id": "bad-default", "name": "b", "steps": [{"order": 1, "domain": "inference", '
                         '"operation": "text2img"}], "parameters": [{"name": "steps", "type": "integer", '
                         '"default": "many"}]}',

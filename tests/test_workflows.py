@@ -80,6 +80,10 @@ name = "steps"
 type = "integer"
 default = 4
 maximum = 10
+
+[[parameters]]
+name = "seed"
+type = "integer"
 """)
     (folder / "broken.json").write_text(json.dumps({"id": "broken", "name": "x", "steps": [
         {"order": 1, "domain": "inference", "operation": "teleport"}]}))
@@ -94,6 +98,8 @@ maximum = 10
     reply = worker.execute_workflow(workflow_id="tiny-square", background=False, parameters={"seed": 1})
     assert reply["status"] == "completed" and reply["outputs"][0]["width"] == 64
     assert worker.execute_workflow(workflow_id="tiny-square", parameters={"steps": 11})["error_code"] == "invalid_request"
+    refused = worker.execute_workflow(workflow_id="tiny-square", parameters={"width": 32})  # it takes no width
+    assert refused["error"] == "parameters.width: unknown field (accepted here: prompt, steps, seed)", refused
     assert worker.execute_workflow(workflow_id="broken")["error_code"] == "not_found"
 
 

@@ -74,9 +74,6 @@ namespace EmbeddedWorkerHost
                     parameters["seed"] = new PyInt(index * 10 + round);
                     parameters["steps"] = new PyInt(3);
                     parameters["negative_prompt"] = PyObject.None;
-                    var nested = new PyDict();
-                    nested["note"] = PyObject.None;
-                    parameters["extra"] = nested;
                     var request = new PyDict();
                     request["session_id"] = new PyString(id);
                     request["workflow_id"] = new PyString("img-generation-basic");

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import domain_answers, work_status
 from ..engine import Engine
-from ..protocol import DomainStatusRequest, parse
+from ..protocol import DomainStatusRequest, Request, parse
 
 
 class DeviceInstructor:
@@ -21,7 +21,9 @@ class DeviceInstructor:
         return domain_answers.device_status(self.engine.pool)
 
     def list_devices(self, data: dict) -> dict:
+        parse(Request, data)
         return domain_answers.list_devices(self.engine.pool)
 
     def get_memory(self, data: dict) -> dict:
+        parse(Request, data)
         return domain_answers.device_memory(self.engine.pool)

@@ -7,7 +7,14 @@ from pathlib import Path
 from .. import domain_answers, work_status
 from ..engine import Engine
 from ..operations import ModelParams
-from ..protocol import DomainStatusRequest, parse
+from ..protocol import DomainStatusRequest, Request, parse
+
+
+class ModelRequest(ModelParams):
+    """model.load_model / unload_model asked directly: the operation's parameters, and the `action` every
+    request may carry."""
+
+    action: str | None = None
 
 
 class ModelInstructor:
@@ -17,6 +24,7 @@ class ModelInstructor:
         self.engine = engine
 
     def list_models(self, data: dict) -> dict:
+        parse(Request, data)
         loaded = domain_answers.loaded_models(self.engine.pool)
         models = []
         for model_id in self.engine.models.ids():
@@ -32,10 +40,10 @@ class ModelInstructor:
         work = work_status.find_work(self.engine, parse(DomainStatusRequest, data))
         if work is not None:
             return work_status.domain_part(self.engine, "model", work)
-        return self.list_models(data)
+        return self.list_models({})
 
     def load_model(self, data: dict) -> dict:
-        params = parse(ModelParams, data)
+        params = parse(ModelRequest, data)
         named: dict[str, Path] = {}
         self.engine.planner.prepare_model(params, "", named)  # checks the id and the folder (safetensors only)
         added = self.engine.models.register(named)
@@ -47,6 +55,6 @@ class ModelInstructor:
         return {**answer, **self.list_models({})}
 
     def unload_model(self, data: dict) -> dict:
-        params = parse(ModelParams, data)
+        params = parse(ModelRequest, data)
         self.engine.models.entry(params.model_id)
         return domain_answers.unload_model(self.engine.pool, params.model_id)

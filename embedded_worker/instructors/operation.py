@@ -23,8 +23,9 @@ from ..protocol import (
     parse,
 )
 
-SESSION_FIELDS = ("session_id", "priority", "background")
-IGNORED_FIELDS = ("action", "request_id", "coordination_id", "type")
+# the session's own fields (in either spelling, as execute_workflow takes them); every other field but the
+# command's name in `action` is a parameter of the operation, which refuses one it does not take
+SESSION_FIELDS = ("session_id", "sessionId", "coordination_id", "coordinationId", "priority", "background")
 IMAGE_ALIASES = ("output_id", "input_id", "image")
 
 
@@ -38,7 +39,7 @@ class OperationInstructor:
 
     def run(self, operation: str, data: dict) -> dict:
         request = {k: data[k] for k in SESSION_FIELDS if k in data}
-        parameters = {k: v for k, v in data.items() if k not in SESSION_FIELDS + IGNORED_FIELDS}
+        parameters = {k: v for k, v in data.items() if k not in (*SESSION_FIELDS, "action")}
         for alias in IMAGE_ALIASES:
             if alias in parameters and "init_image" not in parameters:
                 parameters["init_image"] = parameters.pop(alias)

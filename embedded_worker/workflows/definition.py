@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from ..operations import OPERATIONS
-from ..protocol import Number, describe_errors
+from ..protocol import Number, accepted_names, describe_errors
 
 ParameterType = Literal["string", "integer", "number", "boolean", "image"]
 # what the protocol says is an integer or a boolean is exactly that: `true` is no step count, "yes" no boolean
@@ -44,9 +44,14 @@ class WorkflowStep(BaseModel):
 
     @model_validator(mode="after")
     def _known_operation(self) -> "WorkflowStep":
-        if f"{self.domain}.{self.operation}" not in OPERATIONS:
+        operation = OPERATIONS.get(f"{self.domain}.{self.operation}")
+        if operation is None:
             known = ", ".join(sorted(OPERATIONS))
             raise ValueError(f"unknown operation '{self.domain}.{self.operation}' (known: {known})")
+        unknown = sorted(set(self.parameters) - set(operation.params.taken(self.parameters)))
+        if unknown:
+            raise ValueError(f"parameters: {operation.qualified} does not take {', '.join(unknown)} (it takes: "
+                             f"{', '.join(accepted_names(operation.params, ()))})")
         return self
 
 
@@ -130,4 +135,4 @@ class Workflow(BaseModel):
             else:
                 fields[parameter.name] = (parameter.checked_type() | None,
                                           Field(parameter.default, description=parameter.description))
-        return create_model(f"Parameters_{self.id.replace('-', '_')}", __config__=ConfigDict(extra="allow"), **fields)
+        return create_model(f"Parameters_{self.id.replace('-', '_')}", __config__=ConfigDict(extra="forbid"), **fields)
