@@ -151,6 +151,7 @@ class Engine:
             stopped = self.pool.close(max(0.0, deadline - time.monotonic()), STOP_GRACE_SECONDS)
             self.cpu.shutdown(wait=True, cancel_futures=True)
             if stopped:
+                self.store.forget_starts()
                 self.store.close()
             else:
                 log.error("device threads did not stop within %.0f s of the deadline; the state file stays open",

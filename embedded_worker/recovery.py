@@ -8,7 +8,8 @@ longer run. Work whose images were on the device when the process died is
 a suspect: it runs alone, and if the process dies under it again it is
 quarantined as failed with the reason, instead of killing every start.
 Anything still unfinished after RESTART_LIMIT starts is quarantined too, so
-no cause of death can loop forever.
+no cause of death can loop forever; a clean close (every thread stopped)
+proves the work did not end the process, so it clears that count.
 """
 
 from __future__ import annotations

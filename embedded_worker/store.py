@@ -51,7 +51,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import Unavailable
-from .state import ALL_STATUSES, REMOVED, BatchRecord, ItemRecord, Record, SessionRecord
+from .state import ALL_STATUSES, FINAL, REMOVED, BatchRecord, ItemRecord, Record, SessionRecord
 
 log = logging.getLogger("embedded_worker.store")
 MEMORY = ":memory:"
@@ -228,6 +228,13 @@ class StateStore:
         with self._lock:  # refused, it is not kept: each record's next write carries its flag
             self._write((f"UPDATE records SET data = json_set(data, '$.on_device', json(CASE WHEN id IN ({flags}) "
                          f"THEN 'true' ELSE 'false' END)) WHERE id IN ({','.join('?' * len(ids))})", [*on, *ids]))
+
+    def forget_starts(self) -> None:
+        """A close that stopped every thread: the unfinished records did not end this process, so the starts
+        they saw no longer count toward the restart limit (five deploys must not quarantine suspended work)."""
+        with self._lock:
+            self._write(("UPDATE records SET data = json_set(data, '$.restarts', 0) WHERE status NOT IN (?, ?, ?)",
+                         sorted(FINAL)))
 
     def load_records(self) -> list[Record]:
         """Every readable record; the unreadable ones are moved to quarantine."""

@@ -80,6 +80,19 @@ def test_suspended_work_resumes_at_the_next_start_with_the_same_pixels(durable):
     assert len({o["item_id"] for o in final["outputs"]}) == 6  # none twice
 
 
+def test_work_suspended_by_many_clean_closes_is_never_quarantined(durable):
+    """Seven deploys in a row, each a clean suspending close: the session is resumed by each start and is
+    never taken for what ends the process (each start used to count toward the 5-start restart limit)."""
+    first = durable()
+    generate(first, session_id="deployed", seed=3, steps=150, background=True)
+    assert first.close(timeout=30, pending="suspend")["threads_stopped"]
+    for _ in range(7):
+        worker = durable()
+        assert session_status(worker, "deployed")["status"] in ("pending", "running")
+        assert worker.close(timeout=30, pending="suspend")["threads_stopped"]
+    assert session_status(durable(), "deployed")["status"] in ("pending", "running")
+
+
 def test_close_can_cancel_unfinished_work_instead(durable):
     first = durable()
     generate(first, session_id="dropped", steps=150, background=True)
