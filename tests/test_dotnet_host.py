@@ -216,3 +216,39 @@ def test_the_library_never_asks_pythonnet_for_a_buffer():
     for source in (HOST / "lib").rglob("*.cs"):
         code = re.sub(r"//.*", "", source.read_text()).replace("PythonApi.GetBuffer(", "")
         assert not re.search(r"\.GetBuffer\(|\bPyBUF\b|\bPyBuffer\b", code), source.name
+
+
+BLOCKING_JSON = ['{"background": false}', '{"parameters": {"steps": 30},\n "background" :\tfalse}',
+                 '{"type": "execute_workflow", "request_id": "r", "data": {"p": [1, {"b": null}], "background": false}}',
+                 '{"backgr\\u006fund": false}', '{"background": true, "background": false}']
+INLINE_JSON = ['{not json', '{"background": true}', '{}', '[]', 'null', '', '{"data": {"background": false}}',
+               '{"type": 3, "data": {"background": false}}', '{"background": "false"}', '{"n": {"background": false}}',
+               '{"background": false, "background": true}', '{"type": "t", "data": {"background": false}, "data": 1}']
+
+
+def test_whether_a_json_request_blocks_is_read_in_csharp_as_pythons_json_reads_it(tmp_path):
+    """ExecuteJsonAsync decides where a call runs without a Python round trip: the C# reader must agree with json."""
+    if not (shutil.which("mcs") and shutil.which("mono")):
+        if os.environ.get("EMBEDDED_WORKER_REQUIRE_DOTNET"):
+            pytest.fail("Mono (mcs, mono) is required here: apt-get install -y mono-devel")
+        pytest.skip("Mono is not installed")
+    for text in BLOCKING_JSON + INLINE_JSON:  # the expectations are Python's own reading
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        data = parsed.get("data") if isinstance(parsed, dict) and isinstance(parsed.get("type"), str) else None
+        blocks = isinstance(parsed, dict) and (parsed.get("background") is False or (
+            isinstance(data, dict) and data.get("background") is False))
+        assert blocks == (text in BLOCKING_JSON), text
+    cases = ", ".join(f"{json.dumps(text)}" for text in BLOCKING_JSON + INLINE_JSON)
+    (tmp_path / "Check.cs").write_text(
+        "namespace EmbeddedWorker { public static class Check { public static int Main() {\n"
+        f"  string[] texts = {{ {cases} }};\n"
+        "  foreach (var text in texts) System.Console.WriteLine(JsonRequestShape.Blocks(text) ? \"blocks\" : \"inline\");\n"
+        "  return 0; } } }\n")
+    subprocess.run(["mcs", "-langversion:7.2", "-nologo", f"-out:{tmp_path / 'check.exe'}", str(tmp_path / "Check.cs"),
+                    str(HOST / "lib" / "Conversion" / "JsonRequestShape.cs")], check=True, timeout=120)
+    answers = subprocess.run(["mono", str(tmp_path / "check.exe")], capture_output=True, text=True, check=True,
+                             timeout=60).stdout.split()
+    assert answers == ["blocks"] * len(BLOCKING_JSON) + ["inline"] * len(INLINE_JSON)

@@ -132,7 +132,7 @@ namespace EmbeddedWorkerHost
                       "requireSuccess: WorkFailedException(cancelled)");
             }
 
-            // 7. JSON in: the request is parsed to decide where it runs; a blocking one leaves the caller's thread
+            // 7. JSON in: the request is read (in C#) to decide where it runs; a blocking one leaves the caller's thread
             const string blockingJson = "{\"workflow_id\": \"img-generation-basic\", \"parameters\": {\"steps\": 30, \"seed\": 4},\n"
                                         + " \"background\" :\tfalse}";
             var blocking = worker.ExecuteJsonAsync(PythonWorkerType.Processing, "execute_workflow", blockingJson);

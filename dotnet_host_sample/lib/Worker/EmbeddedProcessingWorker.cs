@@ -78,24 +78,7 @@ namespace EmbeddedWorker
                                              CancellationToken cancellationToken = default(CancellationToken))
         {
             var name = Qualified(workerType, command);
-            return Dispatch(() => ExecuteJson(name, requestJson), RequestShapes.Blocks(ReadJson(requestJson)),
-                            cancellationToken);
-        }
-
-        /// <summary>The request as Python's json reads it, for the dispatcher; null where it is not JSON (the facade answers that).</summary>
-        object ReadJson(string requestJson)
-        {
-            if (requestJson == null) return null;
-            object request = null;
-            Reply refused;
-            calls.Guarded(() =>
-            {
-                using (var json = Py.Import("json"))
-                using (var text = new PyString(requestJson))
-                using (var parsed = json.InvokeMethod("loads", text))
-                    request = PyConvert.FromPython(parsed);
-            }, out refused);
-            return request;
+            return Dispatch(() => ExecuteJson(name, requestJson), JsonRequestShape.Blocks(requestJson), cancellationToken);
         }
 
         Task<T> Dispatch<T>(Func<T> call, bool blocks, CancellationToken token)
