@@ -68,8 +68,7 @@ namespace EmbeddedWorker
         {
             row = default(BoardRow);
             if (slot < 0 || slot >= Slots) return false;
-            try { buffer.Enter(); }
-            catch (ObjectDisposedException) { return false; }  // disposed: an empty board
+            if (!buffer.TryEnter()) return false;  // disposed: an empty board
             try { return Read(slot, ref row); }
             finally { buffer.Leave(); }
         }

@@ -78,10 +78,16 @@ namespace EmbeddedWorker
         /// <summary>Begin a read of the memory; ObjectDisposedException once released. Pair with Leave.</summary>
         public void Enter()
         {
+            if (!TryEnter()) throw new ObjectDisposedException(owner, "the buffer was released: its memory is gone");
+        }
+
+        /// <summary>Begin a read of the memory; false once released. Pair a true with Leave.</summary>
+        public bool TryEnter()
+        {
             Interlocked.Increment(ref readers);
-            if (Volatile.Read(ref released) == 0) return;
+            if (Volatile.Read(ref released) == 0) return true;
             Interlocked.Decrement(ref readers);
-            throw new ObjectDisposedException(owner, "the buffer was released: its memory is gone");
+            return false;
         }
 
         public void Leave()
