@@ -1,6 +1,7 @@
 # Every target sets up what it needs from nothing: a .venv at the repo root
-# (torch pinned; on CPU machines pip finds the local CPU build), and Mono for
-# the .NET host when no .NET runtime is present.
+# (torch pinned; on CPU machines pip finds the local CPU build; the test extra
+# brings CoreCLR, the dotnetcore2 wheel), and Mono for the .NET host build
+# when no .NET SDK is present. The host runs on both Mono and CoreCLR.
 
 PYTHON ?= python3
 VENV := .venv
@@ -27,7 +28,10 @@ demo: setup
 	@if command -v dotnet >/dev/null && dotnet --list-sdks 2>/dev/null | grep -q .; then \
 	  EMBEDDED_WORKER_VENV=$(CURDIR)/$(VENV) dotnet run --project $(HOST)/app -- --out demo_output; \
 	else \
-	  $(MAKE) --no-print-directory host && $(HOST)/run.sh --out demo_output; \
+	  $(MAKE) --no-print-directory host || exit 1; \
+	  if $(HOST)/run.sh --runtime coreclr --probe >/dev/null 2>&1; then runtime=coreclr; else runtime=mono; fi; \
+	  echo "running the host on $$runtime"; \
+	  $(HOST)/run.sh --runtime $$runtime --out demo_output; \
 	fi
 	$(PY) -m embedded_worker demo --out demo_output/prompts
 
@@ -48,7 +52,7 @@ mono:
 	    exit 1; \
 	  fi; }
 
-# The long load test, then the leak-then-shutdown host ten times over.
+# The long load test, then the leak-then-shutdown host ten times over, on Mono and on CoreCLR.
 soak: setup host
 	$(PY) -m pytest -q -s -m soak -p no:cacheprovider tests/test_soak.py tests/test_concurrency.py tests/test_cluster.py
 	EMBEDDED_WORKER_REQUIRE_DOTNET=1 $(PY) -m pytest -q -m soak -p no:cacheprovider tests/test_dotnet_host.py -k leak

@@ -30,7 +30,7 @@ PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "admission
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-host", action="store_true", help="skip the .NET host figures (no Mono here)")
+    parser.add_argument("--no-host", action="store_true", help="skip the .NET host figures (no .NET runtime here)")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run these parts; keep the others' last results")
     parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "embedded_worker_bench_models"))
     args = parser.parse_args(argv)
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = {"goal_status_p99_us_under_load": 1000, "goal_overhead_pct": 5, "goal_typed_status_p50_us_from_csharp": 10,
              "goal_board_read_us": 0.1, "goal_coalesced_vs_one_by_one": 1.8, "goal_coalesced_vs_raw_batch_pct": -5,
              "goal_facade_status_p50_us": 3, "goal_service_shape_p50_us": 12, "goal_pollers_p99_us": 100,
+             "goal_host_cold_start_ms": 2000, "goal_host_shutdown_ms": 1000,
              "plots": plots, **coalescing_notes, **preemption_notes, **lifecycle_notes}
     if args.only:
         sections, notes = _with_last_results(sections, notes)

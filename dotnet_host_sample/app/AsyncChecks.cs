@@ -1,6 +1,7 @@
 // `--check-async`: cancellation tokens, progress from the board, typed
-// errors, where JSON calls run, how command names travel and replies read
-// from threads that come and go, checked
+// errors, where JSON calls run, how command names travel, replies read
+// from threads that come and go, and pixel buffers and the board read after
+// (or while) they are released, checked
 // against the real worker. Prints one line per failed check and "async
 // checks passed" when none failed.
 using System;
@@ -131,7 +132,7 @@ namespace EmbeddedWorkerHost
                       "requireSuccess: WorkFailedException(cancelled)");
             }
 
-            // 7. JSON in: the request is parsed to decide where it runs; a blocking one leaves the caller's thread
+            // 7. JSON in: the request is read (in C#) to decide where it runs; a blocking one leaves the caller's thread
             const string blockingJson = "{\"workflow_id\": \"img-generation-basic\", \"parameters\": {\"steps\": 30, \"seed\": 4},\n"
                                         + " \"background\" :\tfalse}";
             var blocking = worker.ExecuteJsonAsync(PythonWorkerType.Processing, "execute_workflow", blockingJson);
@@ -179,6 +180,44 @@ namespace EmbeddedWorkerHost
             }
             check(wrong == 0, "6,000 replies from 12 threads, each naming its own id: " + wrong + " wrong");
             check(worker.GetSessionStatus(id).Status == "completed", "calls still work after those threads ended");
+
+            // 10. buffers: the format is read (through the C API, also on CoreCLR, where pythonnet's PyBUF.FORMATS
+            //     aborted the process); a read after release, or racing it, is ObjectDisposedException, never a crash
+            var outputId = ((Reply)worker.Execute("get_session_status", new { session_id = id }).List("outputs")[0]).Text("output_id");
+            Reply refusal;
+            var view = worker.GetOutput(outputId, out refusal);
+            check(view != null && view.Format == "B" && view.Channels == 3 && !view.IsDisposed,
+                  "an output view with its format read: " + (view == null ? refusal.Error : view.Format));
+            int pixel = view[view.Height - 1, view.Width - 1, 2] + view.ToArray()[0];
+            var raced = new int[4];
+            var readers = new List<Thread>();
+            for (int t = 0; t < 4; t++)
+            {
+                int reader = t;
+                readers.Add(new Thread(() =>
+                {
+                    try { while (true) pixel += view[reader, reader, 0]; }
+                    catch (ObjectDisposedException) { raced[reader] = 1; }
+                }));
+            }
+            foreach (var thread in readers) thread.Start();
+            Thread.Sleep(50);
+            view.Dispose();  // while four threads read it
+            foreach (var thread in readers) thread.Join();
+            check(Array.TrueForAll(raced, r => r == 1), "readers racing Dispose each end with ObjectDisposedException");
+            check(view.IsDisposed && view.Pointer == IntPtr.Zero, "a released view says so and has no pointer");
+            foreach (var read in new Action[] { () => pixel += view[0, 0, 0], () => view.ToArray(),
+                                                () => view.CopyRow(0, new byte[view.Width * view.Channels], 0) })
+            {
+                try { read(); check(false, "a read after release must throw"); }
+                catch (ObjectDisposedException) { }
+            }
+            view.Dispose();  // twice: nothing
+            var board = worker.OpenBoard();
+            BoardRow row;
+            check(board.Slots > 0 && board.TryRead(0, out row), "a board reads its rows");
+            board.Dispose();
+            check(!board.TryRead(0, out row), "a disposed board reads as empty");
 
             Console.WriteLine(failed == 0 ? "async checks passed" : "async checks FAILED: " + failed);
             return failed == 0 ? 0 : 1;

@@ -31,8 +31,7 @@ namespace EmbeddedWorkerHost
                     if (printed.Add(output.Text("output_id")))
                         Console.WriteLine("done " + output.Text("item_id") + " " + output.Text("output_id") + " "
                                           + output.Number("seed"));
-                if (status.Text("status") == "completed" || status.Text("status") == "failed"
-                    || status.Text("status") == "cancelled")
+                if (WorkStatus.IsFinal(status.Text("status")))
                 {
                     Console.WriteLine("final " + status.Text("status"));
                     return 0;

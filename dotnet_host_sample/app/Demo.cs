@@ -75,6 +75,7 @@ namespace EmbeddedWorkerHost
             }
             CloseWhileCalled(sessionId);
             summary["files"] = files;
+            summary["dotnet_runtime"] = DotNetRuntime.Name;
             summary["checks_failed"] = checks.Failed;
             summary["seconds"] = total.Elapsed.TotalSeconds;
             if (summaryPath != null) File.WriteAllText(summaryPath, new Reply(summary).ToString());
@@ -292,7 +293,7 @@ namespace EmbeddedWorkerHost
                         Console.Write((Console.IsOutputRedirected ? "\n" : "\r") + bar + eta + "   ");
                         shown = bar;
                     }
-                    if (row.Status == "completed" || row.Status == "failed" || row.Status == "cancelled") break;
+                    if (WorkStatus.IsFinal(row.Status)) break;
                 }
                 Thread.Sleep(25);
             }

@@ -1,26 +1,35 @@
 // The sample host: ServiceProcessing's worker, in process. Main starts the
 // runtime, runs the one mode the arguments name, and disposes the runtime
-// (the safe shutdown) whatever the mode did.
+// (the safe shutdown) whatever the mode did. `run.sh [--runtime mono|coreclr]`
+// starts it on Mono or CoreCLR (the same exe); the first line says which.
 //
-//   mono EmbeddedWorkerHost.exe [--venv PATH] [--out DIR] [--summary FILE]   Demo.cs
-//   mono EmbeddedWorkerHost.exe --selftest [pytest arguments]                 SelfTest.cs
-//   mono EmbeddedWorkerHost.exe --bench FILE                                  HostBenchmarks.cs
-//   mono EmbeddedWorkerHost.exe --check-async                                 AsyncChecks.cs
-//   mono EmbeddedWorkerHost.exe --leak-test THREADS                           LeakTest.cs
-//   mono EmbeddedWorkerHost.exe --hold-batch ID [--items N]                   CrashTestHost.cs
+//   run.sh [--venv PATH] [--out DIR] [--summary FILE]   Demo.cs
+//   run.sh --selftest [pytest arguments]                 SelfTest.cs
+//   run.sh --bench FILE                                  HostBenchmarks.cs
+//   run.sh --check-async                                 AsyncChecks.cs
+//   run.sh --leak-test THREADS                           LeakTest.cs
+//   run.sh --hold-batch ID [--items N]                   CrashTestHost.cs
 using System;
+using System.Diagnostics;
 using EmbeddedWorker;
 
 namespace EmbeddedWorkerHost
 {
     public static class Program
     {
+        /// <summary>Milliseconds from the process's start to Main (the .NET runtime's own start), and Main to Python up.</summary>
+        public static double RuntimeStartMs, PythonStartMs;
+
         public static int Main(string[] args)
         {
+            var clock = Stopwatch.StartNew();
+            RuntimeStartMs = (DateTime.Now - Process.GetCurrentProcess().StartTime).TotalMilliseconds;
+            Console.WriteLine("host runtime: " + DotNetRuntime.Name + " (" + DotNetRuntime.Description + ")");
             PythonRuntime runtime;
             try
             {
                 runtime = PythonRuntime.Start(Option(args, "--venv"));
+                PythonStartMs = clock.Elapsed.TotalMilliseconds;
             }
             catch (Exception error)
             {
@@ -39,7 +48,10 @@ namespace EmbeddedWorkerHost
             }
             finally
             {
+                var shutdown = Stopwatch.StartNew();
                 runtime.Dispose();  // closes the worker (joins its threads), then PythonEngine.Shutdown()
+                if (Option(args, "--bench") != null)
+                    Console.WriteLine("shutdown_ms=" + shutdown.Elapsed.TotalMilliseconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture));
             }
         }
 

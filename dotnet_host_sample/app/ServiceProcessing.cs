@@ -152,7 +152,7 @@ namespace EmbeddedWorkerHost
             {
                 var status = await GetSessionStatusAsync(sessionId, cancellationToken).ConfigureAwait(false);
                 var state = status.Text("status");
-                if (!status.Success || state == "completed" || state == "failed" || state == "cancelled"
+                if (!status.Success || WorkStatus.IsFinal(state)
                     || DateTime.UtcNow > deadline)
                     return status;
                 await Task.Delay(poll, cancellationToken).ConfigureAwait(false);

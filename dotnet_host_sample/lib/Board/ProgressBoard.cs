@@ -9,6 +9,10 @@
 // - The field order is checked once against the worker's board_layout, so a
 //   read is fifteen loads at fixed offsets; `IdHash` lets a reader check that
 //   a slot still belongs to the session it is polling.
+// - The buffer is a BufferLease (the C API, its format checked as 8-byte
+//   integers on both runtimes). Each read enters the lease, so a read racing
+//   Dispose either finishes first or finds the board empty: never freed memory.
+#pragma warning disable 612  // PyObject.Handle: read while the object is alive, to take its buffer
 using System;
 using System.Text;
 using System.Threading;
@@ -18,8 +22,7 @@ namespace EmbeddedWorker
 {
     public sealed unsafe class ProgressBoard : IDisposable
     {
-        PyObject array;
-        PyBuffer buffer;
+        BufferLease buffer;
         byte* start;
         string[] statuses;
         long rowBytes;
@@ -34,7 +37,7 @@ namespace EmbeddedWorker
             "attempt",
         };
 
-        /// <summary>Call with the GIL held; takes ownership of `board`.</summary>
+        /// <summary>Call with the GIL held; `board` stays the caller's.</summary>
         internal static ProgressBoard Open(PyObject board, Reply layout)
         {
             var fields = layout.List("fields");
@@ -42,13 +45,18 @@ namespace EmbeddedWorker
                 if (i >= fields.Count || (string)fields[i] != Names[i])
                     throw new InvalidOperationException("the worker's board has field '" + (i < fields.Count ? fields[i] : null)
                                                         + "' where this host reads '" + Names[i] + "': versions differ");
-            var result = new ProgressBoard { array = board };
-            result.buffer = board.GetBuffer(PyBUF.C_CONTIGUOUS);
-            if (result.buffer.ItemSize != 8 || result.buffer.Dimensions != 2 || result.buffer.Shape[1] < Names.Length)
+            var buffer = BufferLease.Take(board.Handle, false, "ProgressBoard");
+            var format = buffer.Format.TrimStart('<', '=', '@');
+            if (buffer.ItemSize != 8 || (format != "q" && format != "l") || buffer.Shape.Length != 2
+                || buffer.Shape[1] < Names.Length)
+            {
+                buffer.Release();
                 throw new InvalidOperationException("the progress board is not a 2-D int64 array");
-            result.start = (byte*)result.buffer.Buffer;
-            result.Slots = (int)result.buffer.Shape[0];
-            result.rowBytes = result.buffer.Shape[1] * 8;
+            }
+            var result = new ProgressBoard { buffer = buffer };
+            result.start = (byte*)buffer.Pointer;
+            result.Slots = (int)buffer.Shape[0];
+            result.rowBytes = buffer.Shape[1] * 8;
             var codes = (Reply)layout["state_codes"];
             result.statuses = new string[16];
             foreach (var name in codes.Names) result.statuses[codes.Number(name)] = name;
@@ -59,7 +67,14 @@ namespace EmbeddedWorker
         public bool TryRead(int slot, out BoardRow row)
         {
             row = default(BoardRow);
-            if (start == null || slot < 0 || slot >= Slots) return false;
+            if (slot < 0 || slot >= Slots) return false;
+            if (!buffer.TryEnter()) return false;  // disposed: an empty board
+            try { return Read(slot, ref row); }
+            finally { buffer.Leave(); }
+        }
+
+        bool Read(int slot, ref BoardRow row)
+        {
             long* f = (long*)(start + slot * rowBytes);
             for (int attempt = 0; attempt < 1000; attempt++)
             {
@@ -103,18 +118,7 @@ namespace EmbeddedWorker
         /// <summary>Release the board; any thread, any number of times (PythonRuntime does it at shutdown).</summary>
         public void Dispose()
         {
-            lock (this)
-            {
-                if (array == null) return;
-                start = null;  // readers see an empty board from here on
-                if (PythonEngine.IsInitialized)
-                    using (Py.GIL())
-                    {
-                        buffer.Dispose();
-                        array.Dispose();
-                    }
-                array = null;
-            }
+            buffer.Release();  // readers see an empty board from here on
         }
     }
 }

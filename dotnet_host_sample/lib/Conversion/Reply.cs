@@ -19,17 +19,18 @@ namespace EmbeddedWorker
             this.fields = fields;
         }
 
-        public static Reply Failure(string code, string message)
+        public static Reply Failure(string code, string message, string pythonTraceback = null)
         {
-            return new Reply(new Dictionary<string, object>
-            {
-                { "success", false }, { "error", message }, { "error_code", code },
-            });
+            var fields = new Dictionary<string, object> { { "success", false }, { "error", message }, { "error_code", code } };
+            if (pythonTraceback != null) fields["python_traceback"] = pythonTraceback;
+            return new Reply(fields);
         }
 
         public bool Success { get { return Equals(this["success"], true); } }
         public string Error { get { return this["error"] as string; } }
         public string ErrorCode { get { return this["error_code"] as string; } }
+        /// <summary>Where Python raised through the boundary: its traceback as Python prints it; null otherwise.</summary>
+        public string PythonTraceback { get { return this["python_traceback"] as string; } }
         /// <summary>The error code as an enum (None on success); see WorkerErrors.cs.</summary>
         public WorkerErrorCode Code { get { return WorkerErrorCodes.Parse(ErrorCode); } }
 

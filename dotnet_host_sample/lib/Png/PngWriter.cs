@@ -1,5 +1,5 @@
 // PNG files written by the host straight from an output's memory: each row
-// is read through the buffer pointer, filtered (none) and deflated; no
+// is copied out of the buffer (checked: never after its release), filtered (none) and deflated; no
 // intermediate managed image, no imaging library (Mono ships none usable
 // headless).
 using System;
@@ -13,7 +13,7 @@ namespace EmbeddedWorker
     {
         static readonly uint[] CrcTable = MakeCrcTable();
 
-        public static unsafe void Write(string path, PixelBuffer pixels)
+        public static void Write(string path, PixelBuffer pixels)
         {
             byte colourType;
             switch (pixels.Channels)
@@ -31,11 +31,10 @@ namespace EmbeddedWorker
             using (var deflate = new DeflateStream(compressed, CompressionLevel.Fastest, true))
             {
                 var row = new byte[rowBytes + 1];
-                byte* source = (byte*)pixels.Pointer;
                 for (int y = 0; y < pixels.Height; y++)
                 {
                     row[0] = 0;  // filter: none
-                    System.Runtime.InteropServices.Marshal.Copy((IntPtr)(source + (long)y * rowBytes), row, 1, rowBytes);
+                    pixels.CopyRow(y, row, 1);  // ObjectDisposedException, not a crash, if the view was released
                     deflate.Write(row, 0, row.Length);
                     adler = Adler32(adler, row);
                 }

@@ -39,6 +39,9 @@ namespace EmbeddedWorker
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate void RefFn(IntPtr value);
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate void FetchFn(out IntPtr type, out IntPtr value, out IntPtr traceback);
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate void VoidFn();
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int GetBufferFn(IntPtr exporter, IntPtr view, int flags);
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate IntPtr ImportFn([MarshalAs(UnmanagedType.LPStr)] string name);
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate IntPtr GetAttrFn(IntPtr value, [MarshalAs(UnmanagedType.LPStr)] string name);
 
         public static bool Available { get; private set; }
         public static string Unavailable { get; private set; }
@@ -65,6 +68,10 @@ namespace EmbeddedWorker
         public static RefFn IncRef, DecRef;
         public static FetchFn Fetch;
         public static VoidFn ClearError;
+        public static GetBufferFn GetBuffer;
+        public static ImportFn Import;
+        public static GetAttrFn GetAttr;
+        public static RefFn ReleaseBuffer;
 
         public static IntPtr None, True, False;
         public static IntPtr UnicodeType, LongType, FloatType, BoolType, DictType, ListType, TupleType;
@@ -76,6 +83,9 @@ namespace EmbeddedWorker
             {
                 var library = Native.Open(libraryPath);
                 Func<string, IntPtr> symbol = name => Native.Symbol(library, name);
+                // buffers first: they need no object layout, so they stay bound when the checks below fail
+                GetBuffer = Get<GetBufferFn>(symbol, "PyObject_GetBuffer");
+                ReleaseBuffer = Get<RefFn>(symbol, "PyBuffer_Release");
                 GilEnsure = Get<GilEnsureFn>(symbol, "PyGILState_Ensure");
                 GilRelease = Get<GilReleaseFn>(symbol, "PyGILState_Release");
                 GilCheck = Get<GilEnsureFn>(symbol, "PyGILState_Check");
@@ -108,6 +118,8 @@ namespace EmbeddedWorker
                 IncRef = Get<RefFn>(symbol, "Py_IncRef");
                 DecRef = Get<RefFn>(symbol, "Py_DecRef");
                 Fetch = Get<FetchFn>(symbol, "PyErr_Fetch");
+                Import = Get<ImportFn>(symbol, "PyImport_ImportModule");
+                GetAttr = Get<GetAttrFn>(symbol, "PyObject_GetAttrString");
                 ClearError = Get<VoidFn>(symbol, "PyErr_Clear");
                 None = symbol("_Py_NoneStruct");
                 True = symbol("_Py_TrueStruct");
@@ -142,9 +154,17 @@ namespace EmbeddedWorker
         /// <summary>The pending Python error as text, cleared.</summary>
         public static string TakeError()
         {
-            IntPtr type, value, traceback;
-            Fetch(out type, out value, out traceback);
+            string traceback;
+            return TakeError(out traceback);
+        }
+
+        /// <summary>The pending Python error as text, and its traceback as Python prints it (null without one); cleared.</summary>
+        public static string TakeError(out string traceback)
+        {
+            IntPtr type, value, frames;
+            Fetch(out type, out value, out frames);
             string text = "a Python error";
+            traceback = null;
             if (value != IntPtr.Zero || type != IntPtr.Zero)
             {
                 var shown = Str(value != IntPtr.Zero ? value : type);
@@ -154,11 +174,40 @@ namespace EmbeddedWorker
                     DecRef(shown);
                 }
                 else ClearError();
+                if (frames != IntPtr.Zero) traceback = FormatTraceback(type, value, frames);
             }
             if (type != IntPtr.Zero) DecRef(type);
             if (value != IntPtr.Zero) DecRef(value);
-            if (traceback != IntPtr.Zero) DecRef(traceback);
+            if (frames != IntPtr.Zero) DecRef(frames);
             return text;
+        }
+
+        /// <summary>"".join(traceback.format_exception(type, value, frames)); null (and no error left) when that fails.</summary>
+        static string FormatTraceback(IntPtr type, IntPtr value, IntPtr frames)
+        {
+            IntPtr module = Import("traceback"), format = IntPtr.Zero, lines = IntPtr.Zero, arguments = IntPtr.Zero;
+            try
+            {
+                if (module == IntPtr.Zero || (format = GetAttr(module, "format_exception")) == IntPtr.Zero) return null;
+                arguments = NewTuple((IntPtr)3);
+                foreach (var item in new[] { type, value != IntPtr.Zero ? value : None, frames })
+                    IncRef(item);
+                TupleSet(arguments, IntPtr.Zero, type);
+                TupleSet(arguments, (IntPtr)1, value != IntPtr.Zero ? value : None);
+                TupleSet(arguments, (IntPtr)2, frames);
+                lines = Call(format, arguments, IntPtr.Zero);
+                if (lines == IntPtr.Zero || TypeOf(lines) != ListType) return null;
+                var text = new StringBuilder();
+                long count = (long)ListSize(lines);
+                for (long i = 0; i < count; i++) text.Append(ReadString(ListItem(lines, (IntPtr)i)));
+                return text.ToString();
+            }
+            finally
+            {
+                foreach (var made in new[] { module, format, lines, arguments })
+                    if (made != IntPtr.Zero) DecRef(made);
+                if (ErrorOccurred() != IntPtr.Zero) ClearError();
+            }
         }
 
         public static string ReadString(IntPtr text)

@@ -4,7 +4,7 @@
 // - After Initialize the calling thread holds the GIL; BeginAllowThreads
 //   releases it, or every Python background thread (the worker's device and
 //   postprocessing threads) stalls for good (pythonnet #964, #2074).
-// - Every Python touch happens inside `using (Py.GIL())`, and every PyObject
+// - Every Python touch happens inside `using (Gil.Hold())`, and every PyObject
 //   and PyBuffer is disposed inside it too (pythonnet #2544, #1493).
 // - Shutdown hangs while Python threads live (#1500, #1701), and on Mono it
 //   aborted in GC.Collect (sgen-scan-object.h:91) when PyObjects were still
@@ -67,7 +67,7 @@ namespace EmbeddedWorker
             PythonEngine.Initialize();
             PythonApi.Bind(facts["library"]);  // the C API entry points of the hot path
             threadState = PythonEngine.BeginAllowThreads();
-            using (Py.GIL())
+            using (Gil.Hold())
             using (var site = Py.Import("site"))
             using (var sys = Py.Import("sys"))
             using (var path = sys.GetAttr("path"))
@@ -155,7 +155,7 @@ namespace EmbeddedWorker
                 closing = true;
                 if (!idle.Wait(TimeSpan.FromSeconds(30)))
                     Console.Error.WriteLine("shutdown: library calls still inside Python after 30 s; shutting down anyway");
-                using (Py.GIL())
+                using (Gil.Hold())
                 {
                     if (PythonApi.Available) RequestWriter.Release();
                 }
@@ -164,7 +164,7 @@ namespace EmbeddedWorker
                     GC.Collect();
                     GC.WaitForPendingFinalizers();  // PyObjects callers dropped: queued for pythonnet to release
                 }
-                using (Py.GIL()) Runtime.TryCollectingGarbage(3);  // released while the interpreter is whole
+                using (Gil.Hold()) Runtime.TryCollectingGarbage(3);  // released while the interpreter is whole
                 disposed = true;
                 PythonEngine.EndAllowThreads(threadState);
                 PythonEngine.Shutdown();

@@ -15,7 +15,17 @@ namespace EmbeddedWorker
         public bool FromBoard;
 
         public WorkerErrorCode Code { get { return WorkerErrorCodes.Parse(ErrorCode); } }
-        public bool IsFinal { get { return Status == "completed" || Status == "failed" || Status == "cancelled"; } }
+        public bool IsFinal { get { return WorkStatus.IsFinal(Status); } }
+    }
+
+    /// <summary>The protocol's statuses, read in one place.</summary>
+    public static class WorkStatus
+    {
+        /// <summary>True for the statuses work never leaves by itself: completed, failed, cancelled.</summary>
+        public static bool IsFinal(string status)
+        {
+            return status == "completed" || status == "failed" || status == "cancelled";
+        }
     }
 
     public sealed class SessionStatus : StatusReading

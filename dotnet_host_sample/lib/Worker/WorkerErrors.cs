@@ -56,6 +56,8 @@ namespace EmbeddedWorker
         public WorkerErrorCode Code { get; private set; }
         public string ErrorCode { get; private set; }
         public Reply Reply { get; private set; }
+        /// <summary>The Python traceback when Python raised through the boundary (CSnakes' PythonInvocationException shows the same).</summary>
+        public string PythonTraceback { get { return Reply != null ? Reply.PythonTraceback : null; } }
 
         public WorkerException(string errorCode, string message, Reply reply = null, Exception inner = null)
             : base(message ?? errorCode, inner)
@@ -63,6 +65,12 @@ namespace EmbeddedWorker
             ErrorCode = errorCode;
             Code = WorkerErrorCodes.Parse(errorCode);
             Reply = reply;
+        }
+
+        public override string ToString()
+        {
+            var shown = base.ToString();
+            return PythonTraceback == null ? shown : shown + Environment.NewLine + "Python traceback:" + Environment.NewLine + PythonTraceback;
         }
     }
 
