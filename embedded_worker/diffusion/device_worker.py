@@ -181,9 +181,9 @@ class DeviceWorker(WorkerThread):
                 self.resizes.update(self.active.groups())
             self._reported_capacity = self.capacity
         cohorts = self.active.cohorts
-        unet = self.pipeline(cohorts[0].specs[0].model_id)[0].unet
+        pipe = self.pipeline(cohorts[0].specs[0].model_id)[0]
         try:
-            elapsed, chunk = forward(unet, cohorts, min(images, self.capacity), key, self.monitor, self._stream,
+            elapsed, chunk = forward(pipe, cohorts, min(images, self.capacity), key, self.monitor, self._stream,
                                      self._shrink)
         except Exception as error:
             self.active.fail_all(error)
