@@ -16,11 +16,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, NotFound, WorkerError
 from ..toy_model import SHAPES_FOLDER, SHAPES_MODEL_ID
 from .families import ADAPTERS, PIPELINE_FAMILIES
 from .offline import set_offline_environment
-from .tiny_model import TINY_MODELS, ensure_tiny_model
+from .tiny_model import TINY_MODELS, ensure_tiny_model, tiny_family
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SHIPPED_MODELS = {SHAPES_MODEL_ID: SHAPES_FOLDER}
@@ -94,6 +94,15 @@ class ModelCatalog:
 
     def family(self, model_id: str) -> str:
         return read_family(self.folder(model_id))
+
+    def family_if_known(self, model_id: str) -> str | None:
+        """The family without building or loading anything, for status; None where the folder cannot say."""
+        if model_id in TINY_MODELS:
+            return tiny_family(model_id)
+        try:
+            return read_family(Path(self.entry(model_id).source))
+        except (OSError, ValueError, WorkerError):
+            return None
 
     def native_size(self, model_id: str) -> tuple[int, int]:
         return native_size(self.folder(model_id))

@@ -1,0 +1,111 @@
+"""Flux and SD3 through the worker: the family-agnostic loop gives them pause/resume, coalescing and cancel."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from embedded_worker.diffusion.families import adapter_for
+
+from .conftest import StepGate, assert_same_up_to_batch_rounding, device_worker, pipeline_of, run_of, \
+    session_status, wait_for
+
+FAMILIES = ["builtin:tiny-flux", "builtin:tiny-flux-schnell", "builtin:tiny-sd3"]
+
+
+def generate(worker, model: str, session_id: str | None = None, background: bool = False, **parameters) -> dict:
+    params = {"prompt": "a red fox", "seed": 7, "steps": 4, "width": 32, "height": 32, "guidance_scale": 3.5,
+              "model": model, **parameters}
+    request = {"workflow_id": "img-generation-basic", "parameters": params, "background": background}
+    if session_id is not None:
+        request["session_id"] = session_id
+    return worker.execute_workflow(request)
+
+
+def current_task(worker, session_id: str):
+    run = wait_for(lambda: run_of(worker, session_id))
+    return wait_for(lambda: run.all_tasks and run.all_tasks[0])
+
+
+def pixels(worker, reply: dict) -> np.ndarray:
+    return worker.get_output(reply["outputs"][0]["output_id"])
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_pause_mid_denoising_then_resume_gives_the_uninterrupted_pixels(worker, model):
+    expected = pixels(worker, generate(worker, model, session_id="straight"))
+
+    with StepGate(worker, forwards=2, model_id=model) as gate:
+        generate(worker, model, session_id="paused", background=True)
+        task = current_task(worker, "paused")
+        paused = gate.pause("paused")
+    assert paused["status"] == "paused"
+    held_at = task.step
+    assert 2 <= held_at < 4
+    other = generate(worker, model, session_id="meanwhile", seed=5)  # the paused image does not hold the device
+    assert other["status"] == "completed" and task.step == held_at
+
+    assert worker.control_session(session_id="paused", action="resume")["success"]
+    wait_for(lambda: session_status(worker, "paused")["status"] == "completed")
+    assert np.array_equal(pixels(worker, session_status(worker, "paused")), expected)
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_concurrent_sessions_share_forwards_and_keep_their_pixels(make_worker, model):
+    worker = make_worker(scheduling={"coalesce_wait_ms": 300})
+    device = device_worker(worker)
+    solo = {seed: pixels(worker, generate(worker, model, seed=seed)) for seed in range(3)}
+    forwards_before = device.counters.forwards
+    replies: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda s=seed: replies.__setitem__(s, generate(worker, model, seed=s)))
+               for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    forwards = device.counters.forwards - forwards_before
+    assert forwards < 3 * 4, f"{forwards} forwards for 3 images of 4 steps"
+    for seed, reply in replies.items():
+        assert reply["status"] == "completed"
+        assert_same_up_to_batch_rounding(pixels(worker, reply), solo[seed])
+
+
+def test_cancel_stops_a_flux_image_within_one_step_and_skips_the_decode(worker):
+    model = "builtin:tiny-flux"
+    pipe = pipeline_of(worker, model)
+    forwards, decodes = [], []
+    hooks = [adapter_for(pipe).denoiser(pipe).register_forward_hook(lambda *args: forwards.append(1)),
+             pipe.vae.decoder.register_forward_hook(lambda *args: decodes.append(1))]
+    try:
+        generate(worker, model, session_id="doomed", steps=150, background=True)
+        task = current_task(worker, "doomed")
+        wait_for(lambda: task.step >= 2)
+        assert worker.control_session(session_id="doomed", action="cancel")["status"] == "cancelled"
+        at_cancel = len(forwards)
+        wait_for(lambda: task.future.done())
+        assert len(forwards) - at_cancel <= 1 and task.step < 150 and decodes == []
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_a_folder_of_an_unsupported_pipeline_class_is_refused_naming_the_class(make_worker, tmp_path):
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    worker = make_worker(models={"qwen": str(folder)})
+    reply = worker.execute("inference.text2img", {"prompt": "x", "model": "qwen"})
+    assert reply["error_code"] == "invalid_request"
+    assert "'QwenImagePipeline' is not supported" in reply["error"] and "FluxPipeline" in reply["error"]
+    healthy = worker.execute("inference.text2img", {"prompt": "x", "steps": 3, "background": False})
+    assert healthy["status"] == "completed"
+
+
+def test_model_status_names_each_models_family_without_building_it(worker, tmp_path):
+    families = {m["model_id"]: m["family"] for m in worker.execute("model.get_status", {})["models"]}
+    assert families["builtin:tiny-sd"] == "sd" and families["builtin:tiny-sdxl"] == "sdxl"
+    assert families["builtin:tiny-flux"] == families["builtin:tiny-flux-schnell"] == "flux"
+    assert families["builtin:tiny-sd3"] == "sd3" and families["builtin:shapes"] == "sd"
