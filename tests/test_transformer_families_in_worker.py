@@ -1,4 +1,4 @@
-"""Flux and SD3 through the worker: the family-agnostic loop gives them pause/resume, coalescing and cancel."""
+"""Flux, SD3 and Chroma through the worker: the family-agnostic loop gives them pause/resume, coalescing and cancel."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from embedded_worker.diffusion.families import adapter_for
 from .conftest import StepGate, assert_same_up_to_batch_rounding, device_worker, pipeline_of, run_of, \
     session_status, wait_for
 
-FAMILIES = ["builtin:tiny-flux", "builtin:tiny-flux-schnell", "builtin:tiny-sd3"]
+FAMILIES = ["builtin:tiny-flux", "builtin:tiny-flux-schnell", "builtin:tiny-sd3", "builtin:tiny-chroma"]
 
 
 def generate(worker, model: str, session_id: str | None = None, background: bool = False, **parameters) -> dict:
@@ -109,3 +109,4 @@ def test_model_status_names_each_models_family_without_building_it(worker, tmp_p
     assert families["builtin:tiny-sd"] == "sd" and families["builtin:tiny-sdxl"] == "sdxl"
     assert families["builtin:tiny-flux"] == families["builtin:tiny-flux-schnell"] == "flux"
     assert families["builtin:tiny-sd3"] == "sd3" and families["builtin:shapes"] == "sd"
+    assert families["builtin:tiny-chroma"] == "chroma"

@@ -1,8 +1,9 @@
 """Transformer families through our loop against diffusers' own pipelines, pixel for pixel.
 
 Flux dev (guidance embedded, resolution-shifted sigmas), Flux schnell (no
-guidance, no shift) and SD3 (three text encoders, classifier-free guidance),
-each on a tiny random model built from configs.
+guidance, no shift), SD3 (three text encoders, classifier-free guidance) and
+Chroma (Flux's shape on T5 alone, with a negative prompt), each on a tiny
+random model built from configs.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ import torch
 
 from embedded_worker.diffusion.conditioning import join_conditioning
 from embedded_worker.diffusion.denoise import ImageSpec, decode_pixels, encode_prompt, predict_noise, start_cohort
-from embedded_worker.diffusion.families import flux, stable_diffusion_3
+from embedded_worker.diffusion.families import chroma, flux, stable_diffusion_3
 from embedded_worker.diffusion.models import load_pipeline, read_family
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 from .conftest import assert_same_up_to_batch_rounding
 
 
-SEQUENCE_LENGTH = {"flux": flux.max_sequence_length, "sd3": stable_diffusion_3.max_sequence_length}
+SEQUENCE_LENGTH = {"flux": flux.max_sequence_length, "sd3": stable_diffusion_3.max_sequence_length,
+                   "chroma": chroma.max_sequence_length}
+MODELS = ["builtin:tiny-flux", "builtin:tiny-flux-schnell", "builtin:tiny-sd3", "builtin:tiny-chroma"]
 
 
-@pytest.fixture(scope="module", params=["builtin:tiny-flux", "builtin:tiny-flux-schnell", "builtin:tiny-sd3"])
+@pytest.fixture(scope="module", params=MODELS)
 def pipe(request, model_cache):
     folder = ensure_tiny_model(request.param, model_cache)
     pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
@@ -81,7 +84,8 @@ def test_single_image_is_bit_identical_to_the_pipeline_call(pipe):
 
 
 def test_negative_prompt_and_no_guidance_match_the_pipeline(pipe):
-    """SD3 guides with a negative prompt; Flux ignores both, as its pipeline does without true_cfg_scale."""
+    """SD3 and Chroma guide with a negative prompt; Flux ignores both, as its pipeline does without
+    true_cfg_scale."""
     for fields in ({"negative_prompt": "blurry, dark"}, {"guidance_scale": 1.0}):
         [a], [b] = ours(pipe, [[spec(5, **fields)]]), theirs(pipe, [spec(5, **fields)])
         assert np.array_equal(a, b), fields
@@ -96,7 +100,8 @@ def test_a_non_square_image_matches_the_pipeline(pipe):
 
 def test_a_coalesced_cohort_of_three_matches_the_batched_pipeline_call(pipe):
     """Bit for bit on Flux. SD3's CLIP text projections round differently at batch 3 than alone, and we
-    encode each prompt alone (`encode_prompt`, as for SDXL): there, batched-kernel rounding only."""
+    encode each prompt alone (`encode_prompt`, as for SDXL); Chroma's pipeline runs the negative rows as a
+    second forward, we run them beside the prompt rows: there, batched-kernel rounding only."""
     specs = [spec(i, prompt=p) for i, p in enumerate(["a red cat", "a blue house", "a red cat"])]
     for a, b in zip(ours(pipe, [specs]), theirs(pipe, specs)):
         if pipe.family == "flux":

@@ -29,6 +29,7 @@ TINY_MODELS = {  # model id -> recipe
     "builtin:tiny-flux": "flux",
     "builtin:tiny-flux-schnell": "flux-schnell",
     "builtin:tiny-sd3": "sd3",
+    "builtin:tiny-chroma": "chroma",
 }
 
 _build_lock = threading.Lock()  # one build per process; the rename below covers other processes
@@ -270,12 +271,41 @@ def _build_sd3():
                                     text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
 
 
+def _build_chroma():
+    """Chroma: Flux's shape conditioned on T5 alone, with an approximator in place of the pooled CLIP."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tokenizer = character_t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = _t5_encoder(len(tokenizer))
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    return ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+
+
 RECIPES = {  # recipe -> (family, builder)
     "sd": ("sd", _build_sd),
     "sdxl": ("sdxl", _build_sdxl),
     "flux": ("flux", lambda: _build_flux(guidance_distilled=True)),
     "flux-schnell": ("flux", lambda: _build_flux(guidance_distilled=False)),
     "sd3": ("sd3", _build_sd3),
+    "chroma": ("chroma", _build_chroma),
 }
 
 

@@ -27,12 +27,13 @@ Design notes (the adapter shape)
 
 from __future__ import annotations
 
+from .chroma import CHROMA
 from .flux import FLUX
 from .stable_diffusion import STABLE_DIFFUSION
 from .stable_diffusion_3 import STABLE_DIFFUSION_3
 from .stable_diffusion_xl import STABLE_DIFFUSION_XL
 
-_ADAPTERS = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX, STABLE_DIFFUSION_3)
+_ADAPTERS = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX, STABLE_DIFFUSION_3, CHROMA)
 ADAPTERS = {adapter.name: adapter for adapter in _ADAPTERS}
 PIPELINE_FAMILIES = {pipeline: adapter.name for adapter in _ADAPTERS for pipeline in adapter.pipeline_classes}
 

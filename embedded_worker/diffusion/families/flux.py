@@ -54,9 +54,9 @@ class Flux:
 
         spec = specs[0]
         if spec.scheduler != DEFAULT_SCHEDULER:
-            raise InvalidRequest(f"Flux models run their own flow-matching scheduler, not '{spec.scheduler}'")
+            raise InvalidRequest(f"{self.name} models run their own flow-matching scheduler, not '{spec.scheduler}'")
         if spec.init_image is not None:
-            raise InvalidRequest("img2img is not supported for Flux models yet")
+            raise InvalidRequest(f"img2img is not supported for {self.name} models yet")
         device = pipe.transformer.device
         height, width = latent_size(pipe, spec)
         channels = pipe.transformer.config.in_channels // 4
