@@ -128,3 +128,22 @@ def test_an_image_split_off_mid_run_finishes_as_its_solo_run(pipe):
     assert_same_up_to_batch_rounding(split[0], solo)
     for a, b in zip(split[1:], together[1:]):
         assert_same_up_to_batch_rounding(a, b)
+
+
+def test_img2img_matches_the_flux_img2img_pipeline(pipe):
+    if pipe.family != "flux":
+        pytest.skip("img2img is Flux's only, so far")
+    from diffusers import AutoPipelineForImage2Image
+    from PIL import Image
+
+    init = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    specs = [spec(9, init_image=init, strength=0.6, steps=4), spec(10, init_image=init, strength=0.6, steps=4)]
+    ours_pixels = ours(pipe, [specs])
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    theirs_pixels = img2img(prompt=[s.prompt for s in specs], image=[Image.fromarray(init)] * 2, strength=0.6,
+                            generator=[torch.Generator().manual_seed(s.seed) for s in specs], num_inference_steps=4,
+                            guidance_scale=3.5, height=32, width=32, output_type="np",
+                            max_sequence_length=SEQUENCE_LENGTH[pipe.family](pipe)).images
+    for a, b in zip(ours_pixels, theirs_pixels):
+        assert np.array_equal(a, (b * 255).round().astype(np.uint8))
+    assert not np.array_equal(ours_pixels[0], ours_pixels[1])  # each image its own noise

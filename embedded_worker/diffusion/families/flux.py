@@ -6,7 +6,8 @@ on sigmas shifted by `mu`, which grows with the image's token count. The
 guidance-distilled variant (dev) takes the guidance scale as an embedding,
 one value per row; the timestep-distilled one (schnell) takes none. Neither
 doubles rows for classifier-free guidance, so a negative prompt has no
-effect (the pipeline's optional `true_cfg_scale` is not offered).
+effect (the pipeline's optional `true_cfg_scale` is not offered). img2img
+follows `FluxImg2ImgPipeline`.
 """
 
 from __future__ import annotations
@@ -49,29 +50,38 @@ class Flux:
         return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, None)
 
     def start(self, pipe, specs: list, generators: list[torch.Generator], dtype) -> tuple:
+        """(scheduler, timesteps, packed latents): noise, or for img2img the image's latents noised to the
+        step its strength starts at, as `FluxImg2ImgPipeline` makes them."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
         from diffusers.utils.torch_utils import randn_tensor
 
         spec = specs[0]
         if spec.scheduler != DEFAULT_SCHEDULER:
             raise InvalidRequest(f"{self.name} models run their own flow-matching scheduler, not '{spec.scheduler}'")
-        if spec.init_image is not None:
-            raise InvalidRequest(f"img2img is not supported for {self.name} models yet")
         device = pipe.transformer.device
         height, width = latent_size(pipe, spec)
         channels = pipe.transformer.config.in_channels // 4
-        noise = [randn_tensor((1, channels, height, width), generator=g, device=device, dtype=dtype)
-                 for g in generators]
-        latents = pipe._pack_latents(torch.cat(noise), len(specs), channels, height, width)
         scheduler = make_scheduler(pipe, DEFAULT_SCHEDULER)
         config = scheduler.config
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / spec.steps, spec.steps)
-        mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256),
+        mu = calculate_shift((height // 2) * (width // 2), config.get("base_image_seq_len", 256),
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))
         timesteps, _ = retrieve_timesteps(scheduler, spec.steps, device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
-        return scheduler, timesteps, latents
+        shape = (1, channels, height, width)
+        if spec.init_image is None:
+            scheduler.set_begin_index(0)
+            noise = [randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators]
+            return scheduler, timesteps, pipe._pack_latents(torch.cat(noise), len(specs), channels, height, width)
+        start = int(max(spec.steps - min(spec.steps * spec.strength, spec.steps), 0)) * scheduler.order
+        timesteps = timesteps[start:]
+        scheduler.set_begin_index(start)
+        noised = []
+        for s, g in zip(specs, generators):
+            clean = _encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
+            noise = randn_tensor(shape, generator=g, device=device, dtype=dtype)
+            noised.append(scheduler.scale_noise(clean, timesteps[:1], noise))
+        return scheduler, timesteps, pipe._pack_latents(torch.cat(noised), len(specs), channels, height, width)
 
     def model_input(self, pipe, cohort) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         latents = cohort.latents
@@ -104,6 +114,17 @@ class Flux:
         latents = pipe._unpack_latents(latents, spec.height, spec.width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         return latents.to(pipe.vae.dtype)
+
+
+def _encode_image(pipe, spec, generator: torch.Generator, dtype) -> torch.Tensor:
+    """One init image's latents, shifted and scaled as `FluxImg2ImgPipeline._encode_vae_image` does."""
+    from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
+    from PIL import Image
+
+    image = pipe.image_processor.preprocess(Image.fromarray(spec.init_image), height=spec.height, width=spec.width)
+    image = image.to(device=pipe.vae.device, dtype=dtype)
+    latents = retrieve_latents(pipe.vae.encode(image), generator=generator)
+    return (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
 
 
 def latent_size(pipe, spec) -> tuple[int, int]:
