@@ -3,8 +3,8 @@
 Design notes
 - Why own the loop: `pipe(...)` runs start to finish on one thread. We need
   to stop at any step boundary (pause, cancel, OOM retry), let the device do
-  other work meanwhile, and let images from different requests share one UNet
-  forward. So we drive the pipeline's text encoders, denoiser (UNet or
+  other work meanwhile, and let images from different requests share one
+  denoiser forward. So we drive the pipeline's text encoders, denoiser (UNet or
   transformer), VAE and a scheduler instance ourselves, mirroring the
   pipeline's `__call__` operation for operation. What differs between model
   families (SD, SDXL, Flux) is a family adapter (`families`); this module is

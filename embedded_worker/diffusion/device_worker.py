@@ -3,8 +3,8 @@
 Design notes
 - The step loop: wait for work, admit (`Admission` decides which queued
   images join), let images join and leave at the boundary (`ActiveSet`),
-  one UNet forward over every active image (`forward`), decode the cohorts
-  that finished. Eight single-image sessions cost about one batch of eight,
+  one denoiser forward (UNet or transformer) over every active image
+  (`forward`), decode the cohorts that finished. Eight single-image sessions cost about one batch of eight,
   and a request that arrives mid-run joins at the next step.
 - The device thread launches work and hands results off, nothing more: one
   write when images start (the on-device mark), listeners told on the
