@@ -31,7 +31,11 @@ def current_task(worker, session_id: str):
 
 
 def pixels(worker, reply: dict) -> np.ndarray:
-    return worker.get_output(reply["outputs"][0]["output_id"])
+    """An output's pixels, checked to be a picture: NaN latents or weights decode to one flat colour, and
+    two flat images would compare equal whatever the loop did."""
+    image = worker.get_output(reply["outputs"][0]["output_id"])
+    assert image.std() > 1, "a flat image: the model's weights or latents are broken"
+    return image
 
 
 @pytest.mark.parametrize("model", FAMILIES)
@@ -110,3 +114,63 @@ def test_model_status_names_each_models_family_without_building_it(worker, tmp_p
     assert families["builtin:tiny-flux"] == families["builtin:tiny-flux-schnell"] == "flux"
     assert families["builtin:tiny-sd3"] == "sd3" and families["builtin:shapes"] == "sd"
     assert families["builtin:tiny-chroma"] == "chroma"
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-flux", "builtin:tiny-flux-schnell"])
+def test_flux_img2img_runs_through_the_worker_and_strength_changes_the_result(worker, model):
+    """Pixel identity with FluxImg2ImgPipeline is in test_transformer_families_match_pipeline; random weights
+    keep too little of an image to measure how far strength moves it, only that it decides the result."""
+    source = generate(worker, model, seed=3)
+    results = {}
+    for strength in (0.25, 1.0):
+        reply = worker.execute_workflow(workflow_id="img2img-basic", background=False, parameters={
+            "init_image": source["outputs"][0]["output_id"], "prompt": "a blue house", "strength": strength,
+            "steps": 4, "seed": 4, "width": 32, "height": 32, "model": model})
+        assert reply["status"] == "completed", reply
+        results[strength] = pixels(worker, reply)
+    assert not np.array_equal(results[0.25], results[1.0])
+    assert not np.array_equal(results[0.25], pixels(worker, source))
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-sd3", "builtin:tiny-chroma"])
+def test_img2img_on_a_family_without_it_fails_clearly_and_nothing_else(worker, model):
+    source = generate(worker, model, seed=3)
+    reply = worker.execute_workflow(workflow_id="img2img-basic", background=False, parameters={
+        "init_image": source["outputs"][0]["output_id"], "prompt": "x", "strength": 0.5, "steps": 4,
+        "width": 32, "height": 32, "model": model})
+    assert reply["status"] == "failed" and reply["error_code"] == "invalid_request", reply
+    assert "img2img is not supported" in reply["error"]
+    assert generate(worker, model, seed=5)["status"] == "completed"
+
+
+def test_models_are_never_built_while_another_loads(tmp_path, monkeypatch):
+    """Loading switches torch's weight initialisers off for the whole process; a tiny model built on another
+    thread meanwhile kept garbage weights (NaN in tiny Flux's VAE). A load holds the construction lock,
+    so a build waits for it."""
+    import threading
+
+    import diffusers
+    import torch
+
+    from embedded_worker.diffusion import models, tiny_model
+
+    loading, release = threading.Event(), threading.Event()
+
+    def held_load(*args, **kwargs):
+        loading.set()
+        release.wait(60)
+        raise RuntimeError("the load under test ends here")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", held_load)
+    folder = tiny_model.ensure_tiny_model("builtin:tiny-sd", tmp_path)
+    loader = threading.Thread(target=lambda: pytest.raises(RuntimeError, models.load_pipeline, folder,
+                                                           torch.device("cpu"), torch.float32))
+    loader.start()
+    try:
+        assert loading.wait(60)
+        assert not tiny_model.CONSTRUCTION_LOCK.acquire(blocking=False)  # a build would wait here
+    finally:
+        release.set()
+        loader.join(60)
+    assert tiny_model.CONSTRUCTION_LOCK.acquire(blocking=False)
+    tiny_model.CONSTRUCTION_LOCK.release()

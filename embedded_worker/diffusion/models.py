@@ -20,7 +20,7 @@ from ..errors import InvalidRequest, NotFound, WorkerError
 from ..toy_model import SHAPES_FOLDER, SHAPES_MODEL_ID
 from .families import ADAPTERS, PIPELINE_FAMILIES
 from .offline import set_offline_environment
-from .tiny_model import TINY_MODELS, ensure_tiny_model, tiny_family
+from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SHIPPED_MODELS = {SHAPES_MODEL_ID: SHAPES_FOLDER}
@@ -147,9 +147,10 @@ def load_pipeline(folder: Path, device, dtype):
     set_offline_environment()
     # SD folders may carry a safety checker; the service filters content itself, so it is not loaded
     skip = {"safety_checker": None, "requires_safety_checker": False} if read_family(folder) == "sd" else {}
-    pipe = DiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, use_safetensors=True, dtype=dtype, **skip
-    )
+    with CONSTRUCTION_LOCK:  # loading turns weight initialisation off process-wide (see CONSTRUCTION_LOCK)
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, dtype=dtype, **skip
+        )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     modules = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")

@@ -32,7 +32,11 @@ TINY_MODELS = {  # model id -> recipe
     "builtin:tiny-chroma": "chroma",
 }
 
-_build_lock = threading.Lock()  # one build per process; the rename below covers other processes
+# Held while a model is built here or loaded (`models.load_pipeline`): diffusers and transformers switch
+# torch's weight initialisers off process-wide while they load, so a model built on another thread meanwhile
+# kept uninitialised weights (a tiny Flux VAE with NaN, built while the device thread loaded tiny-sd). Also
+# one build per process; the rename below covers other processes.
+CONSTRUCTION_LOCK = threading.RLock()
 
 
 def byte_level_alphabet() -> list[str]:
@@ -320,7 +324,7 @@ def ensure_tiny_model(model_id: str, cache_dir: Path) -> Path:
     folder = Path(cache_dir) / f"tiny-{recipe}-{RECIPE_VERSION}"
     if (folder / "model_index.json").is_file():
         return folder
-    with _build_lock:
+    with CONSTRUCTION_LOCK:
         if (folder / "model_index.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
