@@ -57,7 +57,9 @@ def ours(pipe, cohorts: list[list[ImageSpec]], split_after: int | None = None) -
     for cohort in running:
         if cohort.size:
             pixels.update(zip(cohort.members, decode_pixels(pipe, cohort, 64)))
-    return [pixels[s.seed] for specs in cohorts for s in specs]
+    images = [pixels[s.seed] for specs in cohorts for s in specs]
+    assert all(image.std() > 1 for image in images), "a flat image: broken weights would compare equal"
+    return images
 
 
 def theirs(pipe, specs: list[ImageSpec]) -> list[np.ndarray]:
