@@ -208,3 +208,16 @@ def test_a_preempted_then_paused_then_resumed_session_is_exact(make_worker, mode
     assert done["status"] == "completed"
     assert np.array_equal(pixels(worker, done), expected)
     assert len(forwards_of(device, owner_of(worker, "slow"))) == 6  # no step ran twice
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_a_batch_gives_each_item_its_own_seed_and_its_solo_pixels(worker, model):
+    reply = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters={
+        "prompt": "a red fox", "seed": 40, "steps": 4, "total_images": 3, "width": 32, "height": 32,
+        "guidance_scale": 3.5, "model": model})
+    assert reply["status"] == "completed", reply
+    outputs = {o["seed"]: worker.get_output(o["output_id"]) for o in reply["outputs"]}
+    assert sorted(outputs) == [40, 41, 42]
+    for seed, image in outputs.items():
+        assert_same_up_to_batch_rounding(image, pixels(worker, generate(worker, model, seed=seed)))
+    assert not np.array_equal(outputs[40], outputs[41])
