@@ -32,7 +32,8 @@ from pydantic import (
 from . import domain_answers, postprocess
 from .config import Limits
 from .errors import InvalidRequest
-from .diffusion.denoise import DEFAULT_SCHEDULER, SCHEDULERS, ImageSpec
+from .diffusion.denoise import ImageSpec
+from .diffusion.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing
 from .field_names import spellings

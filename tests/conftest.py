@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker.diffusion.families import adapter_for
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 
@@ -101,13 +102,14 @@ def pipeline_of(worker: ProcessingWorker, model_id: str = "builtin:tiny-sd"):
 
 
 class StepGate:
-    """Holds the device inside its Nth UNet forward until a pause of a session has been asked for, so the
+    """Holds the device inside its Nth denoiser forward until a pause of a session has been asked for, so the
     pause lands at that step boundary however slow the machine is (no race between a poll and a step)."""
 
-    def __init__(self, worker: ProcessingWorker, forwards: int):
+    def __init__(self, worker: ProcessingWorker, forwards: int, model_id: str = "builtin:tiny-sd"):
         self.worker, self.forwards, self.count = worker, forwards, 0
         self.reached, self.release = threading.Event(), threading.Event()
-        self.handle = pipeline_of(worker).unet.register_forward_hook(self._hook)
+        pipe = pipeline_of(worker, model_id)
+        self.handle = adapter_for(pipe).denoiser(pipe).register_forward_hook(self._hook)
 
     def _hook(self, *_args) -> None:
         self.count += 1

@@ -7,16 +7,10 @@ import pytest
 import torch
 from diffusers import AutoPipelineForImage2Image
 
-from embedded_worker.diffusion.denoise import (
-    ImageSpec,
-    decode_pixels,
-    encode_prompt,
-    join_conditioning,
-    make_scheduler,
-    predict_noise,
-    start_cohort,
-)
+from embedded_worker.diffusion.conditioning import join_conditioning
+from embedded_worker.diffusion.denoise import ImageSpec, decode_pixels, encode_prompt, predict_noise, start_cohort
 from embedded_worker.diffusion.models import load_pipeline, read_family
+from embedded_worker.diffusion.schedulers import make_scheduler
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 from .conftest import assert_same_up_to_batch_rounding
@@ -38,17 +32,17 @@ def spec(seed: int, **fields) -> ImageSpec:
 @torch.inference_mode()
 def ours(pipe, specs: list[ImageSpec], split_after: int | None = None) -> list[np.ndarray]:
     """Run specs as one cohort; optionally split the first image off after some steps and finish it alone."""
-    conditioning = join_conditioning([encode_prompt(pipe, pipe.family, s) for s in specs])
+    conditioning = join_conditioning([encode_prompt(pipe, s) for s in specs])
     cohort = start_cohort(pipe, list(range(len(specs))), specs, conditioning)
     parted = None
     while not cohort.finished:
-        predict_noise(pipe.unet, [c for c in (cohort, parted) if c is not None and not c.finished], 10_000)
+        predict_noise(pipe, [c for c in (cohort, parted) if c is not None and not c.finished], 10_000)
         if split_after is not None and cohort.step_index == split_after and parted is None:
             parted = cohort.split_off([0])
     while parted is not None and not parted.finished:
-        predict_noise(pipe.unet, [parted], 10_000)
-    images = decode_pixels(pipe, cohort.latents, 64) if cohort.size else []
-    return (decode_pixels(pipe, parted.latents, 64) if parted is not None else []) + images
+        predict_noise(pipe, [parted], 10_000)
+    images = decode_pixels(pipe, cohort, 64) if cohort.size else []
+    return (decode_pixels(pipe, parted, 64) if parted is not None else []) + images
 
 
 def theirs(pipe, specs: list[ImageSpec]) -> list[np.ndarray]:

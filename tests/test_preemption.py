@@ -13,6 +13,7 @@ import threading
 import numpy as np
 
 from embedded_worker.diffusion.denoise import ImageSpec
+from embedded_worker.diffusion.families import adapter_for
 from embedded_worker.diffusion.memory import ForwardTimes
 from embedded_worker.diffusion.task import DenoiseTask
 from embedded_worker.diffusion.work_queue import WorkQueue
@@ -23,13 +24,14 @@ FINAL = ("completed", "failed", "cancelled")
 
 
 class ForwardGate:
-    """Holds the device inside its Nth UNet forward (for each N given) until `release(N)`."""
+    """Holds the device inside its Nth denoiser forward (for each N given) until `release(N)`."""
 
-    def __init__(self, worker, *holds: int):
+    def __init__(self, worker, *holds: int, model_id: str = "builtin:tiny-sd"):
         self.count = 0
         self.reached = {n: threading.Event() for n in holds}
         self.released = {n: threading.Event() for n in holds}
-        self.handle = pipeline_of(worker).unet.register_forward_hook(self._hook)
+        pipe = pipeline_of(worker, model_id)
+        self.handle = adapter_for(pipe).denoiser(pipe).register_forward_hook(self._hook)
 
     def _hook(self, *_args) -> None:
         self.count += 1

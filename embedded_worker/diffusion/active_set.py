@@ -24,7 +24,8 @@ from concurrent.futures import Executor
 from typing import Callable
 
 from ..errors import Cancelled, InternalError, Unavailable, WorkerError
-from .denoise import Cohort, join_conditioning, start_cohort
+from .conditioning import join_conditioning
+from .denoise import Cohort, start_cohort
 from .pipelines import PipelineCache
 from .task import CANCEL, DONE, PARKED, PAUSE, PREEMPT, DenoiseTask
 from .work_queue import WorkQueue
@@ -72,9 +73,9 @@ class ActiveSet:
                 fresh.setdefault(task.spec.schedule_key(), []).append(task)
         for members in fresh.values():
             try:
-                pipe, family = self.pipelines.get(members[0].spec.model_id)
+                pipe, _ = self.pipelines.get(members[0].spec.model_id)
                 specs = [t.spec for t in members]
-                conditioning = join_conditioning([self.pipelines.conditioning(pipe, family, s) for s in specs])
+                conditioning = join_conditioning([self.pipelines.conditioning(pipe, s) for s in specs])
                 cohort = start_cohort(pipe, members, specs, conditioning)
             except Exception as error:  # a bad model or input fails these images only
                 self.fail(members, error)

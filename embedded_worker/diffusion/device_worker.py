@@ -3,8 +3,8 @@
 Design notes
 - The step loop: wait for work, admit (`Admission` decides which queued
   images join), let images join and leave at the boundary (`ActiveSet`),
-  one UNet forward over every active image (`forward`), decode the cohorts
-  that finished. Eight single-image sessions cost about one batch of eight,
+  one denoiser forward (UNet or transformer) over every active image
+  (`forward`), decode the cohorts that finished. Eight single-image sessions cost about one batch of eight,
   and a request that arrives mid-run joins at the next step.
 - The device thread launches work and hands results off, nothing more: one
   write when images start (the on-device mark), listeners told on the
@@ -183,9 +183,9 @@ class DeviceWorker(WorkerThread):
                 self.resizes.update(self.active.groups())
             self._reported_capacity = self.capacity
         cohorts = self.active.cohorts
-        unet = self.pipeline(cohorts[0].specs[0].model_id)[0].unet
+        pipe = self.pipeline(cohorts[0].specs[0].model_id)[0]
         try:
-            elapsed, chunk = forward(unet, cohorts, min(images, self.capacity), key, self.monitor, self._stream,
+            elapsed, chunk = forward(pipe, cohorts, min(images, self.capacity), key, self.monitor, self._stream,
                                      self._shrink)
         except Exception as error:
             self.active.fail_all(error)

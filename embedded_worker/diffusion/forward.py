@@ -1,4 +1,4 @@
-"""One UNet forward and one VAE decode on a device, each with out-of-memory back-off.
+"""One denoiser forward and one VAE decode on a device, each with out-of-memory back-off.
 
 A forward covers every active image, in chunks of at most the capacity. Out
 of memory: the step is retried in smaller chunks (latents change only once
@@ -28,18 +28,18 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def forward(unet, cohorts: list[Cohort], chunk: int, key: tuple, monitor: MemoryMonitor, stream,
+def forward(pipe, cohorts: list[Cohort], chunk: int, key: tuple, monitor: MemoryMonitor, stream,
             shrink: Callable[[int], int]) -> tuple[float, int]:
     """One denoising step of `cohorts`: (seconds the forward took, the chunk it ran at). `shrink(chunk)`
     hears every out-of-memory (and frees what it can) and gives the next chunk; ResourceExhausted at a
     chunk of one."""
-    rows_per_image = 2 if cohorts[0].uses_guidance else 1
+    rows_per_image = 2 if cohorts[0].classifier_free else 1
     while True:
         try:
             measured = monitor.due(key, chunk)
             used_before = monitor.begin() if measured else 0
             started = time.perf_counter()
-            predict_noise(unet, cohorts, chunk * rows_per_image)
+            predict_noise(pipe, cohorts, chunk * rows_per_image)
             if stream is not None:
                 stream.synchronize()
             elapsed = time.perf_counter() - started
@@ -60,7 +60,7 @@ def decode(pipe, cohort: Cohort, chunk: int, on_out_of_memory: Callable[[], None
     while True:
         try:
             started = time.perf_counter()
-            images = decode_pixels(pipe, cohort.latents, chunk)
+            images = decode_pixels(pipe, cohort, chunk)
             return images, (time.perf_counter() - started) / cohort.size
         except Exception as error:
             if not is_out_of_memory(error) or chunk == 1:

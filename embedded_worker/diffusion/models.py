@@ -1,6 +1,7 @@
 """Where models live and how a device worker loads one.
 
-A model is a local diffusers-format folder (SD 1.x/2.x or SDXL class) or a
+A model is a local diffusers-format folder of a supported family (its
+`model_index.json` names the pipeline class, `families` maps it) or a
 built-in model: a tiny recipe built on first use, or the trained shapes
 model shipped inside the package (a folder like any other). Loading never
 reaches for a hub (`local_files_only`, and the worker sets HF_HUB_OFFLINE)
@@ -15,17 +16,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, NotFound, WorkerError
 from ..toy_model import SHAPES_FOLDER, SHAPES_MODEL_ID
+from .families import ADAPTERS, PIPELINE_FAMILIES
 from .offline import set_offline_environment
-from .tiny_model import TINY_MODELS, ensure_tiny_model
+from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family
 
-FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionImg2ImgPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SHIPPED_MODELS = {SHAPES_MODEL_ID: SHAPES_FOLDER}
 BUILTIN_MODELS = (*TINY_MODELS, *SHIPPED_MODELS)
@@ -119,6 +115,15 @@ class ModelCatalog:
     def family(self, model_id: str) -> str:
         return read_family(self.folder(model_id))
 
+    def family_if_known(self, model_id: str) -> str | None:
+        """The family without building or loading anything, for status; None where the folder cannot say."""
+        if model_id in TINY_MODELS:
+            return tiny_family(model_id)
+        try:
+            return read_family(Path(self.entry(model_id).source))
+        except (OSError, ValueError, WorkerError):
+            return None
+
     def native_size(self, model_id: str) -> tuple[int, int]:
         return native_size(self.folder(model_id))
 
@@ -128,11 +133,13 @@ class ModelCatalog:
 
 
 def read_family(folder: Path) -> str:
+    """The family of a model folder, from the pipeline class its model_index.json names."""
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     class_name = index.get("_class_name", "")
-    if class_name not in FAMILIES:
-        raise InvalidRequest(f"model folder {folder}: pipeline class '{class_name}' is not supported (SD or SDXL)")
-    return FAMILIES[class_name]
+    if class_name not in PIPELINE_FAMILIES:
+        raise InvalidRequest(f"model folder {folder}: pipeline class '{class_name}' is not supported "
+                             f"(supported: {', '.join(sorted(PIPELINE_FAMILIES))})")
+    return PIPELINE_FAMILIES[class_name]
 
 
 def check_model_folder(folder: Path) -> None:
@@ -160,12 +167,14 @@ def load_pipeline(folder: Path, device, dtype):
     set_offline_environment()
     # SD folders may carry a safety checker; the service filters content itself, so it is not loaded
     skip = {"safety_checker": None, "requires_safety_checker": False} if read_family(folder) == "sd" else {}
-    pipe = DiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, use_safetensors=True, dtype=dtype, **skip
-    )
+    with CONSTRUCTION_LOCK:  # loading turns weight initialisation off process-wide (see CONSTRUCTION_LOCK)
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, dtype=dtype, **skip
+        )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    for module in (getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")):
+    modules = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    for module in (getattr(pipe, name, None) for name in modules):
         if module is not None:
             module.eval().requires_grad_(False)
     return pipe
@@ -173,12 +182,4 @@ def load_pipeline(folder: Path, device, dtype):
 
 def native_size(folder: Path) -> tuple[int, int]:
     """(width, height) the model was trained at, read from its configs without loading weights."""
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InvalidRequest(f"model folder {folder} is incomplete: {error}") from None
-    sample = unet.get("sample_size", 64)
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    side = int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    return side, side
+    return ADAPTERS[read_family(folder)].native_size(folder)

@@ -15,7 +15,8 @@ from collections import OrderedDict
 import torch
 
 from ..errors import ResourceExhausted, Unavailable, WorkerError, is_out_of_memory
-from .denoise import Conditioning, encode_prompt
+from .conditioning import Conditioning
+from .denoise import encode_prompt
 from .memory import BatchSizer
 from .models import ModelCatalog, load_pipeline
 
@@ -81,12 +82,12 @@ class PipelineCache:
         self.sizer.forget()
         return True
 
-    def conditioning(self, pipe, family: str, spec) -> Conditioning:
+    def conditioning(self, pipe, spec) -> Conditioning:
         key = (spec.model_id, spec.prompt, spec.negative_prompt, spec.uses_guidance, spec.height, spec.width)
         if key in self._prompts:
             self._prompts.move_to_end(key)
             return self._prompts[key]
-        encoded = encode_prompt(pipe, family, spec)
+        encoded = encode_prompt(pipe, spec)
         self._prompts[key] = encoded
         if len(self._prompts) > PROMPT_CACHE_SIZE:
             self._prompts.popitem(last=False)

@@ -29,7 +29,8 @@ class ModelInstructor:
         models = []
         for model_id in self.engine.models.ids():
             entry = self.engine.models.entry(model_id)
-            models.append({"model_id": model_id, "builtin": entry.builtin,
+            models.append({"model_id": model_id, "family": self.engine.models.family_if_known(model_id),
+                           "builtin": entry.builtin,
                            "source": "built-in recipe" if entry.builtin else entry.source,
                            "loaded_on": loaded.get(model_id, []),
                            "default": model_id == self.engine.config.default_model})
