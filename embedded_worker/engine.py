@@ -68,7 +68,7 @@ class Engine:
         self.pool = DevicePool(config, self.models, mark_on_device=self._mark_on_device,
                                probe_factory=probe_factory)
         if config.cluster.address is not None:  # Ray is imported only here, and only then
-            from .cluster.connection import join_cluster
+            from .cluster.join import join_cluster
 
             join_cluster(self.pool)
         self.jobs = JobService(self.book, self.pool, self.cpu, self.outputs, self.store, self.models.native_size,

@@ -21,10 +21,13 @@ from __future__ import annotations
 import concurrent.futures.thread  # noqa: F401  its exit hook first, so ours is registered after it and runs before
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .facade import ProcessingWorker
+
+class ProcessingWorker(Protocol):
+    """What the exit needs of a `facade.ProcessingWorker` (named so, without importing the facade)."""
+
+    def close(self, timeout: float = ..., pending: str = ...) -> dict: ...
 
 log = logging.getLogger("embedded_worker")
 EXIT_CLOSE_SECONDS = 10.0  # how long the exit waits for the device threads' step boundary, before close's grace

@@ -88,7 +88,9 @@ def test_ten_thousand_generated_requests_get_well_formed_envelopes(model_cache):
             seen["succeeded"] += reply["success"]
 
         one_request()
-        assert seen["examples"] >= 10_000 and seen["succeeded"] > 100  # valid ones got through too
+        # valid ones got through too (fewer since unknown fields are refused: a generated dict mixes every
+        # command's keys)
+        assert seen["examples"] >= 10_000 and seen["succeeded"] > 50
         healthy = worker.execute_workflow(workflow_id="img-generation-basic", background=False, priority=10,
                                           parameters={"prompt": "still here", "steps": 3, "seed": 1})
         assert healthy["status"] == "completed", healthy

@@ -56,6 +56,11 @@ operation = "text2img"
 name = "prompt"
 type = "string"
 default = "{payload}"
+
+[[parameters]]
+name = "steps"
+type = "integer"
+default = 3
 ''')
     worker = make_worker(workflows_dir=str(folder))
     reply = worker.execute_workflow(workflow_id="sneaky", background=False, parameters={"steps": 3})

@@ -1,11 +1,10 @@
 """RemoteDeviceWorker: a device worker whose device is a Ray actor; its thread runs on the head.
 
 Design notes
-- Where each decision is taken: priority, aging, fair share, batch limits
-  and which images go together are decided here on the head, by the same
-  `Admission` over the same WorkQueue as the local workers, under the
-  queue's lock. The actor only coalesces what it was handed into forwards
-  (its own DevicePool), in the priority order it was given.
+- Every decision (priority, aging, fair share, batch limits, which images
+  go together) is taken here on the head, by the local workers' `Admission`
+  over the same WorkQueue; the actor only coalesces what it was handed into
+  forwards (its own DevicePool), in the order given.
 - A bounded window: at most `in_flight_per_actor` images on one actor.
   Admission is not told to preempt on an actor (`preempt=False`): a more
   urgent image waits for a free place in the window, or runs locally.
@@ -15,23 +14,20 @@ Design notes
   in flight at a time). Listeners hear `task_started`, `task_stepped` and
   `task_parked` on the pool's event thread, as from a local worker.
 - Pause and cancel reach the actor at its next step boundary (its pool's
-  own cancel). A paused image drops its denoising state there and starts
-  again from step 0 when resumed, anywhere: same seed, same pixels (up to
-  batch rounding). Preemption never parks a remote image.
+  own cancel); what a paused image keeps is in `outcomes`. Preemption
+  never parks a remote image.
 - An actor that dies (ActorDiedError, a killed process, a lost node) takes
   no work with it: its images go back to the queue with their spec and
   seed, at their old rank, the crash is logged with the actor's name and
   node, and a fresh actor replaces it. Completion is recorded on the head
   only (`outcomes`), through each image's future, once.
 - A lost head (the connection's `HeadWatch` decides) is not an actor's
-  death: every Ray call runs inside `connection.using_ray()`, which raises
-  `HeadLost` from then on; the images out on the actor go back to the
-  queue for this machine's devices, or fail as unavailable when there are
-  none, and the worker waits, taking nothing, until the connection is
-  back, then asks for a fresh actor.
-- Pixels: the actor's uint8 array goes into the object store (one copy);
-  `ray.get` gives a read-only view of it (no copy); `outcomes.complete`
-  copies it once to this process's heap; the OutputStore keeps that array.
+  death: Ray calls (inside `connection.using_ray()`) raise `HeadLost`; the
+  images out go back to the queue for local devices (or fail unavailable
+  without any), and the worker takes nothing until the head is back, then
+  asks for a fresh actor.
+- Pixels: one copy into the object store, a read-only view from `ray.get`,
+  one copy to this process's heap (`outcomes.complete`), kept as the output.
 """
 
 from __future__ import annotations
@@ -69,22 +65,6 @@ class RemoteDevice:
 
     def __str__(self) -> str:
         return f"ray:{self.actor}"
-
-
-class ReportedProbe:
-    """The actor's memory as it last reported it: a monitor for status, never a sizing input."""
-
-    def __init__(self):
-        self.reading = MemoryReading(0, 0)
-
-    def read(self) -> MemoryReading:
-        return self.reading
-
-    def reset_peak(self) -> None:
-        pass
-
-    def peak_used(self) -> int:
-        return self.reading.used
 
 
 class RemoteDeviceWorker(WorkerThread):

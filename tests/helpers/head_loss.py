@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
         remote = next(w for w in worker._engine.pool.workers if w.name.startswith("ew-ray-"))
         wait_for(lambda: remote.status()["loaded_models"], 180, "the actor loads the model")
 
-        batch(worker, "cut", 900, steps=12)
+        batch(worker, "cut", 900, steps=60)  # long enough that the actor cannot finish before the kill
         wait_for(lambda: remote.active_images > 0, 120, "images out on the actor")
         seen["out_on_actor_at_kill"] = remote.active_images
         seen["done_before_kill"] = images_done(worker)
