@@ -48,6 +48,23 @@ def worker(make_worker) -> ProcessingWorker:
     return make_worker()
 
 
+@pytest.fixture
+def durable(model_cache, tmp_path):
+    """Workers on one state file, opened one after another like successive processes."""
+    made: list[ProcessingWorker] = []
+
+    def open_worker(**overrides) -> ProcessingWorker:
+        settings = {"model_cache_dir": str(model_cache), "state_path": str(tmp_path / "state" / "state.sqlite3"),
+                    "default_model": "builtin:tiny-sd", **overrides}
+        worker = ProcessingWorker(WorkerConfig.model_validate(settings))
+        made.append(worker)
+        return worker
+
+    yield open_worker
+    for worker in made:
+        worker.close(timeout=30)
+
+
 def generate(worker: ProcessingWorker, session_id: str | None = None, background: bool = False, **parameters) -> dict:
     """Run img-generation-basic with small defaults and return the reply."""
     params = {"prompt": "a red fox in the snow", "seed": 7, "steps": 6, **parameters}

@@ -18,23 +18,6 @@ from embedded_worker.store import FORMAT_VERSION
 from .conftest import generate, session_status, wait_for
 
 
-@pytest.fixture
-def durable(model_cache, tmp_path):
-    """Workers on one state file, opened one after another like successive processes."""
-    made: list[ProcessingWorker] = []
-
-    def open_worker(**overrides) -> ProcessingWorker:
-        settings = {"model_cache_dir": str(model_cache), "state_path": str(tmp_path / "state" / "state.sqlite3"),
-                    "default_model": "builtin:tiny-sd", **overrides}
-        worker = ProcessingWorker(WorkerConfig.model_validate(settings))
-        made.append(worker)
-        return worker
-
-    yield open_worker
-    for worker in made:
-        worker.close(timeout=30)
-
-
 def test_completed_work_and_its_pixels_survive_a_restart(durable, tmp_path):
     first = durable()
     reply = generate(first, session_id="kept", seed=77, background=False)

@@ -9,28 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from embedded_worker import ProcessingWorker, WorkerConfig, output_files
+from embedded_worker import ProcessingWorker, output_files
 from embedded_worker.outputs import owner_folder
 
 from .conftest import generate, session_status, wait_for
 from .helpers.full_disk import FullDisk
-
-
-@pytest.fixture
-def durable(model_cache, tmp_path):
-    """Workers on one state file, opened one after another like successive processes."""
-    made: list[ProcessingWorker] = []
-
-    def open_worker(**overrides) -> ProcessingWorker:
-        settings = {"model_cache_dir": str(model_cache), "state_path": str(tmp_path / "state" / "state.sqlite3"),
-                    "default_model": "builtin:tiny-sd", **overrides}
-        worker = ProcessingWorker(WorkerConfig.model_validate(settings))
-        made.append(worker)
-        return worker
-
-    yield open_worker
-    for worker in made:
-        worker.close(timeout=30)
 
 
 def submit_batch(worker: ProcessingWorker, batch_id: str, background: bool = True) -> dict:

@@ -71,6 +71,16 @@ def warm(worker, remote) -> None:
     wait_for(lambda: remote.status()["loaded_models"], 180, "the fresh actor loads the model")
 
 
+def back_on_the_head(worker, remote) -> dict:
+    """Once reconnected: the fresh actor ready and warm, a batch runs with it taking a share."""
+    wait_for(lambda: remote.node_id is not None, 180, "a fresh actor is ready")
+    warm(worker, remote)
+    before = remote.counters.images_done
+    batch(worker, "back", 950, steps=4)
+    return {"back": settled(worker, "back"), "actor_took_work_again": remote.counters.images_done > before,
+            "cluster_at_end": worker.get_status()["device"]["cluster"]}
+
+
 def worker_on(model_cache: str, address: str, local_devices: bool) -> ProcessingWorker:
     return ProcessingWorker(WorkerConfig.model_validate({
         "model_cache_dir": model_cache, "workflows_dir": None, "state_path": ":memory:",
@@ -97,13 +107,7 @@ def private_rounds(model_cache: str, rounds: int) -> int:
             seen["rounds"].append({"out_on_actor_at_kill": out, **settled(worker, f"round-{round}")})
             wait_for(lambda: worker.get_status()["device"]["cluster"]["state"] == "connected", 180, "reconnected")
         print(json.dumps({"head_pgid": connection.head.process.pid}), flush=True)
-        wait_for(lambda: remote.node_id is not None, 180, "the last actor is ready")
-        warm(worker, remote)
-        before = remote.counters.images_done
-        batch(worker, "back", 950, steps=4)
-        seen["back"] = settled(worker, "back")
-        seen["actor_took_work_again"] = remote.counters.images_done > before
-        seen["cluster_at_end"] = worker.get_status()["device"]["cluster"]
+        seen |= back_on_the_head(worker, remote)
     finally:
         seen["closed"] = worker.close(timeout=60)["success"]
         print(json.dumps(seen), flush=True)
@@ -147,13 +151,7 @@ def main(argv: list[str]) -> int:
 
         head = start_head(head.port)
         wait_for(lambda: worker.get_status()["device"]["cluster"]["state"] == "connected", 180, "reconnected")
-        wait_for(lambda: remote.node_id is not None, 180, "a fresh actor is ready")
-        warm(worker, remote)
-        before = remote.counters.images_done
-        batch(worker, "back", 950, steps=4)
-        seen["back"] = settled(worker, "back")
-        seen["actor_took_work_again"] = remote.counters.images_done > before
-        seen["cluster_at_end"] = worker.get_status()["device"]["cluster"]
+        seen |= back_on_the_head(worker, remote)
     finally:
         seen["closed"] = worker.close(timeout=60)["success"]
         head.stop()
