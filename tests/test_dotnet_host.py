@@ -211,6 +211,18 @@ def test_tokens_progress_from_the_board_and_typed_errors_from_csharp(host_build,
     assert "async checks passed" in result.stdout and "CHECK FAILED" not in result.stdout
 
 
+def test_the_service_lifetime_starts_off_the_callers_thread_and_stops_bounded(host_build, runtime, model_cache):
+    """EmbeddedWorkerService as a host drives it: a cancelled start starts nothing, a stop whose token fired returns
+    while the shutdown goes on, a second stop waits for it."""
+    result = run_host(host_build, model_cache, "--service-lifetime", runtime=runtime, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "service lifetime checks passed" in result.stdout and "CHECK FAILED" not in result.stdout
+    assert "cancelled start: Canceled, worker none" in result.stdout
+    facts = dict(re.findall(r"(\w+)=(\S+)", result.stdout.split("service lifetime: ", 1)[1].splitlines()[0]))
+    assert facts["session"] == "completed" and facts["after_stop"] == "unavailable"
+    assert {"start_returned_ms", "start_ms", "stop_with_fired_token_returned_ms", "stop_ms"} <= facts.keys()
+
+
 def test_the_library_never_asks_pythonnet_for_a_buffer():
     """pythonnet 3.2.1's GetBuffer(... | PyBUF.FORMATS) aborts a CoreCLR process: buffers go through BufferLease."""
     for source in (HOST / "lib").rglob("*.cs"):
