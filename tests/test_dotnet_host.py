@@ -212,8 +212,9 @@ def test_tokens_progress_from_the_board_and_typed_errors_from_csharp(host_build,
 
 
 def test_the_service_lifetime_starts_off_the_callers_thread_and_stops_bounded(host_build, runtime, model_cache):
-    """EmbeddedWorkerService as a host drives it: a cancelled start starts nothing, a stop whose token fired returns
-    while the shutdown goes on, a second stop waits for it."""
+    """EmbeddedWorkerService as a host drives it: a cancelled start leaves nothing running (cancelled before, or
+    during the start: its own process), a stop whose token fired returns while the shutdown goes on, a second stop
+    waits for it."""
     result = run_host(host_build, model_cache, "--service-lifetime", runtime=runtime, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "service lifetime checks passed" in result.stdout and "CHECK FAILED" not in result.stdout
@@ -221,6 +222,10 @@ def test_the_service_lifetime_starts_off_the_callers_thread_and_stops_bounded(ho
     facts = dict(re.findall(r"(\w+)=(\S+)", result.stdout.split("service lifetime: ", 1)[1].splitlines()[0]))
     assert facts["session"] == "completed" and facts["after_stop"] == "unavailable"
     assert {"start_returned_ms", "start_ms", "stop_with_fired_token_returned_ms", "stop_ms"} <= facts.keys()
+    midway = run_host(host_build, model_cache, "--service-lifetime", "--cancel-during-start", runtime=runtime,
+                      timeout=600)
+    assert midway.returncode == 0, midway.stdout[-3000:] + midway.stderr[-3000:]
+    assert "cancel during start: Canceled, worker none, shut down True, interpreter initialized False" in midway.stdout
 
 
 def test_the_library_never_asks_pythonnet_for_a_buffer():

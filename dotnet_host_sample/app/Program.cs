@@ -9,7 +9,7 @@
 //   run.sh --check-async                                 AsyncChecks.cs
 //   run.sh --leak-test THREADS                           LeakTest.cs
 //   run.sh --hold-batch ID [--items N]                   CrashTestHost.cs
-//   run.sh --service-lifetime                            ServiceLifetime.cs (starts Python itself)
+//   run.sh --service-lifetime [--cancel-during-start]    ServiceLifetime.cs (starts Python itself)
 using System;
 using System.Diagnostics;
 using EmbeddedWorker;
@@ -26,7 +26,9 @@ namespace EmbeddedWorkerHost
             var clock = Stopwatch.StartNew();
             RuntimeStartMs = (DateTime.Now - Process.GetCurrentProcess().StartTime).TotalMilliseconds;
             Console.WriteLine("host runtime: " + DotNetRuntime.Name + " (" + DotNetRuntime.Description + ")");
-            if (Array.IndexOf(args, "--service-lifetime") >= 0) return ServiceLifetime.Run(Option(args, "--venv"));
+            if (Array.IndexOf(args, "--service-lifetime") >= 0)
+                return Array.IndexOf(args, "--cancel-during-start") >= 0 ? ServiceLifetime.CancelDuringStart(Option(args, "--venv"))
+                                                                        : ServiceLifetime.Run(Option(args, "--venv"));
             PythonRuntime runtime;
             try
             {

@@ -5,6 +5,10 @@
 // token that has fired returns while the shutdown goes on, and a second
 // StopAsync waits for that shutdown to end. Prints what it measured, one line
 // per failed check, and "service lifetime checks passed" when none failed.
+// With `--cancel-during-start` (its own process: a cancelled start shuts
+// Python down, and it does not start twice in one process) the token fires
+// while the interpreter is starting: the start ends cancelled, no worker, the
+// interpreter shut down again.
 using System;
 using System.Diagnostics;
 using System.Globalization;
@@ -15,6 +19,22 @@ namespace EmbeddedWorkerHost
 {
     public static class ServiceLifetime
     {
+        public static int CancelDuringStart(string venvPath)
+        {
+            var service = new EmbeddedWorkerService(venvPath);
+            var source = new CancellationTokenSource();
+            var starting = service.StartAsync(source.Token);
+            source.Cancel();  // the interpreter's start takes seconds: this lands inside it
+            try { starting.Wait(); } catch (AggregateException) { }
+            bool held = starting.IsCanceled && service.Worker == null && service.Stopped.IsCompleted
+                        && !Python.Runtime.PythonEngine.IsInitialized;
+            Console.WriteLine("cancel during start: " + starting.Status + ", worker " + (service.Worker == null ? "none" : "made")
+                              + ", shut down " + service.Stopped.IsCompleted + ", interpreter initialized "
+                              + Python.Runtime.PythonEngine.IsInitialized);
+            Console.WriteLine(held ? "service lifetime checks passed" : "CHECK FAILED: a start cancelled midway left something running");
+            return held ? 0 : 1;
+        }
+
         public static int Run(string venvPath)
         {
             int failed = 0;

@@ -24,7 +24,7 @@ namespace EmbeddedWorker
 {
     public sealed class EmbeddedWorkerService : IDisposable
     {
-        readonly object gate = new object();
+        readonly object gate = new object();  // guards `lifetime` and the stop request against a racing start
         readonly string venvPath;
         readonly WorkerOptions options;
         readonly TaskCompletionSource<bool> ready = new TaskCompletionSource<bool>();
