@@ -378,7 +378,7 @@ def test_a_lost_head_leaves_the_process_up_and_its_images_finish_here(model_cach
         assert (cluster["state"], cluster["head_losses"]) == ("lost", 1), cluster
     assert seen["later"] == {"accepted": True, "status": "completed", "error_code": None}  # past Ray's limit
     assert seen["status_still_answers"]
-    assert seen["back"]["status"] == "completed" and seen["back"]["seeds"] == list(range(950, 958))
+    assert seen["back"]["status"] == "completed" and seen["back"]["seeds"] == list(range(950, 966))
     assert seen["actor_took_work_again"]
     assert (seen["cluster_at_end"]["state"], seen["cluster_at_end"]["reconnects"]) == ("connected", 1)
     assert seen["closed"]
@@ -393,7 +393,7 @@ def test_without_local_devices_a_lost_head_answers_unavailable_until_it_is_back(
     assert seen["cluster_after_cut"]["state"] == "lost"
     assert seen["later"]["error_code"] == "unavailable", seen["later"]  # refused, not left waiting
     assert seen["status_still_answers"]
-    assert seen["back"]["status"] == "completed" and seen["back"]["seeds"] == list(range(950, 958))
+    assert seen["back"]["status"] == "completed" and seen["back"]["seeds"] == list(range(950, 966))
     assert seen["actor_took_work_again"] and seen["cluster_at_end"]["state"] == "connected"
     assert seen["closed"]
 

@@ -44,9 +44,9 @@ def start_head(port: int | None = None) -> LocalRayHead:
     return head
 
 
-def batch(worker, batch_id: str, seed: int, steps: int) -> None:
+def batch(worker, batch_id: str, seed: int, steps: int, images: int = 8) -> None:
     reply = worker.execute_batch(batch_id=batch_id, workflow_id="img-generation-basic", background=True,
-                                 parameters={**SMALL, "steps": steps, "seed": seed, "total_images": 8})
+                                 parameters={**SMALL, "steps": steps, "seed": seed, "total_images": images})
     assert reply["success"], reply
 
 
@@ -76,7 +76,7 @@ def back_on_the_head(worker, remote) -> dict:
     wait_for(lambda: remote.node_id is not None, 180, "a fresh actor is ready")
     warm(worker, remote)
     before = remote.counters.images_done
-    batch(worker, "back", 950, steps=4)
+    batch(worker, "back", 950, steps=10, images=16)  # more than the local device admits at once: both take some
     return {"back": settled(worker, "back"), "actor_took_work_again": remote.counters.images_done > before,
             "cluster_at_end": worker.get_status()["device"]["cluster"]}
 
