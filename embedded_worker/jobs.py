@@ -78,10 +78,15 @@ class Job:
 
     # ---- RunOwner: what the run reports; each change checks, under the book's lock, that the run is current ----
 
-    def run_running(self, run: WorkflowRun) -> None:
+    def _move_if_current(self, run: WorkflowRun, target: str, error: str | None = None,
+                         details: dict | None = None) -> bool:
+        """The record's move for `run`'s report, taken only while `run` is its current run (checked with the
+        move, under the book's lock: a restart cannot come in between)."""
         with self.service.book.locked():
-            if run is self.run:
-                self.service.book.transition(self.record, RUNNING)  # refused unless pending: the state machine decides
+            return run is self.run and self.service.book.transition(self.record, target, error, details)
+
+    def run_running(self, run: WorkflowRun) -> None:
+        self._move_if_current(run, RUNNING)  # refused unless pending: the state machine decides
 
     def run_off_device(self, run: WorkflowRun) -> None:
         """Its images left the device: a crash from now on is not theirs."""
@@ -95,24 +100,17 @@ class Job:
             self.service.on_progress(self)
 
     def run_paused(self, run: WorkflowRun) -> None:
-        with self.service.book.locked():
-            if run is self.run:
-                self.service.book.transition(self.record, PAUSED)
+        self._move_if_current(run, PAUSED)
 
     def run_finished(self, run: WorkflowRun, images: list[StepImage], error: WorkerError | None) -> None:
         if run is not self.run:
             return
         record, book = self.record, self.service.book
         if error is not None:
-            with book.locked():
-                if run is not self.run:
-                    return
-                if error.code == "cancelled":
-                    book.transition(record, CANCELLED)
-                    return
-                failed = book.transition(record, FAILED, error.message,
-                                         {"error_code": error.code, "details": error.details})
-            if failed:
+            if error.code == "cancelled":
+                self._move_if_current(run, CANCELLED)
+            elif self._move_if_current(run, FAILED, error.message, {"error_code": error.code,
+                                                                     "details": error.details}):
                 log.warning("%s failed (%s): %s", record.label(), error.code, error.message)
             return
         outputs = self.service.outputs
@@ -123,10 +121,7 @@ class Job:
         except Exception as failure:  # an unwritable folder fails the work; nothing claims success
             log.error("%s: outputs could not be written: %s", record.label(), failure)
             outputs.discard(kept)
-            with book.locked():
-                if run is self.run:
-                    book.transition(record, FAILED, f"outputs could not be written: {failure}",
-                                    {"error_code": "internal"})
+            self._move_if_current(run, FAILED, f"outputs could not be written: {failure}", {"error_code": "internal"})
             return
         with book.locked():  # a cancel, delete or restart in between wins, whole
             completed = run is self.run

@@ -156,10 +156,7 @@ class OutputStore:
             for buffer in released:
                 del self._outputs[buffer.output_id]
         rows = self.store.remove_outputs(owner_id, item_id) if self.store is not None else []
-        paths = [row["raw_path"] for row in rows] + [b.path for b in released if b.path and delete_files]
-        paths += [row["file_path"] for row in rows if delete_files]
-        for path in {p for p in paths if p}:
-            Path(path).unlink(missing_ok=True)
+        _remove_files(rows, released, delete_files)
         return released
 
     def discard(self, buffers: list[OutputBuffer]) -> None:
@@ -170,9 +167,7 @@ class OutputStore:
                 self._outputs.pop(buffer.output_id, None)
         ids = [buffer.output_id for buffer in buffers]
         rows = self.store.remove_output_ids(ids) if self.store is not None and ids else []
-        paths = [row["raw_path"] for row in rows] + [row["file_path"] for row in rows] + [b.path for b in buffers]
-        for path in {p for p in paths if p}:
-            Path(path).unlink(missing_ok=True)
+        _remove_files(rows, buffers, delete_files=True)
 
     def sweep_unowned(self) -> dict:
         """Call at a start, before any work runs: what no stored row owns goes (see the module notes)."""
@@ -224,3 +219,12 @@ class OutputStore:
     def release_input(self, input_id: str) -> bool:
         with self._lock:
             return self._inputs.pop(input_id, None) is not None
+
+
+def _remove_files(rows: list[dict], buffers: list[OutputBuffer], delete_files: bool) -> None:
+    """The files of forgotten outputs: raw pixels always, image files unless `delete_files` is false."""
+    paths = [row["raw_path"] for row in rows]
+    if delete_files:
+        paths += [row["file_path"] for row in rows] + [buffer.path for buffer in buffers]
+    for path in {p for p in paths if p}:
+        Path(path).unlink(missing_ok=True)
