@@ -13,6 +13,7 @@ import torch
 
 from .common import median
 from .worker_bench import PROMPT, make_worker, raw_pipeline_rate
+from embedded_worker import testing
 
 STEPS = 20
 
@@ -44,7 +45,7 @@ def sequential_rate(worker, sessions: int, seed: int) -> float:
 def coalescing_rows(model_cache: str, pipe, rounds: int) -> tuple[list[dict], dict]:
     worker = make_worker(model_cache, max_batch_size=8)
     try:
-        forwards_before = worker._engine.pool.workers[0].counters.forwards
+        forwards_before = testing.device_workers(worker)[0].counters.forwards
         concurrent_rate(worker, 8, 0)  # warm
         raw_pipeline_rate(pipe, 8, STEPS, 1)
         together, alone, raw = [], [], []
@@ -52,7 +53,7 @@ def coalescing_rows(model_cache: str, pipe, rounds: int) -> tuple[list[dict], di
             together.append(concurrent_rate(worker, 8, 100 * index))
             alone.append(sequential_rate(worker, 8, 100 * index))
             raw += raw_pipeline_rate(pipe, 8, STEPS, 1)
-        forwards = worker._engine.pool.workers[0].counters.forwards - forwards_before
+        forwards = testing.device_workers(worker)[0].counters.forwards - forwards_before
     finally:
         worker.close(30)
     coalesced, one_by_one, raw_batch = median(together), median(alone), median(raw)

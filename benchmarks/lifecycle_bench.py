@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from embedded_worker import ProcessingWorker
+from embedded_worker import ProcessingWorker, testing
 
 from .common import median, percentiles, table
 from .worker_bench import MODEL, PROMPT, make_worker
@@ -180,7 +180,7 @@ def _wait_until(condition, timeout: float = 60.0) -> None:
 def _device_idle(worker: ProcessingWorker, timeout: float = 60.0) -> None:
     """Until the device runs no image: a final status can come before the device's step boundary that
     takes a cancelled image off, and one more forward of it would fall into the next round's record."""
-    device = worker._engine.pool.workers[0]
+    device = testing.device_workers(worker)[0]
     deadline = time.monotonic() + timeout
     while device.call(lambda w: getattr(w, "active_images", 0)).result(timeout=timeout):
         assert time.monotonic() < deadline, "the device never went idle"
@@ -189,7 +189,7 @@ def _device_idle(worker: ProcessingWorker, timeout: float = 60.0) -> None:
 
 def join_round(worker: ProcessingWorker, recorder: ForwardRecorder, seed: int) -> dict:
     """An anchor runs; eight sessions are queued while the device is held in a forward, then join at once."""
-    queue = getattr(worker._engine.pool.workers[0], "queue", None)
+    queue = getattr(testing.device_workers(worker)[0], "queue", None)
     recorder.clear()
     anchor = _submit(worker, seed, ANCHOR_STEPS)
     _wait_until(lambda: len(recorder.forwards) >= 3)
@@ -231,12 +231,12 @@ def lifecycle_rows(model_cache: str, rounds: int = 6) -> tuple[list[dict], dict]
     with tempfile.TemporaryDirectory(prefix="ew-lifecycle-") as folder:
         worker = make_worker(model_cache, state_path=f"{folder}/state.sqlite3", max_batch_size=MAX_BATCH,
                              coalesce_wait_ms=COALESCE_WAIT_MS)
-        store = worker._engine.store
+        store = testing.state_store(worker)
         counter = CountingConnection(store._db)
         store._db = counter
         recorder = None
         try:
-            device = worker._engine.pool.workers[0]
+            device = testing.device_workers(worker)[0]
             unet = device.call(lambda w: w.pipeline(MODEL)[0].unet).result(timeout=120)
             recorder = ForwardRecorder(unet, counter)
             join_round(worker, recorder, 10_000)  # warm: model, prompt cache, learned forward times

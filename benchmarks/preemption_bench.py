@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 
 from .common import RESULTS, median, table, write_results
 
@@ -64,7 +64,7 @@ def _wait_final(worker: ProcessingWorker, batch_id: str) -> None:
 
 
 def _device(worker: ProcessingWorker):
-    return worker._engine.pool.workers[0]
+    return testing.device_workers(worker)[0]
 
 
 def scenario(worker: ProcessingWorker, priority: int | None, tag: str) -> dict:

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 from embedded_worker import engine as engine_module
 from embedded_worker.retention import Retention
 from embedded_worker.state import ADDED, COMPLETED, SessionRecord
@@ -96,8 +96,7 @@ def prune_storm(model_cache: str, rows: int, max_finished: int) -> dict:
                                             parameters={"prompt": PROMPT, "steps": 1, "seed": 1, "model": MODEL})
             session_s = time.perf_counter() - began
             assert reply["status"] == "completed", reply
-            book = worker._engine.book
-            while len(book.sessions) > max_finished:
+            while len(testing.session_ids(worker)) > max_finished:
                 time.sleep(0.05)
             pruned_s = time.perf_counter() - started
         finally:

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 from embedded_worker.diffusion.models import ModelCatalog, load_pipeline
 
 from .common import median, percentiles
@@ -145,7 +145,7 @@ def _time_output_writes(worker: ProcessingWorker, count: int = 50) -> float:
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)
     started = time.perf_counter()
     for _ in range(count):
-        worker._engine.outputs.add("bench-writes", pixels, metadata={"prompt": PROMPT})
+        testing.output_store(worker).add("bench-writes", pixels, metadata={"prompt": PROMPT})
     elapsed = (time.perf_counter() - started) / count
-    worker._engine.outputs.release("bench-writes")
+    testing.output_store(worker).release("bench-writes")
     return elapsed

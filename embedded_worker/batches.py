@@ -8,7 +8,7 @@ Design notes
   off), sized by memory and shrunk on out-of-memory without losing any.
 - The batch itself is a view (`batch_view`): its status, times, counts,
   progress and ETA are derived from its items. Batch controls fan out to
-  the items through the job service.
+  the items through the job service, in one message to the lifecycle loop.
 - A batch ends `completed` only when every item completed. Otherwise it ends
   `failed` and says which items failed and why; `retry` re-runs exactly
   those. The bare request the existing C# client sends (no items) becomes
@@ -35,7 +35,8 @@ from .outputs import OutputStore
 from .planning import Planner, RunPlan
 from .protocol import BatchConfiguration, ControlBatchRequest, DeleteBatchRequest, ExecuteBatchRequest, iso, ok, parse
 from .runner import WorkflowRun
-from .state import COMPLETED, FAILED, FINAL, PAUSED, PENDING, RUNNING, BatchRecord, ItemRecord, StateBook
+from .lifecycle_loop import LifecycleLoop
+from .state import COMPLETED, FAILED, FINAL, PAUSED, PENDING, RUNNING, BatchRecord, ItemRecord, StateBook, WorkState
 from .store import StateStore
 from .workflows.catalog import WorkflowCatalog
 
@@ -44,9 +45,10 @@ log = logging.getLogger("embedded_worker.batches")
 
 
 class BatchService:
-    def __init__(self, book: StateBook, store: StateStore, jobs: JobService, intake: Intake, planner: Planner,
-                 workflows: WorkflowCatalog, outputs: OutputStore, pool: DevicePool):
+    def __init__(self, book: StateBook, loop: LifecycleLoop, store: StateStore, jobs: JobService, intake: Intake,
+                 planner: Planner, workflows: WorkflowCatalog, outputs: OutputStore, pool: DevicePool):
         self.book = book
+        self.loop = loop
         self.store = store
         self.jobs = jobs
         self.intake = intake
@@ -63,7 +65,7 @@ class BatchService:
         existing = self._find(batch_id)
         record = self._create(batch_id, request) if existing is None else existing
         if not request.background:
-            self.intake.wait_final(record, lambda: batch_view.status(self.items(record)) in FINAL, self.items(record))
+            self.intake.wait_final(record, lambda: batch_view.status(self.items(record)) in FINAL)
         reply = self.describe(record, include_items=False)
         reply["duplicate"] = existing is not None
         return reply
@@ -96,26 +98,24 @@ class BatchService:
             item_ids=[f"{batch_id}/{item_id}" for item_id, _ in items],
         )
         sizing = BatchSizing.for_configuration(batch_id, configuration)
-        jobs = []
-        try:
-            with self.book.locked():
-                existing = self.book.batches.get(batch_id)
-                if existing is not None:
-                    return existing
-                self.intake.check_capacity(len(items))
-                self.book.require_free_id(record, record.item_ids)
-                members = [ItemRecord(id=record_id, priority=request.priority, batch_id=batch_id, item_id=item_id,
-                                      index=index, parameters=values, seed=values.get("seed"))
-                           for index, (record_id, (item_id, values)) in enumerate(zip(record.item_ids, items))]
-                self.store.add_records([record, *members])  # refused here, nothing of it stays
-                self.book.add(record)
-                log.info("Batch '%s' accepted: %d item(s) of %s", batch_id, len(items), workflow.id)
-                jobs = [self.jobs.admit(member, plan, sizing) for member, plan in zip(members, plans)]
-        except Exception:
-            if not jobs:
-                raise
-            log.exception("Batch '%s' is stored and runs, but a later write of its state failed", batch_id)
-        self.jobs.launch(jobs)
+        members = [ItemRecord(id=record_id, priority=request.priority, batch_id=batch_id, item_id=item_id,
+                              index=index, parameters=values, seed=values.get("seed"))
+                   for index, (record_id, (item_id, values)) in enumerate(zip(record.item_ids, items))]
+        return self.loop.call(self._accept, record, members, plans, sizing)
+
+    def _accept(self, record: BatchRecord, members: list[ItemRecord], plans: list[RunPlan],
+                sizing: BatchSizing) -> BatchRecord:
+        """On the loop: the batch and its items join and start together, unless one with its id came first
+        (that one is the answer)."""
+        existing = self.book.batches.get(record.id)
+        if existing is not None:
+            return existing
+        self.intake.check_capacity(len(members))
+        self.book.require_free_id(record, record.item_ids)
+        self.store.add_records([record, *members])  # refused here, nothing of it stays
+        self.book.add(record)
+        log.info("Batch '%s' accepted: %d item(s) of %s", record.id, len(members), record.workflow_id)
+        self.jobs.launch([self.jobs.admit(member, plan, sizing) for member, plan in zip(members, plans)])
         return record
 
     def _item_parameters(self, request: ExecuteBatchRequest, parameters: dict, total: int) -> list[tuple[str, dict]]:
@@ -169,8 +169,7 @@ class BatchService:
 
     def current_metrics(self) -> dict:
         """The batch manager's figures now, summed over every batch it holds: what `metrics` says of one."""
-        with self.book.lock:
-            records = list(self.book.batches.values())
+        records = list(self.book.batches.values())
         per_batch = [self.describe(record, include_items=False) for record in records]
         metrics = [reply["metrics"] for reply in per_batch]
         completed = sum(m["completed_batches"] for m in metrics)
@@ -196,37 +195,50 @@ class BatchService:
 
     def control(self, request: ControlBatchRequest) -> dict:
         verb = request.action
-        jobs = self.jobs
-        with jobs.control_lock:
-            record = self.record(request.batch_id)
-            items = self.items(record)
-            status = batch_view.status(items)
-            allowed = {"pause": (PENDING, RUNNING), "resume": (PAUSED,), "cancel": (PENDING, RUNNING, PAUSED)}
-            if verb in allowed and status not in allowed[verb]:
-                raise InvalidState(f"{record.label()} cannot {verb} in current status: {status}")
-            if verb == "retry":
-                self._retry(record, items)
-            else:
-                act = {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel}[verb]
-                for item in items:
-                    act(jobs.job(item.id))
-        if verb == "pause":  # outside the lock: other controls may come while the step boundary nears
-            self.book.wait_until(lambda: batch_view.status(self.items(record)) not in (PENDING, RUNNING),
-                                 PAUSE_WAIT_SECONDS)
+        record = self.record(request.batch_id)
+        plans = self._retry_plans(record) if verb == "retry" else {}
+        self.loop.call(self._control, record, verb, plans)
+        if verb == "pause":  # one step boundary away; other controls may come meanwhile
+            self.loop.wait_for(lambda: not any(item.state is WorkState.PAUSING for item in self.items(record)),
+                               PAUSE_WAIT_SECONDS)
         reply = self.describe(record, request.include_items)
         reply["action"] = verb
         return reply
 
-    def _retry(self, record: BatchRecord, items: list[ItemRecord]) -> None:
-        failed = [item for item in items if item.status == FAILED]
-        if not failed:
-            status = batch_view.status(items)
-            raise InvalidState(f"{record.label()} has no failed items to retry (status: {status})")
-        unplanned = [item for item in failed if self.jobs.job(item.id).plan is None]  # restored from the store
+    def _control(self, record: BatchRecord, verb: str, plans: dict[str, RunPlan]) -> None:
+        """On the loop: decided on the batch's status now, done to every item in the same message."""
+        jobs = self.jobs
+        if self.book.batches.get(record.id) is not record:
+            raise NotFound(f"Batch '{record.id}' not found")
+        items = self.items(record)
+        status = batch_view.status(items)
+        allowed = {"pause": (PENDING, RUNNING), "resume": (PAUSED,), "cancel": (PENDING, RUNNING, PAUSED)}
+        if verb in allowed and status not in allowed[verb]:
+            raise InvalidState(f"{record.label()} cannot {verb} in current status: {status}")
+        if verb == "retry":
+            self._retry(record, items, plans)
+            return
+        act = {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel}[verb]
+        for item in items:
+            act(jobs.job(item.id))
+
+    def _retry_plans(self, record: BatchRecord) -> dict[str, RunPlan]:
+        """Off the loop: failed items restored from the store have no plan; they are planned again here."""
+        unplanned = [item for item in self.items(record)
+                     if item.status == FAILED and self.jobs.job(item.id).plan is None]
         plans = self.recovery_plans(record, unplanned)[1] if unplanned else {}
         for plan in plans.values():
             if isinstance(plan, WorkerError):
                 raise plan
+        return plans
+
+    def _retry(self, record: BatchRecord, items: list[ItemRecord], plans: dict[str, RunPlan]) -> None:
+        failed = [item for item in items if item.status == FAILED]
+        if not failed:
+            status = batch_view.status(items)
+            raise InvalidState(f"{record.label()} has no failed items to retry (status: {status})")
+        if any(self.jobs.job(item.id).plan is None and item.id not in plans for item in failed):
+            raise InvalidState(f"{record.label()} changed while its retry was planned; retry again")
         if batch_view.status(items) in FINAL:
             record.attempt += 1
             self.book.update(record)
@@ -234,19 +246,23 @@ class BatchService:
             self.jobs.restart(self.jobs.job(item.id), plans.get(item.id))
 
     def delete(self, request: DeleteBatchRequest) -> dict:
-        with self.jobs.control_lock:
-            record = self.record(request.batch_id)
-            jobs = [job for job in map(self.jobs.job, record.item_ids) if job is not None]
-            released = self.jobs.delete(record.id, jobs, request.delete_files)
-            self.book.remove(record)
-            self.pool.forget(record.id)
+        record = self.record(request.batch_id)
+        released = self.loop.call(self._delete, record, request.delete_files)
         return ok(batch_id=record.id, deleted=True, released_outputs=len(released))
+
+    def _delete(self, record: BatchRecord, delete_files: bool) -> list[dict]:
+        if self.book.batches.get(record.id) is not record:
+            raise NotFound(f"Batch '{record.id}' not found")
+        jobs = [job for job in map(self.jobs.job, record.item_ids) if job is not None]
+        released = self.jobs.delete(record.id, jobs, delete_files)
+        self.book.remove(record)
+        self.pool.forget(record.id)
+        return released
 
     # ---- replies ---------------------------------------------------------------------------
 
     def _find(self, batch_id: str) -> BatchRecord | None:
-        with self.book.lock:
-            return self.book.batches.get(batch_id)
+        return self.book.batches.get(batch_id)
 
     def record(self, batch_id: str) -> BatchRecord:
         """The batch `batch_id` names; NotFound when there is none."""
@@ -256,8 +272,8 @@ class BatchService:
         return record
 
     def items(self, record: BatchRecord) -> list[ItemRecord]:
-        with self.book.lock:
-            return [self.book.items[i] for i in record.item_ids if i in self.book.items]
+        items = self.book.items
+        return [item for item in map(items.get, record.item_ids) if item is not None]
 
     def figures(self, record: BatchRecord, items: list[ItemRecord] | None = None) -> dict:
         """Counts, progress (0-100), pace and ETA: what the status reply, the board and trackers show."""

@@ -1,6 +1,7 @@
 """Engine: everything behind the facade, wired once.
 
-State (StateBook and its store), catalogs (models, workflows), pixel buffers
+The lifecycle loop (the one thread that writes work state), state
+(StateBook and its store), catalogs (models, workflows), pixel buffers
 (OutputStore), the device side (DevicePool) and the CPU pool for
 postprocessing; over them the job service (one lifecycle for sessions and
 batch items), the session and batch services (requests in, replies out)
@@ -26,6 +27,7 @@ from .diffusion.offline import set_offline_environment
 from .errors import NotFound
 from .intake import Intake
 from .jobs import Job, JobService
+from .lifecycle_loop import LifecycleLoop
 from .outputs import OutputStore
 from .planning import Planner
 from .progress_board import ProgressBoard
@@ -54,10 +56,15 @@ class Engine:
             if cluster is not None:
                 cluster.close()  # the driver's actors end with its connection; a private head stops
             self.store.close()  # a worker that never started must not keep the state file locked
+            if hasattr(self, "loop"):
+                self.loop.stop()
             raise
 
     def _start(self, config: WorkerConfig, probe_factory: ProbeFactory) -> None:
-        self.book = StateBook()
+        self.loop = LifecycleLoop()
+        self.book = StateBook(self.loop)
+        self.loop.after_each = self.book.emit
+        self.loop.start()
         self.board = ProgressBoard(config.board_slots)
         self.models = ModelCatalog(config.models, config.resolved_model_cache_dir)
         self.workflows = WorkflowCatalog(config.workflows_dir, model_known=self._model_known)
@@ -65,20 +72,20 @@ class Engine:
                                    self.store if self.store.durable else None)
         self.planner = Planner(config, self.models, self.outputs)
         self.cpu = ThreadPoolExecutor(config.scheduling.cpu_threads, thread_name_prefix="ew-post")
-        self.pool = DevicePool(config, self.models, mark_on_device=self._mark_on_device,
+        self.pool = DevicePool(config, self.models, events=self.loop, mark_on_device=self._mark_on_device,
                                probe_factory=probe_factory)
         if config.cluster.address is not None:  # Ray is imported only here, and only then
             from .cluster.join import join_cluster
 
             join_cluster(self.pool)
-        self.jobs = JobService(self.book, self.pool, self.cpu, self.outputs, self.store, self.models.native_size,
-                               on_progress=self._progressed)
-        self.intake = Intake(self.book, self.jobs, self.pool, config.limits.max_queued_work, config.limits.max_items,
-                             config.scheduling.max_batch_size, self.models.native_size)
-        self.sessions = SessionService(self.book, self.store, self.jobs, self.intake, self.planner, self.workflows,
-                                       self.outputs)
-        self.batches = BatchService(self.book, self.store, self.jobs, self.intake, self.planner, self.workflows,
-                                    self.outputs, self.pool)
+        self.jobs = JobService(self.book, self.loop, self.pool, self.cpu, self.outputs, self.store,
+                               self.models.native_size, on_progress=self._progressed)
+        self.intake = Intake(self.book, self.loop, self.jobs, self.pool, config.limits.max_queued_work,
+                             config.limits.max_items, config.scheduling.max_batch_size, self.models.native_size)
+        self.sessions = SessionService(self.book, self.loop, self.store, self.jobs, self.intake, self.planner,
+                                       self.workflows, self.outputs)
+        self.batches = BatchService(self.book, self.loop, self.store, self.jobs, self.intake, self.planner,
+                                    self.workflows, self.outputs, self.pool)
         self.feed = ProgressFeed(self.board, self.book, self.jobs, self.batches, self.cpu)
         self.retention = Retention(config.retention, self.book, self.sessions, self.batches, self.cpu,
                                    self.intake.closing)
@@ -87,8 +94,8 @@ class Engine:
         self._close_lock = threading.Lock()  # a racing second close waits for the first
         self.pool.start()
         self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
-        self.recovery_report = restore(self.store, self.outputs, self.book, self.jobs, self.sessions,
-                                       self.batches, config.recovery)
+        self.recovery_report = self.loop.call(restore, self.store, self.outputs, self.book, self.jobs,
+                                              self.sessions, self.batches, config.recovery)
         self.retention.start()
 
     def _model_known(self, model_id: str) -> bool:
@@ -108,8 +115,7 @@ class Engine:
 
     def status(self) -> dict:
         pool = self.pool.status()
-        with self.book.lock:
-            batches = list(self.book.batches.values())
+        batches = list(self.book.batches.values())
         batch_statuses = [batch_view.status(self.batches.items(b)) for b in batches]
         return {
             "device": {"devices": pool["workers"], "memory": pool["memory"]} | (
@@ -143,13 +149,14 @@ class Engine:
             self.intake.closing.set()
             deadline = time.monotonic() + timeout
             if pending == "finish":
-                self.book.wait_until(self._all_final, timeout)
+                self.loop.wait_for(self._all_final, timeout)
             if pending == "cancel":
-                self.jobs.cancel_all("the worker closed")
-            else:
-                self.book.freeze()  # what is still unfinished stays as stored, to resume at the next start
+                self.loop.call(self.jobs.cancel_all, "the worker closed")
+            else:  # what is still unfinished stays as stored, to resume at the next start
+                self.loop.call(self.book.freeze)
             stopped = self.pool.close(max(0.0, deadline - time.monotonic()), STOP_GRACE_SECONDS)
             self.cpu.shutdown(wait=True, cancel_futures=True)
+            self.loop.stop()  # what the devices and the CPU pool told last is applied first
             if stopped:
                 self.store.forget_starts()
                 self.store.close()
@@ -162,5 +169,4 @@ class Engine:
         return not any(worker.thread.is_alive() for worker in self.pool.workers)
 
     def _all_final(self) -> bool:
-        with self.book.lock:
-            return all(r.status in FINAL for r in [*self.book.sessions.values(), *self.book.items.values()])
+        return all(r.status in FINAL for r in [*self.book.sessions.values(), *self.book.items.values()])

@@ -1,9 +1,9 @@
 """Intake: what every new session or batch passes, and what its caller may wait for or be told to expect.
 
 The worker must be open, the queue must have room (sessions and batch items
-count alike, checked and taken under the book's lock so concurrent submits
-never pass it together), and the models' native sizes are known before any
-lock is taken (a first model build may take a while). A `background: false`
+count alike, checked and taken in one message to the lifecycle loop so
+concurrent submits never pass it together), and the models' native sizes
+are known before that message (a first model build may take a while). A `background: false`
 caller waits here for its work to end; estimates come from measured step
 times.
 """
@@ -16,14 +16,16 @@ from typing import Callable
 from .diffusion.device_pool import DevicePool
 from .errors import ResourceExhausted, Unavailable
 from .jobs import JobService
+from .lifecycle_loop import LifecycleLoop
 from .planning import RunPlan
 from .state import Record, StateBook
 
 
 class Intake:
-    def __init__(self, book: StateBook, jobs: JobService, pool: DevicePool, max_queued_work: int, max_items: int,
-                 max_batch_size: int, native_size: Callable[[str], tuple[int, int]]):
+    def __init__(self, book: StateBook, loop: LifecycleLoop, jobs: JobService, pool: DevicePool, max_queued_work: int,
+                 max_items: int, max_batch_size: int, native_size: Callable[[str], tuple[int, int]]):
         self.book = book
+        self.loop = loop
         self.jobs = jobs
         self.pool = pool
         self.max_queued_work = max_queued_work
@@ -37,16 +39,18 @@ class Intake:
             raise Unavailable("the worker is closing and accepts no new work")
 
     def check_capacity(self, adding: int) -> None:
-        """Call inside `book.locked()`, with the records added under the same hold."""
+        """On the loop, in the message that adds the records."""
         open_work = self.jobs.open_count()
         if open_work + adding > self.max_queued_work:
             raise ResourceExhausted(f"the queue is full: {open_work} unfinished sessions and items, limit "
                                     f"{self.max_queued_work}; retry later")
 
-    def wait_final(self, record: Record, is_final: Callable[[], bool], members: list[Record] = ()) -> None:
-        """Block a `background: false` caller until its work is final and stored (the record and its
-        `members`); a close that suspended it first is the caller's answer too."""
-        if not self.book.wait_final(is_final, [record, *members]):
+    def wait_final(self, record: Record, is_final: Callable[[], bool]) -> None:
+        """Block a `background: false` caller until its work is final and stored (the loop answers after
+        it emitted the change); a close that suspended it first is the caller's answer too."""
+        book = self.book
+        self.loop.wait_for(lambda: is_final() or book.frozen)
+        if not is_final():
             raise Unavailable(f"the worker closed before {record.label()} finished; it was suspended and "
                               "resumes at the next start", details={"status": record.status})
 

@@ -1,4 +1,4 @@
-"""JobService: one lifecycle for every unit of work, a record with a run.
+"""JobService: one lifecycle for every unit of work, a record with a run, all of it on the lifecycle loop.
 
 Design notes
 - A job is a record (a session, or one item of a batch) and the
@@ -7,40 +7,48 @@ Design notes
   deleted, cancelled at close and recovered at a start, all here; the only
   difference is whose outputs they are (`owner_id`: the session, or the
   item's batch). This is the only place a WorkflowRun is built.
-- The run reports to its job (`run_running`, `run_progress`, ...), and the
-  job turns each report into a status change through the StateBook, the
-  only place a status changes. A report from a run the job has replaced
-  (a restart) is ignored.
-- Dependencies come in narrowly: the book, the device pool, the CPU pool,
-  the output store and the model sizes; `on_progress` hears each step.
-- `mark_on_device` runs on a device thread when images start: the one
-  write the device makes, so that a crash in what follows names them (and
-  no longer the records whose images left the device before them).
+- Every method runs on the lifecycle loop (`lifecycle_loop`), the one
+  thread that writes work state: the services call in with `loop.call`, the
+  runs and the device's events are already there. So a control decides and
+  acts in one message: nothing can happen between "is it running" and
+  "pause it".
+- The run tells its job what happened (`running`, `progressed`, `parked`,
+  `off_device`, `done`, `failed`) and the job moves the record's one state
+  (`state.WorkState`). A run the job has replaced (a restart) is no longer
+  current: what it tells is ignored, and its images are cancelled.
+- Outputs are written on the CPU pool while the record is FINISHING; the
+  record completes when they are written, unless a cancel, delete or
+  restart came first (then they are discarded, by id).
+- `mark_on_device` comes from a device thread, which waits for it: the
+  images starting are on disk as on the device before any work on them, so
+  a crash in what follows names them (and no longer the records whose images
+  left the device before them).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Callable
 
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import BatchSizing, DenoiseTask
 from .errors import InvalidState, WorkerError
+from .lifecycle_loop import LifecycleLoop
 from .operations import StepImage
 from .outputs import OutputBuffer, OutputStore
 from .planning import RunPlan
 from .recovery import FAIL, KEEP_PAUSED, QUARANTINE, Decision
 from .runner import WorkflowRun
-from .state import CANCELLED, COMPLETED, CREATED, FAILED, FINAL, PAUSED, PENDING, RUNNING, Record, StateBook
+from .state import CREATED, FINAL, Record, StateBook, WorkState
 from .store import StateStore
 
 log = logging.getLogger("embedded_worker.jobs")
+S = WorkState
 
 
 class Job:
-    """A record and the run doing its work; the run's reports become the record's status."""
+    """A record and the run doing its work; what the run tells becomes the record's state."""
 
     def __init__(self, service: "JobService", record: Record, plan: RunPlan, sizing: BatchSizing | None):
         self.service = service
@@ -58,113 +66,122 @@ class Job:
     def item_id(self) -> str | None:
         return getattr(self.record, "item_id", None)
 
-    def new_run(self, isolated: bool = False) -> WorkflowRun:
-        service = self.service
-        return WorkflowRun(self.plan, self, service.pool, service.cpu, service.native_size,
-                           record_id=self.record.id, priority=self.record.priority, sizing=self.sizing,
-                           isolated=isolated)
-
     def begin(self, paused: bool = False, isolated: bool = False) -> None:
-        """A new run for the current attempt, started (or waiting paused before its first step); none for a
-        record a cancel or delete already ended (its run would compute images for nobody)."""
-        run = self.new_run(isolated)
-        with self.service.book.lock:  # against `JobService.cancel`: it sees this run, or this sees its status
-            if self.record.status in FINAL:
-                return
-            old, self.run = self.run, run
+        """A new run for the current attempt, started (or waiting paused before its first step); the old
+        run, if any, is cancelled. None for a record already ended (its run would compute for nobody)."""
+        if self.record.state.final:
+            return
+        service = self.service
+        old, self.run = self.run, WorkflowRun(self.plan, self, service.pool, service.cpu, service.loop,
+                                              service.native_size, sizing=self.sizing, isolated=isolated)
         if old is not None:
-            old.cancel()  # its reports are ignored from now on
-        run.start(paused=paused)
+            old.cancel()
+        self.run.start(paused=paused)
 
-    # ---- RunOwner: what the run reports; each change checks, under the book's lock, that the run is current ----
+    # ---- what the current run tells ------------------------------------------------------------
 
-    def _move_if_current(self, run: WorkflowRun, target: str, error: str | None = None,
-                         details: dict | None = None) -> bool:
-        """The record's move for `run`'s report, taken only while `run` is its current run (checked with the
-        move, under the book's lock: a restart cannot come in between)."""
-        with self.service.book.locked():
-            return run is self.run and self.service.book.transition(self.record, target, error, details)
+    def _move(self, run: WorkflowRun, target: WorkState, error: str | None = None, details: dict | None = None) \
+            -> bool:
+        return run is self.run and self.service.book.transition(self.record, target, error, details)
 
-    def run_running(self, run: WorkflowRun) -> None:
-        self._move_if_current(run, RUNNING)  # refused unless pending: the state machine decides
+    def running(self, run: WorkflowRun) -> None:
+        """Its work started (an image on a device, a CPU step): pending -> running; a pausing record only
+        notes that it started."""
+        if run is not self.run:
+            return
+        if self.record.state is S.PENDING:
+            self.service.book.transition(self.record, S.RUNNING)
+        elif self.record.state is S.PAUSING:
+            self.service.book.note_started(self.record)
 
-    def run_off_device(self, run: WorkflowRun) -> None:
-        """Its images left the device: a crash from now on is not theirs."""
-        with self.service.book.locked():
-            if run is self.run and self.record.on_device:
-                self.record.on_device = False
-                self.service.book.update(self.record)
-
-    def run_progress(self, run: WorkflowRun) -> None:
+    def progressed(self, run: WorkflowRun) -> None:
         if run is self.run:
             self.service.on_progress(self)
 
-    def run_paused(self, run: WorkflowRun) -> None:
-        self._move_if_current(run, PAUSED)
+    def parked(self, run: WorkflowRun) -> None:
+        self._move(run, S.PAUSED)
 
-    def run_finished(self, run: WorkflowRun, images: list[StepImage], error: WorkerError | None) -> None:
+    def off_device(self, run: WorkflowRun) -> None:
+        """Its images left the device: a crash from now on is not theirs."""
+        if run is self.run and self.record.on_device:
+            self.record.on_device = False
+            self.service.book.update(self.record)
+
+    def failed(self, run: WorkflowRun, error: WorkerError) -> None:
+        if error.code == "cancelled":
+            self._move(run, S.CANCELLED)
+        elif self._move(run, S.FAILED, error.message, {"error_code": error.code, "details": error.details}):
+            log.warning("%s failed (%s): %s", self.record.label(), error.code, error.message)
+
+    def done(self, run: WorkflowRun, images: list[StepImage]) -> None:
+        """Every step ended: the outputs are written on the CPU pool, then the record completes."""
         if run is not self.run:
             return
-        record, book = self.record, self.service.book
-        if error is not None:
-            if error.code == "cancelled":
-                self._move_if_current(run, CANCELLED)
-            elif self._move_if_current(run, FAILED, error.message, {"error_code": error.code,
-                                                                     "details": error.details}):
-                log.warning("%s failed (%s): %s", record.label(), error.code, error.message)
+        if self.record.state is S.PENDING:  # resumed after its last step: nothing else said it ran
+            self.service.book.transition(self.record, S.RUNNING)
+        if not self._move(run, S.FINISHING):
             return
-        outputs = self.service.outputs
-        kept: list[OutputBuffer] = []
+        try:
+            written = self.service.cpu.submit(self._write, images)
+        except RuntimeError:  # the CPU pool is shut down: the worker closed
+            self._move(run, S.FAILED, "the worker closed before the outputs were written", {"error_code": "unavailable"})
+            return
+        written.add_done_callback(lambda future: self.service.loop.post(self._written, run, future))
+
+    def _write(self, images: list[StepImage]) -> list[OutputBuffer]:
+        """On the CPU pool: every output kept, or none (what was written is discarded, the error raised)."""
+        outputs, kept = self.service.outputs, []
         try:
             for image in images:
-                kept.append(self._keep(image))
-        except Exception as failure:  # an unwritable folder fails the work; nothing claims success
-            log.error("%s: outputs could not be written: %s", record.label(), failure)
-            outputs.discard(kept)
-            self._move_if_current(run, FAILED, f"outputs could not be written: {failure}", {"error_code": "internal"})
-            return
-        with book.locked():  # a cancel, delete or restart in between wins, whole
-            completed = run is self.run
-            if completed:
-                record.outputs = [buffer.reference() for buffer in kept]
-                completed = book.transition(record, COMPLETED)
-                if not completed:
-                    record.outputs = []
-        if not completed:
-            # replaced, deleted, cancelled or suspended while its files were written: they belong to nobody
-            outputs.discard(kept)
-            return
-        log.info("%s completed with %d output(s)", record.label(), len(record.outputs))
-
-    def _keep(self, image: StepImage) -> OutputBuffer:
-        return self.service.outputs.add(self.owner_id, image.pixels, item_id=self.item_id, seed=image.seed,
+                kept.append(outputs.add(self.owner_id, image.pixels, item_id=self.item_id, seed=image.seed,
                                         metadata=image.metadata, image_format=self.plan.file_format,
-                                        quality=self.plan.file_quality)
+                                        quality=self.plan.file_quality))
+        except BaseException:
+            outputs.discard(kept)
+            raise
+        return kept
+
+    def _written(self, run: WorkflowRun, future: Future) -> None:
+        """On the loop: the outputs are the record's, unless it was cancelled, deleted, restarted or suspended
+        while they were written (then they belong to nobody)."""
+        record, outputs = self.record, self.service.outputs
+        failure = future.exception()
+        if failure is not None:  # an unwritable folder fails the work; nothing claims success
+            log.error("%s: outputs could not be written: %s", record.label(), failure)
+            self._move(run, S.FAILED, f"outputs could not be written: {failure}", {"error_code": "internal"})
+            return
+        kept = future.result()
+        if run is not self.run or record.state is not S.FINISHING or self.service.book.frozen:
+            outputs.discard(kept)
+            return
+        record.outputs = [buffer.reference() for buffer in kept]
+        self.service.book.transition(record, S.COMPLETED)
+        log.info("%s completed with %d output(s)", record.label(), len(record.outputs))
 
 
 class JobService:
-    def __init__(self, book: StateBook, pool: DevicePool, cpu: Executor, outputs: OutputStore, store: StateStore,
-                 native_size: Callable[[str], tuple[int, int]], on_progress: Callable[[Job], None]):
+    """Every method on the lifecycle loop (`loop`), except `mark_on_device`, which a device thread calls."""
+
+    def __init__(self, book: StateBook, loop: LifecycleLoop, pool: DevicePool, cpu: Executor, outputs: OutputStore,
+                 store: StateStore, native_size: Callable[[str], tuple[int, int]], on_progress: Callable[[Job], None]):
         self.book = book
+        self.loop = loop
         self.pool = pool
         self.cpu = cpu
         self.outputs = outputs
         self.store = store
         self.native_size = native_size
         self.on_progress = on_progress  # each denoising step of a job: keep it cheap
-        self._jobs: dict[str, Job] = {}  # record id -> its job; guarded by book.lock
-        # one control or delete at a time: a delete never meets a restart halfway
-        self.control_lock = threading.RLock()
+        self._jobs: dict[str, Job] = {}  # record id -> its job; written on the loop, read anywhere
 
     # ---- creating ----------------------------------------------------------------------------
 
     def admit(self, record: Record, plan: RunPlan, sizing: BatchSizing | None = None) -> Job:
-        """A new record joins the book with its job, pending. Call inside `book.locked()`, after the checks
-        that must hold with it (capacity, free ids); `launch` the jobs once the lock is released."""
+        """A new record joins the book with its job, pending; `launch` it once its batch is complete."""
         job = Job(self, record, plan, sizing)
         self.book.add(record)
         self._jobs[record.id] = job
-        self.book.transition(record, PENDING)
+        self.book.transition(record, S.PENDING)
         return job
 
     @staticmethod
@@ -173,39 +190,45 @@ class JobService:
             job.begin()
 
     def job(self, record_id: str) -> Job | None:
-        with self.book.lock:
-            return self._jobs.get(record_id)
+        return self._jobs.get(record_id)
 
     def run_of(self, record_id: str) -> WorkflowRun | None:
-        job = self._jobs.get(record_id)  # a dict read: status polls take no lock here
+        job = self._jobs.get(record_id)  # a dict read: status polls take no lock
         return job.run if job is not None else None
 
     def open_count(self) -> int:
-        """Unfinished sessions and items: what the queue limit counts. Call with the book's lock held."""
+        """Unfinished sessions and items: what the queue limit counts."""
         return sum(1 for job in self._jobs.values() if job.record.status not in FINAL)
 
     # ---- controls: each True when it took effect -----------------------------------------------
 
     def pause(self, job: Job) -> bool:
-        """Images park at their next step boundary; the record is `paused` once all have."""
-        if job.record.status not in (PENDING, RUNNING) or job.run is None:
+        """Images park at their next step boundary; the record is `paused` once all have (at once when
+        nothing of it is out). Finishing: nothing left to pause, it completes."""
+        state = job.record.state
+        if state is S.FINISHING:
+            return True
+        if state not in (S.PENDING, S.RUNNING) or job.run is None:
             return False
+        self.book.transition(job.record, S.PAUSING)
         job.run.pause()
         return True
 
     def resume(self, job: Job) -> bool:
-        if job.run is None or not self.book.transition(job.record, PENDING):
+        """Paused: pending again, and on. Pausing: the pause is called off."""
+        record = job.record
+        if job.run is None or record.state not in (S.PAUSED, S.PAUSING):
             return False
+        target = S.RUNNING if record.state is S.PAUSING and record.started_at is not None else S.PENDING
+        self.book.transition(record, target)
         job.run.resume()
         return True
 
     def cancel(self, job: Job, reason: str | None = None) -> bool:
-        with self.book.locked():  # against `Job.begin`: this sees its run, or it sees the cancel
-            if not self.book.transition(job.record, CANCELLED, reason):
-                return False
-            run = job.run
-        if run is not None:
-            run.cancel()
+        if not self.book.transition(job.record, S.CANCELLED, reason):
+            return False
+        if job.run is not None:
+            job.run.cancel()
         return True
 
     def restart(self, job: Job, plan: RunPlan | None = None) -> None:
@@ -214,35 +237,27 @@ class JobService:
         job.plan = plan or job.plan
         if job.plan is None:
             raise InvalidState(f"{job.record.label()} cannot restart: its request was not planned")
-        run = job.new_run()
-        with self.book.locked():  # the new attempt and its run together: the old run is never current again
-            self.book.begin_attempt(job.record)
-            job.record.outputs = []
-            old, job.run = job.run, run
-        if old is not None:
-            old.cancel()  # outputs it is still writing are discarded when it reports its end
+        self.book.begin_attempt(job.record)
+        job.record.outputs = []
         self.outputs.release(job.owner_id, item_id=job.item_id)
-        run.start()
+        job.begin()  # the old run is cancelled: what it still tells is ignored, its outputs discarded
 
     def delete(self, owner_id: str, jobs: list[Job], delete_files: bool) -> list[dict]:
         """Cancel what is unfinished, release the owner's outputs (before the records go: a record that is
         gone has no files left), forget the records; the released outputs."""
         for job in jobs:
-            if job.record.status not in FINAL:
-                self.book.transition(job.record, CANCELLED)
+            self.book.transition(job.record, S.CANCELLED)
             if job.run is not None:
                 job.run.cancel()
         released = self.outputs.release(owner_id, delete_files=delete_files)
-        with self.book.locked():
-            for job in jobs:
-                self.book.remove(job.record)
-                self._jobs.pop(job.record.id, None)
+        for job in jobs:
+            self.book.remove(job.record)
+            self._jobs.pop(job.record.id, None)
+            job.run = None  # whatever its run still tells is ignored
         return released
 
     def cancel_all(self, reason: str) -> None:
-        with self.book.lock:
-            jobs = list(self._jobs.values())
-        for job in jobs:
+        for job in list(self._jobs.values()):
             if job.record.status not in FINAL:
                 self.cancel(job, reason)
 
@@ -253,29 +268,30 @@ class JobService:
         """Apply a recovery decision to a stored unfinished record already in the book."""
         record.recoveries, record.restarts, record.on_device = decision.recoveries, decision.restarts, False
         job = Job(self, record, plan, sizing)
-        with self.book.locked():
-            self._jobs[record.id] = job
-            if decision.action in (FAIL, QUARANTINE):
-                self.book.transition(record, FAILED, decision.reason, {"error_code": decision.error_code})
-                return
-            if decision.action == KEEP_PAUSED:
-                self.book.update(record)
-            elif record.status == CREATED:
-                self.book.transition(record, PENDING)
-            else:
-                self.book.begin_attempt(record)  # it had begun: a new attempt, from pending
+        self._jobs[record.id] = job
+        if decision.action in (FAIL, QUARANTINE):
+            self.book.transition(record, S.FAILED, decision.reason, {"error_code": decision.error_code})
+            return
+        if decision.action == KEEP_PAUSED:
+            self.book.update(record)
+        elif record.status == CREATED:
+            self.book.transition(record, S.PENDING)
+        else:
+            self.book.begin_attempt(record)  # it had begun: a new attempt, from pending
         job.begin(paused=decision.action == KEEP_PAUSED, isolated=decision.isolated)
 
     def adopt(self, record: Record) -> None:
         """A stored final record: listed and answered, nothing to run (planned again if restarted)."""
-        with self.book.lock:
-            self._jobs[record.id] = Job(self, record, None, None)
+        self._jobs[record.id] = Job(self, record, None, None)
 
-    # ---- the device thread's one write --------------------------------------------------------------
+    # ---- the device's one wait -------------------------------------------------------------------
 
     def mark_on_device(self, tasks: list[DenoiseTask], left: set[str] = frozenset()) -> None:
-        """Images start on a device: their records are stored as on it, and the records in `left` (whose
-        images left the device since) as off it, in one write."""
+        """From a device thread, which waits: images start on a device, so their records are stored as on
+        it, and the records in `left` (whose images left the device since) as off it, in one write."""
+        self.loop.call(self._mark_on_device, tasks, left)
+
+    def _mark_on_device(self, tasks: list[DenoiseTask], left: set[str]) -> None:
         on = {task.record_id for task in tasks if task.record_id is not None}
         changed: dict[str, bool] = {}
         for record_id, flag in [*((r, False) for r in left - on), *((r, True) for r in on)]:

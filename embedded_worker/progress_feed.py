@@ -1,7 +1,8 @@
 """ProgressFeed: the progress board and batch trackers follow the book and the runs.
 
-A listener of the StateBook (called after its lock, in order, by the
-book's dispatcher) and of every job's denoising steps. A session's row is
+A listener of the StateBook and of every job's denoising steps, both on the
+lifecycle loop: it hears each change after the message that made it, in
+order, and keeps its own maps without a lock. A session's row is
 published on each of its changes and steps; a batch's row, derived from its
 items (`batch_view`), on each item change and at most every
 BOARD_INTERVAL_SECONDS of steps, and its trackers get the same figures on
@@ -11,7 +12,6 @@ file says what the view says.
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import Executor
 from typing import Callable
@@ -30,10 +30,10 @@ class ProgressFeed:
                  cpu: Executor):
         self.board = board
         self.book = book
+        self.loop = book.loop
         self.jobs = jobs
         self.batches = batches
         self.cpu = cpu
-        self._lock = threading.Lock()  # guards `_published` and `_observers`
         self._published: dict[str, float] = {}  # batch id -> when its row was last published for a step
         self._observers: dict[str, list[Callable[[dict], None]]] = {}
 
@@ -50,9 +50,8 @@ class ProgressFeed:
             record.board_slot = self.board.claim(record.kind, record.id)
         elif event == REMOVED:
             self.board.release(record.id)
-            with self._lock:
-                self._published.pop(record.id, None)
-                self._observers.pop(record.id, None)
+            self._published.pop(record.id, None)
+            self._observers.pop(record.id, None)
             return
         if isinstance(record, SessionRecord):
             self._publish_session(record)
@@ -66,10 +65,9 @@ class ProgressFeed:
             self._publish_session(record)
             return
         now = time.monotonic()
-        with self._lock:
-            if now - self._published.get(record.batch_id, 0.0) < BOARD_INTERVAL_SECONDS:
-                return
-            self._published[record.batch_id] = now
+        if now - self._published.get(record.batch_id, 0.0) < BOARD_INTERVAL_SECONDS:
+            return
+        self._published[record.batch_id] = now
         batch = self.book.batches.get(record.batch_id)
         if batch is not None:
             self._publish_batch(batch)
@@ -77,16 +75,17 @@ class ProgressFeed:
     def observe(self, batch_id: str, observer: Callable[[dict], None]) -> Callable[[], None]:
         """Call `observer(figures)` after every change of the batch; returns the way to stop."""
         record = self.batches.record(batch_id)
-        with self._lock:
-            self._observers.setdefault(batch_id, []).append(observer)
+        self.loop.call(self._observers.setdefault(batch_id, []).append, observer)
 
         def stop() -> None:
-            with self._lock:
-                if observer in self._observers.get(batch_id, []):
-                    self._observers[batch_id].remove(observer)
+            self.loop.post(self._forget, batch_id, observer)
 
         self.cpu.submit(observer, self.batches.figures(record))
         return stop
+
+    def _forget(self, batch_id: str, observer: Callable[[dict], None]) -> None:
+        if observer in self._observers.get(batch_id, []):
+            self._observers[batch_id].remove(observer)
 
     # ---- publishing -------------------------------------------------------------------------------
 
@@ -131,7 +130,5 @@ class ProgressFeed:
                 "eta_ms": -1 if figures["eta_seconds"] is None else int(1000 * figures["eta_seconds"]),
                 "attempt": record.attempt,
             })
-        with self._lock:
-            observers = list(self._observers.get(record.id, ()))
-        for observer in observers:  # on the CPU pool: a slow callback must not hold up anyone
+        for observer in list(self._observers.get(record.id, ())):  # on the CPU pool: a slow callback must not hold up anyone
             self.cpu.submit(observer, dict(figures))

@@ -125,8 +125,7 @@ class Retention:
 
     def _choose(self) -> list[tuple[Record, float]]:
         """The oldest finished sessions and batches beyond the count, and any past the age; oldest first."""
-        with self.book.lock:
-            candidates = [*self.book.sessions.values(), *self.book.batches.values()]
+        candidates = [*list(self.book.sessions.values()), *list(self.book.batches.values())]
         finished = sorted(((r, self._completed_at(r)) for r in candidates if self._is_final(r)),
                           key=lambda chosen: chosen[1])
         cutoff = time.time() - self.config.max_age_hours * 3600

@@ -1,16 +1,17 @@
-"""WorkflowRun: one execution of a RunPlan, step after step, for one owner.
+"""WorkflowRun: how far one execution of a RunPlan has got, step after step, for one job.
 
 Design notes
-- No thread per run. A run launches a step's work (images on the DevicePool,
-  or a function on the CPU pool) and continues when that work reports back.
-  Continuations never run on the device thread: the device must never wait
-  on postprocessing or file I/O, so they hop to the CPU pool.
-- The owner (a `jobs.Job`: a session, or a batch item) hears
-  `run_running`, `run_progress`, `run_paused`, `run_off_device` and, exactly
-  once, `run_finished`; it owns the status, the run owns only how far the
-  work has got. The run's own state is one `RunState` (`run_state.py`).
-- The device worker tells a run about its images (started, stepped, parked)
-  on its event thread, never its own: the device thread only launches.
+- No thread per run, and no lock: every method runs on the lifecycle loop
+  (`lifecycle_loop`). A run launches a step's work (images on the
+  DevicePool, or a function on the CPU pool) and continues when that work
+  reports back; the device's events and the CPU pool's completions arrive
+  as messages to the loop, so a cancel, a pause and a launch can never
+  interleave: a launch after a cancel is not a race to win, it simply does
+  not happen (the run is no longer its job's current run).
+- The run has no state of its own: where it is (pending, pausing, paused,
+  ended) is its job's record state (`state.WorkState`); the run is told by
+  its job (`jobs.Job`) and tells it what happened (`running`, `progressed`,
+  `parked`, `off_device`, `done`, `failed`).
 - A parallel plan runs in waves (PlannedStep.wave): every step of a wave at
   once, the next wave when all of it has ended. A sequential plan is a wave
   per step, each on the images of the step before it.
@@ -18,19 +19,13 @@ Design notes
   their answer is kept as the step's result, the images pass through.
 - Pause: images on the device park at the next step boundary (their state is
   kept); a CPU step finishes, then the run waits before the next step.
-  Resume continues exactly there. Cancel is final at once; images still on
+  Resume continues exactly there. Cancel ends it at once; images still on
   the device stop at their next step boundary and skip the VAE decode.
-  What pause, resume, cancel and a launch tell the pool reaches it in the
-  order they decided (`_steering`): a launch parking its images for a pause
-  must not overtake a resume, or they would stay parked under a running run,
-  and a launch after a cancel submits nothing (its images would run for
-  nobody, ahead of live work).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import Executor, Future
 from typing import Callable, Protocol
@@ -38,60 +33,63 @@ from typing import Callable, Protocol
 from .diffusion.device_pool import DevicePool
 from .diffusion.task import PARKED, BatchSizing, DenoiseTask
 from .errors import Cancelled, InvalidRequest, WorkerError
+from .lifecycle_loop import LifecycleLoop
 from .operations import BatchProcessParams, StepImage, image_specs
 from .planning import PlannedStep, RunPlan
-from .run_state import RunState, can_move
+from .state import Record, WorkState
 from .step_work import StepWork, aggregate_errors, as_worker_error, describe_steps, image_metadata
 
 log = logging.getLogger("embedded_worker.runner")
+_ENDED = frozenset({WorkState.FINISHING, WorkState.COMPLETED, WorkState.FAILED, WorkState.CANCELLED})
 
 
 class RunOwner(Protocol):
-    """What a run tells the job it works for (`jobs.Job`)."""
+    """What a run reads of its job (`jobs.Job`: the record, which run is current) and tells it."""
 
-    def run_running(self, run: "WorkflowRun") -> None: ...
+    record: Record
+    run: "WorkflowRun | None"
 
-    def run_off_device(self, run: "WorkflowRun") -> None: ...
+    def running(self, run: "WorkflowRun") -> None: ...
 
-    def run_progress(self, run: "WorkflowRun") -> None: ...
+    def progressed(self, run: "WorkflowRun") -> None: ...
 
-    def run_paused(self, run: "WorkflowRun") -> None: ...
+    def parked(self, run: "WorkflowRun") -> None: ...
 
-    def run_finished(self, run: "WorkflowRun", images: list[StepImage], error: WorkerError | None) -> None: ...
+    def off_device(self, run: "WorkflowRun") -> None: ...
+
+    def failed(self, run: "WorkflowRun", error: WorkerError) -> None: ...
+
+    def done(self, run: "WorkflowRun", images: list[StepImage]) -> None: ...
 
 
 class WorkflowRun:
     def __init__(
         self,
         plan: RunPlan,
-        owner: RunOwner,
+        job: RunOwner,
         pool: DevicePool,
         cpu: Executor,
+        loop: LifecycleLoop,
         native_size: Callable[[str], tuple[int, int]],
         *,
-        record_id: str,
-        priority: int,
         sizing: BatchSizing | None = None,
         isolated: bool = False,
     ):
         self.plan = plan
-        self.owner = owner
+        self.job = job
         self.pool = pool
         self.cpu = cpu
+        self.loop = loop
         self.native_size = native_size  # model id -> (width, height) it was trained at
-        self.record_id = record_id  # whose images these are: named in the store while they are on a device
-        self.priority = priority
+        self.record_id = job.record.id  # whose images these are: named in the store while they are on a device
+        self.priority = job.record.priority
         self.sizing = sizing
         self.isolated = isolated
         self.submitted_at = time.monotonic()  # its images queue in the order their requests came
-        # guards everything below: device, event and CPU threads report here concurrently
-        self._lock = threading.RLock()
-        self._steering = threading.Lock()  # pool calls in the order of the decisions (design notes)
-        self.state = RunState.ACTIVE
-        self.error: WorkerError | None = None  # how it ended, once ENDED (None: it succeeded)
+        self.error: WorkerError | None = None  # how it ended, when it failed
         self.next_step = 0
         self.images: list[StepImage] = []
-        self.work: list[StepWork] = []  # the steps in flight; empty between two steps
+        self.work: list[StepWork] = []  # the steps in flight; empty between two steps (replaced, never mutated)
         self.launched: dict[int, StepWork] = {}  # PlannedStep.order -> its work, for step results
         self.all_tasks: list[DenoiseTask] = []  # every image this run sent to a device, for metrics
         self.completed_steps = 0
@@ -100,64 +98,43 @@ class WorkflowRun:
         self._ended_results: list[dict] | None = None  # step_results once the run ended: polled, never changing
         self._total_weight = max(1, sum(self._weights))
 
-    def _move(self, target: RunState) -> bool:
-        """Call with `_lock` held; False when the run cannot go there from where it is."""
-        if not can_move(self.state, target):
-            return False
-        self.state = target
-        return True
+    @property
+    def state(self) -> WorkState:
+        """Its job's record state while it is the job's current run; CANCELLED once replaced."""
+        return self.job.record.state if self.job.run is self else WorkState.CANCELLED
 
     @property
     def ended(self) -> bool:
-        return self.state is RunState.ENDED
+        return self.state in _ENDED
 
-    @property
-    def pause_requested(self) -> bool:
-        return self.state in (RunState.PAUSING, RunState.PAUSED)
-
-    # ---- control, from any thread --------------------------------------------------------
+    # ---- what its job tells it, on the loop ------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:
         """Begin with the first step, or (paused) wait before it until `resume`."""
-        if paused:
-            with self._lock:
-                if not self.ended:  # recovered paused: nothing launched yet, `resume` begins it
-                    self.state = RunState.PAUSED
-            return
-        self.cpu.submit(self._launch_next)
+        if not paused:
+            self._launch_next()
 
     def pause(self) -> None:
-        """Park every image at its next step boundary; `run_paused` follows once all are parked."""
-        if self._steer(RunState.PAUSING, self.pool.pause) is not None:
-            self._become_paused()  # nothing on the device and no CPU step: paused at once
+        """The record is PAUSING: every image parks at its next step boundary; `parked` follows once all are."""
+        for task in self._live_tasks():
+            self.pool.pause(task)
+        self._parked_if_all()
 
     def resume(self) -> None:
-        if self._steer(RunState.ACTIVE, self.pool.resume):  # paused between two steps: the next one begins
-            self.cpu.submit(self._launch_next)
-
-    def _steer(self, target: RunState, tell: Callable[[DenoiseTask], None],
-               error: WorkerError | None = None) -> bool | None:
-        """Move to `target` (ENDED: with `error`), then tell the pool about every image still out; whether the
-        run was paused between two steps (None: it cannot go there)."""
-        with self._steering:
-            with self._lock:
-                between_steps = self.state is RunState.PAUSED and not self.work
-                if not self._move(target):
-                    return None
-                if target is RunState.ENDED:
-                    self.error = error
-                tasks = self._live_tasks()
-            for task in tasks:
-                tell(task)
-        return between_steps
+        """The record is pending again: parked images go back to the queue, or the next step begins."""
+        tasks = self._live_tasks()
+        if not tasks and not self._cpu_in_flight():
+            self._launch_next()
+            return
+        for task in tasks:
+            self.pool.resume(task)
 
     def cancel(self) -> None:
-        """Final at once: the run ends under `_steering`, so a launch either sees it and submits nothing, or
-        came first and its images are among those cancelled here."""
-        if self._steer(RunState.ENDED, self.pool.cancel, Cancelled("cancelled")) is not None:
-            self._tell_finished([])
+        """Ended (cancelled, deleted or replaced): images still out stop at their next step boundary."""
+        for task in self._live_tasks():
+            self.pool.cancel(task)
 
-    # ---- progress, read by status calls ---------------------------------------------------
+    # ---- progress, read by status calls from any thread -----------------------------------------
 
     @property
     def current_step(self) -> int:
@@ -185,7 +162,7 @@ class WorkflowRun:
     @property
     def progress(self) -> float:
         """0..1 over all steps, each weighted (PlannedStep.weight), counting the denoising inside."""
-        if self.ended and self.error is None:
+        if self.state in (WorkState.FINISHING, WorkState.COMPLETED):
             return 1.0
         work = self.work
         running = sum(w.step.weight * w.fraction for w in work) if work else 0.0
@@ -200,15 +177,14 @@ class WorkflowRun:
         """Each step in request order: its status, the images it made, what an answering step said."""
         if self._ended_results is not None:
             return list(self._ended_results)
-        with self._lock:
-            launched = dict(self.launched)
-            ended, paused = self.ended, self.state is RunState.PAUSED
-        results = describe_steps(self._in_request_order, launched, ended, paused)
+        state = self.state
+        ended = state.final or state is WorkState.FINISHING
+        results = describe_steps(self._in_request_order, dict(self.launched), ended, state is WorkState.PAUSED)
         if ended:
             self._ended_results = results
         return list(results)
 
-    # ---- the run's own progress ---------------------------------------------------------------
+    # ---- the run's own progress, on the loop ------------------------------------------------------
 
     def _live_tasks(self) -> list[DenoiseTask]:
         return [t for w in self.work for t in w.tasks if not t.future.done()]
@@ -216,44 +192,33 @@ class WorkflowRun:
     def _cpu_in_flight(self) -> bool:
         return any(w.cpu is not None and not w.cpu.done() for w in self.work)
 
-    def _become_paused(self) -> None:
-        with self._lock:
-            if self.state is not RunState.PAUSING:
-                return
-            if any(t.state != PARKED for t in self._live_tasks()) or self._cpu_in_flight():
-                return
-            self._move(RunState.PAUSED)
-        self.owner.run_paused(self)
+    def _parked_if_all(self) -> None:
+        """Pausing, with every image parked and no CPU step under way (or between two steps): paused."""
+        if self.state is WorkState.PAUSING and not self._cpu_in_flight() and \
+                all(t.state == PARKED for t in self._live_tasks()):
+            self.job.parked(self)
 
     def _launch_next(self) -> None:
-        """Launch the next step (all of them at once in parallel mode), or finish."""
-        try:
-            with self._lock:
-                if self.ended or self.state is RunState.PAUSED:
-                    return
-                pause_now = self.state is RunState.PAUSING
-                if pause_now:
-                    self._move(RunState.PAUSED)
-                else:
-                    steps = self._next_wave()
-                    self.work = [StepWork(step) for step in steps]
-                    self.launched.update((work.step.order, work) for work in self.work)
-                    self.next_step += len(steps)
-            if pause_now:
-                self.owner.run_paused(self)
-                return
-            if not self.work:  # every step has ended (perhaps resumed after the last): it ran, and is done
-                self.owner.run_running(self)
-                self._finish(self.images, None)
-                return
-        except Exception as error:  # a bug here must still end the run with an envelope
-            self._finish([], as_worker_error(error))
+        """Launch the next step (all of a wave at once in parallel mode), or finish."""
+        state = self.state
+        if state is WorkState.PAUSING:
+            self.job.parked(self)
             return
-        for work in list(self.work):
+        if state not in (WorkState.PENDING, WorkState.RUNNING):
+            return
+        steps = self._next_wave()
+        if not steps:  # every step has ended (perhaps resumed after the last): it ran, and is done
+            self.job.done(self, self.images)
+            return
+        work = [StepWork(step) for step in steps]
+        self.work = work
+        self.launched.update((w.step.order, w) for w in work)
+        self.next_step += len(steps)
+        for w in work:
             try:
-                self._launch(work)
+                self._launch(w)
             except Exception as error:  # a model that cannot load, an input that cannot be read
-                self._settle(work, error=as_worker_error(error))
+                self._settle(w, error=as_worker_error(error))
 
     def _next_wave(self) -> list[PlannedStep]:
         """The steps to launch together next: one (sequential), or every step of the next wave."""
@@ -269,16 +234,23 @@ class WorkflowRun:
             self._settle(work, error=InvalidRequest(f"{step.label} needs an input image and has none"))
             return
         if step.operation.answers is not None:
-            self.owner.run_running(self)
-            work.cpu = self.cpu.submit(self._answer, work, inputs)
-            work.cpu.add_done_callback(lambda future: self._cpu_done(work, future))
+            self.job.running(self)
+            self._on_cpu(work, self._answer, work, inputs)
             return
         if step.operation.on_device:
             self._launch_on_device(work, inputs)
             return
-        self.owner.run_running(self)
-        work.cpu = self.cpu.submit(step.operation.run, step.params, inputs)
-        work.cpu.add_done_callback(lambda future: self._cpu_done(work, future))
+        self.job.running(self)
+        self._on_cpu(work, step.operation.run, step.params, inputs)
+
+    def _on_cpu(self, work: StepWork, fn: Callable, *args) -> None:
+        """`fn(*args)` on the CPU pool; its end comes back to the loop."""
+        try:
+            work.cpu = self.cpu.submit(fn, *args)
+        except RuntimeError:  # the CPU pool is shut down: the worker closed
+            self._settle(work, error=Cancelled("the worker closed before this step ran"))
+            return
+        work.cpu.add_done_callback(lambda future: self.loop.post(self._cpu_done, work, future))
 
     def _launch_on_device(self, work: StepWork, inputs: list[StepImage]) -> None:
         step = work.step
@@ -289,27 +261,21 @@ class WorkflowRun:
         tasks = [DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,
                              isolated=self.isolated, record_id=self.record_id)
                  for spec in specs]
-        refused: WorkerError | None = None
-        with self._steering:  # against cancel, pause and resume: each sees these images, or they see it
-            with self._lock:
-                if self.ended:
-                    return  # cancelled while the step was being planned: nothing of it reaches a device
-                work.tasks = tasks
-                self.all_tasks.extend(tasks)
-                pause = self.pause_requested  # a pause that came while the step was being planned
+        work.tasks = tasks
+        self.all_tasks.extend(tasks)
+        for task in tasks:
+            task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
+        try:
             for task in tasks:
-                task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
-            try:
-                for task in tasks:
-                    self.pool.submit(task)
-            except WorkerError as error:
-                refused = error
-                for task in tasks:
-                    self.pool.cancel(task)
-            for task in tasks if pause and refused is None else ():
+                self.pool.submit(task)
+        except WorkerError as error:
+            for task in tasks:
+                self.pool.cancel(task)
+            self._settle(work, error=error)
+            return
+        if self.state is WorkState.PAUSING:  # paused while an earlier step of its wave was launched
+            for task in tasks:
                 self.pool.pause(task)
-        if refused is not None:
-            self._settle(work, error=refused)
 
     def _answer(self, work: StepWork, inputs: list[StepImage]) -> list[StepImage]:
         """An answering step: acts on the device side, keeps its answer; the images pass through it."""
@@ -317,15 +283,14 @@ class WorkflowRun:
         return inputs
 
     def _device_done(self, work: StepWork) -> None:
-        """A future's callback, often on the device thread: only the last image of the step hands off."""
+        """A future's callback, often on a device thread: the last image of the step tells the loop."""
         if all(task.future.done() for task in work.tasks):
-            try:
-                self.cpu.submit(self._device_step_ended, work)
-            except RuntimeError:  # the CPU pool is shut down: a close failed the images; settle here
-                self._device_step_ended(work)
+            self.loop.post(self._device_step_ended, work)
 
     def _device_step_ended(self, work: StepWork) -> None:
-        self.owner.run_off_device(self)
+        if work.settled:
+            return  # two device threads both saw the step end
+        self.job.off_device(self)
         errors = [t.future.exception() for t in work.tasks if t.future.cancelled() or t.future.exception()]
         if errors:
             self._settle(work, error=as_worker_error(errors[0]))
@@ -344,56 +309,40 @@ class WorkflowRun:
             self._settle(work, error=as_worker_error(error))
 
     def _settle(self, work: StepWork, images: list[StepImage] | None = None, error: WorkerError | None = None) -> None:
-        """One launched step ended; once all have, fail with every error or go on to the next step."""
-        with self._lock:
-            if work.settled:
-                return
-            work.settled, work.finished_at = True, time.time()
-            work.results, work.error = (images, None) if error is None else (None, error)
-            work.images_made = len(images or ())
-            if self.ended or not all(w.settled for w in self.work):
-                return
-            failures = [(w.step, w.error) for w in self.work if w.error is not None]
-            if not failures:
-                made = [image for w in self.work for image in w.results]
-                # in sequence a step's images replace the ones before; a parallel wave's add to them
-                self.images = self.images + made if self.plan.parallel else made
-                for w in self.work:
-                    w.results = None  # the run holds them now; a finished step keeps only its count
-                self.completed_steps += len(self.work)
-                self.work = []
-            tasks = self._live_tasks() if failures else []
-        if failures:
-            for task in tasks:
-                self.pool.cancel(task)
-            self._finish([], aggregate_errors(failures))
+        """One launched step ended; once all of its wave have, fail with every error or go on."""
+        if work.settled:
             return
-        self.owner.run_progress(self)
+        work.settled, work.finished_at = True, time.time()
+        work.results, work.error = (images, None) if error is None else (None, error)
+        work.images_made = len(images or ())
+        if self.ended or not all(w.settled for w in self.work):
+            return
+        failures = [(w.step, w.error) for w in self.work if w.error is not None]
+        if failures:
+            for task in self._live_tasks():
+                self.pool.cancel(task)
+            self.error = aggregate_errors(failures)
+            self.job.failed(self, self.error)
+            return
+        made = [image for w in self.work for image in w.results]
+        # in sequence a step's images replace the ones before; a parallel wave's add to them
+        self.images = self.images + made if self.plan.parallel else made
+        for w in self.work:
+            w.results = None  # the run holds them now; a finished step keeps only its count
+        self.completed_steps += len(self.work)
+        self.work = []
+        self.job.progressed(self)
         self._launch_next()
 
-    def _finish(self, images: list[StepImage], error: WorkerError | None) -> None:
-        with self._lock:
-            if not self._move(RunState.ENDED):
-                return
-            self.error = error
-        self._tell_finished(images)
-
-    def _tell_finished(self, images: list[StepImage]) -> None:
-        """Once per run, right after the move to ENDED."""
-        try:
-            self.owner.run_finished(self, images, self.error)
-        except Exception:
-            log.exception("run owner failed to record the end of a run")
-
-    # ---- TaskListener: the device worker's events, told on its event thread, in order -------------
+    # ---- TaskListener: the device's events, posted to the loop in order -----------------------------
 
     def task_started(self, task: DenoiseTask) -> None:
-        self.owner.run_running(self)
+        self.job.running(self)
 
     def task_stepped(self, task: DenoiseTask) -> None:
-        self.owner.run_progress(self)
+        self.job.progressed(self)
 
     def task_parked(self, task: DenoiseTask) -> None:
         if all(t.state == PARKED for t in self._live_tasks()):
-            self.owner.run_off_device(self)
-        self._become_paused()
+            self.job.off_device(self)
+        self._parked_if_all()

@@ -1,8 +1,9 @@
 """SessionService: a session's requests in, its replies out; its life is a job (`jobs.JobService`).
 
 The same caller id twice gives back the first session, never a second run.
-Planning turns the request into a RunPlan; everything after (status
-changes, controls, restart, deletion) is the job service's. A new session
+Planning turns the request into a RunPlan on the caller's thread;
+everything after (acceptance, status changes, controls, restart, deletion)
+is one message each to the lifecycle loop, where the job service acts. A new session
 is on disk before it is accepted: one the store cannot take (a full disk)
 is refused and leaves nothing behind.
 """
@@ -28,7 +29,8 @@ from .protocol import (
     ok,
     parse,
 )
-from .state import COMPLETED, FINAL, PAUSED, PENDING, RUNNING, SessionRecord, StateBook
+from .lifecycle_loop import LifecycleLoop
+from .state import COMPLETED, FINAL, PAUSED, SessionRecord, StateBook, WorkState
 from .store import StateStore
 from .workflows.catalog import WorkflowCatalog
 
@@ -38,9 +40,10 @@ log = logging.getLogger("embedded_worker.sessions")
 
 
 class SessionService:
-    def __init__(self, book: StateBook, store: StateStore, jobs: JobService, intake: Intake, planner: Planner,
-                 workflows: WorkflowCatalog, outputs: OutputStore):
+    def __init__(self, book: StateBook, loop: LifecycleLoop, store: StateStore, jobs: JobService, intake: Intake,
+                 planner: Planner, workflows: WorkflowCatalog, outputs: OutputStore):
         self.book = book
+        self.loop = loop
         self.store = store
         self.jobs = jobs
         self.intake = intake
@@ -58,35 +61,13 @@ class SessionService:
         existing = self._find(session_id)
         fallback = 0.0
         if existing is None:
-            plan, workflow, fallback = self.plan(request)
+            plan, workflow, fallback = self.plan(request)  # on the caller's thread: it may build a model
             if plan.model_id not in plan.models:
-                intake.native_size(plan.model_id)  # may wait for a first model build: not under the lock
+                intake.native_size(plan.model_id)
             record = SessionRecord(id=session_id, priority=request.priority, workflow_id=plan.workflow_id,
                                    request=request.model_dump(mode="json", exclude_none=True),
                                    total_steps=len(plan.steps))
-            job = None
-            try:
-                with self.book.locked():
-                    existing = self.book.sessions.get(session_id)
-                    if existing is None:
-                        intake.check_capacity(1)
-                        self.book.require_free_id(record)
-                        registered = self.planner.register(plan)  # a refused request registers no model
-                        try:
-                            self.store.add_records([record])  # refused here, nothing of it stays
-                        except Exception:
-                            self.planner.models.forget(registered)
-                            raise
-                        log.info("Session '%s' accepted: %s, priority %d", session_id,
-                                 plan.workflow_id or "inline", request.priority)
-                        self._described[session_id] = workflow
-                        job = self.jobs.admit(record, plan)
-            except Exception:
-                if job is None:
-                    raise
-                log.exception("Session '%s' is stored and runs, but a later write of its state failed", session_id)
-            if job is not None:
-                self.jobs.launch([job])
+            existing = self.loop.call(self._accept, record, plan, workflow, request.priority)
         record = existing or record
         if not request.background:
             intake.wait_final(record, lambda: record.status in FINAL)
@@ -97,6 +78,24 @@ class SessionService:
         reply["workflow"] = self._described.get(record.id) or {"id": record.workflow_id}
         reply["duplicate"] = existing is not None
         return reply
+
+    def _accept(self, record: SessionRecord, plan: RunPlan, workflow: dict, priority: int) -> SessionRecord | None:
+        """On the loop: the session joins and starts, unless one with its id came first (returned)."""
+        existing = self.book.sessions.get(record.id)
+        if existing is not None:
+            return existing
+        self.intake.check_capacity(1)
+        self.book.require_free_id(record)
+        registered = self.planner.register(plan)  # a refused request registers no model
+        try:
+            self.store.add_records([record])  # refused here, nothing of it stays
+        except Exception:
+            self.planner.models.forget(registered)
+            raise
+        log.info("Session '%s' accepted: %s, priority %d", record.id, plan.workflow_id or "inline", priority)
+        self._described[record.id] = workflow
+        self.jobs.launch([self.jobs.admit(record, plan)])
+        return None
 
     def plan(self, request: ExecuteWorkflowRequest) -> tuple[RunPlan, dict, float]:
         """(the plan, the workflow as the reply shows it, the estimate before any step was measured)."""
@@ -138,30 +137,41 @@ class SessionService:
 
     def control(self, request: ControlSessionRequest) -> dict:
         verb = request.action
-        jobs = self.jobs
-        with jobs.control_lock:
-            record = self._record(request.session_id)
-            job = jobs.job(record.id)
-            if verb == "restart":
-                jobs.restart(job, None if job.plan else self.plan_stored(record))
-            elif not {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel}[verb](job):
-                raise InvalidState(f"{record.label()} cannot {verb} in current status: {record.status}")
-        if verb == "pause":  # outside the lock: other controls may come while the step boundary nears
-            self.book.wait_until(lambda: record.status not in (PENDING, RUNNING), PAUSE_WAIT_SECONDS)
+        record = self._record(request.session_id)
+        plan = None
+        if verb == "restart" and self.jobs.job(record.id).plan is None:
+            plan = self.plan_stored(record)  # restored from the store: planned again, off the loop
+        self.loop.call(self._control, record, verb, plan)
+        if verb == "pause":  # one step boundary away; other controls may come meanwhile
+            self.loop.wait_for(lambda: record.state is not WorkState.PAUSING, PAUSE_WAIT_SECONDS)
         reply = self.describe(record)
         reply["action"] = verb
         return reply
 
+    def _control(self, record: SessionRecord, verb: str, plan: RunPlan | None) -> None:
+        """On the loop: decided and done in one message."""
+        jobs = self.jobs
+        job = jobs.job(record.id)
+        if job is None:
+            raise NotFound(f"Session '{record.id}' not found")
+        if verb == "restart":
+            jobs.restart(job, plan)
+        elif not {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel}[verb](job):
+            raise InvalidState(f"{record.label()} cannot {verb} in current status: {record.status}")
+
     def delete(self, request: DeleteSessionRequest) -> dict:
-        with self.jobs.control_lock:
-            record = self._record(request.session_id)
-            released = self.jobs.delete(record.id, [self.jobs.job(record.id)], request.delete_files)
-            self._described.pop(record.id, None)
+        record = self._record(request.session_id)
+        released = self.loop.call(self._delete, record, request.delete_files)
         return ok(session_id=record.id, deleted=True, released_outputs=len(released))
 
+    def _delete(self, record: SessionRecord, delete_files: bool) -> list[dict]:
+        if self.book.sessions.get(record.id) is not record:
+            raise NotFound(f"Session '{record.id}' not found")
+        self._described.pop(record.id, None)
+        return self.jobs.delete(record.id, [self.jobs.job(record.id)], delete_files)
+
     def list(self, request: ListSessionsRequest) -> dict:
-        with self.book.lock:
-            records = sorted(self.book.sessions.values(), key=lambda r: r.created_at)
+        records = sorted(list(self.book.sessions.values()), key=lambda r: r.created_at)
         if request.status:
             records = [r for r in records if r.status == request.status.lower()]
         return ok(sessions=[self._summary(r) for r in records[-request.limit :]], total=len(records))

@@ -1,20 +1,18 @@
-"""Session, batch and item records, and the one place their status changes.
+"""Session, batch and item records, their one state, and the one place it changes.
 
 Design notes
-- The protocol's seven statuses are the same for sessions and batch items
-  (a batch's status is derived from its items: `batch_view`). `transition`
-  is the only writer of `status`: it checks the move against `_LEGAL` and
-  stamps the times, under the book's lock.
-- Events leave the lock before anyone hears them (an outbox): a change is
-  recorded under the lock, and once the outermost lock of the changing
-  thread is released, that thread dispatches every recorded event, in order,
-  to the listeners (the store first, then the board and the batches), one
-  dispatcher at a time. A listener may read the book and change it again;
-  it never runs inside the lock, so nothing re-enters a half-made change.
-  `transition` returns after its event was dispatched: a status is on disk
-  before the thread that changed it goes on, and `wait_final` answers a
-  waiting caller only once the events of the records it waits on were heard
-  (stored, published).
+- A session or a batch item is in exactly one `WorkState`, moved only along
+  `_MOVES` by `StateBook.transition`. It carries what the protocol does not
+  show (PAUSING: parks at the next step boundary; FINISHING: its outputs are
+  being written), and the protocol's seven statuses are derived from it
+  (`protocol_status`) into `Record.status`, which replies, the board and the
+  store read. A batch's status is derived from its items (`batch_view`).
+- Only the lifecycle loop writes (`lifecycle_loop`): every method that
+  changes the book checks it runs there. Changes are recorded in order and
+  emitted after the message that made them (`emit`: the store first, then
+  the board and trackers, then retention), so no listener ever sees a
+  half-made change and a caller answered after the message hears a status
+  that is already on disk.
 - `completed`, `failed` and `cancelled` are final: nothing the engine does
   moves them. The one exit is an explicit restart of a failed or cancelled
   record, which starts a new attempt (counted in `attempt`). A completed
@@ -25,14 +23,17 @@ Design notes
 
 from __future__ import annotations
 
-import contextlib
-import threading
+import enum
+import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .errors import InvalidRequest, InvalidState
+from .lifecycle_loop import LifecycleLoop
+
+log = logging.getLogger("embedded_worker.state")
 
 CREATED = "created"
 PENDING = "pending"
@@ -45,20 +46,51 @@ CANCELLED = "cancelled"
 ALL_STATUSES = (CREATED, PENDING, RUNNING, PAUSED, COMPLETED, FAILED, CANCELLED)
 FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
-_LEGAL: dict[str, frozenset[str]] = {
-    CREATED: frozenset({PENDING, CANCELLED, FAILED}),
-    PENDING: frozenset({RUNNING, PAUSED, CANCELLED, FAILED}),
-    RUNNING: frozenset({PAUSED, COMPLETED, FAILED, CANCELLED}),
-    PAUSED: frozenset({PENDING, CANCELLED, FAILED}),
-    COMPLETED: frozenset(),
-    FAILED: frozenset(),
-    CANCELLED: frozenset(),
+
+class WorkState(enum.Enum):
+    """Where a session or batch item is; one value, moved only along `_MOVES`."""
+
+    CREATED = CREATED
+    PENDING = PENDING  # waiting for a device (or for its next step)
+    RUNNING = RUNNING
+    PAUSING = "pausing"  # asked to pause: its images park at their next step boundary, a CPU step finishes
+    PAUSED = PAUSED  # nothing of it runs until a resume
+    FINISHING = "finishing"  # every step ended; its outputs are being written
+    COMPLETED = COMPLETED
+    FAILED = FAILED
+    CANCELLED = CANCELLED
+
+    @property
+    def final(self) -> bool:
+        return self.value in FINAL
+
+
+S = WorkState
+_MOVES: dict[WorkState, frozenset[WorkState]] = {
+    S.CREATED: frozenset({S.PENDING, S.CANCELLED, S.FAILED}),
+    S.PENDING: frozenset({S.RUNNING, S.PAUSING, S.PAUSED, S.CANCELLED, S.FAILED}),
+    S.RUNNING: frozenset({S.PAUSING, S.PAUSED, S.FINISHING, S.FAILED, S.CANCELLED}),
+    S.PAUSING: frozenset({S.PENDING, S.RUNNING, S.PAUSED, S.FAILED, S.CANCELLED}),
+    S.PAUSED: frozenset({S.PENDING, S.CANCELLED, S.FAILED}),
+    S.FINISHING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
 }
-RESTARTABLE = frozenset({PENDING, RUNNING, PAUSED, FAILED, CANCELLED})
+RESTARTABLE = frozenset(state for state in WorkState if state is not S.COMPLETED and state is not S.CREATED)
 
 
-def is_legal(current: str, target: str) -> bool:
-    return target in _LEGAL[current]
+def is_legal(current: WorkState, target: WorkState) -> bool:
+    return target in _MOVES[current]
+
+
+def protocol_status(state: WorkState, started: bool) -> str:
+    """What the protocol shows: a pausing record is still what it was, a finishing one still running."""
+    if state is S.PAUSING:
+        return RUNNING if started else PENDING
+    if state is S.FINISHING:
+        return RUNNING
+    return state.value
 
 
 def status_counts(statuses: list[str]) -> dict:
@@ -72,7 +104,7 @@ class Record:
 
     id: str
     priority: int = 5
-    status: str = CREATED
+    status: str = CREATED  # the protocol's view of `state`, written with it
     attempt: int = 1
     created_at: float = field(default_factory=time.time)
     queued_at: float | None = None
@@ -83,8 +115,14 @@ class Record:
     on_device: bool = False  # its images are on a device now (stored: a crash then names it a suspect)
     recoveries: int = 0  # starts that found it on a device: the process died under it that often
     restarts: int = 0  # starts that found it unfinished, for whatever reason
+    # the one state; not stored (the row keeps `status`), read back from `status` by a next start
+    state: WorkState | None = field(default=None, metadata={"stored": False})
 
     kind = "record"
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            self.state = WorkState(self.status)
 
     def label(self) -> str:
         return f"{self.kind.capitalize()} '{self.id}'"
@@ -137,158 +175,111 @@ Listener = Callable[[Record, str], None]
 
 
 class StateBook:
-    """Owns every record; every status change goes through `transition`; events leave after the lock."""
+    """Owns every record; every state change goes through `transition`, on the lifecycle loop."""
 
-    def __init__(self, listeners: list[Listener] | None = None):
-        self.listeners: list[Listener] = list(listeners or [])  # called after the lock, in this order
-        # guards the three maps and every status change, so a check-then-move is atomic
-        self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)  # notified after every status change
+    def __init__(self, loop: LifecycleLoop, listeners: list[Listener] | None = None):
+        self.loop = loop
+        self.listeners: list[Listener] = list(listeners or [])  # hear each change after its message, in order
         self.frozen = False  # set by a suspending close: statuses stay as last stored, for the next start
         self.sessions: dict[str, SessionRecord] = {}
         self.batches: dict[str, BatchRecord] = {}
         self.items: dict[str, ItemRecord] = {}
-        self._outbox: deque[tuple[Record, str]] = deque()  # appended under `lock`, drained after it
-        self._unheard: Counter[str] = Counter()  # record id -> its events not yet dispatched; under `lock`
-        self._dispatching = threading.Lock()  # one dispatcher at a time, so listeners hear events in order
-        self._local = threading.local()  # per thread: how deep in `locked()`, and whether dispatching
+        self._changes: deque[tuple[Record, str]] = deque()  # recorded by the message, emitted after it
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """The book's lock; when this thread's outermost hold ends, the events recorded meanwhile go out."""
-        local = self._local
-        with self.lock:
-            local.depth = getattr(local, "depth", 0) + 1
-            try:
-                yield
-            finally:
-                local.depth -= 1
-        if local.depth == 0:
-            self.dispatch()
-
-    def dispatch(self) -> None:
-        """Hand every recorded event to the listeners, in order; a listener's own changes follow theirs."""
-        local = self._local
-        if getattr(local, "dispatching", False) or getattr(local, "depth", 0):
-            return  # the loop below (or the outermost `locked`) sends them
-        local.dispatching = True
-        failure: BaseException | None = None
-        try:
-            with self._dispatching:
-                while self._outbox:
-                    record, event = self._outbox.popleft()
-                    for listener in self.listeners:
-                        try:
-                            listener(record, event)
-                        except Exception as error:  # the others still hear it; the changer hears of it
-                            failure = failure or error
-                    with self.lock:
-                        self._unheard[record.id] -= 1
-                        if not self._unheard[record.id]:
-                            del self._unheard[record.id]
-                        self.changed.notify_all()
-        finally:
-            local.dispatching = False
-        if failure is not None:
-            raise failure  # a listener failed (a bug: the store keeps what the disk refuses): its maker says so
+    def emit(self) -> None:
+        """After each message: every recorded change to the listeners, in order; a listener's own changes
+        follow. A failing listener is logged (the store keeps what the disk refuses) and the others hear it."""
+        while self._changes:
+            record, event = self._changes.popleft()
+            for listener in self.listeners:
+                try:
+                    listener(record, event)
+                except Exception:
+                    log.exception("a listener of %s failed", record.label())
 
     def _record(self, record: Record, event: str) -> None:
-        """Call with the lock held."""
-        self._unheard[record.id] += 1
-        self._outbox.append((record, event))
+        self._changes.append((record, event))
 
     def add(self, record: Record) -> None:
-        with self.locked():
-            self._table(record)[record.id] = record
-            self._record(record, ADDED)
+        self.loop.require_loop()
+        self._table(record)[record.id] = record
+        self._record(record, ADDED)
 
     def require_free_id(self, record: Record, more_ids: list[str] = ()) -> None:
         """Sessions, batches and items share one namespace of ids (one row each in the store, one owner
         of outputs and board slots): a new record whose id (or whose items' ids) another kind of record
         already has is refused."""
-        with self.lock:
-            for record_id in (record.id, *more_ids):
-                for table in (self.sessions, self.batches, self.items):
-                    other = table.get(record_id)
-                    if other is not None:
-                        field = f"{record.kind}_id"
-                        raise InvalidRequest(f"{field}: '{record_id}' is already the id of {other.label()}",
-                                             details={"field": field, "taken_by": other.kind})
+        for record_id in (record.id, *more_ids):
+            for table in (self.sessions, self.batches, self.items):
+                other = table.get(record_id)
+                if other is not None:
+                    field = f"{record.kind}_id"
+                    raise InvalidRequest(f"{field}: '{record_id}' is already the id of {other.label()}",
+                                         details={"field": field, "taken_by": other.kind})
 
     def remove(self, record: Record) -> None:
-        with self.locked():
-            if self._table(record).pop(record.id, None) is not None:
-                self._record(record, REMOVED)
+        self.loop.require_loop()
+        if self._table(record).pop(record.id, None) is not None:
+            self._record(record, REMOVED)
 
     def update(self, record: Record) -> None:
-        """Fields other than the status changed (outputs, attempt, the device mark): stored and published
-        like a status change; nothing once frozen."""
-        with self.locked():
-            if not self.frozen:
-                self._record(record, CHANGED)
-
-    def transition(self, record: Record, target: str, error: str | None = None, details: Any = None) -> bool:
-        """Move `record` to `target`; False (and no change) when the move is illegal."""
-        with self.locked():
-            if self.frozen or not is_legal(record.status, target):
-                return False
-            now = time.time()
-            record.status = target
-            if target == PENDING and record.queued_at is None:
-                record.queued_at = now
-            if target == RUNNING and record.started_at is None:
-                record.started_at = now
-            if target in FINAL:
-                record.completed_at = now
-                if error is not None:
-                    record.error = error
-                    record.error_details = details
+        """Fields other than the state changed (outputs, attempt, the device mark): stored and published
+        like a state change; nothing once frozen."""
+        self.loop.require_loop()
+        if not self.frozen:
             self._record(record, CHANGED)
-            self.changed.notify_all()
-            return True
 
-    def require(self, record: Record, target: str, verb: str) -> None:
-        """Like `transition`, but an illegal move is the caller's error."""
-        if not self.transition(record, target):
-            raise InvalidState(f"{record.label()} cannot {verb} in current status: {record.status}")
+    def transition(self, record: Record, target: WorkState, error: str | None = None, details: Any = None) -> bool:
+        """Move `record` to `target`; False (and no change) when the move is illegal."""
+        self.loop.require_loop()
+        if self.frozen or not is_legal(record.state, target):
+            return False
+        now = time.time()
+        if target is S.PENDING and record.queued_at is None:
+            record.queued_at = now
+        if target is S.RUNNING and record.started_at is None:
+            record.started_at = now
+        if target.final:
+            record.completed_at = now
+            if error is not None:
+                record.error = error
+                record.error_details = details
+        self._set(record, target)
+        return True
+
+    def _set(self, record: Record, state: WorkState) -> None:
+        record.state = state
+        status = protocol_status(state, record.started_at is not None)
+        if status != record.status:
+            record.status = status
+            self._record(record, CHANGED)
+
+    def note_started(self, record: Record) -> None:
+        """A pausing record's work started after all (it stays pausing): stamped, and shown as running."""
+        self.loop.require_loop()
+        if record.started_at is None and not self.frozen:
+            record.started_at = time.time()
+            self._set(record, record.state)
 
     def begin_attempt(self, record: Record) -> None:
-        """Restart: a new attempt of the same request, from `pending`."""
-        with self.locked():
-            if record.status not in RESTARTABLE:
-                raise InvalidState(f"{record.label()} cannot restart in current status: {record.status}")
-            record.attempt += 1
-            record.status = PENDING
-            record.queued_at = time.time()
-            record.started_at = record.completed_at = None
-            record.error = record.error_details = None
-            self._record(record, CHANGED)
-            self.changed.notify_all()
+        """Restart: a new attempt of the same request, from pending."""
+        self.loop.require_loop()
+        if record.state not in RESTARTABLE:
+            raise InvalidState(f"{record.label()} cannot restart in current status: {record.status}")
+        record.attempt += 1
+        record.queued_at = time.time()
+        record.started_at = record.completed_at = None
+        record.error = record.error_details = None
+        record.state, record.status = S.PENDING, PENDING
+        self._record(record, CHANGED)
 
     def session_statuses(self) -> list[str]:
-        with self.lock:
-            return [r.status for r in self.sessions.values()]
-
-    def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
-        """Block until `predicate()` holds after some status change, or `timeout` passes."""
-        with self.changed:
-            return self.changed.wait_for(predicate, timeout)
+        return [r.status for r in list(self.sessions.values())]
 
     def freeze(self) -> None:
-        """No status changes from now on: a suspending close keeps unfinished work resumable."""
-        with self.lock:
-            self.frozen = True
-            self.changed.notify_all()  # callers waiting for work to end get their answer now
-
-    def wait_final(self, is_final: Callable[[], bool], records: list[Record]) -> bool:
-        """Block until `is_final()` and every event of `records` was heard (True), or a suspending close
-        froze the book (False)."""
-        def heard() -> bool:
-            return not any(r.id in self._unheard for r in records)
-
-        with self.changed:
-            self.changed.wait_for(lambda: (is_final() and heard()) or self.frozen)
-            return is_final()
+        """No state changes from now on: a suspending close keeps unfinished work resumable."""
+        self.loop.require_loop()
+        self.frozen = True
 
     def _table(self, record: Record) -> dict:
         return {"session": self.sessions, "batch": self.batches, "item": self.items}[record.kind]

@@ -294,6 +294,11 @@ class StateStore:
             rows = self._db.execute("SELECT raw_path, file_path FROM outputs").fetchall()
         return {os.path.abspath(path) for row in rows for path in row if path}
 
+    def stored_outputs(self) -> int:
+        """How many output rows are stored: what a check that nothing was left behind counts."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM outputs").fetchone()[0]
+
     def remove_outputs(self, owner_id: str, item_id: str | None = None) -> list[dict]:
         """Forget an owner's (or one item's) outputs; their rows come back so the files can go too."""
         clause, arguments = ("owner_id = ?", (owner_id,)) if item_id is None else \
@@ -354,4 +359,4 @@ def _row(record: Record) -> tuple:
 
 
 def _fields(record: Record) -> dict:
-    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.metadata.get("stored", True)}

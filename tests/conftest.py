@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from embedded_worker import ProcessingWorker, WorkerConfig
-from embedded_worker.diffusion.families import adapter_for
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
+from embedded_worker.state import WorkState
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +106,11 @@ def session_status(worker: ProcessingWorker, session_id: str) -> dict:
 
 def run_of(worker: ProcessingWorker, session_id: str):
     """The WorkflowRun doing a session's work now (None before it exists)."""
-    return worker._engine.jobs.run_of(session_id)
+    return testing.run_of(worker, session_id)
 
 
 def device_worker(worker: ProcessingWorker):
-    return worker._engine.pool.workers[0]
+    return testing.device_workers(worker)[0]
 
 
 def pipeline_of(worker: ProcessingWorker, model_id: str = "builtin:tiny-sd"):
@@ -119,16 +119,16 @@ def pipeline_of(worker: ProcessingWorker, model_id: str = "builtin:tiny-sd"):
 
 
 class StepGate:
-    """Holds the device inside its Nth denoiser forward until a pause of a session has been asked for, so the
-    pause lands at that step boundary however slow the machine is (no race between a poll and a step)."""
+    """Holds the device at the boundary after its Nth step (the device worker's step hook) until a pause of a
+    session has been asked for, so the pause lands at that boundary however slow the machine is (no race
+    between a poll and a step)."""
 
-    def __init__(self, worker: ProcessingWorker, forwards: int, model_id: str = "builtin:tiny-sd"):
+    def __init__(self, worker: ProcessingWorker, forwards: int):
         self.worker, self.forwards, self.count = worker, forwards, 0
         self.reached, self.release = threading.Event(), threading.Event()
-        pipe = pipeline_of(worker, model_id)
-        self.handle = adapter_for(pipe).denoiser(pipe).register_forward_hook(self._hook)
+        self.remove = testing.on_step(worker, self._hook)
 
-    def _hook(self, *_args) -> None:
+    def _hook(self, _device) -> None:
         self.count += 1
         if self.count == self.forwards:
             self.reached.set()
@@ -141,7 +141,7 @@ class StepGate:
             self.worker.control_session(session_id=session_id, action="pause")))
         pausing.start()
         run = run_of(self.worker, session_id)
-        wait_for(lambda: run.pause_requested)
+        wait_for(lambda: run.state in (WorkState.PAUSING, WorkState.PAUSED))
         self.release.set()
         pausing.join(300)
         return replies[0]
@@ -151,7 +151,7 @@ class StepGate:
 
     def __exit__(self, *exc_info) -> None:
         self.release.set()
-        self.handle.remove()
+        self.remove()
 
 
 def assert_same_up_to_batch_rounding(a, b) -> None:

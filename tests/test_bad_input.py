@@ -7,6 +7,7 @@ import json
 import pytest
 
 from .conftest import generate, session_status
+from embedded_worker import testing
 
 CASES = [
     ("execute_workflow", {"workflow_id": "nope"}, "not_found", "Workflow 'nope' not found"),
@@ -182,7 +183,7 @@ def test_accepted_work_keeps_running_through_a_storm_of_bad_requests(worker):
     assert accepted["success"]
     for command, request_data, _, _ in CASES * 3:
         assert worker.execute(command, request_data)["success"] is False
-    worker._engine.book.wait_until(lambda: session_status(worker, "keeps-going")["status"] == "completed", 60)
+    testing.wait_until(worker, lambda: session_status(worker, "keeps-going")["status"] == "completed", 60)
     assert session_status(worker, "keeps-going")["outputs"]
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from embedded_worker import testing
 from embedded_worker.diffusion.memory import MemoryReading
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
@@ -240,7 +241,7 @@ def test_parallel_processing_adds_device_workers_where_memory_allows(make_worker
                                  configuration={"parallel_processing": True, "max_parallel_batches": 2,
                                                 "max_batch_size": 2})
     assert reply["status"] == "completed" and reply["parallel"]["added"] == ["ew-device-cpu0-1"]
-    workers = worker._engine.pool.workers
+    workers = testing.device_workers(worker)
     assert len(workers) == 2 and all(w.counters.images_done > 0 for w in workers)  # both did work
     assert sum(w.counters.images_done for w in workers) == 8
 
@@ -252,4 +253,4 @@ def test_parallel_processing_is_refused_when_memory_is_short(make_worker):
                                  parameters={"steps": 3, "seed": 0, "total_images": 2},
                                  configuration={"parallel_processing": True, "max_parallel_batches": 4})
     assert reply["status"] == "completed" and reply["parallel"]["added"] == []
-    assert reply["parallel"]["refused"][0]["free_bytes"] == 1 and len(worker._engine.pool.workers) == 1
+    assert reply["parallel"]["refused"][0]["free_bytes"] == 1 and len(testing.device_workers(worker)) == 1

@@ -24,7 +24,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from embedded_worker import ProcessingWorker, WorkerConfig  # noqa: E402
+from embedded_worker import ProcessingWorker, WorkerConfig, testing  # noqa: E402
 from embedded_worker.cluster.local_head import LocalRayHead, _group_alive, free_port, ray_script  # noqa: E402
 from embedded_worker.diffusion.denoise import ImageSpec  # noqa: E402
 from embedded_worker.errors import Cancelled, Unavailable  # noqa: E402
@@ -65,7 +65,7 @@ def on_cluster(make_worker, address, **cluster):
 
 
 def remote_workers(worker):
-    return [w for w in worker._engine.pool.workers if str(w.device).startswith("ray:")]
+    return [w for w in testing.device_workers(worker) if str(w.device).startswith("ray:")]
 
 
 def run_batch(worker, batch_id, total, **parameters):
@@ -120,7 +120,7 @@ def test_an_address_that_is_no_address_is_refused_by_the_config():
 
 def test_a_local_cluster_starts_with_the_worker_and_stops_with_it(make_worker):
     worker = make_worker(cluster={"address": "local", "actors": 1, "local_devices": False})
-    head = worker._engine.pool.cluster.head
+    head = testing.cluster(worker).head
     pgid = head.process.pid
     assert generate(worker, background=False, seed=3, **SMALL)["status"] == "completed"
     assert remote_workers(worker)[0].counters.images_done == 1
@@ -165,7 +165,7 @@ def test_local_devices_and_an_actor_share_one_queue(make_worker, ray_head):
     worker = on_cluster(make_worker, ray_head, actors=1, local_devices=True)
     reply = run_batch(worker, "shared", 16, steps=10)
     assert reply["status"] == "completed" and sorted(o["seed"] for o in reply["outputs"]) == list(range(500, 516))
-    done = {w.name: w.counters.images_done for w in worker._engine.pool.workers}
+    done = {w.name: w.counters.images_done for w in testing.device_workers(worker)}
     assert sum(done.values()) == 16 and len(done) == 2 and all(done.values()), done  # both took work
     devices = {d["device"] for d in worker.get_status()["device"]["devices"]}
     assert devices == {"cpu", "ray:ew-ray-0"}

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from embedded_worker import testing
 from embedded_worker.state import ALL_STATUSES
 
 from .conftest import generate, settle, wait_for
@@ -62,8 +63,8 @@ def test_control_storm_leaves_no_illegal_state_and_nothing_stuck(make_worker):
         if not worker.get_session_status(session_id=session_id)["success"]:
             generate(worker, session_id=session_id, steps=3, background=True)
     settle(worker, ids)
-    pool = worker._engine.pool
-    wait_for(lambda: pool.pending() == 0 and all(w.active_images == 0 for w in pool.workers))
+    wait_for(lambda: testing.pending_images(worker) == 0 and all(w.active_images == 0
+                                                                 for w in testing.device_workers(worker)))
     for session_id in ids:
         final = worker.get_session_status(session_id=session_id)
         if final["status"] == "completed":
@@ -84,12 +85,10 @@ def test_deletes_racing_completion_leave_no_outputs_behind(model_cache, tmp_path
             # the delete lands anywhere from the first step to after completion, as the machine's pace decides
             wait_for(lambda: worker.get_session_status(session_id)["progress"] >= 25 * (index % 4))
             assert worker.delete_session(session_id=session_id)["success"]
-        engine = worker._engine
-        wait_for(lambda: engine.pool.status()["queued_images"] == 0 and not engine.pool.workers[0].active_images)
-        engine.cpu.submit(lambda: None).result(timeout=60)  # continuations queued before this have run
-        assert engine.outputs.count() == 0
-        rows = engine.store._db.execute("SELECT COUNT(*) FROM outputs").fetchone()[0]
-        assert rows == 0
+        wait_for(lambda: testing.pending_images(worker) == 0 and not testing.device_workers(worker)[0].active_images)
+        testing.drain(worker)  # what the CPU pool and the loop had queued before this has been applied
+        assert testing.output_store(worker).count() == 0
+        assert testing.state_store(worker).stored_outputs() == 0
     assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
     assert not [p for p in (tmp_path / "pixels").rglob("*") if p.is_file()]
 
@@ -149,8 +148,8 @@ def mixed_storm(worker, seed: int, seconds: float = 4.0) -> None:
 
     settle(worker, sessions)
     wait_for(lambda: all([batch_final(b) for b in batches]), timeout=120, interval=0.05)
-    pool = worker._engine.pool
-    wait_for(lambda: pool.pending() == 0 and all(w.active_images == 0 for w in pool.workers), timeout=60)
+    wait_for(lambda: testing.pending_images(worker) == 0 and all(w.active_images == 0
+                                                                 for w in testing.device_workers(worker)), timeout=60)
     for session_id in sessions:
         final = worker.get_session_status(session_id=session_id)
         assert len(final["outputs"]) == (1 if final["status"] == "completed" else 0), final

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from embedded_worker import testing
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 BATCH_CONFIG = {"total_images": 3, "preferred_batch_size": 2, "max_batch_size": 2, "enable_dynamic_sizing": True,
@@ -51,7 +52,7 @@ def test_the_documents_sequential_example_as_json_text_loads_then_batches_then_e
     assert reply["success"] and reply["session_id"] == "coord-doc", reply
     assert [s["domain"] + "." + s["operation"] for s in reply["workflow"]["steps"]] == [
         "model.load_model", "inference.batch_process", "postprocessing.enhance"]
-    worker._engine.book.wait_until(lambda: worker.get_session_status("coord-doc")["status"] == "completed", 120)
+    testing.wait_until(worker, lambda: worker.get_session_status("coord-doc")["status"] == "completed", 120)
     status = worker.get_session_status({"session_id": "coord-doc", "action": "get_status"})
     assert (status["status"], status["progress"], status["total_steps"]) == ("completed", 100, 3)
 

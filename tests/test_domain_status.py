@@ -7,6 +7,7 @@ import json
 
 from .test_batches import FakeMemoryProbe, simulate_device_memory
 from .conftest import device_worker
+from embedded_worker import testing
 
 UPSCALED = [{"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a kite", "seed": 3, "steps": 150}},
             {"domain": "postprocessing", "operation": "upscale", "parameters": {"factor": 2}}]
@@ -15,7 +16,7 @@ UPSCALED = [{"domain": "inference", "operation": "text2img", "parameters": {"pro
 def test_a_paused_session_reports_its_part_in_every_domain(worker):
     assert worker.execute("model.load_model", {"model_id": "builtin:tiny-sd"})["loaded"]  # not the warm-up's load
     worker.execute_workflow(coordination_id="status-me", domains=UPSCALED)
-    worker._engine.book.wait_until(lambda: worker.get_session_status("status-me")["status"] == "running", 60)
+    testing.wait_until(worker, lambda: worker.get_session_status("status-me")["status"] == "running", 60)
     assert worker.control_session(session_id="status-me", action="pause")["status"] == "paused"
     request = {"session_id": "status-me", "domains": ["model", "inference", "postprocessing", "device"]}
 

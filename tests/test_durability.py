@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 from embedded_worker.errors import Unavailable
 from embedded_worker.outputs import owner_folder
 from embedded_worker.store import FORMAT_VERSION
@@ -325,15 +325,14 @@ def test_a_start_on_a_big_prune_backlog_queues_one_prune_at_a_time_and_live_work
         "workflows_dir": None, "retention": {"max_finished": keep}}))
     try:
         started.set()
-        book = worker._engine.book
         assert counter.most_waiting <= 1, f"{counter.most_waiting} prune tasks waited at once at the start"
         assert held.wait(60), "no prune pass ran on the pool after the start"
         reply = generate(worker, session_id="live", steps=1, background=False)
         assert reply["status"] == "completed"
-        assert len(book.sessions) > keep + PRUNE_CHUNK  # the backlog was there all along
+        assert len(testing.session_ids(worker)) > keep + PRUNE_CHUNK  # the backlog was there all along
         release.set()
-        wait_for(lambda: len(book.sessions) == keep, timeout=120)
-        assert "live" in book.sessions  # the newest stays
+        wait_for(lambda: len(testing.session_ids(worker)) == keep, timeout=120)
+        assert "live" in testing.session_ids(worker)  # the newest stays
         assert counter.most_waiting <= 1, f"{counter.most_waiting} prune tasks waited at once"
         assert counter.queued <= rows // PRUNE_CHUNK + 5, f"{counter.queued} prune tasks for {rows} rows"
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from embedded_worker import ProcessingWorker, output_files
+from embedded_worker import ProcessingWorker, output_files, testing
 from embedded_worker.outputs import owner_folder
 
 from .conftest import generate, session_status, wait_for
@@ -23,7 +23,7 @@ def submit_batch(worker: ProcessingWorker, batch_id: str, background: bool = Tru
 
 def test_submits_the_store_cannot_take_are_refused_and_leave_nothing_behind(durable):
     worker = durable(limits={"max_queued_work": 3})
-    with FullDisk(worker._engine.store) as disk:
+    with FullDisk(testing.state_store(worker)) as disk:
         replies = [generate(worker, session_id=f"s{n}", steps=3, background=True) for n in range(4)]
         replies += [submit_batch(worker, f"b{n}") for n in range(2)]
         replies += [generate(worker, session_id="s0", steps=3, background=True)]  # a resend is refused again
@@ -54,11 +54,11 @@ def test_submits_the_store_cannot_take_are_refused_and_leave_nothing_behind(dura
 def test_work_stored_before_a_later_write_failed_is_accepted_and_runs(durable):
     """The new record is on disk; the write of its next status fails: it is accepted, and it runs."""
     worker = durable()
-    with FullDisk(worker._engine.store, writes=1, after=1):
+    with FullDisk(testing.state_store(worker), writes=1, after=1):
         reply = generate(worker, session_id="stored", steps=3, background=True)
     assert reply["success"] and reply["duplicate"] is False, reply
     wait_for(lambda: session_status(worker, "stored")["status"] == "completed")
-    with FullDisk(worker._engine.store, writes=1, after=3):  # the batch and its two items
+    with FullDisk(testing.state_store(worker), writes=1, after=3):  # the batch and its two items
         reply = submit_batch(worker, "stored-batch")
     assert reply["success"], reply
     wait_for(lambda: worker.get_batch_status(batch_id="stored-batch")["status"] == "completed")
@@ -120,7 +120,7 @@ def test_work_running_when_the_disk_fills_ends_and_is_stored_once_space_returns(
     """Its status changes are kept in memory while the disk refuses them (raising into the threads that
     run it left it `running` for ever), and stored, in order, with the first write that succeeds."""
     worker = durable()
-    store = worker._engine.store
+    store = testing.state_store(worker)
     generate(worker, session_id="caught", steps=6, background=True)
     worker.execute_batch(batch_id="caught-batch", workflow_id="img-generation-basic", background=True,
                          parameters={"total_images": 3, "steps": 6, "prompt": "b"})

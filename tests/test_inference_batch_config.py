@@ -4,13 +4,14 @@ generation_params are the parameters, and two counts that disagree are refused."
 from __future__ import annotations
 
 import json
+from embedded_worker import testing
 
 BATCH_CONFIG = {"total_images": 5, "preferred_batch_size": 2, "max_batch_size": 4, "enable_dynamic_sizing": True,
                 "memory_threshold": 0.8, "parallel_processing": False}
 
 
 def finished(worker, batch_id: str) -> dict:
-    worker._engine.book.wait_until(
+    testing.wait_until(worker, 
         lambda: worker.get_batch_status(batch_id)["status"] in ("completed", "failed", "cancelled"), 120)
     return worker.get_batch_status({"batch_id": batch_id, "action": "get_status"})
 

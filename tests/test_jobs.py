@@ -1,9 +1,11 @@
 """The job service on its own: one lifecycle for sessions and batch items, with a fake device pool.
 
 `FakeDevicePool` is a fake (named as such): it stands in for the device side
-so the test plays the device, deciding when an image starts and ends. The
-book, the store (SQLite in memory), the planner, the runs and the output
-store are the real ones.
+so the test plays the device, deciding when an image starts and ends; it
+posts its events to the lifecycle loop as the real device does. The loop,
+the book, the store (SQLite in memory), the planner, the runs and the output
+store are the real ones; the test acts as a caller does, through the loop
+(`on_loop`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from embedded_worker.diffusion.models import ModelCatalog
 from embedded_worker.diffusion.task import DONE, PARKED, QUEUED, BatchSizing
 from embedded_worker.errors import Cancelled, InvalidState
 from embedded_worker.jobs import JobService
+from embedded_worker.lifecycle_loop import LifecycleLoop
 from embedded_worker.outputs import OutputStore
 from embedded_worker.planning import Planner
 from embedded_worker.state import (
@@ -64,8 +67,8 @@ class FakeDevicePool:
             task.future.set_exception(Cancelled("cancelled"))
 
     def play(self, task):
-        """The device runs the image to its end: started, then its pixels."""
-        task.listener.task_started(task)
+        """The device runs the image to its end: started (told on the loop, as the device tells), then its pixels."""
+        task.listener.loop.call(task.listener.task_started, task)
         task.state = DONE
         task.future.set_result(np.full((32, 32, 3), 7, dtype=np.uint8))
 
@@ -74,24 +77,35 @@ class FakeDevicePool:
 def service():
     config = WorkerConfig(default_model="builtin:tiny-sd", state_path=":memory:")
     store = StateStore(":memory:")
-    book = StateBook([store.record_event])
+    loop = LifecycleLoop()
+    book = StateBook(loop, [store.record_event])
+    loop.after_each = book.emit
+    loop.start()
     outputs = OutputStore(1024)
     cpu = ThreadPoolExecutor(2, thread_name_prefix="test-cpu")
     pool = FakeDevicePool()
-    jobs = JobService(book, pool, cpu, outputs, store, lambda model_id: (32, 32), on_progress=lambda job: None)
+    jobs = JobService(book, loop, pool, cpu, outputs, store, lambda model_id: (32, 32), on_progress=lambda job: None)
     planner = Planner(config, ModelCatalog(config.models, config.resolved_model_cache_dir), outputs)
     workflow = WorkflowCatalog(None, model_known=lambda model_id: True).take_for_run("img-generation-basic")
     jobs.test_plan = lambda seed: planner.for_workflow(workflow, {"prompt": "p", "steps": 2, "seed": seed})
     yield jobs
     cpu.shutdown(wait=True)
+    loop.stop()
     store.close()
 
 
+def on_loop(jobs: JobService, fn, *args):
+    """What a caller does: one message to the lifecycle loop, its answer back."""
+    return jobs.loop.call(fn, *args)
+
+
 def admit(jobs: JobService, record, sizing=None):
-    with jobs.book.locked():
+    def admit_and_launch():
         job = jobs.admit(record, jobs.test_plan(record.priority), sizing)
-    jobs.launch([job])
-    return job
+        jobs.launch([job])
+        return job
+
+    return on_loop(jobs, admit_and_launch)
 
 
 def submitted(jobs: JobService, count: int):
@@ -126,21 +140,22 @@ def test_pause_resume_cancel_and_restart_move_the_record_and_its_images(service)
     record = SessionRecord(id="s2")
     job = admit(service, record)
     first = submitted(service, 1)
-    assert service.pause(job)
-    wait_for(lambda: record.status == PAUSED)
-    assert first.state == PARKED and not service.pause(job)  # paused already: nothing to do
-    assert service.resume(job) and record.status == PENDING and first.state == QUEUED
-    assert service.cancel(job) and record.status == CANCELLED and first.future.exception().code == "cancelled"
-    assert not service.cancel(job) and not service.resume(job)
+    assert on_loop(service, service.pause, job)
+    assert record.status == PAUSED  # nothing was on a device: paused in the same message
+    assert first.state == PARKED and not on_loop(service, service.pause, job)  # paused already: nothing to do
+    assert on_loop(service, service.resume, job) and record.status == PENDING and first.state == QUEUED
+    assert on_loop(service, service.cancel, job) and record.status == CANCELLED
+    assert first.future.exception().code == "cancelled"
+    assert not on_loop(service, service.cancel, job) and not on_loop(service, service.resume, job)
 
     old_run = job.run
-    service.restart(job)
+    on_loop(service, service.restart, job)
     assert (record.status, record.attempt) == (PENDING, 2) and job.run is not old_run
     second = submitted(service, 2)
     service.pool.play(second)
     wait_for(lambda: record.status == COMPLETED)
     with pytest.raises(InvalidState, match="cannot restart in current status: completed"):
-        service.restart(job)
+        on_loop(service, service.restart, job)
 
 
 def test_a_replaced_run_reports_nothing(service):
@@ -148,9 +163,9 @@ def test_a_replaced_run_reports_nothing(service):
     record = SessionRecord(id="s3")
     job = admit(service, record)
     old = submitted(service, 1)
-    service.restart(job)  # the old run is cancelled; its image stops at its next boundary
+    on_loop(service, service.restart, job)  # the old run is cancelled; its image stops at its next boundary
     submitted(service, 2)
-    old.listener.task_started(old)  # a late event of the old run
+    on_loop(service, old.listener.task_started, old)  # a late event of the old run
     assert record.status == PENDING and record.attempt == 2
 
 
@@ -188,38 +203,40 @@ def test_cancel_all_cancels_every_unfinished_job_with_the_reason(service):
     for record in records:
         admit(service, record)
     submitted(service, 2)
-    service.cancel_all("the worker closed")
+    on_loop(service, service.cancel_all, "the worker closed")
     assert [(r.status, r.error) for r in records] == [(CANCELLED, "the worker closed")] * 2
     assert RUNNING not in {r.status for r in records}
 
 
-def test_a_resume_between_a_launch_seeing_a_pause_and_parking_its_images_is_not_overtaken(service):
-    """A pause lands while a step launches (before its images exist), so the launch parks them itself; a resume
-    that comes between the launch seeing the pause and parking must still win (a control storm in the Mono host
-    left a session pending for ever, its image parked under a resumed run)."""
-    pool, record = service.pool, SessionRecord(id="race")
-    parking, resumer = threading.Event(), []
-    real_pause, real_native_size = pool.pause, service.native_size
+def controls_during_a_launch(service, record_id: str, *controls):
+    """Holds a step's launch open (inside it, after its step is set, before its images exist) while another
+    thread sends `controls` to the loop, as callers racing the launch would; returns once they were applied."""
+    real_native_size, sent = service.native_size, []
 
-    def pause_while_launching(model_id):  # in the launch, after its step is set, before its images exist
-        service.pause(service.job("race"))
+    def launching(model_id):
+        if not sent:
+            sent.append(threading.Thread(target=lambda: [on_loop(service, control, service.job(record_id))
+                                                         for control in controls]))
+            sent[0].start()
+            sent[0].join(0.5)  # it cannot be applied before this launch ends: it waits on the loop
+            assert sent[0].is_alive()
         return real_native_size(model_id)
 
-    def resume_racing_the_launch(task):
-        if threading.current_thread().name.startswith("test-cpu") and not parking.is_set():
-            parking.set()  # the launch saw the pause and now parks its image: a resume comes at this moment
-            thread = threading.Thread(target=lambda: service.resume(service.job("race")))
-            thread.start()
-            resumer.append(thread)  # once started: the test waits for it to end
-            thread.join(1.0)  # unserialised, it completes here; serialised, it waits for this launch
-        real_pause(task)
+    service.native_size = launching
+    return sent
 
-    service.native_size, pool.pause = pause_while_launching, resume_racing_the_launch
+
+def test_a_pause_and_resume_racing_a_launch_are_applied_after_it_in_order(service):
+    """A pause and then a resume sent while a step launches: both are messages, applied after the launch, in
+    order; the image ends queued under a pending run, never parked under it (a control storm in the Mono host
+    once left a session pending for ever, its image parked under a resumed run)."""
+    record = SessionRecord(id="race")
+    sent = controls_during_a_launch(service, "race", service.pause, service.resume)
     admit(service, record)
-    wait_for(lambda: resumer and not resumer[0].is_alive())
-    (task,) = pool.tasks
-    assert record.status == PENDING and task.state == QUEUED  # resumed: queued again, not parked under it
-    pool.play(task)
+    wait_for(lambda: sent and not sent[0].is_alive())
+    (task,) = service.pool.tasks
+    assert record.status == PENDING and task.state == QUEUED
+    service.pool.play(task)
     wait_for(lambda: record.status == COMPLETED)
 
 
@@ -229,7 +246,7 @@ def test_a_run_paused_after_its_last_step_completes_when_resumed(service):
     released, when the finish was refused from pending)."""
     record = SessionRecord(id="last")
 
-    def pause_after_the_last_step(job):
+    def pause_after_the_last_step(job):  # on the loop: a control arriving right after the last step
         if job.run.completed_steps == len(job.plan.steps):
             service.pause(job)
 
@@ -237,40 +254,41 @@ def test_a_run_paused_after_its_last_step_completes_when_resumed(service):
     job = admit(service, record)
     service.pool.play(submitted(service, 1))
     wait_for(lambda: record.status == PAUSED)
-    assert service.resume(job)
+    assert on_loop(service, service.resume, job)
     wait_for(lambda: record.status == COMPLETED)
     assert len(record.outputs) == 1 and service.outputs.get(record.outputs[0]["output_id"]).pixels[0, 0, 0] == 7
 
 
-def test_a_cancel_during_a_launch_sends_nothing_of_the_run_to_the_device(service):
-    """A cancel lands while a step is being launched (after its step is planned, before its images exist): the
-    launch sees the run ended and submits none of them (they ran for nobody, ahead of live work)."""
-    real_native_size = service.native_size
-
-    def cancel_while_launching(model_id):
-        service.cancel(service.job("gone"))
-        return real_native_size(model_id)
-
-    service.native_size = cancel_while_launching
+def test_a_cancel_during_a_launch_leaves_nothing_of_the_run_for_the_device(service):
+    """A cancel sent while a step is being launched is applied right after the launch: every image the launch
+    submitted is cancelled before the device takes any (the fake device plays only what is still queued), so
+    no orphaned image runs ahead of live work (a restart storm once flooded the device with them)."""
     record = SessionRecord(id="gone")
+    sent = controls_during_a_launch(service, "gone", service.cancel)
     job = admit(service, record)
-    wait_for(lambda: job.run is not None and job.run.ended)
-    service.native_size = real_native_size
-    admit(service, SessionRecord(id="after"))  # the CPU pool runs in order: the cancelled launch is over by now
-    submitted(service, 1)
-    assert record.status == CANCELLED and [t.record_id for t in service.pool.tasks] == ["after"]
-    assert job.run.all_tasks == []
+    wait_for(lambda: sent and not sent[0].is_alive())
+    assert record.status == CANCELLED
+    assert job.run.all_tasks and all(t.state == DONE and t.future.exception().code == "cancelled"
+                                     for t in job.run.all_tasks)
+    service.native_size = lambda model_id: (32, 32)
+    admit(service, SessionRecord(id="after"))
+    queued = [t for t in service.pool.tasks if t.state == QUEUED]
+    assert [t.record_id for t in queued] == ["after"]
 
 
 def test_a_cancel_or_delete_before_the_run_begins_starts_no_run(service):
     """Between `admit` and `launch` the job has no run yet: a cancel (or a delete) there is final, and the launch
     then begins nothing."""
     cancelled, deleted = SessionRecord(id="early"), SessionRecord(id="dropped")
-    with service.book.locked():
+
+    def admit_cancel_delete_launch():
         jobs = [service.admit(cancelled, service.test_plan(1)), service.admit(deleted, service.test_plan(2))]
-    assert service.cancel(jobs[0])
-    service.delete("dropped", [jobs[1]], delete_files=True)
-    service.launch(jobs)
+        assert service.cancel(jobs[0])
+        service.delete("dropped", [jobs[1]], delete_files=True)
+        service.launch(jobs)
+        return jobs
+
+    jobs = on_loop(service, admit_cancel_delete_launch)
     admit(service, SessionRecord(id="later"))
     submitted(service, 1)
     assert [t.record_id for t in service.pool.tasks] == ["later"]
@@ -288,9 +306,9 @@ def test_a_restart_while_the_old_run_writes_its_outputs_keeps_exactly_the_new_at
 
     def restart_during_the_write(*args, **kwargs):
         buffer = real_add(*args, **kwargs)
-        if not restarted:
+        if not restarted:  # on the CPU pool, writing: a caller's restart comes now
             restarted.append(buffer.output_id)
-            service.restart(job)
+            on_loop(service, service.restart, job)
         return buffer
 
     service.outputs.add = restart_during_the_write

@@ -78,3 +78,25 @@ def test_the_check_finds_a_cycle_hidden_behind_type_checking(tmp_path):
 def test_no_module_is_over_the_line_limit():
     lengths = {module_name(path): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
     assert {module: n for module, n in lengths.items() if n > MAX_LINES} == {}
+
+
+MAX_IMPORT_CHAIN = 15
+
+
+def longest_chain(edges: dict[str, set[str]]) -> list[str]:
+    """The longest path of imports (the graph has no cycle): how many modules a reader may have to walk
+    through to know everything one module depends on."""
+    longest: dict[str, list[str]] = {}
+
+    def chain(module: str) -> list[str]:
+        if module not in longest:
+            longest[module] = [module] + max((chain(t) for t in edges.get(module, ())), key=len, default=[])
+        return longest[module]
+
+    return max((chain(module) for module in edges), key=len)
+
+
+def test_the_longest_import_chain_stays_short():
+    edges = {module: targets - {"embedded_worker"} for module, targets in graph().items()}
+    chain = longest_chain(edges)
+    assert len(chain) <= MAX_IMPORT_CHAIN, " -> ".join(chain)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedded_worker import postprocess
+from embedded_worker import postprocess, testing
 from embedded_worker.outputs import owner_folder
 
 from .conftest import generate
@@ -79,5 +79,5 @@ def test_unwritable_output_folder_fails_the_session_and_claims_nothing(make_work
     worker = make_worker(output_dir=str(blocked))
     reply = generate(worker, background=False)
     assert reply["status"] == "failed" and "outputs could not be written" in reply["error"]
-    assert reply["outputs"] == [] and worker._engine.outputs.count() == 0
+    assert reply["outputs"] == [] and testing.output_store(worker).count() == 0
     assert json.dumps(reply)

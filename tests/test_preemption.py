@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 
+from embedded_worker import testing
 from embedded_worker.diffusion.denoise import ImageSpec
 from embedded_worker.diffusion.families import adapter_for
 from embedded_worker.diffusion.memory import ForwardTimes
@@ -134,7 +135,7 @@ def test_a_same_priority_session_gets_its_first_forward_at_the_next_boundary_aft
     wait_for(lambda: session_status(worker, "same")["status"] in FINAL)
     assert session_status(worker, "same")["status"] == "completed"
     assert worker.delete_batch(batch_id="bulk")["success"]
-    wait_for(lambda: device.active_images == 0 and worker._engine.pool.pending() == 0)
+    wait_for(lambda: device.active_images == 0 and testing.pending_images(worker) == 0)
     first = forwards_of(device, owner_of(worker, "same"))[0]
     assert first - submitted <= 2, (submitted, first)
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from .conftest import generate
+from embedded_worker import testing
 
 WORKFLOW_FIELDS = {"id", "name", "description", "category", "version", "steps", "parameters", "required_models",
                    "estimated_duration", "is_available", "usage_count", "created_at", "updated_at"}
@@ -52,7 +53,7 @@ def test_execute_workflow_background_then_status_until_completed(worker):
     assert reply["session_id"] == "5b9c2f7e-0000-4000-8000-000000000001"
     assert reply["status"] in ("pending", "running", "completed")
     assert isinstance(reply["estimated_time"], float) and reply["workflow"]["id"] == "img-generation-basic"
-    worker._engine.book.wait_until(lambda: worker.get_session_status(session_id=reply["session_id"])["status"]
+    testing.wait_until(worker, lambda: worker.get_session_status(session_id=reply["session_id"])["status"]
                                    == "completed", 60)
     status = worker.get_session_status({"session_id": reply["session_id"], "action": "get_status"})
     assert SESSION_FIELDS <= set(status) and plain(status)
@@ -77,7 +78,7 @@ def test_same_session_id_twice_runs_once(worker):
 
 
 def device_images_done(worker) -> int:
-    return sum(w.counters.images_done for w in worker._engine.pool.workers)
+    return sum(w.counters.images_done for w in testing.device_workers(worker))
 
 
 def test_control_session_verbs_any_case(worker):
@@ -112,10 +113,7 @@ def test_execute_batch_bare_form_the_csharp_client_sends(worker):
     assert [o["item_id"] for o in status["outputs"]] == ["item-0000", "item-0001", "item-0002"]
     assert worker.delete_batch({"batch_id": "b-bare", "force_cleanup": True})["success"]
     assert worker.get_batch_status(batch_id="b-bare")["error"] == "Batch 'b-bare' not found"
-    engine = worker._engine  # a deleted batch leaves no bookkeeping behind
-    assert "b-bare" not in engine.feed._published and "b-bare" not in engine.feed._observers
-    assert all("b-bare" not in device.resizes for device in engine.pool.workers)
-    assert not any(job.startswith("b-bare/") for job in engine.jobs._jobs)
+    assert testing.held_for(worker, "b-bare") == []  # a deleted batch leaves no bookkeeping behind
 
 
 def test_execute_accepts_prefixes_camel_case_and_json_strings(worker):

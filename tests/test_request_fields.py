@@ -14,6 +14,7 @@ import pytest
 from pydantic.alias_generators import to_camel
 
 from .conftest import device_worker, generate
+from embedded_worker import testing
 
 PARAMETERS = {"prompt": "a red fox in the snow", "seed": 7, "steps": 2}
 NESTED = ("configuration", "batch_config", "items", "domains")  # parts the protocol describes field by field
@@ -169,7 +170,7 @@ def test_a_restart_with_parameters_is_refused_and_changes_nothing(worker):
     finally:
         gate.set()
         held.result(timeout=120)
-    worker._engine.book.wait_until(lambda: worker.get_session_status(session_id="r")["status"] == "completed", 120)
+    testing.wait_until(worker, lambda: worker.get_session_status(session_id="r")["status"] == "completed", 120)
     assert worker.get_session_status(session_id="r")["attempt"] == 2
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedded_worker import postprocess
+from embedded_worker import postprocess, testing
 
 from .conftest import generate
 
@@ -83,7 +83,7 @@ def test_an_exception_inside_one_step_fails_only_that_session_with_a_traceback(w
     good = worker.execute_workflow(workflow_id="img-upscale-enhance", background=False,
                                    parameters={"steps": 3, "sharpness": 1.0})
     assert good["status"] == "completed"
-    worker._engine.book.wait_until(
+    testing.wait_until(worker, 
         lambda: worker.get_session_status(session_id=bad["session_id"])["status"] == "failed", 60)
     failed = worker.get_session_status(session_id=bad["session_id"])
     assert failed["error_code"] == "internal"

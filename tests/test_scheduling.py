@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from embedded_worker import testing
 from embedded_worker.diffusion.denoise import ImageSpec
 from embedded_worker.diffusion.task import DenoiseTask
 from embedded_worker.diffusion.work_queue import WorkQueue
@@ -60,7 +61,7 @@ def test_sessions_start_in_priority_order_on_a_busy_device(make_worker):
         reply = worker.execute_workflow(session_id=session_id, workflow_id="img-generation-basic", priority=priority,
                                         parameters={"prompt": "x", "steps": 3, "seed": 1})
         assert reply["success"]
-    wait_for(lambda: worker._engine.pool.pending() == 4)  # all queued behind the blocker
+    wait_for(lambda: testing.pending_images(worker) == 4)  # all queued behind the blocker
     worker.control_session(session_id="blocker", action="cancel")
     settle(worker, ["p1", "p10-a", "p5", "p10-b"])
     started = sorted(["p1", "p10-a", "p5", "p10-b"], key=lambda s: session_status(worker, s)["started_at"])

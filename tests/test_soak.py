@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import psutil
 import pytest
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 from .conftest import settle, wait_for
@@ -178,7 +178,7 @@ def prune_storm(model_cache, tmp_path, monkeypatch, rows: int, sessions: int) ->
                                            retention={"max_finished": keep}, limits={"max_queued_work": 10_000},
                                            scheduling={"coalesce_wait_ms": 5}, default_model="builtin:tiny-sd"))
     try:
-        backlog_at_start = len(worker._engine.book.sessions) - keep
+        backlog_at_start = len(testing.session_ids(worker)) - keep
         ids = [f"live-{n}" for n in range(sessions)]
 
         def submit(share: list[str]) -> None:
@@ -193,15 +193,15 @@ def prune_storm(model_cache, tmp_path, monkeypatch, rows: int, sessions: int) ->
         for thread in submitters:
             thread.join(120)
         finals = settle(worker, ids, timeout=600)
-        backlog_when_settled = len(worker._engine.book.sessions) - keep
-        wait_for(lambda: len(worker._engine.book.sessions) <= keep, timeout=600)
+        backlog_when_settled = len(testing.session_ids(worker)) - keep
+        wait_for(lambda: len(testing.session_ids(worker)) <= keep, timeout=600)
         lost = [s for s, r in finals.items() if r["status"] != "completed" or not r["outputs"]]
         summary = {"rows": rows, "sessions": sessions, "backlog_at_start": backlog_at_start,
                    "backlog_when_settled": backlog_when_settled, "prune_tasks": counter.queued,
                    "most_prune_tasks_waiting": counter.most_waiting, "lost": len(lost)}
         print("\nprune storm held: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         assert lost == []
-        assert all(s in worker._engine.book.sessions for s in ids)  # the newest are kept
+        assert all(s in testing.session_ids(worker) for s in ids)  # the newest are kept
         assert counter.most_waiting <= 1
         return summary
     finally:
@@ -262,7 +262,7 @@ def disk_full_soak(model_cache, tmp_path, rounds: int, submitters: int, per_subm
             accepted[record_id] = kind
         full = [("batch" if (n + j) % 3 == 0 else "session", f"r{round_}-full-{n}-{j}")
                 for n in range(submitters) for j in range(per_submitter)]
-        with FullDisk(worker._engine.store) as disk:
+        with FullDisk(testing.state_store(worker)) as disk:
             def hammer(share: list[tuple[str, str]]) -> None:
                 for kind, record_id in share:
                     reply = submit(kind, record_id)

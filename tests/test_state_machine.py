@@ -1,146 +1,179 @@
-"""The protocol's status machine: every legal move allowed, every other refused, finals final."""
+"""The one state of a session or batch item: every legal move allowed, every other refused, finals final,
+the protocol's status derived from it, and only the lifecycle loop writes it."""
 
 from __future__ import annotations
 
 import itertools
-import threading
 
 import pytest
 
 from embedded_worker.errors import InvalidState
+from embedded_worker.lifecycle_loop import LifecycleLoop
 from embedded_worker.state import (
-    ALL_STATUSES,
-    CANCELLED,
     COMPLETED,
-    CREATED,
-    FAILED,
-    FINAL,
-    PAUSED,
     PENDING,
     RUNNING,
     SessionRecord,
     StateBook,
+    WorkState,
+    protocol_status,
 )
 
+S = WorkState
 LEGAL = {
-    (CREATED, PENDING), (CREATED, CANCELLED), (CREATED, FAILED),
-    (PENDING, RUNNING), (PENDING, PAUSED), (PENDING, CANCELLED), (PENDING, FAILED),
-    (RUNNING, PAUSED), (RUNNING, COMPLETED), (RUNNING, FAILED), (RUNNING, CANCELLED),
-    (PAUSED, PENDING), (PAUSED, CANCELLED), (PAUSED, FAILED),
+    (S.CREATED, S.PENDING), (S.CREATED, S.CANCELLED), (S.CREATED, S.FAILED),
+    (S.PENDING, S.RUNNING), (S.PENDING, S.PAUSING), (S.PENDING, S.PAUSED), (S.PENDING, S.CANCELLED),
+    (S.PENDING, S.FAILED),
+    (S.RUNNING, S.PAUSING), (S.RUNNING, S.PAUSED), (S.RUNNING, S.FINISHING), (S.RUNNING, S.FAILED),
+    (S.RUNNING, S.CANCELLED),
+    (S.PAUSING, S.PENDING), (S.PAUSING, S.RUNNING), (S.PAUSING, S.PAUSED), (S.PAUSING, S.FAILED),
+    (S.PAUSING, S.CANCELLED),
+    (S.PAUSED, S.PENDING), (S.PAUSED, S.CANCELLED), (S.PAUSED, S.FAILED),
+    (S.FINISHING, S.COMPLETED), (S.FINISHING, S.FAILED), (S.FINISHING, S.CANCELLED),
 }
 
 
-def record_in(book: StateBook, status: str) -> SessionRecord:
-    record = SessionRecord(id=f"s-{status}")
-    record.status = status
-    book.add(record)
+@pytest.fixture
+def loop():
+    loop = LifecycleLoop()
+    loop.start()
+    yield loop
+    loop.stop()
+
+
+def make_book(loop: LifecycleLoop, listeners=()) -> StateBook:
+    book = StateBook(loop, list(listeners))
+    loop.after_each = book.emit
+    return book
+
+
+def record_in(book: StateBook, state: WorkState, started: bool = False) -> SessionRecord:
+    record = SessionRecord(id=f"s-{state.value}", state=state, status=protocol_status(state, started),
+                           started_at=1.0 if started else None)
+    book.loop.call(book.add, record)
     return record
 
 
-@pytest.mark.parametrize(("current", "target"), list(itertools.product(ALL_STATUSES, ALL_STATUSES)))
-def test_every_transition_is_legal_exactly_when_the_protocol_allows_it(current, target):
-    persisted = []
-    book = StateBook([lambda record, event: persisted.append((record, event))])
-    record = record_in(book, current)
-    persisted.clear()
-    moved = book.transition(record, target)
+@pytest.mark.parametrize(("current", "target"), list(itertools.product(WorkState, WorkState)))
+def test_every_move_is_legal_exactly_when_the_table_allows_it(loop, current, target):
+    heard = []
+    book = make_book(loop, [lambda record, event: heard.append((record.status, event))])
+    record = record_in(book, current, started=True)
+    heard.clear()
+    before = record.status
+    moved = loop.call(book.transition, record, target)
     assert moved == ((current, target) in LEGAL)
-    assert record.status == (target if moved else current)
-    assert persisted == ([(record, "changed")] if moved else [])  # told before transition() returned
+    assert record.state == (target if moved else current)
+    assert record.status == protocol_status(record.state, True)
+    changed = moved and record.status != before
+    assert heard == ([(record.status, "changed")] if changed else [])  # emitted before the caller's answer
 
 
-@pytest.mark.parametrize("final", sorted(FINAL))
-def test_final_states_have_no_way_out_but_an_explicit_restart(final):
-    book = StateBook()
+def test_the_protocol_shows_a_pausing_record_as_it_was_and_a_finishing_one_as_running():
+    assert protocol_status(S.PAUSING, started=False) == PENDING
+    assert protocol_status(S.PAUSING, started=True) == RUNNING
+    assert protocol_status(S.FINISHING, started=True) == RUNNING
+    assert {protocol_status(state, True) for state in WorkState} == {
+        "created", "pending", "running", "paused", "completed", "failed", "cancelled"}
+
+
+@pytest.mark.parametrize("final", [S.COMPLETED, S.FAILED, S.CANCELLED])
+def test_final_states_have_no_way_out_but_an_explicit_restart(loop, final):
+    book = make_book(loop)
     record = record_in(book, final)
-    assert all(not book.transition(record, target) for target in ALL_STATUSES)
-    assert record.status == final
-    if final == COMPLETED:
+    assert all(not loop.call(book.transition, record, target) for target in WorkState)
+    assert record.state is final
+    if final is S.COMPLETED:
         with pytest.raises(InvalidState, match="cannot restart in current status: completed"):
-            book.begin_attempt(record)
+            loop.call(book.begin_attempt, record)
     else:
-        book.begin_attempt(record)
-        assert (record.status, record.attempt, record.completed_at) == (PENDING, 2, None)
+        loop.call(book.begin_attempt, record)
+        assert (record.state, record.status, record.attempt, record.completed_at) == (S.PENDING, PENDING, 2, None)
 
 
-def test_times_are_stamped_by_the_transitions_that_mean_them():
-    book = StateBook()
-    record = record_in(book, CREATED)
-    book.transition(record, PENDING)
+def test_times_are_stamped_by_the_moves_that_mean_them(loop):
+    book = make_book(loop)
+    record = record_in(book, S.CREATED)
+    move = lambda target, *more: loop.call(book.transition, record, target, *more)  # noqa: E731
+    move(S.PENDING)
     assert record.queued_at is not None and record.started_at is None
-    book.transition(record, RUNNING)
+    move(S.PAUSING)
+    loop.call(book.note_started, record)  # its image started while the pause was on its way
     started = record.started_at
-    book.transition(record, PAUSED)
-    book.transition(record, PENDING)
-    book.transition(record, RUNNING)
+    assert started is not None and record.status == RUNNING and record.state is S.PAUSING
+    move(S.PAUSED)
+    move(S.PENDING)
+    move(S.RUNNING)
     assert record.started_at == started  # a resume is not a new start
     assert record.completed_at is None  # not finished yet
-    book.transition(record, FAILED, "boom", {"error_code": "internal"})
+    move(S.FAILED, "boom", {"error_code": "internal"})
     assert record.completed_at >= started and record.error == "boom"  # finished, stamped when it ended
 
 
-def test_require_names_the_record_and_status_in_its_error():
-    book = StateBook()
-    record = record_in(book, COMPLETED)
-    with pytest.raises(InvalidState, match=r"Session 's-completed' cannot pause in current status: completed"):
-        book.require(record, PAUSED, "pause")
+def test_only_the_lifecycle_loop_writes_work_state(loop):
+    book = make_book(loop)
+    record = record_in(book, S.PENDING)
+    with pytest.raises(RuntimeError, match="lifecycle loop only"):
+        book.transition(record, S.RUNNING)
+    with pytest.raises(RuntimeError, match="lifecycle loop only"):
+        book.add(SessionRecord(id="other"))
+    assert record.state is S.PENDING and "other" not in book.sessions
 
 
-def test_events_leave_the_lock_in_order_and_a_listeners_own_changes_follow():
-    """The outbox: listeners hear every change after the book's lock is released (another thread can take
-    it meanwhile), in the order the changes were made, and a change a listener makes is heard after the
-    one it reacts to, by every listener alike."""
+def test_changes_are_emitted_after_their_message_in_order_and_a_listeners_own_changes_follow(loop):
+    """Change, then emit: listeners hear nothing while a message is applied, then every change it made in
+    order, and a change a listener makes is heard after the one it reacts to, by every listener alike."""
     heard: dict[str, list] = {"first": [], "second": []}
-    lock_free = []
 
     def first(record, event):
-        lock_free.append(_in_other_thread(book))
         heard["first"].append((record.id, event, record.status))
         if record.id == "a" and record.status == RUNNING:
-            book.transition(other, PENDING)  # a listener's own change: heard after this one
+            book.transition(other, S.PAUSED)  # a listener's own change (on the loop too): heard after this one
 
     def second(record, event):
         heard["second"].append((record.id, event, record.status))
 
-    book = StateBook([first, second])
+    book = make_book(loop, [first, second])
     record, other = SessionRecord(id="a"), SessionRecord(id="b")
-    with book.locked():
+
+    def one_message():
         book.add(record)
         book.add(other)
-        book.transition(record, PENDING)
-        assert heard["first"] == []  # nothing heard while the lock is held
-    book.transition(record, RUNNING)
-    expected = [("a", "added", PENDING), ("b", "added", PENDING), ("a", "changed", PENDING),
-                ("a", "changed", RUNNING), ("b", "changed", PENDING)]
+        book.transition(record, S.PENDING)
+        book.transition(other, S.PENDING)
+        assert heard["first"] == []  # nothing heard while the message is applied
+
+    loop.call(one_message)
+    loop.call(book.transition, record, S.RUNNING)
+    expected = [("a", "added"), ("b", "added"), ("a", "changed"), ("b", "changed"), ("a", "changed"),
+                ("b", "changed")]
     assert heard["first"] == heard["second"]
-    assert [(i, e) for i, e, _ in heard["first"]] == [(i, e) for i, e, _ in expected]
-    assert heard["first"][-2:] == expected[-2:] and all(lock_free)
+    assert [(i, e) for i, e, _ in heard["first"]] == expected
+    assert heard["first"][-2:] == [("a", "changed", RUNNING), ("b", "changed", "paused")]
 
 
-def _in_other_thread(book: StateBook) -> bool:
-    """True when another thread can take the book's lock now (so this thread does not hold it)."""
-    result = []
-    thread = threading.Thread(target=lambda: result.append(book.lock.acquire(timeout=5) and (book.lock.release()
-                                                                                             or True)))
-    thread.start()
-    thread.join()
-    return result == [True]
-
-
-def test_a_failing_listener_neither_silences_the_others_nor_stalls_later_events():
-    """A listener that raises (a full disk under the store) reaches the thread that made the change; every
-    other listener still hears that event, and the events after it are not left in the outbox."""
+def test_a_failing_listener_neither_silences_the_others_nor_stalls_later_changes(loop, caplog):
+    """A listener that raises (a full disk under the store) is logged; every other listener still hears that
+    change, and the changes after it are emitted too."""
     heard = []
 
     def failing(record, event):
         if record.id == "bad":
             raise OSError("disk full")
 
-    book = StateBook([failing, lambda record, event: heard.append((record.id, event))])
-    bad, good = SessionRecord(id="bad"), SessionRecord(id="good")
-    with pytest.raises(OSError, match="disk full"):
-        with book.locked():
-            book.add(bad)
-            book.add(good)
+    book = make_book(loop, [failing, lambda record, event: heard.append((record.id, event))])
+    loop.call(lambda: (book.add(SessionRecord(id="bad")), book.add(SessionRecord(id="good"))))
     assert heard == [("bad", "added"), ("good", "added")]
-    assert not book._unheard and not book._outbox  # nothing left waiting to be heard
+    assert "disk full" in caplog.text
+    loop.call(book.transition, book.sessions["good"], S.PENDING)
+    assert heard[-1] == ("good", "changed")
+
+
+def test_a_caller_waiting_for_a_condition_is_answered_by_the_loop_after_the_change(loop):
+    book = make_book(loop)
+    record = record_in(book, S.PENDING)
+    assert not loop.wait_for(lambda: record.status == COMPLETED, timeout=0.05)
+    loop.call(book.transition, record, S.RUNNING)
+    loop.post(book.transition, record, S.FINISHING)
+    loop.post(book.transition, record, S.COMPLETED)
+    assert loop.wait_for(lambda: record.status == COMPLETED, timeout=30)

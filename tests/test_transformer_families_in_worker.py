@@ -42,7 +42,7 @@ def pixels(worker, reply: dict) -> np.ndarray:
 def test_pause_mid_denoising_then_resume_gives_the_uninterrupted_pixels(worker, model):
     expected = pixels(worker, generate(worker, model, session_id="straight"))
 
-    with StepGate(worker, forwards=2, model_id=model) as gate:
+    with StepGate(worker, forwards=2) as gate:
         generate(worker, model, session_id="paused", background=True)
         task = current_task(worker, "paused")
         paused = gate.pause("paused")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from embedded_worker import testing
 from embedded_worker.workflows.catalog import BUILTIN_DIR, read_workflow_file
 
 from .conftest import generate
@@ -143,8 +144,8 @@ def test_parallel_coordination_runs_independent_operations_and_aggregates_errors
     ])
     assert failed["error_code"] == "invalid_request"  # found before anything ran
 
-    cache = worker._engine.config.resolved_model_cache_dir
-    worker._engine.models.register({"broken-a": cache / "missing-a", "broken-b": cache / "missing-b"})
+    cache = worker.config.resolved_model_cache_dir
+    testing.models(worker).register({"broken-a": cache / "missing-a", "broken-b": cache / "missing-b"})
     both = worker.execute_workflow(coordination_mode="parallel", background=False, domains=[
         {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a", "model": "broken-a"}},
         {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "b", "model": "broken-b"}},

@@ -1,8 +1,8 @@
 """DevicePool: the device side as one service for the engine.
 
-It owns the WorkQueue, one DeviceWorker per device (more per device when
-configured) and the event thread on which the workers tell each image's
-listener what happened to it, and is the only way the engine moves an
+It owns the WorkQueue and one DeviceWorker per device (more per device when
+configured); the workers tell each image's listener what happened to it on
+the lifecycle loop (`events`), and the pool is the only way the engine moves an
 image: submit, pause, resume, cancel. Each of those is decided under the
 queue's lock, so a request never races a worker taking the same image.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 
 import torch
 
@@ -40,6 +40,7 @@ class DevicePool:
         self,
         config: WorkerConfig,
         catalog: ModelCatalog,
+        events: Executor,
         mark_on_device: OnDeviceMark,
         probe_factory: ProbeFactory = probe_for,
     ):
@@ -48,7 +49,7 @@ class DevicePool:
         self.queue = WorkQueue(scheduling.aging_per_second, scheduling.policy)
         self.config = config
         self.mark_on_device = mark_on_device
-        self.events = ThreadPoolExecutor(1, thread_name_prefix="ew-events")  # the workers' listeners hear here
+        self.events = events  # the lifecycle loop: the workers post what happened to each image there
         self.monitors: dict[str, MemoryMonitor] = {}
         self.sizers: dict[str, BatchSizer] = {}
         self.workers: list[DeviceWorker] = []  # and RemoteDeviceWorkers when a cluster is configured
@@ -235,7 +236,6 @@ class DevicePool:
                     worker.thread.join(max(0.0, deadline - time.monotonic()))
             late = [worker.name for worker in self.workers if worker.thread.is_alive()]
             if not late:
-                self.events.shutdown(wait=True)  # what the workers told last is heard before the close goes on
                 if self.cluster is not None:
                     self.cluster.close()
                 return True

@@ -24,6 +24,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -82,6 +83,9 @@ class DeviceWorker(WorkerThread):
         self.seconds_per_decode: float | None = None
         self._reported_capacity: int | None = None  # the size the groups in flight were last counted at
         self.active = ActiveSet(name, queue, self.pipelines, events, mark_on_device, self.counters)
+        # called on this thread after each forward, before the step boundary: the supported way for tests and
+        # profilers to observe or hold a step (`embedded_worker.testing.on_step`); empty in production
+        self.step_hooks: list[Callable[["DeviceWorker"], None]] = []
         self._stream = None  # this worker's CUDA stream, made on its own thread
 
     # ---- other threads -------------------------------------------------------------------
@@ -196,6 +200,8 @@ class DeviceWorker(WorkerThread):
         self.trace.append(dict(Counter(str(t.owner) for t in self.active.tasks())))
         self.counters.forwards += -(-images // chunk)
         self.counters.steps += 1
+        for hook in self.step_hooks:
+            hook(self)
         self.seconds_per_step = _smoothed(self.seconds_per_step, elapsed)
         decode_seconds = self.seconds_per_decode or 0.0
         for cohort in cohorts:

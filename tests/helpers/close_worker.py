@@ -12,7 +12,7 @@ import json
 import sys
 import threading
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     reply = worker.execute_workflow(workflow_id="img-generation-basic", session_id="long",
                                     parameters={"prompt": "a long one", "steps": 150, "num_images": 4, "seed": 1})
     assert reply["success"], reply
-    worker._engine.book.wait_until(lambda: worker.get_session_status("long")["status"] == "running", 120)
+    testing.wait_until(worker, lambda: worker.get_session_status("long")["status"] == "running", 120)
     closed = worker.close(timeout=timeout, pending=pending)
     alive = [t.name for t in threading.enumerate() if t.name.startswith("ew-") and t.is_alive()]
     print(json.dumps({"close": closed, "alive": alive, "again": worker.close(timeout=timeout)}), flush=True)

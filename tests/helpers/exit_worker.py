@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     reply = worker.execute_workflow(workflow_id="img-generation-basic", session_id="long",
                                     parameters={"prompt": "a long one", "steps": 150, "num_images": 4, "seed": 1})
     assert reply["success"], reply
-    device = worker._engine.pool.workers[0]
+    device = testing.device_workers(worker)[0]
     while device.counters.forwards < 2:  # the device is stepping: its thread is inside torch from now on
         time.sleep(0.01)
     closed = None

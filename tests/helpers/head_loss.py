@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-from embedded_worker import ProcessingWorker, WorkerConfig
+from embedded_worker import ProcessingWorker, WorkerConfig, testing
 from embedded_worker.cluster.local_head import LocalRayHead
 
 SMALL = {"prompt": "a lighthouse at dusk", "width": 32, "height": 32}
@@ -60,7 +60,7 @@ def settled(worker, batch_id: str) -> dict:
 
 
 def images_done(worker) -> dict:
-    return {w.name: w.counters.images_done for w in worker._engine.pool.workers}
+    return {w.name: w.counters.images_done for w in testing.device_workers(worker)}
 
 
 def warm(worker, remote) -> None:
@@ -91,8 +91,8 @@ def worker_on(model_cache: str, address: str, local_devices: bool) -> Processing
 
 def private_rounds(model_cache: str, rounds: int) -> int:
     worker = worker_on(model_cache, "local", local_devices=True)
-    connection = worker._engine.pool.cluster
-    remote = next(w for w in worker._engine.pool.workers if w.name.startswith("ew-ray-"))
+    connection = testing.cluster(worker)
+    remote = next(w for w in testing.device_workers(worker) if w.name.startswith("ew-ray-"))
     seen: dict = {"rounds": []}
     try:
         for round in range(rounds):
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
     worker = worker_on(model_cache, head.address, local_devices=mode == "local_devices")
     seen: dict = {}
     try:
-        remote = next(w for w in worker._engine.pool.workers if w.name.startswith("ew-ray-"))
+        remote = next(w for w in testing.device_workers(worker) if w.name.startswith("ew-ray-"))
         wait_for(lambda: remote.status()["loaded_models"], 180, "the actor loads the model")
 
         batch(worker, "cut", 900, steps=60)  # long enough that the actor cannot finish before the kill
