@@ -19,11 +19,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from embedded_worker import ProcessingWorker, WorkerConfig, testing
+from embedded_worker import ProcessingWorker, WorkerConfig
 from embedded_worker import engine as engine_module
-from embedded_worker.retention import Retention
-from embedded_worker.state import ADDED, COMPLETED, SessionRecord
-from embedded_worker.store import StateStore
+from embedded_worker import testing
+from embedded_worker.lifecycle.retention import Retention
+from embedded_worker.lifecycle.state import ADDED, COMPLETED, SessionRecord
+from embedded_worker.lifecycle.store import StateStore
 
 from .common import table
 from .worker_bench import MODEL, PROMPT

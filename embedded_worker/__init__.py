@@ -7,9 +7,9 @@
         pixels = worker.get_output(reply["outputs"][0]["output_id"])  # uint8 HxWx3, zero-copy
 """
 
-from .batch_tracker import BatchProgressTracker
+from .api.facade import ProcessingWorker
 from .config import WorkerConfig
-from .facade import ProcessingWorker
+from .progress.batch_tracker import BatchProgressTracker
 
 __version__ = "0.1.0"
 __all__ = ["BatchProgressTracker", "ProcessingWorker", "WorkerConfig", "__version__"]

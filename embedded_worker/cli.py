@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .api.facade import ProcessingWorker
 from .errors import WorkerError
-from .facade import ProcessingWorker
-from .postprocess import encode
+from .outputs.postprocess import encode
 
 BAR_WIDTH = 30
 

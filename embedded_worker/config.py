@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
+from .api.field_names import UnknownFields
+from .api.messages import Number
 from .diffusion.models import BUILTIN_MODELS
 from .errors import InvalidRequest
-from .protocol import Number
 from .toy_model import SHAPES_MODEL_ID
-from .field_names import UnknownFields
 
 DEFAULT_MODEL_ID = SHAPES_MODEL_ID  # trained here, so it draws what it is asked; tiny-sd's weights are random
 CONFIG_ENV_VAR = "EMBEDDED_WORKER_CONFIG"

@@ -16,28 +16,33 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-from . import batch_view
-from .batches import BatchService
-from .config import WorkerConfig
-from .diffusion.device_pool import DevicePool, ProbeFactory
+from .diffusion.device_pool import DevicePool
 from .diffusion.memory import probe_for
 from .diffusion.models import ModelCatalog
 from .diffusion.offline import set_offline_environment
 from .errors import NotFound
-from .intake import Intake
-from .jobs import Job, JobService
-from .lifecycle_loop import LifecycleLoop
-from .outputs import OutputStore
-from .planning import Planner
-from .progress_board import ProgressBoard
-from .progress_feed import ProgressFeed
-from .restore import restore
-from .retention import Retention
-from .sessions import SessionService
-from .state import FINAL, StateBook, status_counts
-from .store import StateStore
+from .lifecycle import batch_view
+from .lifecycle.acceptance import Acceptance
+from .lifecycle.batches import BatchService
+from .lifecycle.jobs import JobService
+from .lifecycle.loop import LifecycleLoop
+from .lifecycle.planning import Planner
+from .lifecycle.retention import Retention
+from .lifecycle.sessions import SessionService
+from .lifecycle.state import FINAL, StateBook, status_counts
+from .lifecycle.store import StateStore
+from .lifecycle.takeover import restore
+from .outputs.store import OutputStore
+from .progress.board import ProgressBoard
+from .progress.feed import ProgressFeed
 from .workflows.catalog import WorkflowCatalog
+
+if TYPE_CHECKING:
+    from .config import WorkerConfig
+    from .diffusion.device_pool import ProbeFactory
+    from .lifecycle.jobs import Job
 
 log = logging.getLogger("embedded_worker")
 STOP_GRACE_SECONDS = 300.0  # past close's deadline: how long a step or a model load under way may still take
@@ -80,20 +85,20 @@ class Engine:
             join_cluster(self.pool)
         self.jobs = JobService(self.book, self.loop, self.pool, self.cpu, self.outputs, self.store,
                                self.models.native_size, on_progress=self._progressed)
-        self.intake = Intake(self.book, self.loop, self.jobs, self.pool, config.limits.max_queued_work,
+        self.acceptance = Acceptance(self.book, self.loop, self.jobs, self.pool, config.limits.max_queued_work,
                              config.limits.max_items, config.scheduling.max_batch_size, self.models.native_size)
-        self.sessions = SessionService(self.book, self.loop, self.store, self.jobs, self.intake, self.planner,
+        self.sessions = SessionService(self.book, self.loop, self.store, self.jobs, self.acceptance, self.planner,
                                        self.workflows, self.outputs)
-        self.batches = BatchService(self.book, self.loop, self.store, self.jobs, self.intake, self.planner,
+        self.batches = BatchService(self.book, self.loop, self.store, self.jobs, self.acceptance, self.planner,
                                     self.workflows, self.outputs, self.pool)
         self.feed = ProgressFeed(self.board, self.book, self.jobs, self.batches, self.cpu)
         self.retention = Retention(config.retention, self.book, self.sessions, self.batches, self.cpu,
-                                   self.intake.closing)
+                                   self.acceptance.closing)
         # who hears a change, in order: on disk first, then the board and trackers, then retention
         self.book.listeners = [self.store.record_event, self.feed.record_event, self.retention.record_event]
         self._close_lock = threading.Lock()  # a racing second close waits for the first
         self.pool.start()
-        self.pool.on_every_worker(lambda worker: worker.pipeline(config.default_model))  # warm, not awaited
+        self.pool.on_every_worker(lambda worker: worker.load(config.default_model))  # warm, not awaited
         self.recovery_report = self.loop.call(restore, self.store, self.outputs, self.book, self.jobs,
                                               self.sessions, self.batches, config.recovery)
         self.retention.start()
@@ -134,7 +139,7 @@ class Engine:
                       "quarantined_rows": self.store.quarantined(), "journal_loss": self.store.journal_loss,
                       "unsaved_changes": self.store.unsaved_changes()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
-            "closing": self.intake.closing.is_set(),
+            "closing": self.acceptance.closing.is_set(),
         }
 
     def close(self, timeout: float, pending: str) -> bool:
@@ -144,9 +149,9 @@ class Engine:
         way (up to STOP_GRACE_SECONDS); True when every thread has ended. Callers waiting for work get
         their answer. The store closes only once nothing can write to it any more."""
         with self._close_lock:
-            if self.intake.closing.is_set():
+            if self.acceptance.closing.is_set():
                 return self.threads_stopped()
-            self.intake.closing.set()
+            self.acceptance.closing.set()
             deadline = time.monotonic() + timeout
             if pending == "finish":
                 self.loop.wait_for(self._all_final, timeout)

@@ -12,8 +12,7 @@ import collections
 import logging
 import threading
 
-from .protocol import iso
-
+from .api.messages import iso
 
 MAX_MESSAGE_CHARS = 8000  # a record's text, traceback included; the rest is cut and marked
 

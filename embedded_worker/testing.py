@@ -10,9 +10,11 @@ lifecycle loop, hooks run on a device thread and only observe or hold it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .facade import ProcessingWorker
+if TYPE_CHECKING:
+    from .api.facade import ProcessingWorker
+
 
 
 def wait_until(worker: ProcessingWorker, predicate: Callable[[], bool], timeout: float) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from embedded_worker import ProcessingWorker, WorkerConfig, testing
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
-from embedded_worker.state import WorkState
+from embedded_worker.lifecycle.state import WorkState
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from embedded_worker import batch_view
-from embedded_worker.state import (
+from embedded_worker.lifecycle import batch_view
+from embedded_worker.lifecycle.state import (
     CANCELLED,
     COMPLETED,
     CREATED,

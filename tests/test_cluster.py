@@ -25,6 +25,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from embedded_worker import ProcessingWorker, WorkerConfig, testing  # noqa: E402
+from embedded_worker.diffusion.device_worker_protocol import DeviceWorkerProtocol  # noqa: E402
 from embedded_worker.cluster.local_head import LocalRayHead, _group_alive, free_port, ray_script  # noqa: E402
 from embedded_worker.diffusion.denoise import ImageSpec  # noqa: E402
 from embedded_worker.errors import Cancelled, Unavailable  # noqa: E402
@@ -124,6 +125,7 @@ def test_a_local_cluster_starts_with_the_worker_and_stops_with_it(make_worker):
     pgid = head.process.pid
     assert generate(worker, background=False, seed=3, **SMALL)["status"] == "completed"
     assert remote_workers(worker)[0].counters.images_done == 1
+    assert isinstance(remote_workers(worker)[0], DeviceWorkerProtocol)  # the pool's one declared protocol
     assert worker.close(timeout=30)["success"]
     assert not _group_alive(pgid), "the private Ray head outlived the worker"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 import threading
 
-from embedded_worker.state import ALL_STATUSES
-
 import pytest
+
+from embedded_worker.lifecycle.state import ALL_STATUSES
 
 from .conftest import generate, session_status, settle, wait_for
 

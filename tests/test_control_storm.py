@@ -9,7 +9,7 @@ import time
 import pytest
 
 from embedded_worker import testing
-from embedded_worker.state import ALL_STATUSES
+from embedded_worker.lifecycle.state import ALL_STATUSES
 
 from .conftest import generate, settle, wait_for
 

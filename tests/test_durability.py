@@ -12,8 +12,8 @@ import pytest
 
 from embedded_worker import ProcessingWorker, WorkerConfig, testing
 from embedded_worker.errors import Unavailable
-from embedded_worker.outputs import owner_folder
-from embedded_worker.store import FORMAT_VERSION
+from embedded_worker.lifecycle.store import FORMAT_VERSION
+from embedded_worker.outputs.store import owner_folder
 
 from .conftest import generate, session_status, wait_for
 
@@ -301,8 +301,8 @@ def test_a_start_on_a_big_prune_backlog_queues_one_prune_at_a_time_and_live_work
     thread to a live session, which completes while the backlog is still there."""
     from benchmarks.prune_bench import PruneCounter, write_finished_sessions
     from embedded_worker import engine as engine_module
-    from embedded_worker.retention import PRUNE_CHUNK
-    from embedded_worker.sessions import SessionService
+    from embedded_worker.lifecycle.retention import PRUNE_CHUNK
+    from embedded_worker.lifecycle.sessions import SessionService
 
     rows, keep = 20 * PRUNE_CHUNK, 10
     state = tmp_path / "state" / "state.sqlite3"

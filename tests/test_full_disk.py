@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from embedded_worker import ProcessingWorker, output_files, testing
-from embedded_worker.outputs import owner_folder
+from embedded_worker import ProcessingWorker, testing
+from embedded_worker.outputs import files as output_files
+from embedded_worker.outputs.store import owner_folder
 
 from .conftest import generate, session_status, wait_for
 from .helpers.full_disk import FullDisk

@@ -20,11 +20,10 @@ from embedded_worker.config import WorkerConfig
 from embedded_worker.diffusion.models import ModelCatalog
 from embedded_worker.diffusion.task import DONE, PARKED, QUEUED, BatchSizing
 from embedded_worker.errors import Cancelled, InvalidState
-from embedded_worker.jobs import JobService
-from embedded_worker.lifecycle_loop import LifecycleLoop
-from embedded_worker.outputs import OutputStore
-from embedded_worker.planning import Planner
-from embedded_worker.state import (
+from embedded_worker.lifecycle.jobs import JobService
+from embedded_worker.lifecycle.loop import LifecycleLoop
+from embedded_worker.lifecycle.planning import Planner
+from embedded_worker.lifecycle.state import (
     CANCELLED,
     COMPLETED,
     PAUSED,
@@ -34,7 +33,8 @@ from embedded_worker.state import (
     SessionRecord,
     StateBook,
 )
-from embedded_worker.store import StateStore
+from embedded_worker.lifecycle.store import StateStore
+from embedded_worker.outputs.store import OutputStore
 from embedded_worker.workflows.catalog import WorkflowCatalog
 
 from .conftest import wait_for
@@ -117,7 +117,7 @@ def test_a_session_job_runs_pending_running_completed_and_keeps_its_outputs(serv
     job = admit(service, record)
     assert record.status == PENDING
     task = submitted(service, 1)
-    assert task.record_id == "s1" and task.owner == "s1"
+    assert task.record_id == "s1" and task.share_group == "s1"
     service.pool.play(task)
     wait_for(lambda: record.status == COMPLETED)
     assert len(record.outputs) == 1 and service.outputs.get(record.outputs[0]["output_id"]).pixels[0, 0, 0] == 7
@@ -130,7 +130,7 @@ def test_a_batch_item_is_the_same_kind_of_job_with_its_batch_as_owner(service):
     item = ItemRecord(id="b/i0", batch_id="b", item_id="i0")
     job = admit(service, item, BatchSizing("b", 4))
     task = submitted(service, 1)
-    assert task.owner == "b" and task.sizing.limit == 4
+    assert task.share_group == "b" and task.sizing.limit == 4
     service.pool.play(task)
     wait_for(lambda: item.status == COMPLETED)
     assert job.owner_id == "b" and service.outputs.get(item.outputs[0]["output_id"]).item_id == "i0"

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedded_worker import postprocess, testing
-from embedded_worker.outputs import owner_folder
+from embedded_worker import testing
+from embedded_worker.outputs import postprocess
+from embedded_worker.outputs.store import owner_folder
 
 from .conftest import generate
 

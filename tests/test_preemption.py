@@ -90,7 +90,7 @@ def submitted_at_step(worker, session_id: str, device) -> int:
 
 
 def owner_of(worker, session_id: str) -> str:
-    return str(run_of(worker, session_id).all_tasks[0].owner)
+    return str(run_of(worker, session_id).all_tasks[0].share_group)
 
 
 def outputs_by_seed(worker, batch_id: str) -> dict[int, np.ndarray]:

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from embedded_worker.progress_board import FIELD, FIELDS, ProgressBoard, id_hash
+from embedded_worker.progress.board import FIELD, FIELDS, ProgressBoard, id_hash
 
 from .conftest import generate, wait_for
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from embedded_worker.recovery import FAIL, KEEP_PAUSED, QUARANTINE, REQUEUE, decide
-from embedded_worker.state import PAUSED, PENDING, RUNNING, ItemRecord, SessionRecord
+from embedded_worker.lifecycle.recovery_decisions import FAIL, KEEP_PAUSED, QUARANTINE, REQUEUE, decide
+from embedded_worker.lifecycle.state import PAUSED, PENDING, RUNNING, ItemRecord, SessionRecord
 
 CASES = [
     # status, on_device, recoveries, restarts, mode, cannot_resume -> action, isolated, error_code

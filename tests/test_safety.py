@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedded_worker import postprocess, testing
+from embedded_worker import testing
+from embedded_worker.outputs import postprocess
 
 from .conftest import generate
 

@@ -142,15 +142,15 @@ class _ReferenceQueue:
         while left:
             heads: dict = {}
             for urgency, task in left:
-                if task.owner not in heads or urgency < heads[task.owner][0]:
-                    heads[task.owner] = (urgency, task)
+                if task.share_group not in heads or urgency < heads[task.share_group][0]:
+                    heads[task.share_group] = (urgency, task)
             best = min(heads.values(), key=lambda head: head[0])
             if self.policy == "fair":
                 peers = [head for head in heads.values() if head[1].priority == best[1].priority]
-                best = min(peers, key=lambda head: (counts.get(head[1].owner, 0), head[0]))
+                best = min(peers, key=lambda head: (counts.get(head[1].share_group, 0), head[0]))
             order.append(best[1])
             left.remove(best)
-            counts[best[1].owner] = counts.get(best[1].owner, 0) + 1
+            counts[best[1].share_group] = counts.get(best[1].share_group, 0) + 1
         return order
 
 
@@ -278,3 +278,10 @@ def test_previewing_at_every_step_does_not_make_later_choices_slower():
             assert len(queue.preview(key, 1, {in_flight: 1})) == 1
             looks.append(_CountedOwner.looks)
     assert looks[-1] <= looks[1], looks[:3] + looks[-3:]
+
+
+def test_the_local_device_worker_is_what_the_pool_declares(worker):
+    """Local and remote device workers implement one declared protocol (the remote one in test_cluster)."""
+    from embedded_worker.diffusion.device_worker_protocol import DeviceWorkerProtocol
+
+    assert isinstance(testing.device_workers(worker)[0], DeviceWorkerProtocol)

@@ -8,8 +8,8 @@ import itertools
 import pytest
 
 from embedded_worker.errors import InvalidState
-from embedded_worker.lifecycle_loop import LifecycleLoop
-from embedded_worker.state import (
+from embedded_worker.lifecycle.loop import LifecycleLoop
+from embedded_worker.lifecycle.state import (
     COMPLETED,
     PENDING,
     RUNNING,

@@ -25,12 +25,14 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..config import ClusterConfig
 from ..errors import Unavailable
 from .local_head import LocalRayHead, speaks_grpc
 from .ray_environment import is_loopback, prepare_driver
+
+if TYPE_CHECKING:
+    from ..config import ClusterConfig
 
 log = logging.getLogger("embedded_worker.cluster")
 NAMESPACE = "embedded_worker"

@@ -8,10 +8,13 @@ imported by it.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from ..config import ClusterConfig
 from ..diffusion.memory import MemoryReading
 from .connection import ClusterConnection
+
+if TYPE_CHECKING:
+    from ..config import ClusterConfig
 
 log = logging.getLogger("embedded_worker.cluster")
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ..diffusion.task import CANCEL, DONE, PARKED, PAUSE, DenoiseTask
-from ..diffusion.work_queue import WorkQueue
+from ..diffusion.task import CANCEL, DONE, PARKED, PAUSE
 from ..errors import Cancelled, InternalError, Unavailable, WorkerError
+
+if TYPE_CHECKING:
+    from ..diffusion.task import DenoiseTask
+    from ..diffusion.work_queue import WorkQueue
 
 log = logging.getLogger("embedded_worker.cluster")
 

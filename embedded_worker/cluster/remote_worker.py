@@ -11,8 +11,8 @@ Design notes
 - The thread launches, polls and hands off: images go out as one `run`
   call each (the actor coalesces them), results come back through
   `ray.wait` every POLL_SECONDS, and so does progress (one `progress` call
-  in flight at a time). Listeners hear `task_started`, `task_stepped` and
-  `task_parked` on the pool's event thread, as from a local worker.
+  in flight at a time). What happened to each image is posted to the
+  lifecycle loop, as from a local worker.
 - Pause and cancel reach the actor at its next step boundary (its pool's
   own cancel); what a paused image keeps is in `outcomes`. Preemption
   never parks a remote image.
@@ -27,7 +27,7 @@ Design notes
   without any), and the worker takes nothing until the head is back, then
   asks for a fresh actor.
 - Pixels: one copy into the object store, a read-only view from `ray.get`,
-  one copy to this process's heap (`outcomes.complete`), kept as the output.
+  one copy to our heap (`outcomes.complete`), kept as the output.
 """
 
 from __future__ import annotations
@@ -38,18 +38,23 @@ import uuid
 from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..diffusion.active_set import OnDeviceMark, announce_start, tell_listeners
-from ..diffusion.admission import Admission
+from ..diffusion.active_set import announce_start, tell_listeners
 from ..diffusion.device_worker import WorkerCounters
-from ..diffusion.memory import MemoryMonitor, MemoryReading
-from ..diffusion.task import DenoiseTask
-from ..diffusion.work_queue import WorkQueue
+from ..diffusion.memory import MemoryReading
 from ..diffusion.worker_thread import WorkerThread
 from ..errors import Unavailable
 from . import outcomes
-from .connection import ClusterConnection, HeadLost
+from .connection import HeadLost
+
+if TYPE_CHECKING:
+    from ..diffusion.active_set import OnDeviceMark
+    from ..diffusion.admission import Admission
+    from ..diffusion.memory import MemoryMonitor
+    from ..diffusion.task import DenoiseTask
+    from ..diffusion.work_queue import WorkQueue
+    from .connection import ClusterConnection
 
 log = logging.getLogger("embedded_worker.cluster")
 POLL_SECONDS = 0.05  # results and progress cross processes: looked for this often while images are out
@@ -81,16 +86,14 @@ class RemoteDeviceWorker(WorkerThread):
         self.mark_on_device = mark_on_device
         self.window = window
         self._spawn = spawn  # actor name -> a new actor handle
-        self.actor_name = ""
-        self.actor = None
+        self.actor_name, self.actor = "", None
         self.node_id: str | None = None
         self.actor_pid: int | None = None
         self.device = RemoteDevice(name)
         self.counters = WorkerCounters()
         self.resizes: Counter = Counter()  # remote forwards do not resize under the head's eyes
         self.seconds_per_step: float | None = None
-        self.loading: str | None = None
-        self.load_errors: dict[str, str] = {}
+        self.loading, self.load_errors = None, {}  # the model being loaded; model id -> why its last load failed
         self.actor_deaths = 0
         self._loaded: list[str] = []
         self._in_flight: dict[object, DenoiseTask] = {}  # ObjectRef -> image; the thread only
@@ -125,16 +128,14 @@ class RemoteDeviceWorker(WorkerThread):
             "forwards": self.counters.forwards,
             "images_done": self.counters.images_done,
             "cohorts_started": self.counters.cohorts_started,
-            "preemptions": 0,
-            "preempted_images": 0,
-            "out_of_memory_events": 0,
+            **dict.fromkeys(("preemptions", "preempted_images", "out_of_memory_events"), 0),  # not on an actor
             "actor_deaths": self.actor_deaths,
         }
 
     # ---- on this worker's thread: models -------------------------------------------------------
 
-    def pipeline(self, model_id: str) -> tuple:
-        """Load `model_id` on the actor; there is no pipeline object on the head."""
+    def load(self, model_id: str) -> None:
+        """Load `model_id` on the actor (there is no pipeline on the head)."""
         import ray
 
         self.loading = model_id
@@ -147,7 +148,6 @@ class RemoteDeviceWorker(WorkerThread):
         finally:
             self.loading = None
         self.load_errors.pop(model_id, None)
-        return None, None
 
     def unload(self, model_id: str) -> bool:
         import ray

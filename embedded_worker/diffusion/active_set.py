@@ -12,7 +12,7 @@ and every step is one forward over all of them. At a boundary:
 - images asked to leave (`DenoiseTask.leaving`) leave: cancelled ones end,
   paused ones park with their own cohort (state and all), preempted ones go
   back to the queue at their old rank with it and resume from that step.
-Listeners hear everything on the pool's event thread (`tell`), in order;
+Listeners hear everything on the lifecycle loop (`tell`), in order;
 the device thread never waits for them.
 """
 
@@ -21,14 +21,17 @@ from __future__ import annotations
 import itertools
 import logging
 from concurrent.futures import Executor
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import Cancelled, InternalError, Unavailable, WorkerError
 from .conditioning import join_conditioning
-from .denoise import Cohort, start_cohort
-from .pipelines import PipelineCache
+from .denoise import start_cohort
 from .task import CANCEL, DONE, PARKED, PAUSE, PREEMPT, DenoiseTask
-from .work_queue import WorkQueue
+
+if TYPE_CHECKING:
+    from .denoise import Cohort
+    from .pipelines import PipelineCache
+    from .work_queue import WorkQueue
 
 log = logging.getLogger("embedded_worker.device")
 _cohort_ids = itertools.count(1)
@@ -106,7 +109,7 @@ class ActiveSet:
 
     def _leave(self, task: DenoiseTask, cohort: Cohort, eta_after_preemption) -> None:
         """Cancelled: done. Paused: parked with its cohort. Preempted: back in the queue with its cohort,
-        at its old rank, still `running` to its owner."""
+        at its old rank, still `running` to its run."""
         self._left.add(task.record_id)
         with self.queue.cond:
             reason, task.leaving = task.leaving, None
@@ -166,7 +169,7 @@ class ActiveSet:
             self._left.clear()
 
     def tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
-        """Hand `tell(listener, task)` for each task to the event thread: the device goes on at once."""
+        """Hand `tell(listener, task)` for each task to the lifecycle loop: the device goes on at once."""
         self.events.submit(tell_listeners, self.name, tell, tasks, once_per_listener)
 
 
@@ -183,7 +186,7 @@ def announce_start(worker: str, tasks: list[DenoiseTask], left: set[str], mark_o
 
 
 def tell_listeners(worker: str, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool) -> None:
-    """On the event thread: each task's listener hears `tell` (once per listener when asked)."""
+    """On the lifecycle loop: each task's listener hears `tell` (once per listener when asked)."""
     told: set[int] = set()
     for task in tasks:
         listener = task.listener

@@ -12,7 +12,7 @@ Design notes
   suspect after a crash) runs alone.
 - Preemption (`scheduling.preempt`): when the active set is full and a
   waiting image should run before one in it (a higher priority whose aged
-  rank is also better, or under `fair` an owner with far fewer images in
+  rank is also better, or under `fair` a group with far fewer images in
   flight), the less urgent image is asked to leave at the next step
   boundary (`PREEMPT`); the worker parks it exactly as a pause does and puts
   it back in the queue at its old rank. Not again before it made a step of
@@ -32,11 +32,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .memory import BatchSizer, ForwardTimes
-from .task import PREEMPT, DenoiseTask
-from .work_queue import WorkQueue
+from .memory import ForwardTimes
+from .task import PREEMPT
+
+if TYPE_CHECKING:
+    from .memory import BatchSizer
+    from .task import DenoiseTask
+    from .work_queue import WorkQueue
 
 
 class Admission:
@@ -79,7 +83,7 @@ class Admission:
         self._coalesce_until = None
         minimum, threshold = self._preferences(active, queue.peek(self.key))
         self.capacity, self.capacity_reason = self.sizer.size(self.key, minimum, threshold)
-        in_flight = Counter(t.owner for t in active)
+        in_flight = Counter(t.share_group for t in active)
         limit = self.capacity - len(active)
         if self.preempt and active:
             limit = self._preempt_for(active, in_flight, limit)
@@ -116,14 +120,14 @@ class Admission:
                 pool = [v for v in eligible if v not in victims and self._displaces(task, v, counts)]
                 if not pool:
                     break
-                victim = max(pool, key=lambda v: (-v.priority, counts[v.owner], v.rank))
+                victim = max(pool, key=lambda v: (-v.priority, counts[v.share_group], v.rank))
                 victims.append(victim)
-                counts[victim.owner] -= 1
+                counts[victim.share_group] -= 1
                 free += 1
                 places += 1
             free -= 1
             admitted.append(task)
-            counts[task.owner] += 1
+            counts[task.share_group] += 1
         staying = [t for t in active if t not in victims]
         present = staying + admitted + [t for t in waiting if t not in admitted]
         top = max((t.priority for t in staying + admitted), default=None)
@@ -146,11 +150,12 @@ class Admission:
         return places
 
     def _displaces(self, waiting: DenoiseTask, active: DenoiseTask, counts: Counter) -> bool:
-        """May `waiting` take `active`'s place now? More urgent, or (fair) an owner well under its share."""
+        """May `waiting` take `active`'s place now? More urgent, or (fair) a group well under its share."""
         if outranks(waiting, active):
             return True
+        mine, theirs = waiting.share_group, active.share_group
         return (self.queue.policy == "fair" and waiting.priority == active.priority
-                and waiting.owner != active.owner and counts[active.owner] > counts[waiting.owner] + 1)
+                and mine != theirs and counts[theirs] > counts[mine] + 1)
 
     def _forward_target(self, urgent: int, remaining_steps: int) -> int:
         """How many images a forward may hold while `urgent` images of a higher priority run in it:

@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .conditioning import Conditioning
 from .families import adapter_for
 from .schedulers import DEFAULT_SCHEDULER, step_kwargs
+
+if TYPE_CHECKING:
+    from .conditioning import Conditioning
 
 
 @dataclass(frozen=True, eq=False)

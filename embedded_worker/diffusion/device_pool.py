@@ -17,18 +17,24 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import WorkerConfig
 from ..errors import Cancelled, Unavailable
 from .admission import Admission
-from .device_worker import DeviceWorker, OnDeviceMark
+from .device_worker import DeviceWorker
 from .devices import resolve_devices, resolve_dtype
 from .memory import BatchSizer, MemoryMonitor, MemoryProbe, probe_for
-from .models import ModelCatalog
-from .task import ACTIVE, CANCEL, DONE, NEW, PARKED, PAUSE, QUEUED, DenoiseTask
+from .task import ACTIVE, CANCEL, DONE, NEW, PARKED, PAUSE, QUEUED
 from .work_queue import WorkQueue
+
+if TYPE_CHECKING:
+    from ..config import WorkerConfig
+    from .device_worker import OnDeviceMark
+    from .device_worker_protocol import DeviceWorkerProtocol
+    from .models import ModelCatalog
+    from .task import DenoiseTask
 
 log = logging.getLogger("embedded_worker.devices")
 ProbeFactory = Callable[[torch.device], MemoryProbe]
@@ -52,7 +58,7 @@ class DevicePool:
         self.events = events  # the lifecycle loop: the workers post what happened to each image there
         self.monitors: dict[str, MemoryMonitor] = {}
         self.sizers: dict[str, BatchSizer] = {}
-        self.workers: list[DeviceWorker] = []  # and RemoteDeviceWorkers when a cluster is configured
+        self.workers: list[DeviceWorkerProtocol] = []  # DeviceWorkers, and RemoteDeviceWorkers with a cluster
         self.cluster = None  # the Ray connection, when remote workers are attached (`attach_remote`)
         self._grow_remote: Callable | None = None  # index -> a new remote worker
         self._remote = 0  # remote workers attached

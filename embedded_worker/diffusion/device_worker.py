@@ -6,9 +6,10 @@ Design notes
   one denoiser forward (UNet or transformer) over every active image
   (`forward`), decode the cohorts that finished. Eight single-image sessions cost about one batch of eight,
   and a request that arrives mid-run joins at the next step.
-- The device thread launches work and hands results off, nothing more: one
-  write when images start (the on-device mark), listeners told on the
-  pool's event thread, results out through the images' futures.
+- The device thread launches work and hands results off, nothing more: it
+  never touches a record. It waits once when images start (the lifecycle
+  loop stores them as on the device), posts what happened to each image to
+  the loop, and hands results out through the images' futures.
 - A pipeline belongs to its worker and is touched from this thread only
   (pipelines are not thread-safe). Model loads and unloads asked for by
   other threads run here between steps (`call`).
@@ -24,20 +25,24 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..errors import Unavailable
-from .active_set import ActiveSet, OnDeviceMark
-from .admission import Admission
-from .forward import decode, forward, release_memory
-from .memory import MemoryMonitor
-from .models import ModelCatalog
+from .active_set import ActiveSet
+from .oom_backoff import decode, forward, release_memory
 from .pipelines import PipelineCache
-from .task import DONE, DenoiseTask
-from .work_queue import WorkQueue
+from .task import DONE
 from .worker_thread import WorkerThread
+
+if TYPE_CHECKING:
+    from .active_set import OnDeviceMark
+    from .admission import Admission
+    from .memory import MemoryMonitor
+    from .models import ModelCatalog
+    from .task import DenoiseTask
+    from .work_queue import WorkQueue
 
 log = logging.getLogger("embedded_worker.device")
 
@@ -76,7 +81,7 @@ class DeviceWorker(WorkerThread):
         self.admission = admission
         self.sizer = admission.sizer
         self.pipelines = PipelineCache(catalog, device, dtype, max_loaded_models, gc_freeze, admission.sizer, name)
-        self.trace: deque[dict] = deque(maxlen=4096)  # owner -> images, per forward: the scheduler's recent past
+        self.trace: deque[dict] = deque(maxlen=4096)  # share group -> images, per forward: the scheduler's recent past
         self.counters = WorkerCounters()
         self.resizes: Counter = Counter()  # batch (sizing group) -> size changes while its images were in flight
         self.seconds_per_step: float | None = None
@@ -176,6 +181,9 @@ class DeviceWorker(WorkerThread):
         """(pipe, family) for `model_id`; on this thread only."""
         return self.pipelines.get(model_id)
 
+    def load(self, model_id: str) -> None:
+        self.pipelines.get(model_id)
+
     def unload(self, model_id: str) -> bool:
         return self.pipelines.unload(model_id)
 
@@ -197,7 +205,7 @@ class DeviceWorker(WorkerThread):
         self.sizer.clean_forward(key)
         if chunk == images:
             admission.forward_times.record(key, images, elapsed)
-        self.trace.append(dict(Counter(str(t.owner) for t in self.active.tasks())))
+        self.trace.append(dict(Counter(str(t.share_group) for t in self.active.tasks())))
         self.counters.forwards += -(-images // chunk)
         self.counters.steps += 1
         for hook in self.step_hooks:
@@ -209,7 +217,8 @@ class DeviceWorker(WorkerThread):
             for task in cohort.members:
                 task.step = cohort.step_index
                 task.eta_seconds = remaining * self.seconds_per_step + decode_seconds
-        self.active.tell(lambda listener, task: listener.task_stepped(task), self.active.tasks(), once_per_listener=True)
+        self.active.tell(lambda listener, task: listener.task_stepped(task), self.active.tasks(),
+                         once_per_listener=True)
 
     def _shrink(self, chunk: int) -> int:
         """Out of memory at `chunk`: the next, smaller chunk; the capacity follows and the batches in flight

@@ -11,14 +11,19 @@ import gc
 import logging
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ResourceExhausted, Unavailable, WorkerError, is_out_of_memory
-from .conditioning import Conditioning
+from ..errors import ResourceExhausted, Unavailable, is_out_of_memory
 from .denoise import encode_prompt
-from .memory import BatchSizer
-from .models import ModelCatalog, load_pipeline
+from .models import load_pipeline
+
+if TYPE_CHECKING:
+    from ..errors import WorkerError
+    from .conditioning import Conditioning
+    from .memory import BatchSizer
+    from .models import ModelCatalog
 
 log = logging.getLogger("embedded_worker.device")
 PROMPT_CACHE_SIZE = 64
@@ -26,14 +31,14 @@ PROMPT_CACHE_SIZE = 64
 
 class PipelineCache:
     def __init__(self, catalog: ModelCatalog, device: torch.device, dtype: torch.dtype, max_loaded: int,
-                 gc_freeze: bool, sizer: BatchSizer, owner: str):
+                 gc_freeze: bool, sizer: BatchSizer, worker_name: str):
         self.catalog = catalog
         self.device = device
         self.dtype = dtype
         self.max_loaded = max_loaded
         self.gc_freeze = gc_freeze
         self.sizer = sizer  # what it learned about forward sizes is forgotten when a model leaves
-        self.owner = owner  # the worker's name, for the log
+        self.worker_name = worker_name  # for the log
         self._pipes: OrderedDict[str, tuple] = OrderedDict()  # model id -> (pipe, family)
         self._prompts: OrderedDict[tuple, Conditioning] = OrderedDict()
         self.loading: str | None = None  # the model being loaded now; read by status calls
@@ -65,7 +70,7 @@ class PipelineCache:
             self.loading = None
         self._pipes[model_id] = (pipe, self.catalog.family(model_id))
         self.load_errors.pop(model_id, None)
-        log.info("%s loaded %s in %.2f s", self.owner, model_id, time.perf_counter() - started)
+        log.info("%s loaded %s in %.2f s", self.worker_name, model_id, time.perf_counter() - started)
         if self.gc_freeze:
             gc.collect()
             gc.freeze()  # a full collection over the model's objects held the GIL ~200 ms

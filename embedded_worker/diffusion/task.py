@@ -1,6 +1,6 @@
-"""DenoiseTask: one image on its way through a device, and what it tells its owner.
+"""DenoiseTask: one image on its way through a device, and what it tells its run.
 
-The owner (a workflow run) holds the task and its `future`; the queue and a
+The run that asked for it holds the task and its `future`; the queue and a
 device worker move it between `queued`, `active` and `parked`. Owners never
 touch those states directly: they ask the DevicePool to pause, resume or
 cancel, and hear back through `listener` (on the device worker's event
@@ -13,9 +13,11 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .denoise import Cohort, ImageSpec
+if TYPE_CHECKING:
+    from .denoise import Cohort, ImageSpec
+
 
 NEW, QUEUED, ACTIVE, PARKED, DONE = "new", "queued", "active", "parked", "done"
 # why an active image leaves at the next step boundary; a later reason only replaces a weaker one
@@ -90,8 +92,9 @@ class DenoiseTask:
         self.worker: str | None = None  # the device worker that took it last: where it runs
 
     @property
-    def owner(self):
-        """Whose image it is, for fair share: its batch (sizing group), else the record that asked for it."""
+    def share_group(self):
+        """Whose share of the device it counts against (fair share): its batch (sizing group), else the record
+        that asked for it."""
         if self.sizing is not None:
             return self.sizing.group
         return self.record_id if self.record_id is not None else id(self)

@@ -7,20 +7,20 @@ Design notes
   priority" does (`rank`, lower first): keyed once, correct forever.
 - Within one priority the policy decides (`scheduling.policy`):
   `fifo`: by when the request was accepted, so a 1000-item batch goes
-  before a session that came a moment later. `fair`: between owners (a
+  before a session that came a moment later. `fair`: between groups (a
   batch, or the request that made a session's images), by images in flight:
-  the owner with the fewest on the device (counting what this admission
+  the group with the fewest on the device (counting what this admission
   already took) goes next, deficit round-robin by images. Across priorities
   the aged rank decides in both policies.
-- One heap per (forward key, owner): a device worker fills its next forward
-  from one key at a time, and each owner's own order is its rank order, so
-  choosing between owners only looks at their heads.
+- One heap per (forward key, group): a device worker fills its next forward
+  from one key at a time, and each group's own order is its rank order, so
+  choosing between groups only looks at their heads.
 - The heads themselves sit in one heap per priority (`OwnerHeads`), so a
-  choice costs O(log owners), not a look at every owner: the device thread
-  decides under this lock at every step boundary, and with 4,000 owners
+  choice costs O(log groups), not a look at every group: the device thread
+  decides under this lock at every step boundary, and with 4,000 groups
   waiting a decision took 57 ms here (submits, pauses and cancels waited
-  on it). Under `fair` the owner with the fewest images in flight is the
-  most urgent idle head of the level, or one of the owners with images in
+  on it). Under `fair` the group with the fewest images in flight is the
+  most urgent idle head of the level, or one of the groups with images in
   flight (a few: the active set and what this admission took).
 - Removal is lazy: a paused or cancelled task's heap entry is blanked and
   skipped when it surfaces.
@@ -34,72 +34,76 @@ import heapq
 import itertools
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .task import DONE, QUEUED, DenoiseTask
+from .task import DONE, QUEUED
+
+if TYPE_CHECKING:
+    from .task import DenoiseTask
 
 
 POLICIES = ("fair", "fifo")
 
 
 class OwnerHeads:
-    """One forward key's waiting images: each owner's own heap in rank order, and per priority a heap of
-    the owners' heads, so choosing the next owner looks at a few heads, never at every owner.
+    """One forward key's waiting images: each group's own heap in rank order, and per priority a heap of
+    the groups' heads, so choosing the next group looks at a few heads, never at every group.
 
-    Every owner with images has exactly one published head item, (rank, submitted_at, order, token,
-    owner) in its head's priority heap, named by the token in `published`, and it is live: a withdrawn head
-    is replaced at once. Items an owner's later head replaced are stale and dropped when they surface; a
+    Every group with images has exactly one published head item, (rank, submitted_at, order, token,
+    group) in its head's priority heap, named by the token in `published`, and it is live: a withdrawn head
+    is replaced at once. Items a group's later head replaced are stale and dropped when they surface; a
     fresh token each time keeps an entry that comes back as head (refused by a take) from counting twice."""
 
     def __init__(self):
-        self.owners: dict[object, list[list]] = {}  # owner -> its entries, a heap by rank
+        self.groups: dict[object, list[list]] = {}  # group -> its entries, a heap by rank
         self.levels: dict[int, list[tuple]] = {}  # priority -> heap of head items
-        self.published: dict[object, tuple[int, list]] = {}  # owner -> (token of its head item, head entry)
+        self.published: dict[object, tuple[int, list]] = {}  # group -> (token of its head item, head entry)
         self._tokens = itertools.count()
         self.live = 0  # entries not blanked
 
     def push(self, entry: list) -> None:
-        heap = self.owners.setdefault(entry[-1].owner, [])
+        heap = self.groups.setdefault(entry[-1].share_group, [])
         heapq.heappush(heap, entry)
         self.live += 1
         if heap[0] is entry:
-            self.head(entry[-1].owner)
+            self.head(entry[-1].share_group)
 
     def blank(self, entry: list) -> None:
-        """A withdrawn entry stays in its heap, blanked; if it was its owner's head, the next one is published."""
-        owner = entry[-1].owner
+        """A withdrawn entry stays in its heap, blanked; if it was its group's head, the next one is published."""
+        group = entry[-1].share_group
         entry[-1] = None
         self.live -= 1
-        if self.owners[owner][0] is entry:
-            self.head(owner)
+        if self.groups[group][0] is entry:
+            self.head(group)
 
-    def pop(self, owner) -> list:
-        """Take `owner`'s head entry (live: `head` was asked first)."""
-        entry = heapq.heappop(self.owners[owner])
+    def pop(self, group) -> list:
+        """Take `group`'s head entry (live: `head` was asked first)."""
+        entry = heapq.heappop(self.groups[group])
         self.live -= 1
-        self.head(owner)
+        self.head(group)
         return entry
 
-    def head(self, owner) -> list | None:
-        """`owner`'s most urgent live entry, published in its priority's heap; None when it has none."""
-        heap = self.owners.get(owner)
+    def head(self, group) -> list | None:
+        """`group`'s most urgent live entry, published in its priority's heap; None when it has none."""
+        heap = self.groups.get(group)
         while heap and heap[0][-1] is None:
             heapq.heappop(heap)
         if not heap:
-            self.owners.pop(owner, None)
-            self.published.pop(owner, None)
+            self.groups.pop(group, None)
+            self.published.pop(group, None)
             return None
         head = heap[0]
-        if self.published.get(owner, (None, None))[1] is not head:
+        if self.published.get(group, (None, None))[1] is not head:
             token = next(self._tokens)
-            self.published[owner] = (token, head)
-            heapq.heappush(self.levels.setdefault(head[-1].priority, []), (*head[:3], token, owner))
+            self.published[group] = (token, head)
+            heapq.heappush(self.levels.setdefault(head[-1].priority, []), (*head[:3], token, group))
         return head
 
     def level_top(self, priority: int) -> tuple | None:
-        """The most urgent owner's head item among heads of `priority`."""
+        """The most urgent group's head item among heads of `priority`."""
         heap = self.levels.get(priority)
         while heap and self.published.get(heap[0][4], (None,))[0] != heap[0][3]:
-            heapq.heappop(heap)  # stale: the owner's head changed since
+            heapq.heappop(heap)  # stale: the group's head changed since
         return heap[0] if heap else None
 
     def top(self) -> tuple[list, int] | None:
@@ -111,10 +115,10 @@ class OwnerHeads:
                 del self.levels[priority]
             elif best is None or item[:3] < best[0][:3]:
                 best = (item, priority)
-        return (self.owners[best[0][4]][0], best[1]) if best else None
+        return (self.groups[best[0][4]][0], best[1]) if best else None
 
     def first_idle(self, priority: int, counts: dict) -> tuple | None:
-        """The most urgent head item of `priority` whose owner has no image counted in `counts`. The owners
+        """The most urgent head item of `priority` whose group has no image counted in `counts`. The groups
         skipped on the way are those in `counts`: few (the active set and what this admission took)."""
         skipped, found = [], None
         while (item := self.level_top(priority)) is not None:
@@ -127,7 +131,7 @@ class OwnerHeads:
         return found
 
     def entries(self) -> list[list]:
-        return [entry for heap in self.owners.values() for entry in heap if entry[-1] is not None]
+        return [entry for heap in self.groups.values() for entry in heap if entry[-1] is not None]
 
 
 class WorkQueue:
@@ -137,7 +141,7 @@ class WorkQueue:
         self.aging_per_second = aging_per_second
         self.policy = policy
         self.cond = threading.Condition()  # guards the lanes, task states and `closed`
-        self._lanes: dict[tuple, OwnerHeads] = {}  # forward key -> its waiting images by owner
+        self._lanes: dict[tuple, OwnerHeads] = {}  # forward key -> its waiting images by group
         self._order = itertools.count()
         self.closed = False
 
@@ -183,7 +187,7 @@ class WorkQueue:
         for key in list(self._lanes):
             top = self._top(key)
             if top is None:
-                if not self._lanes[key].owners:
+                if not self._lanes[key].groups:
                     del self._lanes[key]
             elif best is None or top[:3] < best[1][:3]:
                 best = (key, top)
@@ -200,22 +204,22 @@ class WorkQueue:
             return lane.live if lane is not None else 0
 
     def _choose(self, lane: OwnerHeads, in_flight: dict):
-        """The policy, in one place: which owner's head goes next (None: nothing waits).
+        """The policy, in one place: which group's head goes next (None: nothing waits).
 
-        fifo: the most urgent head. fair: among heads of that head's priority, the owner with the fewest
-        images in flight, then the most urgent: the best idle owner of that priority, or one of the owners
+        fifo: the most urgent head. fair: among heads of that head's priority, the group with the fewest
+        images in flight, then the most urgent: the best idle group of that priority, or one of the groups
         counted in `in_flight`."""
         top = lane.top()
         if top is None:
             return None
         best, level = top
         if self.policy == "fifo":
-            return best[-1].owner
+            return best[-1].share_group
         candidates = []
-        for owner, count in in_flight.items():
-            head = lane.head(owner) if count != 0 and owner in lane.owners else None
+        for group, count in in_flight.items():
+            head = lane.head(group) if count != 0 and group in lane.groups else None
             if head is not None and head[-1].priority == level:
-                candidates.append((count, tuple(head[:3]), owner))
+                candidates.append((count, tuple(head[:3]), group))
         idle = lane.first_idle(level, in_flight)
         if idle is not None:
             candidates.append((0, idle[:3], idle[4]))
@@ -229,18 +233,18 @@ class WorkQueue:
             return
         counts = dict(in_flight)
         while True:
-            owner = self._choose(lane, counts)
-            if owner is None:
+            group = self._choose(lane, counts)
+            if group is None:
                 return
-            entry = lane.pop(owner)
+            entry = lane.pop(group)
             popped.append(entry)
-            counts[owner] = counts.get(owner, 0) + 1
+            counts[group] = counts.get(group, 0) + 1
             yield entry[-1]
 
     def take(self, key: tuple, limit: int, accept: Callable[[DenoiseTask], bool],
              in_flight: dict | None = None) -> list[DenoiseTask]:
         """Up to `limit` tasks of `key` that `accept` admits, in the policy's order; `in_flight`:
-        owner -> images it has on the device now. Call with `cond` held."""
+        group -> images it has on the device now. Call with `cond` held."""
         taken: list[DenoiseTask] = []
         popped: list[list] = []
         if limit > 0:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import threading
 from collections import deque
 from concurrent.futures import Future
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import Unavailable
-from .work_queue import WorkQueue
+
+if TYPE_CHECKING:
+    from .work_queue import WorkQueue
 
 
 class WorkerThread:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import tomllib
 from pydantic import ValidationError
 
+from ..api.messages import MAX_REQUEST_DEPTH, check_shape, describe_errors, iso
 from ..errors import InvalidRequest, NotFound, Unavailable
-from ..protocol import MAX_REQUEST_DEPTH, check_shape, describe_errors, iso
 from .definition import Workflow
 
 log = logging.getLogger("embedded_worker.workflows")

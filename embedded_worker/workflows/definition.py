@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from ..operations import OPERATIONS
-from ..protocol import Number, accepted_names, describe_errors
+from ..api.messages import Number, accepted_names, describe_errors
+from .operations import OPERATIONS
 
 ParameterType = Literal["string", "integer", "number", "boolean", "image"]
 # what the protocol says is an integer or a boolean is exactly that: `true` is no step count, "yes" no boolean

@@ -1,0 +1,1 @@
+"""Work state and its one owner: the lifecycle loop, records, jobs, runs, sessions, batches."""

@@ -1,0 +1,352 @@
+"""WorkflowRun: how far one execution of a RunPlan has got, step after step, for one job.
+
+Design notes
+- No thread per run, and no lock: every method runs on the lifecycle loop
+  (`lifecycle_loop`). A run launches a step's work (images on the
+  DevicePool, or a function on the CPU pool) and continues when that work
+  reports back; the device's events and the CPU pool's completions arrive
+  as messages to the loop, so a cancel, a pause and a launch can never
+  interleave: a launch after a cancel is not a race to win, it simply does
+  not happen (the run is no longer its job's current run).
+- The run has no state of its own: where it is (pending, pausing, paused,
+  ended) is its job's record state (`state.WorkState`); the run is told by
+  its job (`jobs.Job`) and tells it what happened (`running`, `progressed`,
+  `parked`, `off_device`, `done`, `failed`).
+- A parallel plan runs in waves (PlannedStep.wave): every step of a wave at
+  once, the next wave when all of it has ended. A sequential plan is a wave
+  per step, each on the images of the step before it.
+- Answering steps (model load/unload, device status) run on the CPU pool:
+  their answer is kept as the step's result, the images pass through.
+- Pause: images on the device park at the next step boundary (their state is
+  kept); a CPU step finishes, then the run waits before the next step.
+  Resume continues exactly there. Cancel ends it at once; images still on
+  the device stop at their next step boundary and skip the VAE decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from ..diffusion.task import PARKED, DenoiseTask
+from ..errors import Cancelled, InvalidRequest, WorkerError
+from ..workflows.operations import BatchProcessParams, StepImage, image_specs
+from .launched_steps import StepWork, aggregate_errors, as_worker_error, describe_steps, image_metadata
+from .state import WorkState
+
+if TYPE_CHECKING:
+    from ..diffusion.device_pool import DevicePool
+    from ..diffusion.task import BatchSizing
+    from .loop import LifecycleLoop
+    from .planning import PlannedStep, RunPlan
+    from .state import Record
+
+log = logging.getLogger("embedded_worker.runner")
+_ENDED = frozenset({WorkState.FINISHING, WorkState.COMPLETED, WorkState.FAILED, WorkState.CANCELLED})
+
+
+class JobView(Protocol):
+    """What a run reads of its job (`jobs.Job`: the record, which run is current) and tells it."""
+
+    record: Record
+    run: "WorkflowRun | None"
+
+    def running(self, run: "WorkflowRun") -> None: ...
+
+    def progressed(self, run: "WorkflowRun") -> None: ...
+
+    def parked(self, run: "WorkflowRun") -> None: ...
+
+    def off_device(self, run: "WorkflowRun") -> None: ...
+
+    def failed(self, run: "WorkflowRun", error: WorkerError) -> None: ...
+
+    def done(self, run: "WorkflowRun", images: list[StepImage]) -> None: ...
+
+
+class WorkflowRun:
+    def __init__(
+        self,
+        plan: RunPlan,
+        job: JobView,
+        pool: DevicePool,
+        cpu: Executor,
+        loop: LifecycleLoop,
+        native_size: Callable[[str], tuple[int, int]],
+        *,
+        sizing: BatchSizing | None = None,
+        isolated: bool = False,
+    ):
+        self.plan = plan
+        self.job = job
+        self.pool = pool
+        self.cpu = cpu
+        self.loop = loop
+        self.native_size = native_size  # model id -> (width, height) it was trained at
+        self.record_id = job.record.id  # whose images these are: named in the store while they are on a device
+        self.priority = job.record.priority
+        self.sizing = sizing
+        self.isolated = isolated
+        self.submitted_at = time.monotonic()  # its images queue in the order their requests came
+        self.error: WorkerError | None = None  # how it ended, when it failed
+        self.next_step = 0
+        self.images: list[StepImage] = []
+        self.work: list[StepWork] = []  # the steps in flight; empty between two steps (replaced, never mutated)
+        self.launched: dict[int, StepWork] = {}  # PlannedStep.order -> its work, for step results
+        self.all_tasks: list[DenoiseTask] = []  # every image this run sent to a device, for metrics
+        self.completed_steps = 0
+        self._weights = [step.weight for step in plan.steps]  # progress shares, fixed for the run
+        self._in_request_order = sorted(plan.steps, key=lambda s: s.order)
+        self._ended_results: list[dict] | None = None  # step_results once the run ended: polled, never changing
+        self._total_weight = max(1, sum(self._weights))
+
+    @property
+    def state(self) -> WorkState:
+        """Its job's record state while it is the job's current run; CANCELLED once replaced."""
+        return self.job.record.state if self.job.run is self else WorkState.CANCELLED
+
+    @property
+    def ended(self) -> bool:
+        return self.state in _ENDED
+
+    # ---- what its job tells it, on the loop ------------------------------------------------------
+
+    def start(self, paused: bool = False) -> None:
+        """Begin with the first step, or (paused) wait before it until `resume`."""
+        if not paused:
+            self._launch_next()
+
+    def pause(self) -> None:
+        """The record is PAUSING: every image parks at its next step boundary; `parked` follows once all are."""
+        for task in self._live_tasks():
+            self.pool.pause(task)
+        self._parked_if_all()
+
+    def resume(self) -> None:
+        """The record is pending again: parked images go back to the queue, or the next step begins."""
+        tasks = self._live_tasks()
+        if not tasks and not self._cpu_in_flight():
+            self._launch_next()
+            return
+        for task in tasks:
+            self.pool.resume(task)
+
+    def cancel(self) -> None:
+        """Ended (cancelled, deleted or replaced): images still out stop at their next step boundary."""
+        for task in self._live_tasks():
+            self.pool.cancel(task)
+
+    # ---- progress, read by status calls from any thread -----------------------------------------
+
+    @property
+    def current_step(self) -> int:
+        """1-based index of the step in progress (or the last one, when done)."""
+        return min(self.completed_steps + 1, len(self.plan.steps))
+
+    @property
+    def current_operation(self) -> str:
+        """The step under way; a step whose unfinished images were all preempted says it waits, and why."""
+        work = self.work
+        if work:
+            labels = []
+            for w in work:
+                waiting = [t.waiting_for_device for t in w.tasks if not t.future.done()]
+                labels.append(f"{w.step.label}: {waiting[0]}" if waiting and all(waiting) else w.step.label)
+            return "+".join(labels)
+        index = min(self.next_step, len(self.plan.steps) - 1)
+        return self.plan.steps[index].label
+
+    @property
+    def substep_progress(self) -> float:
+        work = self.work
+        return sum(w.fraction for w in work) / len(work) if work else 0.0
+
+    @property
+    def progress(self) -> float:
+        """0..1 over all steps, each weighted (PlannedStep.weight), counting the denoising inside."""
+        if self.state in (WorkState.FINISHING, WorkState.COMPLETED):
+            return 1.0
+        work = self.work
+        running = sum(w.step.weight * w.fraction for w in work) if work else 0.0
+        return min(1.0, (sum(self._weights[: self.completed_steps]) + running) / self._total_weight)
+
+    @property
+    def eta_seconds(self) -> float | None:
+        etas = [w.eta_seconds for w in self.work if w.eta_seconds is not None]
+        return max(etas) if etas else None
+
+    def step_results(self) -> list[dict]:
+        """Each step in request order: its status, the images it made, what an answering step said."""
+        if self._ended_results is not None:
+            return list(self._ended_results)
+        state = self.state
+        ended = state.final or state is WorkState.FINISHING
+        results = describe_steps(self._in_request_order, dict(self.launched), ended, state is WorkState.PAUSED)
+        if ended:
+            self._ended_results = results
+        return list(results)
+
+    # ---- the run's own progress, on the loop ------------------------------------------------------
+
+    def _live_tasks(self) -> list[DenoiseTask]:
+        return [t for w in self.work for t in w.tasks if not t.future.done()]
+
+    def _cpu_in_flight(self) -> bool:
+        return any(w.cpu is not None and not w.cpu.done() for w in self.work)
+
+    def _parked_if_all(self) -> None:
+        """Pausing, with every image parked and no CPU step under way (or between two steps): paused."""
+        if self.state is WorkState.PAUSING and not self._cpu_in_flight() and \
+                all(t.state == PARKED for t in self._live_tasks()):
+            self.job.parked(self)
+
+    def _launch_next(self) -> None:
+        """Launch the next step (all of a wave at once in parallel mode), or finish."""
+        state = self.state
+        if state is WorkState.PAUSING:
+            self.job.parked(self)
+            return
+        if state not in (WorkState.PENDING, WorkState.RUNNING):
+            return
+        steps = self._next_wave()
+        if not steps:  # every step has ended (perhaps resumed after the last): it ran, and is done
+            self.job.done(self, self.images)
+            return
+        work = [StepWork(step) for step in steps]
+        self.work = work
+        self.launched.update((w.step.order, w) for w in work)
+        self.next_step += len(steps)
+        for w in work:
+            try:
+                self._launch(w)
+            except Exception as error:  # a model that cannot load, an input that cannot be read
+                self._settle(w, error=as_worker_error(error))
+
+    def _next_wave(self) -> list[PlannedStep]:
+        """The steps to launch together next: one (sequential), or every step of the next wave."""
+        steps = self.plan.steps[self.next_step :]
+        if not steps or not self.plan.parallel:
+            return steps[:1]
+        return [step for step in steps if step.wave == steps[0].wave]
+
+    def _launch(self, work: StepWork) -> None:
+        step = work.step
+        inputs = step.inputs if step.inputs is not None else self.images
+        if step.operation.needs_input and not inputs:
+            self._settle(work, error=InvalidRequest(f"{step.label} needs an input image and has none"))
+            return
+        if step.operation.answers is not None:
+            self.job.running(self)
+            self._on_cpu(work, self._answer, work, inputs)
+            return
+        if step.operation.on_device:
+            self._launch_on_device(work, inputs)
+            return
+        self.job.running(self)
+        self._on_cpu(work, step.operation.run, step.params, inputs)
+
+    def _on_cpu(self, work: StepWork, fn: Callable, *args) -> None:
+        """`fn(*args)` on the CPU pool; its end comes back to the loop."""
+        try:
+            work.cpu = self.cpu.submit(fn, *args)
+        except RuntimeError:  # the CPU pool is shut down: the worker closed
+            self._settle(work, error=Cancelled("the worker closed before this step ran"))
+            return
+        work.cpu.add_done_callback(lambda future: self.loop.post(self._cpu_done, work, future))
+
+    def _launch_on_device(self, work: StepWork, inputs: list[StepImage]) -> None:
+        step = work.step
+        model_id = step.params.model or self.plan.model_id
+        sizing = step.params.sizing() if isinstance(step.params, BatchProcessParams) else self.sizing
+        init_images = inputs if step.operation.uses_images else []
+        specs = image_specs(step.params, init_images, model_id, self.native_size(model_id))
+        tasks = [DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,
+                             isolated=self.isolated, record_id=self.record_id)
+                 for spec in specs]
+        work.tasks = tasks
+        self.all_tasks.extend(tasks)
+        for task in tasks:
+            task.future.add_done_callback(lambda _f, w=work: self._device_done(w))
+        try:
+            for task in tasks:
+                self.pool.submit(task)
+        except WorkerError as error:
+            for task in tasks:
+                self.pool.cancel(task)
+            self._settle(work, error=error)
+            return
+        if self.state is WorkState.PAUSING:  # paused while an earlier step of its wave was launched
+            for task in tasks:
+                self.pool.pause(task)
+
+    def _answer(self, work: StepWork, inputs: list[StepImage]) -> list[StepImage]:
+        """An answering step: acts on the device side, keeps its answer; the images pass through it."""
+        work.answer = work.step.operation.answers(work.step.params, self.pool)
+        return inputs
+
+    def _device_done(self, work: StepWork) -> None:
+        """A future's callback, often on a device thread: the last image of the step tells the loop."""
+        if all(task.future.done() for task in work.tasks):
+            self.loop.post(self._device_step_ended, work)
+
+    def _device_step_ended(self, work: StepWork) -> None:
+        if work.settled:
+            return  # two device threads both saw the step end
+        self.job.off_device(self)
+        errors = [t.future.exception() for t in work.tasks if t.future.cancelled() or t.future.exception()]
+        if errors:
+            self._settle(work, error=as_worker_error(errors[0]))
+        else:
+            images = [StepImage(t.future.result(), t.spec.seed, image_metadata(t, self.plan)) for t in work.tasks]
+            self._settle(work, images)
+
+    def _cpu_done(self, work: StepWork, future: Future) -> None:
+        if future.cancelled():  # a close cancelled it before it ran
+            self._settle(work, error=Cancelled("the worker closed before this step ran"))
+            return
+        error = future.exception()
+        if error is None:
+            self._settle(work, future.result())
+        else:
+            self._settle(work, error=as_worker_error(error))
+
+    def _settle(self, work: StepWork, images: list[StepImage] | None = None, error: WorkerError | None = None) -> None:
+        """One launched step ended; once all of its wave have, fail with every error or go on."""
+        if work.settled:
+            return
+        work.settled, work.finished_at = True, time.time()
+        work.results, work.error = (images, None) if error is None else (None, error)
+        work.images_made = len(images or ())
+        if self.ended or not all(w.settled for w in self.work):
+            return
+        failures = [(w.step, w.error) for w in self.work if w.error is not None]
+        if failures:
+            for task in self._live_tasks():
+                self.pool.cancel(task)
+            self.error = aggregate_errors(failures)
+            self.job.failed(self, self.error)
+            return
+        made = [image for w in self.work for image in w.results]
+        # in sequence a step's images replace the ones before; a parallel wave's add to them
+        self.images = self.images + made if self.plan.parallel else made
+        for w in self.work:
+            w.results = None  # the run holds them now; a finished step keeps only its count
+        self.completed_steps += len(self.work)
+        self.work = []
+        self.job.progressed(self)
+        self._launch_next()
+
+    # ---- TaskListener: the device's events, posted to the loop in order -----------------------------
+
+    def task_started(self, task: DenoiseTask) -> None:
+        self.job.running(self)
+
+    def task_stepped(self, task: DenoiseTask) -> None:
+        self.job.progressed(self)
+
+    def task_parked(self, task: DenoiseTask) -> None:
+        if all(t.state == PARKED for t in self._live_tasks()):
+            self.job.off_device(self)
+        self._parked_if_all()

@@ -1,0 +1,1 @@
+"""Pixels out: the output store (numpy buffers), files, postprocessing."""

@@ -1,0 +1,1 @@
+"""Progress out: the board the C# side polls, batch trackers, and the feed that keeps them."""
