@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import subprocess
+import sys
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -99,10 +103,35 @@ def burn_cpu(stop: threading.Event) -> None:
         sum(i * i for i in range(20_000))
 
 
-def mixed_storm(worker, seed: int, seconds: float = 4.0) -> None:
-    """3 batches of 4 items and 3 sessions; 6 threads fire pause / resume / cancel / restart / retry at random,
-    then everything left paused is resumed: every record ends final, nothing of a cancelled or replaced run is
-    left on the device, completed work holds its outputs and cancelled work none."""
+@contextlib.contextmanager
+def cpu_burner(kind: str) -> Iterator[None]:
+    """A CPU-heavy neighbour for the length of the storm: a thread of this process (it takes the GIL from the
+    loop and the device thread), or a second process on both cores (it takes the CPU; the defect showed there)."""
+    if kind == "thread":
+        stop = threading.Event()
+        burner = threading.Thread(target=burn_cpu, args=(stop,), name="burner")
+        burner.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            burner.join(30)
+        return
+    code = "while True: sum(i * i for i in range(20_000))"
+    burners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait(30)
+
+
+def mixed_storm(worker, seed: int, burner: str = "thread", seconds: float = 4.0) -> None:
+    """3 batches of 4 items and 3 sessions; 6 threads fire pause / resume / cancel / restart / retry at random
+    beside a CPU-heavy neighbour, then everything left paused is resumed: every record ends final within a
+    bound, the device goes idle (nothing of a cancelled or replaced run is left there), completed work holds
+    its outputs and cancelled work none."""
     sessions, batches = [f"ms{seed}-s{i}" for i in range(3)], [f"mb{seed}-b{i}" for i in range(3)]
     for index, session_id in enumerate(sessions):
         assert generate(worker, session_id=session_id, steps=10, seed=index, background=True)["success"]
@@ -124,32 +153,28 @@ def mixed_storm(worker, seed: int, seconds: float = 4.0) -> None:
             if not reply["success"] and reply["error_code"] != "invalid_state":
                 problems.append(reply)
 
-    burner_stop = threading.Event()
-    burner = threading.Thread(target=burn_cpu, args=(burner_stop,), name="burner")
-    threads = [threading.Thread(target=fire, args=(1000 * seed + n,), name=f"fire-{n}") for n in range(6)]
-    burner.start()
-    for thread in threads:
-        thread.start()
-    try:
-        stop.wait(seconds)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-        burner_stop.set()
-        burner.join(30)
-    assert not problems, problems[:3]
-
     def batch_final(batch_id: str) -> bool:
         status = worker.get_batch_status(batch_id=batch_id)
         if status["status"] == "paused" or status.get("counts", {}).get("paused"):
             worker.control_batch(batch_id=batch_id, action="resume")
         return status["status"] in ("completed", "failed", "cancelled")
 
-    settle(worker, sessions)
-    wait_for(lambda: all([batch_final(b) for b in batches]), timeout=120, interval=0.05)
-    wait_for(lambda: testing.pending_images(worker) == 0 and all(w.active_images == 0
-                                                                 for w in testing.device_workers(worker)), timeout=60)
+    threads = [threading.Thread(target=fire, args=(1000 * seed + n,), name=f"fire-{n}") for n in range(6)]
+    with cpu_burner(burner):  # through the storm and the settling after it
+        for thread in threads:
+            thread.start()
+        try:
+            stop.wait(seconds)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+        assert not problems, problems[:3]
+        settle(worker, sessions)
+        wait_for(lambda: all([batch_final(b) for b in batches]), timeout=120, interval=0.05)
+        wait_for(lambda: testing.pending_images(worker) == 0 and all(w.active_images == 0
+                                                                     for w in testing.device_workers(worker)),
+                 timeout=60)
     for session_id in sessions:
         final = worker.get_session_status(session_id=session_id)
         assert len(final["outputs"]) == (1 if final["status"] == "completed" else 0), final
@@ -159,11 +184,13 @@ def mixed_storm(worker, seed: int, seconds: float = 4.0) -> None:
             assert len(item["outputs"]) == (1 if item["status"] == "completed" else 0), item
 
 
-def test_a_mixed_storm_over_batches_and_sessions_settles_with_a_cpu_burner_beside_it(make_worker):
-    mixed_storm(make_worker(scheduling={"coalesce_wait_ms": 2}), seed=0)
+@pytest.mark.parametrize(("seed", "burner"), [(0, "thread"), (1, "process")])
+def test_a_mixed_storm_over_batches_and_sessions_settles_with_a_cpu_burner_beside_it(make_worker, seed, burner):
+    mixed_storm(make_worker(scheduling={"coalesce_wait_ms": 2}), seed=seed, burner=burner)
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(1, 21))
-def test_more_mixed_storms_settle(make_worker, seed):
-    mixed_storm(make_worker(scheduling={"coalesce_wait_ms": 2}), seed=seed)
+@pytest.mark.parametrize("burner", ["thread", "process"])
+@pytest.mark.parametrize("seed", range(2, 22))
+def test_more_mixed_storms_settle(make_worker, seed, burner):
+    mixed_storm(make_worker(scheduling={"coalesce_wait_ms": 2}), seed=seed, burner=burner)

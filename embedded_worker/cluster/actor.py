@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -35,8 +36,10 @@ class DenoiseActor:
         set_offline_environment()
         self.name = name
         worker_config = WorkerConfig.model_validate(config)
-        self.pool = DevicePool(worker_config, ModelCatalog(worker_config.models,
-                                                           worker_config.resolved_model_cache_dir),
+        # no work state here (the head's loop owns it): what happens to an image is told on one thread of its own
+        models = ModelCatalog(worker_config.models, worker_config.resolved_model_cache_dir)
+        self.pool = DevicePool(worker_config, models,
+                               events=ThreadPoolExecutor(1, thread_name_prefix="ew-actor-events"),
                                mark_on_device=lambda tasks, left: None)
         self.pool.start()
         self._lock = threading.Lock()  # guards _tasks and _cancelled
@@ -51,7 +54,7 @@ class DenoiseActor:
 
     def load(self, model_id: str) -> list[str]:
         worker = self.pool.workers[0]
-        worker.call(lambda w: w.pipeline(model_id) and None).result()
+        worker.call(lambda w: w.load(model_id)).result()
         return worker.pipelines.loaded()
 
     def unload(self, model_id: str) -> bool:
