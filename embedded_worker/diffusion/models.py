@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InvalidRequest, NotFound, WorkerError
-from ..toy_model import SHAPES_FOLDER, SHAPES_MODEL_ID
+from ..toy_model import SHAPES_FOLDER, SHAPES_GUIDANCE, SHAPES_MODEL_ID
 from .families import ADAPTERS, PIPELINE_FAMILIES
+from .families.defaults import ModelDefaults
 from .offline import set_offline_environment
-from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family
+from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family, tiny_model_folder
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SHIPPED_MODELS = {SHAPES_MODEL_ID: SHAPES_FOLDER}
+SHIPPED_GUIDANCE = {SHAPES_MODEL_ID: SHAPES_GUIDANCE}  # what our own trained model draws best at
 BUILTIN_MODELS = (*TINY_MODELS, *SHIPPED_MODELS)
 
 
@@ -124,8 +126,26 @@ class ModelCatalog:
         except (OSError, ValueError, WorkerError):
             return None
 
+    def defaults_if_known(self, model_id: str) -> ModelDefaults | None:
+        """The model's defaults without building anything, for status; None for a tiny model not built yet
+        or a folder that cannot say."""
+        folder = tiny_model_folder(model_id, self._cache_dir) if model_id in TINY_MODELS else None
+        if folder is not None and not (folder / "model_index.json").is_file():
+            return None
+        try:
+            return self.defaults(model_id)
+        except (OSError, ValueError, WorkerError):
+            return None
+
     def native_size(self, model_id: str) -> tuple[int, int]:
         return native_size(self.folder(model_id))
+
+    def defaults(self, model_id: str) -> ModelDefaults:
+        """What a request that leaves steps, guidance or size empty gets on `model_id` (may build it)."""
+        defaults = model_defaults(self.folder(model_id))
+        if model_id in SHIPPED_GUIDANCE:
+            defaults = replace(defaults, guidance_scale=SHIPPED_GUIDANCE[model_id])
+        return defaults
 
     def weight_bytes(self, model_id: str) -> int:
         """Bytes of safetensors weights: what one loaded copy costs, near enough, at float32."""
@@ -178,6 +198,11 @@ def load_pipeline(folder: Path, device, dtype):
         if module is not None:
             module.eval().requires_grad_(False)
     return pipe
+
+
+def model_defaults(folder: Path) -> ModelDefaults:
+    """The model's own steps, guidance, size and T5 length, read from its configs without loading weights."""
+    return ADAPTERS[read_family(folder)].defaults(folder)
 
 
 def native_size(folder: Path) -> tuple[int, int]:

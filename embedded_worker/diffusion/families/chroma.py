@@ -9,16 +9,25 @@ as rows of the same forward, which rounds like any batch (see `denoise`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
+from .defaults import ModelDefaults
 from .flux import MAX_SEQUENCE_LENGTH, Flux, latent_size
+
+STEPS, GUIDANCE_SCALE = 35, 5.0  # ChromaPipeline's defaults
 
 
 class Chroma(Flux):
     name = "chroma"
     pipeline_classes = ("ChromaPipeline",)
+
+    def defaults(self, folder: Path) -> ModelDefaults:
+        width, height = self.native_size(folder)
+        return ModelDefaults(STEPS, GUIDANCE_SCALE, width, height, MAX_SEQUENCE_LENGTH)
 
     def classifier_free(self, spec) -> bool:
         return spec.guidance_scale > 1.0

@@ -17,9 +17,11 @@ import torch
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
 from ..schedulers import DEFAULT_SCHEDULER, make_scheduler
+from .defaults import ModelDefaults
 from .stable_diffusion import read_configs
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 tokens per prompt
+STEPS, GUIDANCE_SCALE = 28, 7.0  # StableDiffusion3Pipeline's defaults
 
 
 class StableDiffusion3:
@@ -34,6 +36,10 @@ class StableDiffusion3:
         transformer, vae = read_configs(folder, "transformer", "vae")
         side = int(transformer.get("sample_size", 128)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         return side, side
+
+    def defaults(self, folder: Path) -> ModelDefaults:
+        width, height = self.native_size(folder)
+        return ModelDefaults(STEPS, GUIDANCE_SCALE, width, height, MAX_SEQUENCE_LENGTH)
 
     def classifier_free(self, spec) -> bool:
         return spec.guidance_scale > 1.0
