@@ -221,3 +221,33 @@ def test_a_batch_gives_each_item_its_own_seed_and_its_solo_pixels(worker, model)
     for seed, image in outputs.items():
         assert_same_up_to_batch_rounding(image, pixels(worker, generate(worker, model, seed=seed)))
     assert not np.array_equal(outputs[40], outputs[41])
+
+
+def test_configured_models_that_cannot_run_are_reported_at_start_with_every_models_family(make_worker, tmp_path):
+    unsupported = tmp_path / "qwen"
+    unsupported.mkdir()
+    (unsupported / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    worker = make_worker(models={"qwen": str(unsupported), "gone": str(tmp_path / "gone")})
+    logged = " ".join(r["message"] for r in worker.drain_logs()["records"] if r["level"] == "WARNING")
+    assert "'qwen' cannot run" in logged and "QwenImagePipeline" in logged and "'gone' cannot run" in logged
+
+    status = {m["model_id"]: m for m in worker.execute("model.get_status", {})["models"]}
+    assert "'QwenImagePipeline' is not supported" in status["qwen"]["problem"]
+    assert "not found" in status["gone"]["problem"]
+    assert status["builtin:tiny-flux"]["problem"] is None
+
+    listed = {m["model_id"]: m for m in worker.get_workflows()["models"]}
+    assert listed["builtin:tiny-flux"]["family"] == "flux" and listed["builtin:tiny-sd3"]["family"] == "sd3"
+    assert listed["builtin:tiny-chroma"]["family"] == "chroma" and listed["builtin:tiny-sd"]["family"] == "sd"
+    assert listed["qwen"]["family"] is None and "QwenImagePipeline" in listed["qwen"]["problem"]
+    assert worker.execute("inference.text2img", {"prompt": "x", "steps": 2, "background": False})["status"] \
+        == "completed"  # the worker runs the models that can
+
+
+def test_a_folder_whose_model_index_is_not_json_is_refused_clearly(make_worker, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    worker = make_worker(models={"broken": str(broken)})
+    reply = worker.execute("inference.text2img", {"prompt": "x", "model": "broken"})
+    assert reply["error_code"] == "invalid_request" and "model_index.json cannot be read" in reply["error"]

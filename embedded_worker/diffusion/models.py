@@ -12,6 +12,7 @@ before anything is unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from .families.defaults import ModelDefaults
 from .offline import set_offline_environment
 from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family, tiny_model_folder
 
+log = logging.getLogger("embedded_worker.models")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SHIPPED_MODELS = {SHAPES_MODEL_ID: SHAPES_FOLDER}
 SHIPPED_GUIDANCE = {SHAPES_MODEL_ID: SHAPES_GUIDANCE}  # what our own trained model draws best at
@@ -51,6 +53,10 @@ class ModelCatalog:
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in SHIPPED_MODELS.items()})
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in configured.items()})
         self._folders: dict[str, Path] = {}
+        self._problems = {model_id: problem for model_id, path in configured.items()
+                          if (problem := folder_problem(Path(path))) is not None}
+        for model_id, problem in self._problems.items():
+            log.warning("configured model '%s' cannot run: %s", model_id, problem)
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -117,6 +123,16 @@ class ModelCatalog:
     def family(self, model_id: str) -> str:
         return read_family(self.folder(model_id))
 
+    def problem(self, model_id: str) -> str | None:
+        """Why a configured model cannot run, as found at start (its folder missing, or of an unsupported
+        family): said in status from the start, not first when a request names it."""
+        return self._problems.get(model_id)
+
+    def families(self) -> list[dict]:
+        """Every model with its family (None where its folder cannot say) and its problem, for status."""
+        return [{"model_id": model_id, "family": self.family_if_known(model_id), "problem": self.problem(model_id)}
+                for model_id in self.ids()]
+
     def family_if_known(self, model_id: str) -> str | None:
         """The family without building or loading anything, for status; None where the folder cannot say."""
         if model_id in TINY_MODELS:
@@ -154,12 +170,24 @@ class ModelCatalog:
 
 def read_family(folder: Path) -> str:
     """The family of a model folder, from the pipeline class its model_index.json names."""
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    class_name = index.get("_class_name", "")
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InvalidRequest(f"model folder {folder}: model_index.json cannot be read ({error})") from None
+    class_name = index.get("_class_name", "") if isinstance(index, dict) else ""
     if class_name not in PIPELINE_FAMILIES:
         raise InvalidRequest(f"model folder {folder}: pipeline class '{class_name}' is not supported "
                              f"(supported: {', '.join(sorted(PIPELINE_FAMILIES))})")
     return PIPELINE_FAMILIES[class_name]
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be loaded (`check_model_folder`), or None."""
+    try:
+        check_model_folder(folder)
+    except WorkerError as error:
+        return error.message
+    return None
 
 
 def check_model_folder(folder: Path) -> None:

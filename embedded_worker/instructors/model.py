@@ -35,7 +35,8 @@ class ModelInstructor:
                            "builtin": entry.builtin,
                            "source": "built-in recipe" if entry.builtin else entry.source,
                            "loaded_on": loaded.get(model_id, []),
-                           "default": model_id == self.engine.config.default_model})
+                           "default": model_id == self.engine.config.default_model,
+                           "problem": self.engine.models.problem(model_id)})
         return {"models": models}
 
     def get_status(self, data: dict) -> dict:
