@@ -196,7 +196,13 @@ def check_model_folder(folder: Path) -> None:
         raise NotFound(f"model folder not found: {folder}")
     if not (folder / "model_index.json").is_file():
         raise InvalidRequest(f"model folder {folder} has no model_index.json (diffusers format expected)")
-    read_family(folder)
+    family = read_family(folder)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    for name, spec in sorted(index.items()):  # "name": [library, class], or [null, null] for none
+        if not name.startswith("_") and isinstance(spec, list) and spec[-1] is not None \
+                and not (folder / name).is_dir():
+            raise InvalidRequest(f"model folder {folder}: component '{name}' ({spec[-1]}) that model_index.json "
+                                 f"names is missing (a {family} model needs it)")
     for component in sorted(p for p in folder.iterdir() if p.is_dir()):
         names = [p.name for p in component.iterdir() if p.is_file()]
         pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
@@ -219,6 +225,7 @@ def load_pipeline(folder: Path, device, dtype):
         pipe = DiffusionPipeline.from_pretrained(
             folder, local_files_only=True, use_safetensors=True, dtype=dtype, **skip
         )
+    check_weights_cover_configs(pipe, folder)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     modules = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -231,6 +238,27 @@ def load_pipeline(folder: Path, device, dtype):
 def model_defaults(folder: Path) -> ModelDefaults:
     """The model's own steps, guidance, size and T5 length, read from its configs without loading weights."""
     return ADAPTERS[read_family(folder)].defaults(folder)
+
+
+def check_weights_cover_configs(pipe, folder: Path) -> None:
+    """Refuse a denoiser or VAE whose config asks for parameters its weights do not hold: diffusers loads
+    it anyway, the missing ones freshly initialised, and the model draws noise without a word. (Weights
+    of another shape fail the load by themselves, naming the parameter.)"""
+    from diffusers import ModelMixin
+    from safetensors import safe_open
+
+    for name, module in pipe.components.items():
+        if not isinstance(module, ModelMixin):
+            continue
+        saved: set[str] = set()
+        for weights in (folder / name).glob("*.safetensors"):
+            with safe_open(weights, "pt") as handle:
+                saved.update(handle.keys())
+        missing = sorted(set(module.state_dict()) - saved)
+        if missing:
+            raise InvalidRequest(f"model folder {folder}: '{name}' has no weights for {len(missing)} of the "
+                                 f"parameters its config.json asks for (first: {missing[0]}); the config does "
+                                 f"not match the weights")
 
 
 def native_size(folder: Path) -> tuple[int, int]:

@@ -56,6 +56,7 @@ class PipelineCache:
             pipe = load_pipeline(folder, self.device, self.dtype)
         except Exception as error:
             failure: WorkerError = (
+                error if isinstance(error, WorkerError) else  # the folder refused for what it holds
                 ResourceExhausted(f"model '{model_id}' does not fit in {self.device} memory")
                 if is_out_of_memory(error) else
                 Unavailable(f"model '{model_id}' could not be loaded from {folder}: {type(error).__name__}: {error}"))
