@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from ...errors import InvalidRequest
 from ..conditioning import Conditioning
 from .defaults import ModelDefaults
 from .flux import MAX_SEQUENCE_LENGTH, Flux, latent_size
@@ -31,11 +30,6 @@ class Chroma(Flux):
 
     def classifier_free(self, spec) -> bool:
         return spec.guidance_scale > 1.0
-
-    def start(self, pipe, specs: list, generators: list[torch.Generator], dtype) -> tuple:
-        if specs[0].init_image is not None:  # ChromaImg2ImgPipeline is not mirrored (nor checked) yet
-            raise InvalidRequest(f"img2img is not supported for {self.name} models yet")
-        return super().start(pipe, specs, generators, dtype)
 
     def encode_prompt(self, pipe, spec) -> Conditioning:
         guided = self.classifier_free(spec)

@@ -90,7 +90,7 @@ class Flux:
         scheduler.set_begin_index(start)
         noised = []
         for s, g in zip(specs, generators):
-            clean = _encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
+            clean = encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
             noise = randn_tensor(shape, generator=g, device=device, dtype=dtype)
             noised.append(scheduler.scale_noise(clean, timesteps[:1], noise))
         return scheduler, timesteps, pipe._pack_latents(torch.cat(noised), len(specs), channels, height, width)
@@ -128,8 +128,9 @@ class Flux:
         return latents.to(pipe.vae.dtype)
 
 
-def _encode_image(pipe, spec, generator: torch.Generator, dtype) -> torch.Tensor:
-    """One init image's latents, shifted and scaled as `FluxImg2ImgPipeline._encode_vae_image` does."""
+def encode_image(pipe, spec, generator: torch.Generator, dtype) -> torch.Tensor:
+    """One init image's latents, shifted and scaled as `FluxImg2ImgPipeline._encode_vae_image` does (and
+    Chroma's and SD3's img2img pipelines, the same way)."""
     from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
     from PIL import Image
 
