@@ -241,3 +241,55 @@ def test_a_folder_whose_model_index_is_not_json_is_refused_clearly(make_worker, 
     worker = make_worker(models={"broken": str(broken)})
     reply = worker.execute("inference.text2img", {"prompt": "x", "model": "broken"})
     assert reply["error_code"] == "invalid_request" and "model_index.json cannot be read" in reply["error"]
+
+
+ROWS_PER_IMAGE = {"builtin:tiny-flux": 1, "builtin:tiny-flux-schnell": 1,  # no classifier-free guidance
+                  "builtin:tiny-sd3": 2, "builtin:tiny-chroma": 2}
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_a_batch_survives_injected_out_of_memory_each_image_exactly_once(make_worker, model):
+    """test_batches' OOM back-off on each transformer family: forwards of more than 3 images fail as a full
+    GPU does; the sizer halves 8 -> 4 -> 2, grows back to 3 and never above, every image made once and
+    each its solo pixels."""
+    from .test_batches import FakeMemoryProbe, simulate_device_memory
+
+    worker = make_worker(scheduling={"max_batch_size": 8, "coalesce_wait_ms": 50})
+    hook, seen = simulate_device_memory(worker, FakeMemoryProbe(total=1000, base=100, per_image=200),
+                                        out_of_memory_above=3, model_id=model, rows_per_image=ROWS_PER_IMAGE[model])
+    try:
+        reply = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters={
+            "prompt": "a red fox", "seed": 100, "steps": 3, "total_images": 12, "width": 32, "height": 32,
+            "guidance_scale": 3.5, "model": model}, configuration={
+            "total_images": 12, "max_batch_size": 8, "enable_dynamic_sizing": True, "memory_threshold": 0.8})
+    finally:
+        hook.remove()
+    assert reply["status"] == "completed", reply.get("failed")
+    assert sorted(o["seed"] for o in reply["outputs"]) == list(range(100, 112))
+    assert device_worker(worker).counters.out_of_memory >= 2  # 8 failed, then 4 failed
+    assert max(seen[seen.index(2):]) <= 3  # after learning: never above what fits
+    produced = {o["seed"]: worker.get_output(o["output_id"]) for o in reply["outputs"]}
+    for seed in (100, 111):
+        assert_same_up_to_batch_rounding(produced[seed], pixels(worker, generate(worker, model, seed=seed, steps=3)))
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_memory_learned_from_forwards_sizes_the_next_ones(make_worker, model):
+    from .test_batches import FakeMemoryProbe, simulate_device_memory
+
+    worker = make_worker(scheduling={"max_batch_size": 8, "coalesce_wait_ms": 50})
+    hook, seen = simulate_device_memory(worker, FakeMemoryProbe(total=1000, base=100, per_image=100),
+                                        out_of_memory_above=100, model_id=model,
+                                        rows_per_image=ROWS_PER_IMAGE[model])
+    parameters = {"prompt": "a red fox", "steps": 3, "seed": 0, "total_images": 8, "width": 32, "height": 32,
+                  "guidance_scale": 3.5, "model": model}
+    try:
+        first = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters=parameters,
+                                     configuration={"memory_threshold": 0.5})
+        seen.clear()
+        second = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters=parameters,
+                                      configuration={"memory_threshold": 0.5})
+    finally:
+        hook.remove()
+    assert first["status"] == second["status"] == "completed"
+    assert max(seen) == 4  # (0.5 x 1000 - 100) / 100 per image
