@@ -168,36 +168,11 @@ def test_models_are_never_built_while_another_loads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("model", FAMILIES)
 def test_a_preempted_then_paused_then_resumed_session_is_exact(make_worker, model):
-    """test_preemption's exact case on each transformer family: preempted by a priority-10 session, paused
-    while it waits, resumed: its solo pixels, no step run twice."""
-    from .test_preemption import FINAL, ForwardGate, forwards_of, owner_of, submitted_at_step
+    """test_preemption's exact case on each transformer family."""
+    from .test_preemption import check_preempted_then_paused_then_resumed_is_exact
 
-    worker = make_worker(scheduling={"max_batch_size": 1, "coalesce_wait_ms": 0})
-    device = device_worker(worker)
-    expected = pixels(worker, generate(worker, model, session_id="solo", steps=6))
-    with ForwardGate(worker, 2, 4, model_id=model) as gate:  # counts forwards from here
-        generate(worker, model, session_id="slow", steps=6, background=True)
-        gate.wait(2)
-        assert worker.execute_workflow(session_id="urgent", workflow_id="img-generation-basic", priority=10,
-                                       background=True, parameters={"prompt": "x", "seed": 9, "steps": 6,
-                                                                    "width": 32, "height": 32,
-                                                                    "model": model})["success"]
-        submitted_at_step(worker, "urgent", device)
-        gate.release(2)
-        gate.wait(4)  # the urgent session's second forward: "slow" waits in the queue, preempted
-        slow_task = run_of(worker, "slow").all_tasks[0]
-        assert slow_task.state == "queued" and slow_task.parked is not None and slow_task.preemptions == 1
-        step_when_preempted = slow_task.step
-        assert worker.control_session(session_id="slow", action="pause")["status"] == "paused"
-        gate.release()
-    wait_for(lambda: session_status(worker, "urgent")["status"] in FINAL)
-    assert session_status(worker, "slow")["status"] == "paused" and slow_task.step == step_when_preempted
-    assert worker.control_session(session_id="slow", action="resume")["success"]
-    wait_for(lambda: session_status(worker, "slow")["status"] in FINAL)
-    done = session_status(worker, "slow")
-    assert done["status"] == "completed"
-    assert np.array_equal(pixels(worker, done), expected)
-    assert len(forwards_of(device, owner_of(worker, "slow"))) == 6  # no step ran twice
+    check_preempted_then_paused_then_resumed_is_exact(make_worker, 6, model, scheduler="default", width=32,
+                                                      height=32, guidance_scale=3.5)
 
 
 @pytest.mark.parametrize("model", FAMILIES)

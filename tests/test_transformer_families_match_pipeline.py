@@ -12,14 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from embedded_worker.diffusion.conditioning import join_conditioning
-from embedded_worker.diffusion.denoise import ImageSpec, decode_pixels, encode_prompt, predict_noise, start_cohort
+from embedded_worker.diffusion.denoise import ImageSpec
 from embedded_worker.diffusion.families import chroma, flux, stable_diffusion_3
-from embedded_worker.diffusion.models import load_pipeline, read_family
-from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 from .conftest import assert_same_up_to_batch_rounding
-
+from .loop_against_pipeline import image_spec, ours, tiny_pipeline
 
 SEQUENCE_LENGTH = {"flux": flux.max_sequence_length, "sd3": stable_diffusion_3.max_sequence_length,
                    "chroma": chroma.max_sequence_length}
@@ -28,38 +25,11 @@ MODELS = ["builtin:tiny-flux", "builtin:tiny-flux-schnell", "builtin:tiny-sd3", 
 
 @pytest.fixture(scope="module", params=MODELS)
 def pipe(request, model_cache):
-    folder = ensure_tiny_model(request.param, model_cache)
-    pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
-    pipe.family = read_family(folder)
-    return pipe
+    return tiny_pipeline(model_cache, request.param)
 
 
 def spec(seed: int, **fields) -> ImageSpec:
-    values = {"model_id": "m", "prompt": "a red cat", "seed": seed, "steps": 3, "width": 32, "height": 32,
-              "guidance_scale": 3.5, **fields}
-    return ImageSpec(**values)
-
-
-@torch.inference_mode()
-def ours(pipe, cohorts: list[list[ImageSpec]], split_after: int | None = None) -> list[np.ndarray]:
-    """Run each list of specs as a cohort, all sharing every forward; optionally split the first image off
-    after some steps and finish it beside the rest (pause/resume's path). Images in the order given."""
-    running = []
-    for specs in cohorts:
-        conditioning = join_conditioning([encode_prompt(pipe, s) for s in specs])
-        running.append(start_cohort(pipe, [s.seed for s in specs], specs, conditioning))
-    while not all(c.finished for c in running):
-        predict_noise(pipe, [c for c in running if not c.finished and c.size], 10_000)
-        if split_after is not None and running[0].step_index == split_after:
-            running.append(running[0].split_off([0]))
-            split_after = None
-    pixels = {}
-    for cohort in running:
-        if cohort.size:
-            pixels.update(zip(cohort.members, decode_pixels(pipe, cohort, 64)))
-    images = [pixels[s.seed] for specs in cohorts for s in specs]
-    assert all(image.std() > 1 for image in images), "a flat image: broken weights would compare equal"
-    return images
+    return image_spec(seed, **{"steps": 3, "guidance_scale": 3.5, **fields})
 
 
 def theirs(pipe, specs: list[ImageSpec]) -> list[np.ndarray]:
