@@ -77,8 +77,8 @@ def test_concurrent_sessions_share_forwards_and_keep_their_pixels(make_worker, m
         assert_same_up_to_batch_rounding(pixels(worker, reply), solo[seed])
 
 
-def test_cancel_stops_a_flux_image_within_one_step_and_skips_the_decode(worker):
-    model = "builtin:tiny-flux"
+@pytest.mark.parametrize("model", FAMILIES)
+def test_cancel_stops_an_image_within_one_step_and_skips_the_decode(worker, model):
     pipe = pipeline_of(worker, model)
     forwards, decodes = [], []
     hooks = [adapter_for(pipe).denoiser(pipe).register_forward_hook(lambda *args: forwards.append(1)),
