@@ -47,12 +47,13 @@ class ModelCatalog:
 
     def __init__(self, configured: dict[str, str], cache_dir: Path):
         self._cache_dir = Path(cache_dir)
-        # guards `_entries` and `_folders`: `model.load` may add a model while workers read
+        # guards `_entries`, `_folders` and `_defaults`: `model.load` may add a model while workers read
         self._lock = threading.Lock()
         self._entries = {model_id: ModelEntry(model_id, model_id) for model_id in TINY_MODELS}
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in SHIPPED_MODELS.items()})
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in configured.items()})
         self._folders: dict[str, Path] = {}
+        self._defaults: dict[str, ModelDefaults] = {}  # read once per model: every batch item plans with them
         self._problems = {model_id: problem for model_id, path in configured.items()
                           if (problem := folder_problem(Path(path))) is not None}
         for model_id, problem in self._problems.items():
@@ -103,6 +104,7 @@ class ModelCatalog:
             for model_id in model_ids:
                 self._entries.pop(model_id, None)
                 self._folders.pop(model_id, None)
+                self._defaults.pop(model_id, None)
 
     def folder(self, model_id: str) -> Path:
         """The checked folder of `model_id`, building a built-in model on first use."""
@@ -158,9 +160,15 @@ class ModelCatalog:
 
     def defaults(self, model_id: str) -> ModelDefaults:
         """What a request that leaves steps, guidance or size empty gets on `model_id` (may build it)."""
+        with self._lock:
+            cached = self._defaults.get(model_id)
+        if cached is not None:
+            return cached
         defaults = model_defaults(self.folder(model_id))
         if model_id in SHIPPED_GUIDANCE:
             defaults = replace(defaults, guidance_scale=SHIPPED_GUIDANCE[model_id])
+        with self._lock:
+            self._defaults[model_id] = defaults
         return defaults
 
     def weight_bytes(self, model_id: str) -> int:
