@@ -18,15 +18,16 @@ from embedded_worker import testing
 STEPS = 20
 
 
-def _session(worker, seed: int) -> None:
+def _session(worker, seed: int, parameters: dict) -> None:
     reply = worker.execute_workflow(workflow_id="img-generation-basic", background=False,
-                                    parameters={"prompt": PROMPT, "steps": STEPS, "seed": seed})
+                                    parameters={"prompt": PROMPT, "steps": STEPS, "seed": seed, **parameters})
     assert reply["status"] == "completed", reply
     worker.delete_session(session_id=reply["session_id"])
 
 
-def concurrent_rate(worker, sessions: int, seed: int) -> float:
-    threads = [threading.Thread(target=_session, args=(worker, seed + i)) for i in range(sessions)]
+def concurrent_rate(worker, sessions: int, seed: int, **parameters) -> float:
+    """`parameters`: what else each session's workflow is given (model, guidance_scale, size)."""
+    threads = [threading.Thread(target=_session, args=(worker, seed + i, parameters)) for i in range(sessions)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -35,10 +36,10 @@ def concurrent_rate(worker, sessions: int, seed: int) -> float:
     return sessions / (time.perf_counter() - started)
 
 
-def sequential_rate(worker, sessions: int, seed: int) -> float:
+def sequential_rate(worker, sessions: int, seed: int, **parameters) -> float:
     started = time.perf_counter()
     for i in range(sessions):
-        _session(worker, seed + i)
+        _session(worker, seed + i, parameters)
     return sessions / (time.perf_counter() - started)
 
 

@@ -16,6 +16,7 @@ from .admission_bench import ADMISSION_TITLE, admission_rows
 from .cluster_bench import CLUSTER_TITLE, cluster_rows
 from .coalescing_bench import coalescing_rows, sweep, write_plots
 from .common import RESULTS, table, write_results
+from .families_bench import COALESCING_TITLE, THROUGHPUT_TITLE, family_rows
 from .host_bench import host_rows
 from .lifecycle_bench import LIFECYCLE_TITLE, lifecycle_rows
 from .preemption_bench import preemption_rows, write_timeline
@@ -24,7 +25,7 @@ from .worker_bench import durability_rows, status_rows, throughput_against_pipel
 
 
 PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "admission", "durability", "prune", "lifecycle",
-         "host", "cluster")
+         "host", "cluster", "families")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if batch_rows:  # Ray installed (pip install embedded_worker[cluster])
             sections[CLUSTER_TITLE] = batch_rows
             sections["Pixels back from a Ray actor, per image (one machine)"] = pixel_rows
+    if "families" in parts:
+        sections[THROUGHPUT_TITLE], sections[COALESCING_TITLE] = family_rows(args.model_cache, rounds)
     for title, rows in sections.items():
         print(table(title, rows))
     plots = write_plots(sweep_rows, [s * 1e6 for s in loaded_status_samples], RESULTS) if sweep_rows else []

@@ -48,23 +48,25 @@ def status_latency(worker: ProcessingWorker, seconds: float, load: bool, samples
             "device_busy_throughout": busy if load else "n/a"}
 
 
-def raw_pipeline_rate(pipe, batch: int, steps: int, rounds: int) -> list[float]:
+def raw_pipeline_rate(pipe, batch: int, steps: int, rounds: int, **call) -> list[float]:
+    """`call`: what else the pipeline is given (a transformer family's guidance_scale, max_sequence_length)."""
     rates = []
     for round_index in range(rounds):
         generators = [torch.Generator().manual_seed(round_index * batch + i) for i in range(batch)]
         started = time.perf_counter()
         pipe([PROMPT] * batch, generator=generators, num_inference_steps=steps, height=32, width=32,
-             output_type="np")
+             output_type="np", **call)
         rates.append(batch / (time.perf_counter() - started))
     return rates
 
 
-def worker_rate(worker: ProcessingWorker, batch: int, steps: int, rounds: int) -> list[float]:
+def worker_rate(worker: ProcessingWorker, batch: int, steps: int, rounds: int, **parameters) -> list[float]:
+    """`parameters`: what else the workflow is given (model, guidance_scale, size)."""
     rates = []
     for round_index in range(rounds):
         started = time.perf_counter()
         reply = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters={
-            "prompt": PROMPT, "steps": steps, "seed": round_index * batch, "total_images": batch})
+            "prompt": PROMPT, "steps": steps, "seed": round_index * batch, "total_images": batch, **parameters})
         rates.append(batch / (time.perf_counter() - started))
         assert reply["status"] == "completed", reply
         worker.delete_batch(batch_id=reply["batch_id"])

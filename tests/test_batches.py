@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from embedded_worker import testing
+from embedded_worker.diffusion.families import adapter_for
 from embedded_worker.diffusion.memory import MemoryReading
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
@@ -20,7 +21,7 @@ class FakeMemoryProbe:
     """A fake for what cannot happen on this CPU: device memory that fills as images join a forward.
 
     Between forwards `base` bytes are used; a forward of n images peaks at
-    base + n x per_image. A UNet pre-hook tells it n.
+    base + n x per_image. A denoiser pre-hook tells it n.
     """
 
     def __init__(self, total: int, base: int, per_image: int):
@@ -37,21 +38,25 @@ class FakeMemoryProbe:
         return self.base + self.per_image * self.images
 
 
-def simulate_device_memory(worker, probe: FakeMemoryProbe, out_of_memory_above: int):
-    """Install the fake probe and a fake out-of-memory error for forwards of more than N images."""
+def simulate_device_memory(worker, probe: FakeMemoryProbe, out_of_memory_above: int,
+                           model_id: str = "builtin:tiny-sd", rows_per_image: int = 2):
+    """Install the fake probe and a fake out-of-memory error for forwards of more than N images, on the
+    denoiser (UNet or transformer) of `model_id`; `rows_per_image`: 2 where classifier-free guidance
+    doubles the rows, 1 where the family has none (Flux)."""
     device = device_worker(worker)
     device.monitor.probe = probe
-    pipe = pipeline_of(worker)
+    pipe = pipeline_of(worker, model_id)
     seen: list[int] = []
 
-    def before_forward(module, args):
-        images = args[0].shape[0] // 2  # two rows per image with guidance
+    def before_forward(module, args, kwargs):
+        sample = args[0] if args else kwargs["hidden_states"]  # transformers are called by keyword
+        images = sample.shape[0] // rows_per_image
         seen.append(images)
         if images > out_of_memory_above:
             raise torch.OutOfMemoryError(f"fake: {images} images do not fit")  # what a full GPU raises
         probe.images = max(probe.images, images)
 
-    return pipe.unet.register_forward_pre_hook(before_forward), seen
+    return adapter_for(pipe).denoiser(pipe).register_forward_pre_hook(before_forward, with_kwargs=True), seen
 
 
 def outputs_by_seed(worker, reply) -> dict[int, np.ndarray]:

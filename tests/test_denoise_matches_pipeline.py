@@ -7,42 +7,20 @@ import pytest
 import torch
 from diffusers import AutoPipelineForImage2Image
 
-from embedded_worker.diffusion.conditioning import join_conditioning
-from embedded_worker.diffusion.denoise import ImageSpec, decode_pixels, encode_prompt, predict_noise, start_cohort
-from embedded_worker.diffusion.models import load_pipeline, read_family
+from embedded_worker.diffusion.denoise import ImageSpec
 from embedded_worker.diffusion.schedulers import make_scheduler
-from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 from .conftest import assert_same_up_to_batch_rounding
+from .loop_against_pipeline import image_spec, ours, tiny_pipeline
 
 
 @pytest.fixture(scope="module", params=["builtin:tiny-sd", "builtin:tiny-sdxl"])
 def pipe(request, model_cache):
-    folder = ensure_tiny_model(request.param, model_cache)
-    pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
-    pipe.family = read_family(folder)
-    return pipe
+    return tiny_pipeline(model_cache, request.param)
 
 
 def spec(seed: int, **fields) -> ImageSpec:
-    values = {"model_id": "m", "prompt": "a red cat", "seed": seed, "steps": 6, "width": 32, "height": 32, **fields}
-    return ImageSpec(**values)
-
-
-@torch.inference_mode()
-def ours(pipe, specs: list[ImageSpec], split_after: int | None = None) -> list[np.ndarray]:
-    """Run specs as one cohort; optionally split the first image off after some steps and finish it alone."""
-    conditioning = join_conditioning([encode_prompt(pipe, s) for s in specs])
-    cohort = start_cohort(pipe, list(range(len(specs))), specs, conditioning)
-    parted = None
-    while not cohort.finished:
-        predict_noise(pipe, [c for c in (cohort, parted) if c is not None and not c.finished], 10_000)
-        if split_after is not None and cohort.step_index == split_after and parted is None:
-            parted = cohort.split_off([0])
-    while parted is not None and not parted.finished:
-        predict_noise(pipe, [parted], 10_000)
-    images = decode_pixels(pipe, cohort, 64) if cohort.size else []
-    return (decode_pixels(pipe, parted, 64) if parted is not None else []) + images
+    return image_spec(seed, **{"steps": 6, **fields})
 
 
 def theirs(pipe, specs: list[ImageSpec]) -> list[np.ndarray]:
@@ -68,20 +46,20 @@ def theirs(pipe, specs: list[ImageSpec]) -> list[np.ndarray]:
 
 
 def test_single_image_is_bit_identical_to_the_pipeline_call(pipe):
-    [a], [b] = ours(pipe, [spec(11)]), theirs(pipe, [spec(11)])
+    [a], [b] = ours(pipe, [[spec(11)]]), theirs(pipe, [spec(11)])
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
 
 
 def test_negative_prompt_and_no_guidance_match_the_pipeline(pipe):
     for fields in ({"negative_prompt": "blurry, dark"}, {"guidance_scale": 1.0}):
-        [a], [b] = ours(pipe, [spec(5, **fields)]), theirs(pipe, [spec(5, **fields)])
+        [a], [b] = ours(pipe, [[spec(5, **fields)]]), theirs(pipe, [spec(5, **fields)])
         assert np.array_equal(a, b), fields
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "heun"])
 def test_each_scheduler_matches_the_pipeline_with_that_scheduler(pipe, scheduler):
-    [a] = ours(pipe, [spec(3, scheduler=scheduler)])
+    [a] = ours(pipe, [[spec(3, scheduler=scheduler)]])
     own_scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(pipe, scheduler)
     try:
@@ -93,7 +71,7 @@ def test_each_scheduler_matches_the_pipeline_with_that_scheduler(pipe, scheduler
 
 def test_img2img_matches_the_img2img_pipeline(pipe):
     init = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    [a], [b] = ours(pipe, [spec(9, init_image=init, strength=0.6)]), theirs(pipe, [spec(9, init_image=init, strength=0.6)])
+    [a], [b] = ours(pipe, [[spec(9, init_image=init, strength=0.6)]]), theirs(pipe, [spec(9, init_image=init, strength=0.6)])
     assert np.array_equal(a, b)
 
 
@@ -101,7 +79,7 @@ def test_a_batch_of_the_sd_family_matches_the_batched_pipeline_call(pipe):
     if pipe.family != "sd":
         pytest.skip("SDXL's text projection rounds per batch size; we encode prompts alone (see encode_prompt)")
     specs = [spec(i, prompt=p) for i, p in enumerate(["a red cat", "a blue house", "a red cat"])]
-    for a, b in zip(ours(pipe, specs), theirs(pipe, specs)):
+    for a, b in zip(ours(pipe, [specs]), theirs(pipe, specs)):
         assert np.array_equal(a, b)
 
 
@@ -114,9 +92,9 @@ def test_an_image_split_off_mid_run_keeps_its_own_scheduler_state(pipe, schedule
     beside two other images, its last ones alone).
     """
     specs = [spec(21, scheduler=scheduler), spec(22, scheduler=scheduler), spec(23, scheduler=scheduler)]
-    split = ours(pipe, specs, split_after=3)
-    together = ours(pipe, specs)
-    [solo] = ours(pipe, [specs[0]])
+    split = ours(pipe, [specs], split_after=3)
+    together = ours(pipe, [specs])
+    [solo] = ours(pipe, [specs[:1]])
     assert_same_up_to_batch_rounding(split[0], solo)
     for a, b in zip(split[1:], together[1:]):
         assert_same_up_to_batch_rounding(a, b)

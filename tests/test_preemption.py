@@ -64,11 +64,13 @@ def forwards_of(device, owner: str) -> list[int]:
     return [first + i for i, forward in enumerate(trace) if owner in forward]
 
 
-def session(worker, session_id: str, priority: int, steps: int, seed: int = 7, background: bool = True) -> dict:
+def session(worker, session_id: str, priority: int, steps: int, seed: int = 7, background: bool = True,
+            **parameters) -> dict:
+    """`parameters`: beside or instead of DDIM on the default model (one forward per step)."""
     reply = worker.execute_workflow(session_id=session_id, workflow_id="img-generation-basic", priority=priority,
                                     background=background,
                                     parameters={"prompt": "a red fox in the snow", "seed": seed, "steps": steps,
-                                                "scheduler": "ddim"})
+                                                "scheduler": "ddim", **parameters})
     assert reply["success"], reply
     return reply
 
@@ -161,14 +163,23 @@ def test_preempted_items_finish_once_with_their_seeds_and_pixels(make_worker):
 
 
 def test_a_preempted_then_paused_then_resumed_session_is_exact(make_worker):
+    check_preempted_then_paused_then_resumed_is_exact(make_worker, 12)
+
+
+def check_preempted_then_paused_then_resumed_is_exact(make_worker, steps: int, model: str = "builtin:tiny-sd",
+                                                     **parameters) -> None:
+    """A session preempted by a priority-10 one, paused while it waits, resumed: its solo pixels, no step run
+    twice. On `model`, with `parameters` beside (test_transformer_families_in_worker runs it per family)."""
     worker = make_worker(scheduling={"max_batch_size": 1, "coalesce_wait_ms": 0})
     device = device_worker(worker)
-    solo = session(worker, "solo", 5, 12, background=False)
+    parameters = {"model": model, **parameters}
+    solo = session(worker, "solo", 5, steps, background=False, **parameters)
     expected = worker.get_output(solo["outputs"][0]["output_id"])
-    with ForwardGate(worker, 3, 5) as gate:  # counts forwards from here
-        session(worker, "slow", 5, 12)
+    assert expected.std() > 1, "a flat image: broken weights would compare equal"
+    with ForwardGate(worker, 3, 5, model_id=model) as gate:  # counts forwards from here
+        session(worker, "slow", 5, steps, **parameters)
         gate.wait(3)
-        session(worker, "urgent", 10, 12)
+        session(worker, "urgent", 10, steps, seed=9, **parameters)
         submitted_at_step(worker, "urgent", device)
         gate.release(3)
         gate.wait(5)  # the urgent session's second forward: "slow" waits in the queue, preempted
@@ -185,7 +196,7 @@ def test_a_preempted_then_paused_then_resumed_session_is_exact(make_worker):
     done = session_status(worker, "slow")
     assert done["status"] == "completed"
     np.testing.assert_array_equal(worker.get_output(done["outputs"][0]["output_id"]), expected)
-    assert len(forwards_of(device, owner_of(worker, "slow"))) == 12  # no step ran twice
+    assert len(forwards_of(device, owner_of(worker, "slow"))) == steps  # no step ran twice
 
 
 def _owned(queue: WorkQueue, owner: str | None, priority: int, at: float) -> DenoiseTask:

@@ -77,8 +77,8 @@ def test_concurrent_sessions_share_forwards_and_keep_their_pixels(make_worker, m
         assert_same_up_to_batch_rounding(pixels(worker, reply), solo[seed])
 
 
-def test_cancel_stops_a_flux_image_within_one_step_and_skips_the_decode(worker):
-    model = "builtin:tiny-flux"
+@pytest.mark.parametrize("model", FAMILIES)
+def test_cancel_stops_an_image_within_one_step_and_skips_the_decode(worker, model):
     pipe = pipeline_of(worker, model)
     forwards, decodes = [], []
     hooks = [adapter_for(pipe).denoiser(pipe).register_forward_hook(lambda *args: forwards.append(1)),
@@ -116,10 +116,11 @@ def test_model_status_names_each_models_family_without_building_it(worker, tmp_p
     assert families["builtin:tiny-chroma"] == "chroma"
 
 
-@pytest.mark.parametrize("model", ["builtin:tiny-flux", "builtin:tiny-flux-schnell"])
-def test_flux_img2img_runs_through_the_worker_and_strength_changes_the_result(worker, model):
-    """Pixel identity with FluxImg2ImgPipeline is in test_transformer_families_match_pipeline; random weights
-    keep too little of an image to measure how far strength moves it, only that it decides the result."""
+@pytest.mark.parametrize("model", FAMILIES)
+def test_img2img_runs_through_the_worker_and_strength_changes_the_result(worker, model):
+    """Pixel identity with each family's img2img pipeline is in test_transformer_families_match_pipeline;
+    random weights keep too little of an image to measure how far strength moves it, only that it decides
+    the result."""
     source = generate(worker, model, seed=3)
     results = {}
     for strength in (0.25, 1.0):
@@ -130,17 +131,6 @@ def test_flux_img2img_runs_through_the_worker_and_strength_changes_the_result(wo
         results[strength] = pixels(worker, reply)
     assert not np.array_equal(results[0.25], results[1.0])
     assert not np.array_equal(results[0.25], pixels(worker, source))
-
-
-@pytest.mark.parametrize("model", ["builtin:tiny-sd3", "builtin:tiny-chroma"])
-def test_img2img_on_a_family_without_it_fails_clearly_and_nothing_else(worker, model):
-    source = generate(worker, model, seed=3)
-    reply = worker.execute_workflow(workflow_id="img2img-basic", background=False, parameters={
-        "init_image": source["outputs"][0]["output_id"], "prompt": "x", "strength": 0.5, "steps": 4,
-        "width": 32, "height": 32, "model": model})
-    assert reply["status"] == "failed" and reply["error_code"] == "invalid_request", reply
-    assert "img2img is not supported" in reply["error"]
-    assert generate(worker, model, seed=5)["status"] == "completed"
 
 
 def test_models_are_never_built_while_another_loads(tmp_path, monkeypatch):
@@ -178,36 +168,11 @@ def test_models_are_never_built_while_another_loads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("model", FAMILIES)
 def test_a_preempted_then_paused_then_resumed_session_is_exact(make_worker, model):
-    """test_preemption's exact case on each transformer family: preempted by a priority-10 session, paused
-    while it waits, resumed: its solo pixels, no step run twice."""
-    from .test_preemption import FINAL, ForwardGate, forwards_of, owner_of, submitted_at_step
+    """test_preemption's exact case on each transformer family."""
+    from .test_preemption import check_preempted_then_paused_then_resumed_is_exact
 
-    worker = make_worker(scheduling={"max_batch_size": 1, "coalesce_wait_ms": 0})
-    device = device_worker(worker)
-    expected = pixels(worker, generate(worker, model, session_id="solo", steps=6))
-    with ForwardGate(worker, 2, 4, model_id=model) as gate:  # counts forwards from here
-        generate(worker, model, session_id="slow", steps=6, background=True)
-        gate.wait(2)
-        assert worker.execute_workflow(session_id="urgent", workflow_id="img-generation-basic", priority=10,
-                                       background=True, parameters={"prompt": "x", "seed": 9, "steps": 6,
-                                                                    "width": 32, "height": 32,
-                                                                    "model": model})["success"]
-        submitted_at_step(worker, "urgent", device)
-        gate.release(2)
-        gate.wait(4)  # the urgent session's second forward: "slow" waits in the queue, preempted
-        slow_task = run_of(worker, "slow").all_tasks[0]
-        assert slow_task.state == "queued" and slow_task.parked is not None and slow_task.preemptions == 1
-        step_when_preempted = slow_task.step
-        assert worker.control_session(session_id="slow", action="pause")["status"] == "paused"
-        gate.release()
-    wait_for(lambda: session_status(worker, "urgent")["status"] in FINAL)
-    assert session_status(worker, "slow")["status"] == "paused" and slow_task.step == step_when_preempted
-    assert worker.control_session(session_id="slow", action="resume")["success"]
-    wait_for(lambda: session_status(worker, "slow")["status"] in FINAL)
-    done = session_status(worker, "slow")
-    assert done["status"] == "completed"
-    assert np.array_equal(pixels(worker, done), expected)
-    assert len(forwards_of(device, owner_of(worker, "slow"))) == 6  # no step ran twice
+    check_preempted_then_paused_then_resumed_is_exact(make_worker, 6, model, scheduler="default", width=32,
+                                                      height=32, guidance_scale=3.5)
 
 
 @pytest.mark.parametrize("model", FAMILIES)
@@ -221,3 +186,85 @@ def test_a_batch_gives_each_item_its_own_seed_and_its_solo_pixels(worker, model)
     for seed, image in outputs.items():
         assert_same_up_to_batch_rounding(image, pixels(worker, generate(worker, model, seed=seed)))
     assert not np.array_equal(outputs[40], outputs[41])
+
+
+def test_configured_models_that_cannot_run_are_reported_at_start_with_every_models_family(make_worker, tmp_path):
+    unsupported = tmp_path / "qwen"
+    unsupported.mkdir()
+    (unsupported / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    worker = make_worker(models={"qwen": str(unsupported), "gone": str(tmp_path / "gone")})
+    logged = " ".join(r["message"] for r in worker.drain_logs()["records"] if r["level"] == "WARNING")
+    assert "'qwen' cannot run" in logged and "QwenImagePipeline" in logged and "'gone' cannot run" in logged
+
+    status = {m["model_id"]: m for m in worker.execute("model.get_status", {})["models"]}
+    assert "'QwenImagePipeline' is not supported" in status["qwen"]["problem"]
+    assert "not found" in status["gone"]["problem"]
+    assert status["builtin:tiny-flux"]["problem"] is None
+
+    listed = {m["model_id"]: m for m in worker.get_workflows()["models"]}
+    assert listed["builtin:tiny-flux"]["family"] == "flux" and listed["builtin:tiny-sd3"]["family"] == "sd3"
+    assert listed["builtin:tiny-chroma"]["family"] == "chroma" and listed["builtin:tiny-sd"]["family"] == "sd"
+    assert listed["qwen"]["family"] is None and "QwenImagePipeline" in listed["qwen"]["problem"]
+    assert worker.execute("inference.text2img", {"prompt": "x", "steps": 2, "background": False})["status"] \
+        == "completed"  # the worker runs the models that can
+
+
+def test_a_folder_whose_model_index_is_not_json_is_refused_clearly(make_worker, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    worker = make_worker(models={"broken": str(broken)})
+    reply = worker.execute("inference.text2img", {"prompt": "x", "model": "broken"})
+    assert reply["error_code"] == "invalid_request" and "model_index.json cannot be read" in reply["error"]
+
+
+ROWS_PER_IMAGE = {"builtin:tiny-flux": 1, "builtin:tiny-flux-schnell": 1,  # no classifier-free guidance
+                  "builtin:tiny-sd3": 2, "builtin:tiny-chroma": 2}
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_a_batch_survives_injected_out_of_memory_each_image_exactly_once(make_worker, model):
+    """test_batches' OOM back-off on each transformer family: forwards of more than 3 images fail as a full
+    GPU does; the sizer halves 8 -> 4 -> 2, grows back to 3 and never above, every image made once and
+    each its solo pixels."""
+    from .test_batches import FakeMemoryProbe, simulate_device_memory
+
+    worker = make_worker(scheduling={"max_batch_size": 8, "coalesce_wait_ms": 50})
+    hook, seen = simulate_device_memory(worker, FakeMemoryProbe(total=1000, base=100, per_image=200),
+                                        out_of_memory_above=3, model_id=model, rows_per_image=ROWS_PER_IMAGE[model])
+    try:
+        reply = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters={
+            "prompt": "a red fox", "seed": 100, "steps": 3, "total_images": 12, "width": 32, "height": 32,
+            "guidance_scale": 3.5, "model": model}, configuration={
+            "total_images": 12, "max_batch_size": 8, "enable_dynamic_sizing": True, "memory_threshold": 0.8})
+    finally:
+        hook.remove()
+    assert reply["status"] == "completed", reply.get("failed")
+    assert sorted(o["seed"] for o in reply["outputs"]) == list(range(100, 112))
+    assert device_worker(worker).counters.out_of_memory >= 2  # 8 failed, then 4 failed
+    assert max(seen[seen.index(2):]) <= 3  # after learning: never above what fits
+    produced = {o["seed"]: worker.get_output(o["output_id"]) for o in reply["outputs"]}
+    for seed in (100, 111):
+        assert_same_up_to_batch_rounding(produced[seed], pixels(worker, generate(worker, model, seed=seed, steps=3)))
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_memory_learned_from_forwards_sizes_the_next_ones(make_worker, model):
+    from .test_batches import FakeMemoryProbe, simulate_device_memory
+
+    worker = make_worker(scheduling={"max_batch_size": 8, "coalesce_wait_ms": 50})
+    hook, seen = simulate_device_memory(worker, FakeMemoryProbe(total=1000, base=100, per_image=100),
+                                        out_of_memory_above=100, model_id=model,
+                                        rows_per_image=ROWS_PER_IMAGE[model])
+    parameters = {"prompt": "a red fox", "steps": 3, "seed": 0, "total_images": 8, "width": 32, "height": 32,
+                  "guidance_scale": 3.5, "model": model}
+    try:
+        first = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters=parameters,
+                                     configuration={"memory_threshold": 0.5})
+        seen.clear()
+        second = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters=parameters,
+                                      configuration={"memory_threshold": 0.5})
+    finally:
+        hook.remove()
+    assert first["status"] == second["status"] == "completed"
+    assert max(seen) == 4  # (0.5 x 1000 - 100) / 100 per image

@@ -12,14 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from embedded_worker.diffusion.conditioning import join_conditioning
-from embedded_worker.diffusion.denoise import ImageSpec, decode_pixels, encode_prompt, predict_noise, start_cohort
+from embedded_worker.diffusion.denoise import ImageSpec
 from embedded_worker.diffusion.families import chroma, flux, stable_diffusion_3
-from embedded_worker.diffusion.models import load_pipeline, read_family
-from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 
 from .conftest import assert_same_up_to_batch_rounding
-
+from .loop_against_pipeline import image_spec, ours, tiny_pipeline
 
 SEQUENCE_LENGTH = {"flux": flux.max_sequence_length, "sd3": stable_diffusion_3.max_sequence_length,
                    "chroma": chroma.max_sequence_length}
@@ -28,38 +25,11 @@ MODELS = ["builtin:tiny-flux", "builtin:tiny-flux-schnell", "builtin:tiny-sd3", 
 
 @pytest.fixture(scope="module", params=MODELS)
 def pipe(request, model_cache):
-    folder = ensure_tiny_model(request.param, model_cache)
-    pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
-    pipe.family = read_family(folder)
-    return pipe
+    return tiny_pipeline(model_cache, request.param)
 
 
 def spec(seed: int, **fields) -> ImageSpec:
-    values = {"model_id": "m", "prompt": "a red cat", "seed": seed, "steps": 3, "width": 32, "height": 32,
-              "guidance_scale": 3.5, **fields}
-    return ImageSpec(**values)
-
-
-@torch.inference_mode()
-def ours(pipe, cohorts: list[list[ImageSpec]], split_after: int | None = None) -> list[np.ndarray]:
-    """Run each list of specs as a cohort, all sharing every forward; optionally split the first image off
-    after some steps and finish it beside the rest (pause/resume's path). Images in the order given."""
-    running = []
-    for specs in cohorts:
-        conditioning = join_conditioning([encode_prompt(pipe, s) for s in specs])
-        running.append(start_cohort(pipe, [s.seed for s in specs], specs, conditioning))
-    while not all(c.finished for c in running):
-        predict_noise(pipe, [c for c in running if not c.finished and c.size], 10_000)
-        if split_after is not None and running[0].step_index == split_after:
-            running.append(running[0].split_off([0]))
-            split_after = None
-    pixels = {}
-    for cohort in running:
-        if cohort.size:
-            pixels.update(zip(cohort.members, decode_pixels(pipe, cohort, 64)))
-    images = [pixels[s.seed] for specs in cohorts for s in specs]
-    assert all(image.std() > 1 for image in images), "a flat image: broken weights would compare equal"
-    return images
+    return image_spec(seed, **{"steps": 3, "guidance_scale": 3.5, **fields})
 
 
 def theirs(pipe, specs: list[ImageSpec]) -> list[np.ndarray]:
@@ -132,20 +102,33 @@ def test_an_image_split_off_mid_run_finishes_as_its_solo_run(pipe):
         assert_same_up_to_batch_rounding(a, b)
 
 
-def test_img2img_matches_the_flux_img2img_pipeline(pipe):
-    if pipe.family != "flux":
-        pytest.skip("img2img is Flux's only, so far")
-    from diffusers import AutoPipelineForImage2Image
+@pytest.mark.parametrize("strength", [0.3, 0.6])
+def test_img2img_matches_the_familys_img2img_pipeline(pipe, strength):
+    """FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaImg2ImgPipeline: bit for bit alone; a
+    cohort of two bit for bit on Flux and within batch rounding on SD3 and Chroma (see the cohort test)."""
+    from diffusers import ChromaImg2ImgPipeline, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
     from PIL import Image
 
+    img2img = {"flux": FluxImg2ImgPipeline, "sd3": StableDiffusion3Img2ImgPipeline,
+               "chroma": ChromaImg2ImgPipeline}[pipe.family].from_pipe(pipe)
     init = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    specs = [spec(9, init_image=init, strength=0.6, steps=4), spec(10, init_image=init, strength=0.6, steps=4)]
-    ours_pixels = ours(pipe, [specs])
-    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
-    theirs_pixels = img2img(prompt=[s.prompt for s in specs], image=[Image.fromarray(init)] * 2, strength=0.6,
-                            generator=[torch.Generator().manual_seed(s.seed) for s in specs], num_inference_steps=4,
-                            guidance_scale=3.5, height=32, width=32, output_type="np",
-                            max_sequence_length=SEQUENCE_LENGTH[pipe.family](pipe)).images
-    for a, b in zip(ours_pixels, theirs_pixels):
-        assert np.array_equal(a, (b * 255).round().astype(np.uint8))
-    assert not np.array_equal(ours_pixels[0], ours_pixels[1])  # each image its own noise
+
+    def pipeline(specs: list[ImageSpec]) -> list[np.ndarray]:
+        generators = [torch.Generator().manual_seed(s.seed) for s in specs]
+        images = img2img(prompt=[s.prompt for s in specs], image=[Image.fromarray(init)] * len(specs),
+                         strength=strength, generator=generators if len(specs) > 1 else generators[0],
+                         num_inference_steps=4, guidance_scale=3.5, height=32, width=32, output_type="np",
+                         max_sequence_length=SEQUENCE_LENGTH[pipe.family](pipe)).images
+        return [(image * 255).round().astype(np.uint8) for image in images]
+
+    specs = [spec(9, init_image=init, strength=strength, steps=4), spec(10, init_image=init, strength=strength,
+                                                                        steps=4)]
+    [alone] = ours(pipe, [specs[:1]])
+    assert np.array_equal(alone, pipeline(specs[:1])[0])
+    together = ours(pipe, [specs])
+    for a, b in zip(together, pipeline(specs)):
+        if pipe.family == "flux":
+            assert np.array_equal(a, b)
+        else:
+            assert_same_up_to_batch_rounding(a, b)
+    assert not np.array_equal(together[0], together[1])  # each image its own noise

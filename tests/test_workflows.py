@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 
 from embedded_worker import testing
+from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 from embedded_worker.workflows.catalog import BUILTIN_DIR, read_workflow_file
 
 from .conftest import generate
@@ -145,6 +147,9 @@ def test_parallel_coordination_runs_independent_operations_and_aggregates_errors
     assert failed["error_code"] == "invalid_request"  # found before anything ran
 
     cache = worker.config.resolved_model_cache_dir
+    for name in ("missing-a", "missing-b"):  # configs that plan, weights that are not there to load
+        shutil.copytree(ensure_tiny_model("builtin:tiny-sd", cache), cache / name,
+                        ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
     testing.models(worker).register({"broken-a": cache / "missing-a", "broken-b": cache / "missing-b"})
     both = worker.execute_workflow(coordination_mode="parallel", background=False, domains=[
         {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a", "model": "broken-a"}},

@@ -128,7 +128,8 @@ class ProcessingWorker:
         def run() -> dict:
             parse(Request, request_data(request, kwargs))
             engine = self._engine
-            return ok(workflows=engine.workflows.describe_all(), problems=engine.workflows.problems())
+            return ok(workflows=engine.workflows.describe_all(), models=engine.models.families(),
+                      problems=engine.workflows.problems())
 
         return self._call(run)
 

@@ -290,7 +290,7 @@ class RecommendBatchSizeRequest(Request):
     model: Id | None = Field(None, validation_alias=AliasChoices("model", "model_id"))
     width: StrictInt | None = Field(None, ge=8, description="none: the model's native size")
     height: StrictInt | None = Field(None, ge=8)
-    guidance_scale: Number = Field(7.5, ge=0, le=50)
+    guidance_scale: Number | None = Field(None, ge=0, le=50, description="none: the model's own")
     guidance: StrictBool | None = Field(None, description="the guidance mode itself; none: guidance_scale > 1")
     min_batch_size: StrictInt = Field(1, ge=1)
     memory_threshold: Number | None = Field(None, gt=0, le=1, description="none: the worker's own")

@@ -12,18 +12,22 @@ before anything is unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InvalidRequest, NotFound, WorkerError
-from ..toy_model import SHAPES_FOLDER, SHAPES_MODEL_ID
+from ..toy_model import SHAPES_FOLDER, SHAPES_GUIDANCE, SHAPES_MODEL_ID
 from .families import ADAPTERS, PIPELINE_FAMILIES
+from .families.defaults import ModelDefaults
 from .offline import set_offline_environment
-from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family
+from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family, tiny_model_folder
 
+log = logging.getLogger("embedded_worker.models")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SHIPPED_MODELS = {SHAPES_MODEL_ID: SHAPES_FOLDER}
+SHIPPED_GUIDANCE = {SHAPES_MODEL_ID: SHAPES_GUIDANCE}  # what our own trained model draws best at
 BUILTIN_MODELS = (*TINY_MODELS, *SHIPPED_MODELS)
 
 
@@ -43,12 +47,17 @@ class ModelCatalog:
 
     def __init__(self, configured: dict[str, str], cache_dir: Path):
         self._cache_dir = Path(cache_dir)
-        # guards `_entries` and `_folders`: `model.load` may add a model while workers read
+        # guards `_entries`, `_folders` and `_defaults`: `model.load` may add a model while workers read
         self._lock = threading.Lock()
         self._entries = {model_id: ModelEntry(model_id, model_id) for model_id in TINY_MODELS}
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in SHIPPED_MODELS.items()})
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in configured.items()})
         self._folders: dict[str, Path] = {}
+        self._defaults: dict[str, ModelDefaults] = {}  # read once per model: every batch item plans with them
+        self._problems = {model_id: problem for model_id, path in configured.items()
+                          if (problem := folder_problem(Path(path))) is not None}
+        for model_id, problem in self._problems.items():
+            log.warning("configured model '%s' cannot run: %s", model_id, problem)
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -95,6 +104,7 @@ class ModelCatalog:
             for model_id in model_ids:
                 self._entries.pop(model_id, None)
                 self._folders.pop(model_id, None)
+                self._defaults.pop(model_id, None)
 
     def folder(self, model_id: str) -> Path:
         """The checked folder of `model_id`, building a built-in model on first use."""
@@ -115,6 +125,16 @@ class ModelCatalog:
     def family(self, model_id: str) -> str:
         return read_family(self.folder(model_id))
 
+    def problem(self, model_id: str) -> str | None:
+        """Why a configured model cannot run, as found at start (its folder missing, or of an unsupported
+        family): said in status from the start, not first when a request names it."""
+        return self._problems.get(model_id)
+
+    def families(self) -> list[dict]:
+        """Every model with its family (None where its folder cannot say) and its problem, for status."""
+        return [{"model_id": model_id, "family": self.family_if_known(model_id), "problem": self.problem(model_id)}
+                for model_id in self.ids()]
+
     def family_if_known(self, model_id: str) -> str | None:
         """The family without building or loading anything, for status; None where the folder cannot say."""
         if model_id in TINY_MODELS:
@@ -124,8 +144,32 @@ class ModelCatalog:
         except (OSError, ValueError, WorkerError):
             return None
 
+    def defaults_if_known(self, model_id: str) -> ModelDefaults | None:
+        """The model's defaults without building anything, for status; None for a tiny model not built yet
+        or a folder that cannot say."""
+        folder = tiny_model_folder(model_id, self._cache_dir) if model_id in TINY_MODELS else None
+        if folder is not None and not (folder / "model_index.json").is_file():
+            return None
+        try:
+            return self.defaults(model_id)
+        except (OSError, ValueError, WorkerError):
+            return None
+
     def native_size(self, model_id: str) -> tuple[int, int]:
         return native_size(self.folder(model_id))
+
+    def defaults(self, model_id: str) -> ModelDefaults:
+        """What a request that leaves steps, guidance or size empty gets on `model_id` (may build it)."""
+        with self._lock:
+            cached = self._defaults.get(model_id)
+        if cached is not None:
+            return cached
+        defaults = model_defaults(self.folder(model_id))
+        if model_id in SHIPPED_GUIDANCE:
+            defaults = replace(defaults, guidance_scale=SHIPPED_GUIDANCE[model_id])
+        with self._lock:
+            self._defaults[model_id] = defaults
+        return defaults
 
     def weight_bytes(self, model_id: str) -> int:
         """Bytes of safetensors weights: what one loaded copy costs, near enough, at float32."""
@@ -134,12 +178,24 @@ class ModelCatalog:
 
 def read_family(folder: Path) -> str:
     """The family of a model folder, from the pipeline class its model_index.json names."""
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    class_name = index.get("_class_name", "")
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InvalidRequest(f"model folder {folder}: model_index.json cannot be read ({error})") from None
+    class_name = index.get("_class_name", "") if isinstance(index, dict) else ""
     if class_name not in PIPELINE_FAMILIES:
         raise InvalidRequest(f"model folder {folder}: pipeline class '{class_name}' is not supported "
                              f"(supported: {', '.join(sorted(PIPELINE_FAMILIES))})")
     return PIPELINE_FAMILIES[class_name]
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be loaded (`check_model_folder`), or None."""
+    try:
+        check_model_folder(folder)
+    except WorkerError as error:
+        return error.message
+    return None
 
 
 def check_model_folder(folder: Path) -> None:
@@ -148,7 +204,13 @@ def check_model_folder(folder: Path) -> None:
         raise NotFound(f"model folder not found: {folder}")
     if not (folder / "model_index.json").is_file():
         raise InvalidRequest(f"model folder {folder} has no model_index.json (diffusers format expected)")
-    read_family(folder)
+    family = read_family(folder)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    for name, spec in sorted(index.items()):  # "name": [library, class], or [null, null] for none
+        if not name.startswith("_") and isinstance(spec, list) and spec[-1] is not None \
+                and not (folder / name).is_dir():
+            raise InvalidRequest(f"model folder {folder}: component '{name}' ({spec[-1]}) that model_index.json "
+                                 f"names is missing (a {family} model needs it)")
     for component in sorted(p for p in folder.iterdir() if p.is_dir()):
         names = [p.name for p in component.iterdir() if p.is_file()]
         pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
@@ -171,6 +233,7 @@ def load_pipeline(folder: Path, device, dtype):
         pipe = DiffusionPipeline.from_pretrained(
             folder, local_files_only=True, use_safetensors=True, dtype=dtype, **skip
         )
+    check_weights_cover_configs(pipe, folder)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     modules = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -178,6 +241,32 @@ def load_pipeline(folder: Path, device, dtype):
         if module is not None:
             module.eval().requires_grad_(False)
     return pipe
+
+
+def model_defaults(folder: Path) -> ModelDefaults:
+    """The model's own steps, guidance, size and T5 length, read from its configs without loading weights."""
+    return ADAPTERS[read_family(folder)].defaults(folder)
+
+
+def check_weights_cover_configs(pipe, folder: Path) -> None:
+    """Refuse a denoiser or VAE whose config asks for parameters its weights do not hold: diffusers loads
+    it anyway, the missing ones freshly initialised, and the model draws noise without a word. (Weights
+    of another shape fail the load by themselves, naming the parameter.)"""
+    from diffusers import ModelMixin
+    from safetensors import safe_open
+
+    for name, module in pipe.components.items():
+        if not isinstance(module, ModelMixin):
+            continue
+        saved: set[str] = set()
+        for weights in (folder / name).glob("*.safetensors"):
+            with safe_open(weights, "pt") as handle:
+                saved.update(handle.keys())
+        missing = sorted(set(module.state_dict()) - saved)
+        if missing:
+            raise InvalidRequest(f"model folder {folder}: '{name}' has no weights for {len(missing)} of the "
+                                 f"parameters its config.json asks for (first: {missing[0]}); the config does "
+                                 f"not match the weights")
 
 
 def native_size(folder: Path) -> tuple[int, int]:

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ResourceExhausted, Unavailable, is_out_of_memory
+from ..errors import ResourceExhausted, Unavailable, WorkerError, is_out_of_memory
 from .denoise import encode_prompt
 from .models import load_pipeline
 
 if TYPE_CHECKING:
-    from ..errors import WorkerError
     from .conditioning import Conditioning
     from .memory import BatchSizer
     from .models import ModelCatalog
@@ -61,6 +60,7 @@ class PipelineCache:
             pipe = load_pipeline(folder, self.device, self.dtype)
         except Exception as error:
             failure: WorkerError = (
+                error if isinstance(error, WorkerError) else  # the folder refused for what it holds
                 ResourceExhausted(f"model '{model_id}' does not fit in {self.device} memory")
                 if is_out_of_memory(error) else
                 Unavailable(f"model '{model_id}' could not be loaded from {folder}: {type(error).__name__}: {error}"))

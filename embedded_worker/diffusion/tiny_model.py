@@ -318,10 +318,15 @@ def tiny_family(model_id: str) -> str:
     return RECIPES[TINY_MODELS[model_id]][0]
 
 
+def tiny_model_folder(model_id: str, cache_dir: Path) -> Path:
+    """Where built-in model `model_id` is (or will be) built."""
+    return Path(cache_dir) / f"tiny-{TINY_MODELS[model_id]}-{RECIPE_VERSION}"
+
+
 def ensure_tiny_model(model_id: str, cache_dir: Path) -> Path:
     """The folder of built-in model `model_id`, building it on first use."""
     recipe = TINY_MODELS[model_id]
-    folder = Path(cache_dir) / f"tiny-{recipe}-{RECIPE_VERSION}"
+    folder = tiny_model_folder(model_id, cache_dir)
     if (folder / "model_index.json").is_file():
         return folder
     with CONSTRUCTION_LOCK:

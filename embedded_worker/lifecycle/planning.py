@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from ..api.messages import parse
-from ..diffusion.models import check_model_folder
+from ..diffusion.models import check_model_folder, model_defaults
 from ..errors import InvalidRequest, NotFound
 from ..outputs.postprocess import decode
 from ..outputs.store import INPUT_PREFIX, OUTPUT_PREFIX
-from ..workflows.operations import OPERATIONS, ModelParams, StepImage
+from ..workflows.operations import OPERATIONS, GenerateParams, ModelParams, StepImage
 
 if TYPE_CHECKING:
     from ..api.messages import DomainOperation
@@ -92,6 +92,7 @@ class Planner:
                 continue
             operation = OPERATIONS[f"{step.domain}.{step.operation}"]
             params = self._operation_params(operation, {**operation.params.taken(values), **step.parameters}, prefix)
+            self._fill_model_defaults(params, model_id, {})
             steps.append(PlannedStep(operation, params, inputs if not steps and inputs else None, step.order))
         self._check_inputs(steps, lambda index: prefix)
         return self._finish(RunPlan(steps, False, model_id, workflow.id), lambda step: prefix)
@@ -131,7 +132,9 @@ class Planner:
             wave = 0
             if operation.on_device:
                 params.model = params.model or loaded
-                models.add(self.model_for(params.model, f"domains.{index}.parameters.", folders))
+                model_id = self.model_for(params.model, f"domains.{index}.parameters.", folders)
+                self._fill_model_defaults(params, model_id, folders)
+                models.add(model_id)
                 wave = int(parallel and (params.model or self.config.default_model) in named)
             steps.append(PlannedStep(operation, params, inputs or ([] if parallel else None), index + 1, wave))
         self._check_inputs(steps, lambda index: f"domains.{index}.parameters.", parallel)
@@ -156,6 +159,19 @@ class Planner:
         elif params.model_id not in folders:
             self.model_for(params.model_id, prefix)
             self.models.folder(params.model_id)
+
+    def _fill_model_defaults(self, params: OperationParams, model_id: str, folders: dict[str, Path]) -> None:
+        """A generate operation's empty steps and guidance_scale become its model's own (`ModelDefaults`):
+        SD's 20 at 7.5 are not Flux's 28 at 3.5 nor schnell's 4 unguided. Here, before the run, because
+        progress and the step limits count the steps; a model's default over `limits.max_steps` runs at
+        the limit. Reading them checks the model's folder: one that is missing is refused here."""
+        if not isinstance(params, GenerateParams) or None not in (params.steps, params.guidance_scale):
+            return
+        defaults = model_defaults(folders[model_id]) if model_id in folders else self.models.defaults(model_id)
+        if params.steps is None:
+            params.steps = min(defaults.steps, self.config.limits.max_steps)
+        if params.guidance_scale is None:
+            params.guidance_scale = defaults.guidance_scale
 
     def register(self, plan: RunPlan) -> list[str]:
         """The model folders an accepted request names, registered as its ids (all or none); the new ids."""

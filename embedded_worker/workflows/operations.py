@@ -39,11 +39,8 @@ from ..diffusion.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ..diffusion.task import BatchSizing
 from ..errors import InvalidRequest
 from ..outputs import postprocess
-from ..toy_model import SHAPES_GUIDANCE, SHAPES_MODEL_ID
 
 SchedulerName = Literal[tuple([DEFAULT_SCHEDULER, *SCHEDULERS])]  # type: ignore[valid-type]
-DEFAULT_GUIDANCE = 7.5
-MODEL_GUIDANCE = {SHAPES_MODEL_ID: SHAPES_GUIDANCE}
 
 
 @dataclass
@@ -75,8 +72,9 @@ class GenerateParams(OperationParams):
     prompt: str = Field(..., min_length=1)
     negative_prompt: str = ""
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="none: a random seed, reported back")
-    steps: StrictInt = Field(20, ge=1)
-    guidance_scale: Number | None = Field(None, ge=0, le=50, description="none: the model's own (`guidance_for`)")
+    # none: the model's own (`ModelDefaults`), filled in when the request is planned and its model known
+    steps: StrictInt | None = Field(None, ge=1, description="none: the model's own, at most limits.max_steps")
+    guidance_scale: Number | None = Field(None, ge=0, le=50, description="none: the model's own")
     width: StrictInt | None = Field(None, ge=8, description="none: the model's native size")
     height: StrictInt | None = Field(None, ge=8)
     num_images: StrictInt = Field(1, ge=1)
@@ -93,9 +91,9 @@ class GenerateParams(OperationParams):
 
     @field_validator("steps")
     @classmethod
-    def _steps_limit(cls, value: int, info: ValidationInfo) -> int:
+    def _steps_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
         limit = _limits(info).max_steps
-        if value > limit:
+        if value is not None and value > limit:
             raise ValueError(f"{value} exceeds the limit of {limit} steps")
         return value
 
@@ -241,15 +239,10 @@ class Operation:
         return f"{self.domain}.{self.name}"
 
 
-def guidance_for(model_id: str) -> float:
-    """The guidance scale a model draws best at: SD's usual 7.5 unless the model is known to want another."""
-    return MODEL_GUIDANCE.get(model_id, DEFAULT_GUIDANCE)
-
-
 def image_specs(
     params: GenerateParams, inputs: list[StepImage], model_id: str, native: tuple[int, int]
 ) -> list[ImageSpec]:
-    """The images a generate operation asks for: seed + i for image i."""
+    """The images a generate operation asks for: seed + i for image i (steps and guidance planned in)."""
     seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**32)
     width = params.width or native[0]
     height = params.height or native[1]
@@ -260,7 +253,7 @@ def image_specs(
         negative_prompt=params.negative_prompt,
         seed=seed,
         steps=params.steps,
-        guidance_scale=params.guidance_scale if params.guidance_scale is not None else guidance_for(model_id),
+        guidance_scale=params.guidance_scale,
         width=width,
         height=height,
         scheduler=params.scheduler,

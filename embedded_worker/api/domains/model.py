@@ -32,11 +32,14 @@ class ModelInstructor:
         models = []
         for model_id in self.engine.models.ids():
             entry = self.engine.models.entry(model_id)
+            defaults = self.engine.models.defaults_if_known(model_id)
             models.append({"model_id": model_id, "family": self.engine.models.family_if_known(model_id),
+                           "defaults": defaults.describe() if defaults is not None else None,
                            "builtin": entry.builtin,
                            "source": "built-in recipe" if entry.builtin else entry.source,
                            "loaded_on": loaded.get(model_id, []),
-                           "default": model_id == self.engine.config.default_model})
+                           "default": model_id == self.engine.config.default_model,
+                           "problem": self.engine.models.problem(model_id)})
         return {"models": models}
 
     def get_status(self, data: dict) -> dict:

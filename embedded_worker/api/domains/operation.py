@@ -67,9 +67,10 @@ class OperationInstructor:
         request = parse(RecommendBatchSizeRequest, data)
         engine = self.engine
         model_id = engine.planner.model_for(request.model, "")
-        native = engine.models.native_size(model_id)
-        width, height = request.width or native[0], request.height or native[1]
-        guidance = request.guidance if request.guidance is not None else request.guidance_scale > 1.0
+        own = engine.models.defaults(model_id)
+        width, height = request.width or own.width, request.height or own.height
+        scale = request.guidance_scale if request.guidance_scale is not None else own.guidance_scale
+        guidance = request.guidance if request.guidance is not None else scale > 1.0
         key = (model_id, height, width, guidance)  # ImageSpec.forward_key: what shares one forward
         devices = {device: sizer.explain(key, request.min_batch_size, request.memory_threshold)
                    for device, sizer in engine.pool.sizers.items()}

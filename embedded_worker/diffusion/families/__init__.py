@@ -18,8 +18,10 @@ Design notes (the adapter shape)
   5. the guidance and scheduler step are shared (`Cohort.advance`):
      `classifier_free(spec)` says whether a family doubles rows for it;
   6. `vae_latents(pipe, latents, spec)`: unpacked and unscaled for the VAE.
-  Plus what a folder says without loading: `native_size(folder)`, and
-  `denoiser(pipe)`, the module a forward runs (UNet or transformer).
+  Plus what a folder says without loading: `native_size(folder)` and
+  `defaults(folder)` (`ModelDefaults`: the steps, guidance and T5 length a
+  request that leaves them empty gets), and `denoiser(pipe)`, the module a
+  forward runs (UNet or transformer).
 - A family is recognised by its folder's `model_index.json` `_class_name`
   (the pipeline class), so adding one is a module with an adapter and its
   line in `_ADAPTERS` below.

@@ -9,24 +9,27 @@ as rows of the same forward, which rounds like any batch (see `denoise`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from ...errors import InvalidRequest
 from ..conditioning import Conditioning
+from .defaults import ModelDefaults
 from .flux import MAX_SEQUENCE_LENGTH, Flux, latent_size
+
+STEPS, GUIDANCE_SCALE = 35, 5.0  # ChromaPipeline's defaults
 
 
 class Chroma(Flux):
     name = "chroma"
     pipeline_classes = ("ChromaPipeline",)
 
+    def defaults(self, folder: Path) -> ModelDefaults:
+        width, height = self.native_size(folder)
+        return ModelDefaults(STEPS, GUIDANCE_SCALE, width, height, MAX_SEQUENCE_LENGTH)
+
     def classifier_free(self, spec) -> bool:
         return spec.guidance_scale > 1.0
-
-    def start(self, pipe, specs: list, generators: list[torch.Generator], dtype) -> tuple:
-        if specs[0].init_image is not None:  # ChromaImg2ImgPipeline is not mirrored (nor checked) yet
-            raise InvalidRequest(f"img2img is not supported for {self.name} models yet")
-        return super().start(pipe, specs, generators, dtype)
 
     def encode_prompt(self, pipe, spec) -> Conditioning:
         guided = self.classifier_free(spec)

@@ -12,6 +12,7 @@ follows `FluxImg2ImgPipeline`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,15 @@ import torch
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
 from ..schedulers import DEFAULT_SCHEDULER, make_scheduler
+from .defaults import ModelDefaults
 from .stable_diffusion import read_configs
 
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline's default_sample_size, in latent pixels
 MAX_SEQUENCE_LENGTH = 512  # the pipeline's default and its limit for T5 tokens
+# FluxPipeline's own defaults serve the guidance-distilled model (dev); the timestep-distilled one (schnell)
+# was trained to draw in 4 steps, with no guidance and 256 T5 tokens (its model card's call)
+DISTILLED_GUIDANCE = ModelDefaults(28, 3.5, 0, 0, MAX_SEQUENCE_LENGTH)
+DISTILLED_TIMESTEPS = ModelDefaults(4, 0.0, 0, 0, 256)
 
 
 class Flux:
@@ -38,6 +44,12 @@ class Flux:
         [vae] = read_configs(folder, "vae")
         side = DEFAULT_SAMPLE_SIZE * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
         return side, side
+
+    def defaults(self, folder: Path) -> ModelDefaults:
+        [transformer] = read_configs(folder, "transformer")
+        width, height = self.native_size(folder)
+        own = DISTILLED_GUIDANCE if transformer.get("guidance_embeds", False) else DISTILLED_TIMESTEPS
+        return replace(own, width=width, height=height)
 
     def classifier_free(self, spec) -> bool:
         return False
@@ -78,7 +90,7 @@ class Flux:
         scheduler.set_begin_index(start)
         noised = []
         for s, g in zip(specs, generators):
-            clean = _encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
+            clean = encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
             noise = randn_tensor(shape, generator=g, device=device, dtype=dtype)
             noised.append(scheduler.scale_noise(clean, timesteps[:1], noise))
         return scheduler, timesteps, pipe._pack_latents(torch.cat(noised), len(specs), channels, height, width)
@@ -116,8 +128,9 @@ class Flux:
         return latents.to(pipe.vae.dtype)
 
 
-def _encode_image(pipe, spec, generator: torch.Generator, dtype) -> torch.Tensor:
-    """One init image's latents, shifted and scaled as `FluxImg2ImgPipeline._encode_vae_image` does."""
+def encode_image(pipe, spec, generator: torch.Generator, dtype) -> torch.Tensor:
+    """One init image's latents, shifted and scaled as `FluxImg2ImgPipeline._encode_vae_image` does (and
+    Chroma's and SD3's img2img pipelines, the same way)."""
     from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
     from PIL import Image
 
@@ -134,8 +147,10 @@ def latent_size(pipe, spec) -> tuple[int, int]:
 
 
 def max_sequence_length(pipe) -> int:
-    """T5 tokens per prompt: the pipeline's 512, or fewer where the model's tokenizer says so."""
-    return min(MAX_SEQUENCE_LENGTH, pipe.tokenizer_2.model_max_length)
+    """T5 tokens per prompt: the model's own (512 for dev, 256 for schnell), or fewer where its tokenizer
+    says so."""
+    own = DISTILLED_GUIDANCE if pipe.transformer.config.guidance_embeds else DISTILLED_TIMESTEPS
+    return min(own.max_sequence_length, pipe.tokenizer_2.model_max_length)
 
 
 FLUX = Flux()

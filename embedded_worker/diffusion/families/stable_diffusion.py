@@ -15,6 +15,10 @@ import torch
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
 from ..schedulers import make_scheduler
+from .defaults import ModelDefaults
+
+STEPS = 20  # ours, not the pipeline's 50: enough for these models, and a CPU draws it in reasonable time
+GUIDANCE_SCALE = 7.5
 
 
 class StableDiffusion:
@@ -31,6 +35,10 @@ class StableDiffusion:
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         side = int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
         return side, side
+
+    def defaults(self, folder: Path) -> ModelDefaults:
+        width, height = self.native_size(folder)
+        return ModelDefaults(STEPS, GUIDANCE_SCALE, width, height, None)
 
     def classifier_free(self, spec) -> bool:
         return spec.guidance_scale > 1.0

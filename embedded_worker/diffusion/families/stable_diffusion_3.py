@@ -5,7 +5,8 @@ token embeddings) beside T5 (or zeros where a folder ships without
 `text_encoder_3`, as diffusers allows), classifier-free guidance doubling
 the rows, and flow matching (`FlowMatchEulerDiscrete`, shifted by the
 scheduler's `shift`, or by a resolution-dependent `mu` where it asks for
-dynamic shifting). The pipeline's skip-layer guidance is not offered.
+dynamic shifting). img2img follows `StableDiffusion3Img2ImgPipeline`. The
+pipeline's skip-layer guidance is not offered.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import torch
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
 from ..schedulers import DEFAULT_SCHEDULER, make_scheduler
+from .defaults import ModelDefaults
+from .flux import encode_image
 from .stable_diffusion import read_configs
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 tokens per prompt
+STEPS, GUIDANCE_SCALE = 28, 7.0  # StableDiffusion3Pipeline's defaults
 
 
 class StableDiffusion3:
@@ -34,6 +38,10 @@ class StableDiffusion3:
         transformer, vae = read_configs(folder, "transformer", "vae")
         side = int(transformer.get("sample_size", 128)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         return side, side
+
+    def defaults(self, folder: Path) -> ModelDefaults:
+        width, height = self.native_size(folder)
+        return ModelDefaults(STEPS, GUIDANCE_SCALE, width, height, MAX_SEQUENCE_LENGTH)
 
     def classifier_free(self, spec) -> bool:
         return spec.guidance_scale > 1.0
@@ -58,23 +66,32 @@ class StableDiffusion3:
         spec = specs[0]
         if spec.scheduler != DEFAULT_SCHEDULER:
             raise InvalidRequest(f"SD3 models run their own flow-matching scheduler, not '{spec.scheduler}'")
-        if spec.init_image is not None:
-            raise InvalidRequest("img2img is not supported for SD3 models yet")
         device = pipe.transformer.device
         scale = pipe.vae_scale_factor
         shape = (1, pipe.transformer.config.in_channels, spec.height // scale, spec.width // scale)
-        latents = torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
         scheduler = make_scheduler(pipe, DEFAULT_SCHEDULER)
         config = scheduler.config
         shift = {}
         if config.get("use_dynamic_shifting", None):
             patch = pipe.transformer.config.patch_size
-            tokens = (latents.shape[2] // patch) * (latents.shape[3] // patch)
+            tokens = (shape[2] // patch) * (shape[3] // patch)
             shift["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
                                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                           config.get("max_shift", 1.16))
         timesteps, _ = retrieve_timesteps(scheduler, spec.steps, device, **shift)
-        return scheduler, timesteps, latents
+        if spec.init_image is None:
+            noise = [randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators]
+            return scheduler, timesteps, torch.cat(noise)
+        # img2img, as StableDiffusion3Img2ImgPipeline: start where strength says, the image noised to there
+        start = int(max(spec.steps - min(spec.steps * spec.strength, spec.steps), 0)) * scheduler.order
+        timesteps = timesteps[start:]
+        scheduler.set_begin_index(start)
+        noised = []
+        for s, g in zip(specs, generators):
+            clean = encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
+            noise = randn_tensor(clean.shape, generator=g, device=device, dtype=dtype)
+            noised.append(scheduler.scale_noise(clean, timesteps[:1], noise))
+        return scheduler, timesteps, torch.cat(noised)
 
     def model_input(self, pipe, cohort) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         x = torch.cat([cohort.latents] * 2) if cohort.classifier_free else cohort.latents
