@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from .state import Record
 
 log = logging.getLogger("embedded_worker.runner")
-_ENDED = frozenset({WorkState.FINISHING, WorkState.COMPLETED, WorkState.FAILED, WorkState.CANCELLED})
 
 
 class JobView(Protocol):
@@ -109,7 +108,9 @@ class WorkflowRun:
 
     @property
     def ended(self) -> bool:
-        return self.state in _ENDED
+        """Nothing more to launch: final, or finishing (its outputs being written)."""
+        state = self.state
+        return state.final or state is WorkState.FINISHING
 
     # ---- what its job tells it, on the loop ------------------------------------------------------
 
@@ -181,9 +182,8 @@ class WorkflowRun:
         """Each step in request order: its status, the images it made, what an answering step said."""
         if self._ended_results is not None:
             return list(self._ended_results)
-        state = self.state
-        ended = state.final or state is WorkState.FINISHING
-        results = describe_steps(self._in_request_order, dict(self.launched), ended, state is WorkState.PAUSED)
+        ended = self.ended
+        results = describe_steps(self._in_request_order, dict(self.launched), ended, self.state is WorkState.PAUSED)
         if ended:
             self._ended_results = results
         return list(results)
