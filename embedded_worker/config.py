@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from .api.field_names import UnknownFields
 from .api.messages import Number
 from .diffusion.models import BUILTIN_MODELS
+from .diffusion.shipped_models import SHAPES_MODEL_ID
 from .errors import InvalidRequest
-from .toy_model import SHAPES_MODEL_ID
 
 DEFAULT_MODEL_ID = SHAPES_MODEL_ID  # trained here, so it draws what it is asked; tiny-sd's weights are random
 CONFIG_ENV_VAR = "EMBEDDED_WORKER_CONFIG"
@@ -118,6 +119,20 @@ class ClusterConfig(BaseModel):
         raise ValueError(f"unknown cluster address '{value}' (auto, local, ray://host:port, host:port)")
 
 
+@dataclass(frozen=True)
+class DeviceSettings:
+    """The part of the configuration the device side is given (`WorkerConfig.device_settings`): which devices,
+    at what precision, how many pipelines to keep and how to schedule; nothing about state, outputs, requests
+    or the cluster's address, so the device side is built (in a Ray actor too) from these alone."""
+
+    device: str
+    dtype: str
+    max_loaded_models: int
+    gc_freeze: bool
+    scheduling: SchedulingConfig
+    local_devices: bool = True  # False: only a cluster's actors take work
+
+
 class WorkerConfig(BaseModel):
     """The worker's whole configuration."""
 
@@ -183,6 +198,11 @@ class WorkerConfig(BaseModel):
         if self.output_dir is not None or not self.durable:
             return self.output_dir
         return Path(self.resolved_state_path).parent / "outputs"
+
+    def device_settings(self) -> DeviceSettings:
+        """What the device side is given (`diffusion.device_pool.DevicePool`), not the whole configuration."""
+        return DeviceSettings(self.device, self.dtype, self.max_loaded_models, self.gc_freeze, self.scheduling,
+                              local_devices=self.cluster.address is None or self.cluster.local_devices)
 
     @property
     def raw_pixels_dir(self) -> Path | None:

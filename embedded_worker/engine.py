@@ -77,12 +77,12 @@ class Engine:
                                    self.store if self.store.durable else None)
         self.planner = Planner(config, self.models, self.outputs)
         self.cpu = ThreadPoolExecutor(config.scheduling.cpu_threads, thread_name_prefix="ew-post")
-        self.pool = DevicePool(config, self.models, events=self.loop, mark_on_device=self._mark_on_device,
-                               probe_factory=probe_factory)
+        self.pool = DevicePool(config.device_settings(), self.models, events=self.loop,
+                               mark_on_device=self._mark_on_device, probe_factory=probe_factory)
         if config.cluster.address is not None:  # Ray is imported only here, and only then
             from .cluster.join import join_cluster
 
-            join_cluster(self.pool)
+            join_cluster(self.pool, config)
         self.jobs = JobService(self.book, self.loop, self.pool, self.cpu, self.outputs, self.store,
                                self.models.native_size, on_progress=self._progressed)
         self.acceptance = Acceptance(self.book, self.loop, self.jobs, self.pool, config.limits.max_queued_work,

@@ -38,7 +38,7 @@ class DenoiseActor:
         worker_config = WorkerConfig.model_validate(config)
         # no work state here (the head's loop owns it): what happens to an image is told on one thread of its own
         models = ModelCatalog(worker_config.models, worker_config.resolved_model_cache_dir)
-        self.pool = DevicePool(worker_config, models,
+        self.pool = DevicePool(worker_config.device_settings(), models,
                                events=ThreadPoolExecutor(1, thread_name_prefix="ew-actor-events"),
                                mark_on_device=lambda tasks, left: None)
         self.pool.start()

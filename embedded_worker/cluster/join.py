@@ -35,13 +35,13 @@ class ReportedProbe:
         return self.reading.used
 
 
-def join_cluster(pool) -> None:
+def join_cluster(pool, config) -> None:
     """Connect (or start 'local') and give the DevicePool its remote device workers; Unavailable if the
-    cluster cannot be reached."""
-    connection = ClusterConnection(pool.config.cluster, pool.queue.cond).open()
-    _warn_if_unplaceable(pool.config.cluster)
+    cluster cannot be reached. `config`: the worker's, which its actors get (without its state and files)."""
+    connection = ClusterConnection(config.cluster, pool.queue.cond).open()
+    _warn_if_unplaceable(config.cluster)
     try:
-        make = remote_worker_factory(pool.config, connection, pool.queue, pool.events, pool.mark_on_device)
+        make = remote_worker_factory(config, connection, pool.queue, pool.events, pool.mark_on_device)
         pool.attach_remote([make(index) for index in range(connection.config.actors)], connection, grow=make)
         connection.watch(pool.cluster_lost)
     except BaseException:

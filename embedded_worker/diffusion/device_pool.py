@@ -30,7 +30,7 @@ from .task import ACTIVE, CANCEL, DONE, NEW, PARKED, PAUSE, QUEUED
 from .work_queue import WorkQueue
 
 if TYPE_CHECKING:
-    from ..config import WorkerConfig
+    from ..config import DeviceSettings
     from .device_worker import OnDeviceMark
     from .device_worker_protocol import DeviceWorkerProtocol
     from .models import ModelCatalog
@@ -44,16 +44,16 @@ MAX_WORKERS_PER_DEVICE = 8
 class DevicePool:
     def __init__(
         self,
-        config: WorkerConfig,
+        settings: DeviceSettings,
         catalog: ModelCatalog,
         events: Executor,
         mark_on_device: OnDeviceMark,
         probe_factory: ProbeFactory = probe_for,
     ):
-        scheduling = config.scheduling
+        scheduling = settings.scheduling
         self.catalog = catalog
         self.queue = WorkQueue(scheduling.aging_per_second, scheduling.policy)
-        self.config = config
+        self.settings = settings
         self.mark_on_device = mark_on_device
         self.events = events  # the lifecycle loop: the workers post what happened to each image there
         self.monitors: dict[str, MemoryMonitor] = {}
@@ -62,9 +62,7 @@ class DevicePool:
         self.cluster = None  # the Ray connection, when remote workers are attached (`attach_remote`)
         self._grow_remote: Callable | None = None  # index -> a new remote worker
         self._remote = 0  # remote workers attached
-        self._devices = resolve_devices(config.device)
-        if config.cluster.address is not None and not config.cluster.local_devices:
-            self._devices = []  # only the cluster's actors take work
+        self._devices = resolve_devices(settings.device) if settings.local_devices else []
         for device in self._devices:
             monitor = MemoryMonitor(probe_factory(device))
             self.monitors[str(device)] = monitor
@@ -86,12 +84,12 @@ class DevicePool:
         self._remote += 1
 
     def _add_worker(self, device: torch.device) -> DeviceWorker:
-        scheduling = self.config.scheduling
+        scheduling = self.settings.scheduling
         index = sum(1 for w in self.workers if w.device == device)
         worker = DeviceWorker(
             name=f"ew-device-{device.type}{device.index or 0}-{index}",
             device=device,
-            dtype=resolve_dtype(self.config.dtype, device),
+            dtype=resolve_dtype(self.settings.dtype, device),
             queue=self.queue,
             catalog=self.catalog,
             monitor=self.monitors[str(device)],
@@ -99,8 +97,8 @@ class DevicePool:
                                 scheduling.preempt, scheduling.max_preemptions_per_image),
             events=self.events,
             mark_on_device=self.mark_on_device,
-            max_loaded_models=self.config.max_loaded_models,
-            gc_freeze=self.config.gc_freeze,
+            max_loaded_models=self.settings.max_loaded_models,
+            gc_freeze=self.settings.gc_freeze,
         )
         self.workers.append(worker)
         return worker
@@ -123,7 +121,7 @@ class DevicePool:
                 return {"added": added, "refused": refused}
             for device in self._devices:
                 while sum(1 for w in self.workers if w.device == device) < min(workers, MAX_WORKERS_PER_DEVICE):
-                    need = model_bytes * resolve_dtype(self.config.dtype, device).itemsize / 4 * 1.5
+                    need = model_bytes * resolve_dtype(self.settings.dtype, device).itemsize / 4 * 1.5
                     free = self.monitors[str(device)].probe.read().free
                     if free < need:
                         refused.append({"device": str(device), "free_bytes": int(free), "needed_bytes": int(need)})

@@ -18,16 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InvalidRequest, NotFound, WorkerError
-from ..toy_model import SHAPES_FOLDER, SHAPES_GUIDANCE, SHAPES_MODEL_ID
 from .families import ADAPTERS, PIPELINE_FAMILIES
 from .families.defaults import ModelDefaults
 from .offline import set_offline_environment
+from .shipped_models import SHIPPED_GUIDANCE, SHIPPED_MODELS
 from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family, tiny_model_folder
 
 log = logging.getLogger("embedded_worker.models")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-SHIPPED_MODELS = {SHAPES_MODEL_ID: SHAPES_FOLDER}
-SHIPPED_GUIDANCE = {SHAPES_MODEL_ID: SHAPES_GUIDANCE}  # what our own trained model draws best at
 BUILTIN_MODELS = (*TINY_MODELS, *SHIPPED_MODELS)
 
 

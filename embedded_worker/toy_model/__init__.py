@@ -6,10 +6,6 @@ scenes drawn by code ("a red circle on a blue background"), so the demo shows
 pictures and tests can check that prompts, guidance and img2img mean something.
 """
 
-from pathlib import Path
+from ..diffusion.shipped_models import SHAPES_FOLDER, SHAPES_GUIDANCE, SHAPES_MODEL_ID
 
-SHAPES_MODEL_ID = "builtin:shapes"
-SHAPES_FOLDER = Path(__file__).parent / "shapes"  # a diffusers folder, loaded like any local model
-# its guidance when a request names none: it followed 48 of 48 random captions at 2-3 and 35 at 7.5,
-# SD's usual scale, which over-steers a model this small (README, "The built-in model")
-SHAPES_GUIDANCE = 3.0
+__all__ = ["SHAPES_FOLDER", "SHAPES_GUIDANCE", "SHAPES_MODEL_ID"]
