@@ -111,9 +111,6 @@ def tiny_pipeline(model_cache: str):
     return load_pipeline(folder, torch.device("cpu"), torch.float32)
 
 
-
-
-
 def durability_rows(model_cache: str, rounds: int, batch: int = 8, steps: int = 20) -> list[dict]:
     """What the durable store costs: the same batches with state in SQLite (and files synced) or in memory."""
     import tempfile

@@ -11,7 +11,7 @@ BATCH_CONFIG = {"total_images": 5, "preferred_batch_size": 2, "max_batch_size": 
 
 
 def finished(worker, batch_id: str) -> dict:
-    testing.wait_until(worker, 
+    testing.wait_until(worker,
         lambda: worker.get_batch_status(batch_id)["status"] in ("completed", "failed", "cancelled"), 120)
     return worker.get_batch_status({"batch_id": batch_id, "action": "get_status"})
 

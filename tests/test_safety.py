@@ -84,7 +84,7 @@ def test_an_exception_inside_one_step_fails_only_that_session_with_a_traceback(w
     good = worker.execute_workflow(workflow_id="img-upscale-enhance", background=False,
                                    parameters={"steps": 3, "sharpness": 1.0})
     assert good["status"] == "completed"
-    testing.wait_until(worker, 
+    testing.wait_until(worker,
         lambda: worker.get_session_status(session_id=bad["session_id"])["status"] == "failed", 60)
     failed = worker.get_session_status(session_id=bad["session_id"])
     assert failed["error_code"] == "internal"

@@ -12,7 +12,9 @@ Design notes
   the listeners (`after_each`: the store, then the board and trackers), and
   only then answers the caller that waits on the message (`call`) and the
   waiters whose condition now holds (`wait_for`). A status a caller hears is
-  already on disk.
+  already on disk. Waiters' conditions are about work state, so they are
+  looked at only after a message that changed some (most messages are a
+  step's progress), and once when they start waiting.
 - Readers never wait for the loop: status polls read the fields the loop
   wrote (one attribute read each), so a poll costs what it costs.
 - The device threads post their events here (`submit`, the executor shape
@@ -36,12 +38,13 @@ _STOP = object()
 
 
 class LifecycleLoop:
-    def __init__(self, after_each: Callable[[], None] = lambda: None):
-        self.after_each = after_each  # emits what the message changed; the loop thread only
+    def __init__(self, after_each: Callable[[], bool] = lambda: True):
+        self.after_each = after_each  # emits what the message changed (whether it changed any); the loop only
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiters: list[tuple[Callable[[], bool], Future]] = []  # the loop thread only
         self._thread = threading.Thread(target=self._serve, name="ew-lifecycle", daemon=True)
         self._ident: int | None = None
+        self._changed = False  # the message just applied changed work state; the loop thread only
         self._open = threading.Lock()  # guards `_stopped` against a message put after the stop
         self._stopped = False
 
@@ -111,6 +114,7 @@ class LifecycleLoop:
 
     def _add_waiter(self, predicate: Callable[[], bool], future: Future) -> None:
         self._waiters.append((predicate, future))
+        self._changed = True  # looked at once now
 
     def _serve(self) -> None:
         self._ident = threading.get_ident()
@@ -126,7 +130,7 @@ class LifecycleLoop:
                 if future is None:
                     log.exception("lifecycle: %s failed", getattr(fn, "__qualname__", fn))
             try:
-                self.after_each()
+                self._changed = self.after_each() or self._changed
             except Exception:
                 log.exception("lifecycle: emitting a change failed")
             if future is not None:
@@ -134,8 +138,9 @@ class LifecycleLoop:
                     future.set_result(result)
                 else:
                     future.set_exception(failure)
-            if self._waiters:
+            if self._waiters and self._changed:
                 self._answer_waiters()
+            self._changed = False
         for _, future in self._waiters:
             _answer(future, False)
 

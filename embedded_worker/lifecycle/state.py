@@ -187,10 +187,13 @@ class StateBook:
         self.batches: dict[str, BatchRecord] = {}
         self.items: dict[str, ItemRecord] = {}
         self._changes: deque[tuple[Record, str]] = deque()  # recorded by the message, emitted after it
+        self._poked = False  # a change no listener hears (a freeze, a pausing record's start): waiters look again
 
-    def emit(self) -> None:
+    def emit(self) -> bool:
         """After each message: every recorded change to the listeners, in order; a listener's own changes
-        follow. A failing listener is logged (the store keeps what the disk refuses) and the others hear it."""
+        follow. A failing listener is logged (the store keeps what the disk refuses) and the others hear it.
+        Whether anything changed (a freeze counts)."""
+        changed, self._poked = bool(self._changes) or self._poked, False
         while self._changes:
             record, event = self._changes.popleft()
             for listener in self.listeners:
@@ -198,6 +201,7 @@ class StateBook:
                     listener(record, event)
                 except Exception:
                     log.exception("a listener of %s failed", record.label())
+        return changed
 
     def _record(self, record: Record, event: str) -> None:
         self._changes.append((record, event))
@@ -250,7 +254,7 @@ class StateBook:
         return True
 
     def _set(self, record: Record, state: WorkState) -> None:
-        record.state = state
+        record.state, self._poked = state, True  # a state a waiter waits for may show no new status
         status = protocol_status(state, record.started_at is not None)
         if status != record.status:
             record.status = status
@@ -282,6 +286,7 @@ class StateBook:
         """No state changes from now on: a suspending close keeps unfinished work resumable."""
         self.loop.require_loop()
         self.frozen = True
+        self._poked = True
 
     def _table(self, record: Record) -> dict:
         return {"session": self.sessions, "batch": self.batches, "item": self.items}[record.kind]
