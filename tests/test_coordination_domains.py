@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -134,3 +135,45 @@ def test_unknown_steps_and_bad_counts_are_refused_before_anything_runs(worker):
     assert counts["error_code"] == "invalid_request"
     assert "batch_config.total_images (4) and generation_params.total_images (2) disagree" in counts["error"]
     assert worker.list_sessions()["total"] == 0
+
+
+def test_a_parallel_operation_waits_only_for_the_model_step_it_names(make_worker, model_copy):
+    """A long generation on the default model beside a load of my-sd and a short generation on my-sd: the
+    short one waits for the load only, so it launches while the long one is held on the device (it waited
+    for the whole first wave, the long generation included)."""
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    reply = worker.execute_workflow(coordination_id="deps", coordination_mode="parallel", domains=[
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "long", "steps": 20, "seed": 1,
+                                                                        "model": "builtin:tiny-sd"}},
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "my-sd", "path": str(model_copy)}},
+        {"domain": "inference", "operation": "text2img",
+         "parameters": {"prompt": "short", "steps": 2, "seed": 2, "model": "my-sd"}}])
+    assert reply["success"], reply
+
+    def step_status(order: int) -> str:
+        return worker.get_session_status(session_id="deps")["step_results"][order - 1]["status"]
+
+    seen: list[tuple[bool, str]] = []
+
+    def hold_the_long_generation(device) -> None:
+        if seen:
+            return
+        # the load runs on this thread between two forwards: go on until it is queued, then until it is done
+        for _ in range(6000):
+            if step_status(2) == "completed" or testing.calls_waiting(device):
+                break
+            time.sleep(0.005)
+        if step_status(2) == "completed":  # loaded: the device stays here until the step on my-sd launched
+            seen.append((testing.wait_until(worker, lambda: step_status(3) != "waiting", 30), step_status(1)))
+
+    remove = testing.on_step(worker, hold_the_long_generation)
+    try:
+        assert testing.wait_until(worker, lambda: worker.get_session_status(session_id="deps")["status"]
+                                  in ("completed", "failed"), 300)
+    finally:
+        remove()
+    assert seen == [(True, "running")]  # launched while the long generation had not ended
+    done = worker.get_session_status(session_id="deps")
+    assert done["status"] == "completed", done
+    assert sorted((o["seed"], worker.output_info(o["output_id"])["metadata"]["model"]) for o in done["outputs"]) \
+        == [(1, "builtin:tiny-sd"), (2, "my-sd")]

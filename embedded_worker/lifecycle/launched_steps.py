@@ -42,6 +42,10 @@ class StepWork:
         self.finished_at: float | None = None
 
     @property
+    def completed(self) -> bool:
+        return self.settled and self.error is None
+
+    @property
     def fraction(self) -> float:
         if self.settled:
             return 1.0
