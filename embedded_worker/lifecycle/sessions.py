@@ -224,7 +224,7 @@ class SessionService:
             "completed_at": iso(record.completed_at),
             "error": record.error,
             "outputs": list(record.outputs),
-            "step_results": run.step_results() if run is not None else [],
+            "step_results": run.step_results() if run is not None else list(record.step_results),
             "board_slot": record.board_slot,
         }
         if record.error_details:

@@ -137,6 +137,7 @@ class SessionRecord(Record):
     total_steps: int = 0
     outputs: list[dict] = field(default_factory=list)
     board_slot: int = -1
+    step_results: list[dict] = field(default_factory=list)  # as its run ended: what a next start shows
 
     kind = "session"
 
