@@ -13,6 +13,8 @@ import pytest
 
 from embedded_worker import testing
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
+from embedded_worker.lifecycle.planning import PlannedStep, RunPlan
+from embedded_worker.workflows.operations import OPERATIONS, GenerateParams, ModelParams
 
 BATCH_CONFIG = {"total_images": 3, "preferred_batch_size": 2, "max_batch_size": 2, "enable_dynamic_sizing": True,
                 "memory_threshold": 0.8, "parallel_processing": False}
@@ -75,6 +77,7 @@ def test_enhance_works_on_the_batch_images(make_worker, model_copy):
     plain = document_example(model_copy)
     plain["domains"] = plain["domains"][:2]
     plain["coordination_id"] = "no-enhance"
+    plain["domains"][1]["parameters"]["batch_id"] = "no-enhance-batch"  # a batch id names one batch
     unenhanced = worker.execute_workflow({**plain, "background": False})
     enhanced = worker.execute_workflow({**document_example(model_copy), "background": False})
     assert unenhanced["status"] == enhanced["status"] == "completed"
@@ -177,3 +180,18 @@ def test_a_parallel_operation_waits_only_for_the_model_step_it_names(make_worker
     assert done["status"] == "completed", done
     assert sorted((o["seed"], worker.output_info(o["output_id"])["metadata"]["model"]) for o in done["outputs"]) \
         == [(1, "builtin:tiny-sd"), (2, "my-sd")]
+
+
+def test_a_plans_estimate_is_its_longest_chain_of_dependent_steps():
+    """A long generation beside a load and a short generation on that model runs as long as the long one
+    (waves counted the long one, then the short one after it); in sequence every step adds up."""
+    def generate(order: int, steps: int, after: tuple[int, ...]) -> PlannedStep:
+        return PlannedStep(OPERATIONS["inference.text2img"], GenerateParams(prompt="x", steps=steps), None, order,
+                           after)
+
+    load = PlannedStep(OPERATIONS["model.load_model"], ModelParams(model_id="m"), None, 2, ())
+    parallel = RunPlan([generate(1, 30, ()), load, generate(3, 5, (2,))], True, "m", None)
+    assert parallel.run_steps == 30
+    load.after = (1,)
+    sequential = RunPlan([generate(1, 30, ()), load, generate(3, 5, (2,))], False, "m", None)
+    assert sequential.run_steps == 36

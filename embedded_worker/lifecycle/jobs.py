@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import InvalidState
 from .recovery_decisions import FAIL, KEEP_PAUSED, QUARANTINE
-from .run import WorkflowRun
+from .run import BatchSteps, WorkflowRun
 from .state import CREATED, FINAL, SessionRecord, WorkState
 
 if TYPE_CHECKING:
@@ -80,7 +80,8 @@ class Job:
             return
         service = self.service
         old, self.run = self.run, WorkflowRun(self.plan, self, service.pool, service.cpu, service.loop,
-                                              service.native_size, sizing=self.sizing, isolated=isolated)
+                                              service.native_size, service.children, sizing=self.sizing,
+                                              isolated=isolated)
         if old is not None:
             old.cancel()
         self.run.start(paused=paused)
@@ -190,6 +191,7 @@ class JobService:
         self.native_size = native_size
         self.on_progress = on_progress  # each denoising step of a job: keep it cheap
         self._jobs: dict[str, Job] = {}  # record id -> its job; written on the loop, read anywhere
+        self.children: BatchSteps | None = None  # makes batch_process steps' batches (set by the engine)
 
     # ---- creating ----------------------------------------------------------------------------
 

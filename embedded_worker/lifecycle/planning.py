@@ -125,6 +125,13 @@ class Planner:
             if isinstance(params, ModelParams):
                 self.prepare_model(params, prefix, folders)
             parsed.append((operation, params, inputs))
+        batch_ids: set[str] = set()
+        for index, (operation, params, _) in enumerate(parsed):
+            if operation.makes_batch:
+                if params.batch_id in batch_ids:
+                    raise InvalidRequest(f"domains.{index}.parameters.batch_id: '{params.batch_id}' names two "
+                                         f"batches of the request")
+                batch_ids.add(params.batch_id)
         model_steps: dict[str, list[int]] = {}  # model id -> the orders of the model steps naming it
         for index, (_, params, _) in enumerate(parsed):
             if isinstance(params, ModelParams):

@@ -20,6 +20,8 @@ Design notes
   error.
 - Answering steps (model load/unload, device status) run on the CPU pool:
   their answer is kept as the step's result, the images pass through.
+- A batch_process step makes a batch of its own, a child of the session
+  (`child_batch`); the run steers it with the session and takes its images.
 - Pause: images on the device park at the next step boundary (their state is
   kept); a CPU step finishes, then the run waits before the next step.
   Resume continues exactly there. Cancel ends it at once; images still on
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..diffusion.task import PARKED, DenoiseTask
 from ..errors import Cancelled, InvalidRequest, WorkerError
-from ..workflows.operations import BatchProcessParams, StepImage, image_specs
+from ..workflows.operations import StepImage, image_specs
 from .launched_steps import StepWork, aggregate_errors, as_worker_error, describe_steps, image_metadata
 from .state import WorkState
 
@@ -69,6 +71,12 @@ class JobView(Protocol):
     def done(self, run: "WorkflowRun", images: list[StepImage]) -> None: ...
 
 
+class BatchSteps(Protocol):
+    """Makes a batch_process step's batch (`child_batch.ChildBatches`); it tells the run `child_settled`."""
+
+    def start(self, run: "WorkflowRun", work: StepWork) -> None: ...
+
+
 class WorkflowRun:
     def __init__(
         self,
@@ -78,6 +86,7 @@ class WorkflowRun:
         cpu: Executor,
         loop: LifecycleLoop,
         native_size: Callable[[str], tuple[int, int]],
+        children: BatchSteps | None = None,
         *,
         sizing: BatchSizing | None = None,
         isolated: bool = False,
@@ -88,6 +97,7 @@ class WorkflowRun:
         self.cpu = cpu
         self.loop = loop
         self.native_size = native_size  # model id -> (width, height) it was trained at
+        self.children = children  # makes a batch_process step's batch
         self.record_id = job.record.id  # whose images these are: named in the store while they are on a device
         self.priority = job.record.priority
         self.sizing = sizing
@@ -125,18 +135,34 @@ class WorkflowRun:
         """The record is PAUSING: every image parks at its next step boundary; `parked` follows once all are."""
         for task in self._live_tasks():
             self.pool.pause(task)
+        for child in self._children():
+            child.pause()
         self._parked_if_all()
 
     def resume(self) -> None:
         """The record is pending again: parked images go back to the queue, the steps now ready begin."""
         for task in self._live_tasks():
             self.pool.resume(task)
+        for child in self._children():
+            child.resume()
         self._advance()
 
     def cancel(self) -> None:
         """Ended (cancelled, deleted or replaced): images still out stop at their next step boundary."""
         for task in self._live_tasks():
             self.pool.cancel(task)
+        for child in self._children():
+            child.cancel()
+
+    # ---- a batch_process step's batch, on the loop ------------------------------------------------
+
+    def child_moved(self) -> None:
+        """An item of a step's batch changed: a pausing session may now be paused."""
+        self._parked_if_all()
+
+    def child_settled(self, work: StepWork, images: list[StepImage] | None = None,
+                      error: WorkerError | None = None) -> None:
+        self._settle(work, images, error)
 
     # ---- progress, read by status calls from any thread -----------------------------------------
 
@@ -196,10 +222,13 @@ class WorkflowRun:
     def _cpu_in_flight(self) -> bool:
         return any(w.cpu is not None and not w.cpu.done() for w in self.work)
 
+    def _children(self) -> list:
+        return [w.child for w in self.work if w.child is not None]
+
     def _parked_if_all(self) -> None:
-        """Pausing, with every image parked and no CPU step under way (or between two steps): paused."""
+        """Pausing, with every image parked, every step's batch paused and no CPU step under way: paused."""
         if self.state is WorkState.PAUSING and not self._cpu_in_flight() and \
-                all(t.state == PARKED for t in self._live_tasks()):
+                all(t.state == PARKED for t in self._live_tasks()) and all(c.parked for c in self._children()):
             self.job.parked(self)
 
     def _advance(self) -> None:
@@ -265,6 +294,10 @@ class WorkflowRun:
             self.job.running(self)
             self._on_cpu(work, self._answer, work, inputs)
             return
+        if step.operation.makes_batch:
+            self.job.running(self)
+            self.children.start(self, work)
+            return
         if step.operation.on_device:
             self._launch_on_device(work, inputs)
             return
@@ -283,7 +316,7 @@ class WorkflowRun:
     def _launch_on_device(self, work: StepWork, inputs: list[StepImage]) -> None:
         step = work.step
         model_id = step.params.model or self.plan.model_id
-        sizing = step.params.sizing() if isinstance(step.params, BatchProcessParams) else self.sizing
+        sizing = self.sizing
         init_images = inputs if step.operation.uses_images else []
         specs = image_specs(step.params, init_images, model_id, self.native_size(model_id))
         tasks = [DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,

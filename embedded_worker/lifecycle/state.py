@@ -169,6 +169,7 @@ class BatchRecord(Record):
     parallel: dict = field(default_factory=dict)  # device workers asked for and what memory allowed
     item_ids: list[str] = field(default_factory=list)
     board_slot: int = -1
+    session_id: str | None = None  # a coordination's batch_process step made it: the session waiting on it
 
     kind = "batch"
 
