@@ -138,6 +138,9 @@ def test_a_session_recovered_after_a_restart_makes_its_batch_again_and_leaves_no
         closing.join(300)
 
     second = durable()
+    recovery = second.get_status()["recovery"]
+    assert recovery["sessions"] == {"requeued": 1}
+    assert recovery["batches"]["requeued_items"] == 0  # cancelled: they would run for nobody, then be deleted
     reply = final(second, "survivor")
     assert reply["status"] == "completed" and [o["seed"] for o in reply["outputs"]] == [11, 12], reply
     batch = second.get_batch_status(batch_id="child", include_items=True)
