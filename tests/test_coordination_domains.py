@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from embedded_worker import testing
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
 from embedded_worker.lifecycle.planning import PlannedStep, RunPlan
+from embedded_worker.lifecycle.state import WorkState
 from embedded_worker.workflows.operations import OPERATIONS, GenerateParams, ModelParams
 
 BATCH_CONFIG = {"total_images": 3, "preferred_batch_size": 2, "max_batch_size": 2, "enable_dynamic_sizing": True,
@@ -195,3 +197,29 @@ def test_a_plans_estimate_is_its_longest_chain_of_dependent_steps():
     load.after = (1,)
     sequential = RunPlan([generate(1, 30, ()), load, generate(3, 5, (2,))], False, "m", None)
     assert sequential.run_steps == 36
+
+
+def test_a_parallel_step_made_ready_while_pausing_waits_for_the_resume(make_worker, model_copy):
+    """The load ends while the session is pausing: the generation waiting for it does not launch, the session
+    is paused; the resume launches it."""
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    device_free = threading.Event()
+    busy = testing.device_workers(worker)[0].call(lambda _device: device_free.wait(300))  # the load queues behind
+    reply = worker.execute_workflow(coordination_id="held", coordination_mode="parallel", domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "my-sd", "path": str(model_copy)}},
+        {"domain": "inference", "operation": "text2img",
+         "parameters": {"prompt": "x", "steps": 2, "seed": 4, "model": "my-sd"}}])
+    assert reply["success"], reply
+    paused: list[dict] = []
+    pausing = threading.Thread(target=lambda: paused.append(worker.control_session(session_id="held",
+                                                                                  action="pause")))
+    pausing.start()
+    assert testing.wait_until(worker, lambda: testing.run_of(worker, "held").state is WorkState.PAUSING, 60)
+    device_free.set()
+    busy.result(60)
+    pausing.join(300)
+    assert paused[0]["status"] == "paused", paused
+    assert [s["status"] for s in paused[0]["step_results"]] == ["completed", "waiting"]
+    worker.control_session(session_id="held", action="resume")
+    assert testing.wait_until(worker, lambda: worker.get_session_status(session_id="held")["status"]
+                              == "completed", 300)
