@@ -256,7 +256,8 @@ class WorkflowRun:
             self.job.done(self, self._made_images())
 
     def _launch_ready(self) -> bool:
-        """Launch the steps whose dependencies completed, in request order, until one fails; False if none."""
+        """Launch the steps whose dependencies completed, in request order (all of them, so that steps ready
+        together that fail at once are all named); False if none."""
         launched = self.launched
         ready = [step for step in self._in_request_order if step.order not in launched and
                  all(order in launched and launched[order].completed for order in step.after)]
@@ -268,8 +269,6 @@ class WorkflowRun:
                 self._launch(work)
             except Exception as error:  # a model that cannot load, an input that cannot be read
                 self._settle(work, error=as_worker_error(error))
-            if work.error is not None:
-                break
         return bool(ready)
 
     def _failures(self) -> list[tuple[PlannedStep, WorkerError]]:
