@@ -26,6 +26,7 @@ from .errors import NotFound
 from .lifecycle import batch_view
 from .lifecycle.acceptance import Acceptance
 from .lifecycle.batches import BatchService
+from .lifecycle.child_batch import ChildBatches
 from .lifecycle.jobs import JobService
 from .lifecycle.loop import LifecycleLoop
 from .lifecycle.planning import Planner
@@ -91,11 +92,14 @@ class Engine:
                                        self.workflows, self.outputs)
         self.batches = BatchService(self.book, self.loop, self.store, self.jobs, self.acceptance, self.planner,
                                     self.workflows, self.outputs, self.pool)
+        self.jobs.children = ChildBatches(self.batches, self.jobs, self.cpu, self.loop, self.outputs)
         self.feed = ProgressFeed(self.board, self.book, self.jobs, self.batches, self.cpu)
         self.retention = Retention(config.retention, self.book, self.sessions, self.batches, self.cpu,
                                    self.acceptance.closing)
         # who hears a change, in order: on disk first, then the board and trackers, then retention
-        self.book.listeners = [self.store.record_event, self.feed.record_event, self.retention.record_event]
+        # the runs waiting on a step's batch hear its items last, when everything else has
+        self.book.listeners = [self.store.record_event, self.feed.record_event, self.retention.record_event,
+                               self.jobs.children.record_event]
         self._close_lock = threading.Lock()  # a racing second close waits for the first
         self.pool.start()
         self.pool.on_every_worker(lambda worker: worker.load(config.default_model))  # warm, not awaited

@@ -30,6 +30,13 @@ def on_step(worker: ProcessingWorker, hook: Callable, device: int = 0) -> Callab
     return lambda: hooks.remove(hook)
 
 
+def calls_waiting(device_worker) -> int:
+    """Calls (a model load, ...) queued for a device worker's thread: it runs them at its next step boundary,
+    so a step hook that holds the device must let it reach that boundary."""
+    with device_worker.queue.cond:
+        return len(device_worker._calls)
+
+
 def device_workers(worker: ProcessingWorker) -> list:
     """The device workers, local and remote: names, counters, capacity, their pipelines (`call`)."""
     return worker._engine.pool.workers

@@ -6,12 +6,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from embedded_worker import testing
 from embedded_worker.diffusion.tiny_model import ensure_tiny_model
+from embedded_worker.lifecycle.planning import PlannedStep, RunPlan
+from embedded_worker.lifecycle.state import WorkState
+from embedded_worker.workflows.operations import OPERATIONS, GenerateParams, ModelParams
 
 BATCH_CONFIG = {"total_images": 3, "preferred_batch_size": 2, "max_batch_size": 2, "enable_dynamic_sizing": True,
                 "memory_threshold": 0.8, "parallel_processing": False}
@@ -74,6 +79,7 @@ def test_enhance_works_on_the_batch_images(make_worker, model_copy):
     plain = document_example(model_copy)
     plain["domains"] = plain["domains"][:2]
     plain["coordination_id"] = "no-enhance"
+    plain["domains"][1]["parameters"]["batch_id"] = "no-enhance-batch"  # a batch id names one batch
     unenhanced = worker.execute_workflow({**plain, "background": False})
     enhanced = worker.execute_workflow({**document_example(model_copy), "background": False})
     assert unenhanced["status"] == enhanced["status"] == "completed"
@@ -134,3 +140,86 @@ def test_unknown_steps_and_bad_counts_are_refused_before_anything_runs(worker):
     assert counts["error_code"] == "invalid_request"
     assert "batch_config.total_images (4) and generation_params.total_images (2) disagree" in counts["error"]
     assert worker.list_sessions()["total"] == 0
+
+
+def test_a_parallel_operation_waits_only_for_the_model_step_it_names(make_worker, model_copy):
+    """A long generation on the default model beside a load of my-sd and a short generation on my-sd: the
+    short one waits for the load only, so it launches while the long one is held on the device (it waited
+    for the whole first wave, the long generation included)."""
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    reply = worker.execute_workflow(coordination_id="deps", coordination_mode="parallel", domains=[
+        {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "long", "steps": 20, "seed": 1,
+                                                                        "model": "builtin:tiny-sd"}},
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "my-sd", "path": str(model_copy)}},
+        {"domain": "inference", "operation": "text2img",
+         "parameters": {"prompt": "short", "steps": 2, "seed": 2, "model": "my-sd"}}])
+    assert reply["success"], reply
+
+    def step_status(order: int) -> str:
+        return worker.get_session_status(session_id="deps")["step_results"][order - 1]["status"]
+
+    seen: list[tuple[bool, str]] = []
+
+    def hold_the_long_generation(device) -> None:
+        if seen:
+            return
+        # the load runs on this thread between two forwards: go on until it is queued, then until it is done
+        for _ in range(6000):
+            if step_status(2) == "completed" or testing.calls_waiting(device):
+                break
+            time.sleep(0.005)
+        if step_status(2) == "completed":  # loaded: the device stays here until the step on my-sd launched
+            seen.append((testing.wait_until(worker, lambda: step_status(3) != "waiting", 30), step_status(1)))
+
+    remove = testing.on_step(worker, hold_the_long_generation)
+    try:
+        assert testing.wait_until(worker, lambda: worker.get_session_status(session_id="deps")["status"]
+                                  in ("completed", "failed"), 300)
+    finally:
+        remove()
+    assert seen == [(True, "running")]  # launched while the long generation had not ended
+    done = worker.get_session_status(session_id="deps")
+    assert done["status"] == "completed", done
+    assert sorted((o["seed"], worker.output_info(o["output_id"])["metadata"]["model"]) for o in done["outputs"]) \
+        == [(1, "builtin:tiny-sd"), (2, "my-sd")]
+
+
+def test_a_plans_estimate_is_its_longest_chain_of_dependent_steps():
+    """A long generation beside a load and a short generation on that model runs as long as the long one
+    (waves counted the long one, then the short one after it); in sequence every step adds up."""
+    def generate(order: int, steps: int, after: tuple[int, ...]) -> PlannedStep:
+        return PlannedStep(OPERATIONS["inference.text2img"], GenerateParams(prompt="x", steps=steps), None, order,
+                           after)
+
+    load = PlannedStep(OPERATIONS["model.load_model"], ModelParams(model_id="m"), None, 2, ())
+    parallel = RunPlan([generate(1, 30, ()), load, generate(3, 5, (2,))], True, "m", None)
+    assert parallel.run_steps == 30
+    load.after = (1,)
+    sequential = RunPlan([generate(1, 30, ()), load, generate(3, 5, (2,))], False, "m", None)
+    assert sequential.run_steps == 36
+
+
+def test_a_parallel_step_made_ready_while_pausing_waits_for_the_resume(make_worker, model_copy):
+    """The load ends while the session is pausing: the generation waiting for it does not launch, the session
+    is paused; the resume launches it."""
+    worker = make_worker(allowed_roots=[str(model_copy.parent)])
+    device_free = threading.Event()
+    busy = testing.device_workers(worker)[0].call(lambda _device: device_free.wait(300))  # the load queues behind
+    reply = worker.execute_workflow(coordination_id="held", coordination_mode="parallel", domains=[
+        {"domain": "model", "operation": "load_model", "parameters": {"model_id": "my-sd", "path": str(model_copy)}},
+        {"domain": "inference", "operation": "text2img",
+         "parameters": {"prompt": "x", "steps": 2, "seed": 4, "model": "my-sd"}}])
+    assert reply["success"], reply
+    paused: list[dict] = []
+    pausing = threading.Thread(target=lambda: paused.append(worker.control_session(session_id="held",
+                                                                                  action="pause")))
+    pausing.start()
+    assert testing.wait_until(worker, lambda: testing.run_of(worker, "held").state is WorkState.PAUSING, 60)
+    device_free.set()
+    busy.result(60)
+    pausing.join(300)
+    assert paused[0]["status"] == "paused", paused
+    assert [s["status"] for s in paused[0]["step_results"]] == ["completed", "waiting"]
+    worker.control_session(session_id="held", action="resume")
+    assert testing.wait_until(worker, lambda: worker.get_session_status(session_id="held")["status"]
+                              == "completed", 300)

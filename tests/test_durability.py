@@ -415,3 +415,23 @@ def test_a_stored_request_naming_fields_unknown_now_still_runs_and_the_log_says_
     warnings = [r["message"] for r in second.drain_logs()["records"] if r["level"] == "WARNING"]
     for field in ("priorty", "parameters.model_id"):
         assert any("Session 'held'" in m and field in m and "ignored" in m for m in warnings), (field, warnings)
+
+
+def test_a_coordinations_step_results_survive_a_restart(durable):
+    """A coordination that completed and one that failed before a restart: the next start still shows what
+    each of their steps did (it showed no step at all: the results lived only in the run)."""
+    first = durable(limits={"max_image_side": 32})
+    text2img = {"domain": "inference", "operation": "text2img", "parameters": {"prompt": "x", "steps": 2, "seed": 3}}
+    completed = first.execute_workflow(coordination_id="done", background=False, domains=[
+        {"domain": "device", "operation": "get_memory", "parameters": {}}, text2img])
+    failed = first.execute_workflow(coordination_id="broke", background=False, domains=[
+        text2img, {"domain": "postprocessing", "operation": "upscale", "parameters": {"factor": 2}}])
+    assert (completed["status"], failed["status"]) == ("completed", "failed"), (completed, failed)
+    before = {s: session_status(first, s)["step_results"] for s in ("done", "broke")}
+    assert [r["status"] for r in before["broke"]] == ["completed", "failed"]
+    assert before["done"][0]["result"]["memory"] and before["done"][1]["images"] == 1
+    first.close(timeout=30)
+
+    second = durable(limits={"max_image_side": 32})
+    after = {s: session_status(second, s)["step_results"] for s in ("done", "broke")}
+    assert after == json.loads(json.dumps(before))

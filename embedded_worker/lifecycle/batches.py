@@ -15,6 +15,9 @@ Design notes
   `total_images` items with seeds seed + i.
 - A new batch and its items are on disk, in one write, before they are
   accepted: a batch the store cannot take (a full disk) is refused whole.
+- A coordination's `inference.batch_process` step makes a batch too, by the
+  same path (`prepare`, then `start_child` on the loop), named as the
+  session's child (`session_id`); `child_batch` is how the session waits.
 - Metrics come from what ran: a "batch" in BatchMetrics is a group of images
   that started denoising together in one cohort.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..api import field_names
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
     from ..outputs.store import OutputStore
     from ..workflows.catalog import WorkflowCatalog
     from .acceptance import Acceptance
-    from .jobs import JobService
+    from .jobs import Job, JobService
     from .loop import LifecycleLoop
     from .planning import Planner, RunPlan
     from .run import WorkflowRun
@@ -48,6 +52,16 @@ if TYPE_CHECKING:
 
 PAUSE_WAIT_SECONDS = 30.0  # one step boundary away; a loaded machine may take seconds to reach it
 log = logging.getLogger("embedded_worker.batches")
+
+
+@dataclass
+class PreparedBatch:
+    """A batch request planned off the loop, its records not yet in the book."""
+
+    record: BatchRecord
+    members: list[ItemRecord]
+    plans: list[RunPlan]
+    sizing: BatchSizing
 
 
 class BatchService:
@@ -70,14 +84,15 @@ class BatchService:
         self.acceptance.ensure_open()
         batch_id = request.batch_id or str(uuid.uuid4())
         existing = self._find(batch_id)
-        record = self._create(batch_id, request) if existing is None else existing
+        record = self.loop.call(self._accept, self.prepare(batch_id, request)) if existing is None else existing
         if not request.background:
             self.acceptance.wait_final(record, lambda: batch_view.status(self.items(record)) in FINAL)
         reply = self.describe(record, include_items=False)
         reply["duplicate"] = existing is not None
         return reply
 
-    def _create(self, batch_id: str, request: ExecuteBatchRequest) -> BatchRecord:
+    def prepare(self, batch_id: str, request: ExecuteBatchRequest, session_id: str | None = None) -> PreparedBatch:
+        """Off the loop (it may build a model, or add device workers for `parallel_processing`)."""
         workflow = self.workflows.take_for_run(request.workflow_id)
         parameters = dict(request.parameters)
         total = parameters.pop("total_images", None)
@@ -103,27 +118,42 @@ class BatchService:
             configuration=configuration.model_dump(),
             parallel=parallel,
             item_ids=[f"{batch_id}/{item_id}" for item_id, _ in items],
+            session_id=session_id,
         )
         sizing = BatchSizing.for_configuration(batch_id, configuration)
         members = [ItemRecord(id=record_id, priority=request.priority, batch_id=batch_id, item_id=item_id,
                               index=index, parameters=values, seed=values.get("seed"))
                    for index, (record_id, (item_id, values)) in enumerate(zip(record.item_ids, items))]
-        return self.loop.call(self._accept, record, members, plans, sizing)
+        return PreparedBatch(record, members, plans, sizing)
 
-    def _accept(self, record: BatchRecord, members: list[ItemRecord], plans: list[RunPlan],
-                sizing: BatchSizing) -> BatchRecord:
+    def _accept(self, prepared: PreparedBatch) -> BatchRecord:
         """On the loop: the batch and its items join and start together, unless one with its id came first
         (that one is the answer)."""
-        existing = self.book.batches.get(record.id)
+        existing = self.book.batches.get(prepared.record.id)
         if existing is not None:
             return existing
-        self.acceptance.check_capacity(len(members))
+        self.acceptance.check_capacity(len(prepared.members))
+        self._join(prepared)
+        return prepared.record
+
+    def start_child(self, prepared: PreparedBatch) -> list[Job]:
+        """On the loop: a session's batch joins and starts (its session was accepted: no capacity check); the
+        batch that session made before under that id (a restart, a new run after a process restart) goes
+        first, its outputs with it. An id another request holds is an invalid_request."""
+        earlier = self.book.batches.get(prepared.record.id)
+        if earlier is not None and earlier.session_id == prepared.record.session_id:
+            self._delete(earlier, delete_files=True)
+        return self._join(prepared)
+
+    def _join(self, prepared: PreparedBatch) -> list[Job]:
+        record, members = prepared.record, prepared.members
         self.book.require_free_id(record, record.item_ids)
         self.store.add_records([record, *members])  # refused here, nothing of it stays
         self.book.add(record)
         log.info("Batch '%s' accepted: %d item(s) of %s", record.id, len(members), record.workflow_id)
-        self.jobs.launch([self.jobs.admit(member, plan, sizing) for member, plan in zip(members, plans)])
-        return record
+        jobs = [self.jobs.admit(member, plan, prepared.sizing) for member, plan in zip(members, prepared.plans)]
+        self.jobs.launch(jobs)
+        return jobs
 
     def _item_parameters(self, request: ExecuteBatchRequest, parameters: dict, total: int) -> list[tuple[str, dict]]:
         limit = self.acceptance.max_items
@@ -309,6 +339,8 @@ class BatchService:
             parallel=dict(record.parallel),
             board_slot=record.board_slot,
         )
+        if record.session_id is not None:
+            reply["session_id"] = record.session_id
         reply["progress"] = int(figures["progress"])
         if failed is not None:
             reply["failed"] = failed

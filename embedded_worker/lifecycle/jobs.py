@@ -16,6 +16,8 @@ Design notes
   `off_device`, `done`, `failed`) and the job moves the record's one state
   (`state.WorkState`). A run the job has replaced (a restart) is no longer
   current: what it tells is ignored, and its images are cancelled.
+- A session that ends keeps its run's step results on its record, so the
+  stored row carries them and a next start still shows them.
 - Outputs are written on the CPU pool while the record is FINISHING; the
   record completes when they are written, unless a cancel, delete or
   restart came first (then they are discarded, by id).
@@ -33,8 +35,8 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import InvalidState
 from .recovery_decisions import FAIL, KEEP_PAUSED, QUARANTINE
-from .run import WorkflowRun
-from .state import CREATED, FINAL, WorkState
+from .run import BatchSteps, WorkflowRun
+from .state import CREATED, FINAL, SessionRecord, WorkState
 
 if TYPE_CHECKING:
     from ..diffusion.device_pool import DevicePool
@@ -78,7 +80,8 @@ class Job:
             return
         service = self.service
         old, self.run = self.run, WorkflowRun(self.plan, self, service.pool, service.cpu, service.loop,
-                                              service.native_size, sizing=self.sizing, isolated=isolated)
+                                              service.native_size, service.children, sizing=self.sizing,
+                                              isolated=isolated)
         if old is not None:
             old.cancel()
         self.run.start(paused=paused)
@@ -87,7 +90,16 @@ class Job:
 
     def _move(self, run: WorkflowRun, target: WorkState, error: str | None = None, details: dict | None = None) \
             -> bool:
-        return run is self.run and self.service.book.transition(self.record, target, error, details)
+        if run is not self.run or not self.service.book.transition(self.record, target, error, details):
+            return False
+        if target.final:
+            self.keep_step_results()
+        return True
+
+    def keep_step_results(self) -> None:
+        """On the record of a session that ended (stored with the change that ended it)."""
+        if isinstance(self.record, SessionRecord) and self.run is not None:
+            self.record.step_results = self.run.step_results()
 
     def running(self, run: WorkflowRun) -> None:
         """Its work started (an image on a device, a CPU step): pending -> running; a pausing record only
@@ -161,7 +173,7 @@ class Job:
             outputs.discard(kept)
             return
         record.outputs = [buffer.reference() for buffer in kept]
-        self.service.book.transition(record, S.COMPLETED)
+        self._move(run, S.COMPLETED)
         log.info("%s completed with %d output(s)", record.label(), len(record.outputs))
 
 
@@ -179,6 +191,7 @@ class JobService:
         self.native_size = native_size
         self.on_progress = on_progress  # each denoising step of a job: keep it cheap
         self._jobs: dict[str, Job] = {}  # record id -> its job; written on the loop, read anywhere
+        self.children: BatchSteps | None = None  # makes batch_process steps' batches (set by the engine)
 
     # ---- creating ----------------------------------------------------------------------------
 
@@ -233,6 +246,7 @@ class JobService:
     def cancel(self, job: Job, reason: str | None = None) -> bool:
         if not self.book.transition(job.record, S.CANCELLED, reason):
             return False
+        job.keep_step_results()
         if job.run is not None:
             job.run.cancel()
         return True
@@ -245,6 +259,8 @@ class JobService:
             raise InvalidState(f"{job.record.label()} cannot restart: its request was not planned")
         self.book.begin_attempt(job.record)
         job.record.outputs = []
+        if isinstance(job.record, SessionRecord):
+            job.record.step_results = []
         self.outputs.release(job.owner_id, item_id=job.item_id)
         job.begin()  # the old run is cancelled: what it still tells is ignored, its outputs discarded
 

@@ -13,7 +13,7 @@ import logging
 import time
 import traceback
 from concurrent.futures import CancelledError, Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..api.messages import iso
 from ..errors import Cancelled, InternalError, WorkerError
@@ -24,6 +24,19 @@ if TYPE_CHECKING:
     from .planning import PlannedStep, RunPlan
 
 log = logging.getLogger("embedded_worker.runner")
+
+
+class SteeredBatch(Protocol):
+    """A batch_process step's batch as its run steers it (`child_batch.ChildBatch`)."""
+
+    @property
+    def parked(self) -> bool: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def cancel(self) -> None: ...
 
 
 class StepWork:
@@ -37,9 +50,14 @@ class StepWork:
         self.results: list[StepImage] | None = None  # until the run takes them for the next step
         self.error: WorkerError | None = None
         self.images_made = 0
-        self.answer: dict | None = None  # what an answering step (model, device) said
+        self.answer: dict | None = None  # what an answering step (model, device) said; a batch step: its id
+        self.child: SteeredBatch | None = None  # a batch_process step's batch, once it joined
         self.started_at = time.time()
         self.finished_at: float | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.settled and self.error is None
 
     @property
     def fraction(self) -> float:

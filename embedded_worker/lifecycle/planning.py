@@ -37,8 +37,8 @@ class PlannedStep:
     operation: Operation
     params: OperationParams
     inputs: list[StepImage] | None = None  # None: the previous step's images
-    order: int = 0  # 1-based place in the request or workflow (a parallel plan runs in waves, not in order)
-    wave: int = 0  # parallel plans: a wave starts when the one before it has ended
+    order: int = 0  # 1-based place in the request or workflow
+    after: tuple[int, ...] = ()  # the orders of the steps it waits for (sequential: the step before it)
 
     @property
     def label(self) -> str:
@@ -62,14 +62,18 @@ class RunPlan:
 
     @property
     def run_steps(self) -> int:
-        """What its run time grows with: denoising steps end to end, a CPU step counting as one; the steps
-        of one parallel wave run at once, so a wave counts its longest."""
-        if not self.parallel:
-            return sum(step.weight for step in self.steps)
-        waves: dict[int, int] = {}
-        for step in self.steps:
-            waves[step.wave] = max(waves.get(step.wave, 0), step.weight)
-        return sum(waves.values())
+        """What its run time grows with: the longest chain of steps each waiting for the one before it,
+        in denoising steps (a CPU step counting as one); steps that wait for nothing run at once."""
+        steps = {step.order: step for step in self.steps}
+        finish: dict[int, int] = {}  # order -> when the step ends, counted from the start
+
+        def ends(order: int) -> int:  # a model step may come after the steps waiting for it
+            if order not in finish:
+                step = steps[order]
+                finish[order] = step.weight + max((ends(before) for before in step.after), default=0)
+            return finish[order]
+
+        return max(map(ends, steps), default=0)
 
 
 class Planner:
@@ -93,14 +97,15 @@ class Planner:
             operation = OPERATIONS[f"{step.domain}.{step.operation}"]
             params = self._operation_params(operation, {**operation.params.taken(values), **step.parameters}, prefix)
             self._fill_model_defaults(params, model_id, {})
-            steps.append(PlannedStep(operation, params, inputs if not steps and inputs else None, step.order))
+            after = (steps[-1].order,) if steps else ()
+            steps.append(PlannedStep(operation, params, inputs if not steps and inputs else None, step.order, after))
         self._check_inputs(steps, lambda index: prefix)
         return self._finish(RunPlan(steps, False, model_id, workflow.id), lambda step: prefix)
 
     def for_coordination(self, domains: list[DomainOperation], parallel: bool, workflow_id: str | None) -> RunPlan:
         """Every routed domain's operations as steps. Sequential: in order, each on the images before it.
         Parallel: at once, but for operations on a model that a model step of the same request names:
-        they wait, in a second wave, until the model steps are done. A device step that names no model
+        each waits for the model steps naming its model, and for nothing else. A device step that names no model
         uses the model the request loads (the last load before it, in sequence). Model folders the request
         names are registered only when it is accepted (`register`): a refused request changes nothing."""
         limit = self.config.limits.max_operations
@@ -121,7 +126,17 @@ class Planner:
             if isinstance(params, ModelParams):
                 self.prepare_model(params, prefix, folders)
             parsed.append((operation, params, inputs))
-        named = {p.model_id for _, p, _ in parsed if isinstance(p, ModelParams)}
+        batch_ids: set[str] = set()
+        for index, (operation, params, _) in enumerate(parsed):
+            if operation.makes_batch:
+                if params.batch_id in batch_ids:
+                    raise InvalidRequest(f"domains.{index}.parameters.batch_id: '{params.batch_id}' names two "
+                                         f"batches of the request")
+                batch_ids.add(params.batch_id)
+        model_steps: dict[str, list[int]] = {}  # model id -> the orders of the model steps naming it
+        for index, (_, params, _) in enumerate(parsed):
+            if isinstance(params, ModelParams):
+                model_steps.setdefault(params.model_id, []).append(index + 1)
         loads = {p.model_id for o, p, _ in parsed if o.qualified == "model.load_model"}
         loaded = next(iter(loads)) if parallel and len(loads) == 1 else None
         steps: list[PlannedStep] = []
@@ -129,17 +144,17 @@ class Planner:
         for index, (operation, params, inputs) in enumerate(parsed):
             if operation.qualified == "model.load_model" and not parallel:
                 loaded = params.model_id
-            wave = 0
+            after = () if parallel or not index else (index,)
             if operation.on_device:
                 params.model = params.model or loaded
                 model_id = self.model_for(params.model, f"domains.{index}.parameters.", folders)
                 self._fill_model_defaults(params, model_id, folders)
                 models.add(model_id)
-                wave = int(parallel and (params.model or self.config.default_model) in named)
-            steps.append(PlannedStep(operation, params, inputs or ([] if parallel else None), index + 1, wave))
+                if parallel:
+                    after = tuple(model_steps.get(params.model or self.config.default_model, ()))
+            steps.append(PlannedStep(operation, params, inputs or ([] if parallel else None), index + 1, after))
         self._check_inputs(steps, lambda index: f"domains.{index}.parameters.", parallel)
         model_id = models.pop() if len(models) == 1 else self.config.default_model
-        steps.sort(key=lambda step: step.wave)  # stable: request order within a wave
         return self._finish(RunPlan(steps, parallel, model_id, workflow_id, models=folders),
                             lambda step: f"domains.{step.order - 1}.parameters.")
 

@@ -12,11 +12,16 @@ Design notes
   ended) is its job's record state (`state.WorkState`); the run is told by
   its job (`jobs.Job`) and tells it what happened (`running`, `progressed`,
   `parked`, `off_device`, `done`, `failed`).
-- A parallel plan runs in waves (PlannedStep.wave): every step of a wave at
-  once, the next wave when all of it has ended. A sequential plan is a wave
-  per step, each on the images of the step before it.
+- A step launches once the steps it waits for (PlannedStep.after) have
+  completed: in sequence the step before it, on whose images it works; in
+  parallel nothing, or the model steps that name its model. So a parallel
+  step never waits for work it does not depend on. After a failure nothing
+  new launches, and once nothing is in flight the run fails with every
+  error.
 - Answering steps (model load/unload, device status) run on the CPU pool:
   their answer is kept as the step's result, the images pass through.
+- A batch_process step makes a batch of its own, a child of the session
+  (`child_batch`); the run steers it with the session and takes its images.
 - Pause: images on the device park at the next step boundary (their state is
   kept); a CPU step finishes, then the run waits before the next step.
   Resume continues exactly there. Cancel ends it at once; images still on
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..diffusion.task import PARKED, DenoiseTask
 from ..errors import Cancelled, InvalidRequest, WorkerError
-from ..workflows.operations import BatchProcessParams, StepImage, image_specs
+from ..workflows.operations import StepImage, image_specs
 from .launched_steps import StepWork, aggregate_errors, as_worker_error, describe_steps, image_metadata
 from .state import WorkState
 
@@ -65,6 +70,12 @@ class JobView(Protocol):
     def done(self, run: "WorkflowRun", images: list[StepImage]) -> None: ...
 
 
+class BatchSteps(Protocol):
+    """Makes a batch_process step's batch (`child_batch.ChildBatches`); it tells the run `child_settled`."""
+
+    def start(self, run: "WorkflowRun", work: StepWork) -> None: ...
+
+
 class WorkflowRun:
     def __init__(
         self,
@@ -74,6 +85,7 @@ class WorkflowRun:
         cpu: Executor,
         loop: LifecycleLoop,
         native_size: Callable[[str], tuple[int, int]],
+        children: BatchSteps | None = None,
         *,
         sizing: BatchSizing | None = None,
         isolated: bool = False,
@@ -84,22 +96,23 @@ class WorkflowRun:
         self.cpu = cpu
         self.loop = loop
         self.native_size = native_size  # model id -> (width, height) it was trained at
+        self.children = children  # makes a batch_process step's batch
         self.record_id = job.record.id  # whose images these are: named in the store while they are on a device
         self.priority = job.record.priority
         self.sizing = sizing
         self.isolated = isolated
         self.submitted_at = time.monotonic()  # its images queue in the order their requests came
         self.error: WorkerError | None = None  # how it ended, when it failed
-        self.next_step = 0
-        self.images: list[StepImage] = []
-        self.work: list[StepWork] = []  # the steps in flight; empty between two steps (replaced, never mutated)
+        self.images: list[StepImage] = []  # in sequence: what the last completed step made
+        self.work: list[StepWork] = []  # the steps in flight (replaced, never mutated: status polls read it)
         self.launched: dict[int, StepWork] = {}  # PlannedStep.order -> its work, for step results
         self.all_tasks: list[DenoiseTask] = []  # every image this run sent to a device, for metrics
         self.completed_steps = 0
-        self._weights = [step.weight for step in plan.steps]  # progress shares, fixed for the run
+        self._completed_weight = 0  # the progress shares (PlannedStep.weight) of the completed steps
         self._in_request_order = sorted(plan.steps, key=lambda s: s.order)
         self._ended_results: list[dict] | None = None  # step_results once the run ended: polled, never changing
-        self._total_weight = max(1, sum(self._weights))
+        self._total_weight = max(1, sum(step.weight for step in plan.steps))
+        self._advancing = False  # launching ready steps now: a step that settles meanwhile is seen by that loop
 
     @property
     def state(self) -> WorkState:
@@ -115,29 +128,42 @@ class WorkflowRun:
     # ---- what its job tells it, on the loop ------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:
-        """Begin with the first step, or (paused) wait before it until `resume`."""
+        """Begin with the steps that wait for nothing, or (paused) wait before them until `resume`."""
         if not paused:
-            self._launch_next()
+            self._advance()
 
     def pause(self) -> None:
         """The record is PAUSING: every image parks at its next step boundary; `parked` follows once all are."""
         for task in self._live_tasks():
             self.pool.pause(task)
+        for child in self._children():
+            child.pause()
         self._parked_if_all()
 
     def resume(self) -> None:
-        """The record is pending again: parked images go back to the queue, or the next step begins."""
-        tasks = self._live_tasks()
-        if not tasks and not self._cpu_in_flight():
-            self._launch_next()
-            return
-        for task in tasks:
+        """The record is pending again: parked images go back to the queue, the steps now ready begin."""
+        for task in self._live_tasks():
             self.pool.resume(task)
+        for child in self._children():
+            child.resume()
+        self._advance()
 
     def cancel(self) -> None:
         """Ended (cancelled, deleted or replaced): images still out stop at their next step boundary."""
         for task in self._live_tasks():
             self.pool.cancel(task)
+        for child in self._children():
+            child.cancel()
+
+    # ---- a batch_process step's batch, on the loop ------------------------------------------------
+
+    def child_moved(self) -> None:
+        """An item of a step's batch changed: a pausing session may now be paused."""
+        self._parked_if_all()
+
+    def child_settled(self, work: StepWork, images: list[StepImage] | None = None,
+                      error: WorkerError | None = None) -> None:
+        self._settle(work, images, error)
 
     # ---- progress, read by status calls from any thread -----------------------------------------
 
@@ -156,8 +182,8 @@ class WorkflowRun:
                 waiting = [t.waiting_for_device for t in w.tasks if not t.future.done()]
                 labels.append(f"{w.step.label}: {waiting[0]}" if waiting and all(waiting) else w.step.label)
             return "+".join(labels)
-        index = min(self.next_step, len(self.plan.steps) - 1)
-        return self.plan.steps[index].label
+        waiting = next((s for s in self.plan.steps if s.order not in self.launched), self.plan.steps[-1])
+        return waiting.label
 
     @property
     def substep_progress(self) -> float:
@@ -171,7 +197,7 @@ class WorkflowRun:
             return 1.0
         work = self.work
         running = sum(w.step.weight * w.fraction for w in work) if work else 0.0
-        return min(1.0, (sum(self._weights[: self.completed_steps]) + running) / self._total_weight)
+        return min(1.0, (self._completed_weight + running) / self._total_weight)
 
     @property
     def eta_seconds(self) -> float | None:
@@ -196,40 +222,66 @@ class WorkflowRun:
     def _cpu_in_flight(self) -> bool:
         return any(w.cpu is not None and not w.cpu.done() for w in self.work)
 
+    def _children(self) -> list:
+        return [w.child for w in self.work if w.child is not None]
+
     def _parked_if_all(self) -> None:
-        """Pausing, with every image parked and no CPU step under way (or between two steps): paused."""
+        """Pausing, with every image parked, every step's batch paused and no CPU step under way: paused."""
         if self.state is WorkState.PAUSING and not self._cpu_in_flight() and \
-                all(t.state == PARKED for t in self._live_tasks()):
+                all(t.state == PARKED for t in self._live_tasks()) and all(c.parked for c in self._children()):
             self.job.parked(self)
 
-    def _launch_next(self) -> None:
-        """Launch the next step (all of a wave at once in parallel mode), or finish."""
+    def _advance(self) -> None:
+        """Launch every step whose dependencies completed; once nothing is in flight, fail with every error
+        or finish. Nothing launches while pausing (it parks once nothing runs) or after the run ended."""
+        if self._advancing:
+            return  # a step settled while it was launched: the launching loop below sees it
+        self._advancing = True
+        try:
+            while self.state in (WorkState.PENDING, WorkState.RUNNING) and not self._failures() and \
+                    self._launch_ready():
+                pass
+        finally:
+            self._advancing = False
         state = self.state
         if state is WorkState.PAUSING:
-            self.job.parked(self)
+            self._parked_if_all()
+        if state not in (WorkState.PENDING, WorkState.RUNNING) or self.work:
             return
-        if state not in (WorkState.PENDING, WorkState.RUNNING):
-            return
-        steps = self._next_wave()
-        if not steps:  # every step has ended (perhaps resumed after the last): it ran, and is done
-            self.job.done(self, self.images)
-            return
-        work = [StepWork(step) for step in steps]
-        self.work = work
-        self.launched.update((w.step.order, w) for w in work)
-        self.next_step += len(steps)
-        for w in work:
-            try:
-                self._launch(w)
-            except Exception as error:  # a model that cannot load, an input that cannot be read
-                self._settle(w, error=as_worker_error(error))
+        failures = self._failures()
+        if failures:
+            self.error = aggregate_errors(failures)
+            self.job.failed(self, self.error)
+        elif len(self.launched) == len(self.plan.steps):  # every step completed (perhaps resumed after the last)
+            self.job.done(self, self._made_images())
 
-    def _next_wave(self) -> list[PlannedStep]:
-        """The steps to launch together next: one (sequential), or every step of the next wave."""
-        steps = self.plan.steps[self.next_step :]
-        if not steps or not self.plan.parallel:
-            return steps[:1]
-        return [step for step in steps if step.wave == steps[0].wave]
+    def _launch_ready(self) -> bool:
+        """Launch the steps whose dependencies completed, in request order (all of them, so that steps ready
+        together that fail at once are all named); False if none."""
+        launched = self.launched
+        ready = [step for step in self._in_request_order if step.order not in launched and
+                 all(order in launched and launched[order].completed for order in step.after)]
+        for step in ready:
+            work = StepWork(step)
+            launched[step.order] = work
+            self.work = [*self.work, work]
+            try:
+                self._launch(work)
+            except Exception as error:  # a model that cannot load, an input that cannot be read
+                self._settle(work, error=as_worker_error(error))
+        return bool(ready)
+
+    def _failures(self) -> list[tuple[PlannedStep, WorkerError]]:
+        return [(w.step, w.error) for w in map(self.launched.get, sorted(self.launched)) if w.error is not None]
+
+    def _made_images(self) -> list[StepImage]:
+        """The run's images: in sequence the last step's, in parallel every step's, in request order."""
+        if not self.plan.parallel:
+            return self.images
+        made = [image for order in sorted(self.launched) for image in self.launched[order].results or ()]
+        for work in self.launched.values():
+            work.results = None  # the job holds them now; a finished step keeps only its count
+        return made
 
     def _launch(self, work: StepWork) -> None:
         step = work.step
@@ -240,6 +292,10 @@ class WorkflowRun:
         if step.operation.answers is not None:
             self.job.running(self)
             self._on_cpu(work, self._answer, work, inputs)
+            return
+        if step.operation.makes_batch:
+            self.job.running(self)
+            self.children.start(self, work)
             return
         if step.operation.on_device:
             self._launch_on_device(work, inputs)
@@ -259,7 +315,7 @@ class WorkflowRun:
     def _launch_on_device(self, work: StepWork, inputs: list[StepImage]) -> None:
         step = work.step
         model_id = step.params.model or self.plan.model_id
-        sizing = step.params.sizing() if isinstance(step.params, BatchProcessParams) else self.sizing
+        sizing = self.sizing
         init_images = inputs if step.operation.uses_images else []
         specs = image_specs(step.params, init_images, model_id, self.native_size(model_id))
         tasks = [DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,
@@ -277,9 +333,6 @@ class WorkflowRun:
                 self.pool.cancel(task)
             self._settle(work, error=error)
             return
-        if self.state is WorkState.PAUSING:  # paused while an earlier step of its wave was launched
-            for task in tasks:
-                self.pool.pause(task)
 
     def _answer(self, work: StepWork, inputs: list[StepImage]) -> list[StepImage]:
         """An answering step: acts on the device side, keeps its answer; the images pass through it."""
@@ -313,30 +366,23 @@ class WorkflowRun:
             self._settle(work, error=as_worker_error(error))
 
     def _settle(self, work: StepWork, images: list[StepImage] | None = None, error: WorkerError | None = None) -> None:
-        """One launched step ended; once all of its wave have, fail with every error or go on."""
+        """One launched step ended: what it made is kept (in sequence, for the step after it), then the run
+        goes on with what is now ready."""
         if work.settled:
             return
         work.settled, work.finished_at = True, time.time()
         work.results, work.error = (images, None) if error is None else (None, error)
         work.images_made = len(images or ())
-        if self.ended or not all(w.settled for w in self.work):
+        self.work = [w for w in self.work if w is not work]
+        if self.ended:
             return
-        failures = [(w.step, w.error) for w in self.work if w.error is not None]
-        if failures:
-            for task in self._live_tasks():
-                self.pool.cancel(task)
-            self.error = aggregate_errors(failures)
-            self.job.failed(self, self.error)
-            return
-        made = [image for w in self.work for image in w.results]
-        # in sequence a step's images replace the ones before; a parallel wave's add to them
-        self.images = self.images + made if self.plan.parallel else made
-        for w in self.work:
-            w.results = None  # the run holds them now; a finished step keeps only its count
-        self.completed_steps += len(self.work)
-        self.work = []
-        self.job.progressed(self)
-        self._launch_next()
+        if error is None:
+            self.completed_steps += 1
+            self._completed_weight += work.step.weight
+            if not self.plan.parallel:  # in sequence a step's images replace the ones before
+                self.images, work.results = images, None
+            self.job.progressed(self)
+        self._advance()
 
     # ---- TaskListener: the device's events, posted to the loop in order -----------------------------
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from ..api import field_names
 from ..api.messages import ExecuteWorkflowRequest, iso, ok, parse
-from ..errors import InvalidState, NotFound
-from .state import COMPLETED, FINAL, PAUSED, SessionRecord, WorkState
+from ..errors import InvalidRequest, InvalidState, NotFound
+from .state import COMPLETED, FINAL, PAUSED, BatchRecord, SessionRecord, WorkState
 
 if TYPE_CHECKING:
     from ..api.messages import ControlSessionRequest, DeleteSessionRequest, ListSessionsRequest
@@ -83,6 +83,13 @@ class SessionService:
             return existing
         self.acceptance.check_capacity(1)
         self.book.require_free_id(record)
+        for step in plan.steps:  # its batch_process steps' batches will take these ids
+            if step.operation.makes_batch:
+                batch = BatchRecord(id=step.params.batch_id)
+                if batch.id == record.id:
+                    raise InvalidRequest(f"domains.{step.order - 1}.parameters.batch_id: '{batch.id}' is the "
+                                         f"session's own id", details={"field": "batch_id"})
+                self.book.require_free_id(batch, [f"{batch.id}/item-{i:04d}" for i in range(step.params.num_images)])
         registered = self.planner.register(plan)  # a refused request registers no model
         try:
             self.store.add_records([record])  # refused here, nothing of it stays
@@ -224,7 +231,7 @@ class SessionService:
             "completed_at": iso(record.completed_at),
             "error": record.error,
             "outputs": list(record.outputs),
-            "step_results": run.step_results() if run is not None else [],
+            "step_results": run.step_results() if run is not None else list(record.step_results),
             "board_slot": record.board_slot,
         }
         if record.error_details:

@@ -137,6 +137,7 @@ class SessionRecord(Record):
     total_steps: int = 0
     outputs: list[dict] = field(default_factory=list)
     board_slot: int = -1
+    step_results: list[dict] = field(default_factory=list)  # as its run ended: what a next start shows
 
     kind = "session"
 
@@ -168,6 +169,7 @@ class BatchRecord(Record):
     parallel: dict = field(default_factory=dict)  # device workers asked for and what memory allowed
     item_ids: list[str] = field(default_factory=list)
     board_slot: int = -1
+    session_id: str | None = None  # a coordination's batch_process step made it: the session waiting on it
 
     kind = "batch"
 

@@ -3,7 +3,9 @@
 Completed work is listed and its outputs map back from disk. Each
 unfinished session and batch item gets a recovery decision (`recovery`),
 which the job service applies: requeued from its stored request, kept
-paused, failed or quarantined. Before any of it runs, output files no row
+paused, failed or quarantined. The unfinished items of a session's batch
+(a coordination's batch_process step) are cancelled instead: the
+session's next run deletes that batch and makes it again. Before any of it runs, output files no row
 owns are swept; the report says so, and says when the last process's log
 was lost (`StateStore.journal_loss`): what it held cannot be recovered,
 only reported.
@@ -55,7 +57,11 @@ def restore(store: StateStore, outputs: OutputStore, book: StateBook, jobs: JobS
             report["sessions"][action] = report["sessions"].get(action, 0) + 1
         elif isinstance(record, BatchRecord):
             members = [i for i in sorted(items.get(record.id, []), key=lambda i: i.index) if i.status not in FINAL]
-            if members:
+            if members and record.session_id is not None:  # a session's batch: its session's next run makes it
+                for item in members:  # again, so nothing of it is left unfinished without a run
+                    jobs.adopt(item)
+                    jobs.cancel(jobs.job(item.id), "the worker restarted; the session makes its batch again")
+            elif members:
                 sizing, plans = batches.recovery_plans(record, members)
                 for item in members:
                     action = _apply(item, plans[item.id], jobs, mode, sizing)

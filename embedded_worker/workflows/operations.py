@@ -31,12 +31,11 @@ from pydantic import (
 
 from ..api import device_answers
 from ..api.field_names import spellings
-from ..api.messages import MAX_SEED, BatchConfiguration, Id, Number, one_batch_count
+from ..api.messages import MAX_SEED, BatchConfiguration, ExecuteBatchRequest, Id, Number, one_batch_count
 from ..config import Limits
 from ..diffusion.denoise import ImageSpec
 from ..diffusion.device_pool import DevicePool
 from ..diffusion.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from ..diffusion.task import BatchSizing
 from ..errors import InvalidRequest
 from ..outputs import postprocess
 
@@ -128,12 +127,13 @@ class GenerateParams(OperationParams):
 class BatchProcessParams(GenerateParams):
     """inference.batch_process as a step: `{batch_id?, batch_config, generation_params}` (or `parameters`).
 
-    `batch_config.total_images` images from the generation parameters, image i
-    with seed + i, their forwards sized by the batch's own configuration.
+    Checked here like any generation (limits, one image count); run as the
+    batch `execute_batch` makes of the same request (`batch_request`), a child
+    of the session: `batch_config.total_images` items, item i with seed + i.
     """
 
     batch_id: Id = Field(default_factory=lambda: f"coordination-batch-{uuid.uuid4()}",
-                         description="names the images' sizing group; none: one of its own")
+                         description="the child batch's id; none: one of its own, reported in the step's result")
     configuration: BatchConfiguration = Field(default_factory=BatchConfiguration)
 
     @model_validator(mode="before")
@@ -161,8 +161,11 @@ class BatchProcessParams(GenerateParams):
         flat.pop("total_images", None)  # now in the configuration, and so in num_images
         return flat
 
-    def sizing(self) -> BatchSizing:
-        return BatchSizing.for_configuration(self.batch_id, self.configuration)
+    def batch_request(self, priority: int) -> ExecuteBatchRequest:
+        """The step as the request the facade's own inference.batch_process is: one batch path for both."""
+        generation = self.model_dump(include=set(GenerateParams.model_fields) - {"num_images"}, exclude_none=True)
+        return ExecuteBatchRequest(batch_id=self.batch_id, parameters=generation, configuration=self.configuration,
+                                   priority=priority)
 
 
 class ModelParams(OperationParams):
@@ -233,6 +236,7 @@ class Operation:
     needs_input: bool = False
     answers: Callable[[Any, DevicePool], dict] | None = None  # answering operations: their result
     uses_images: bool = True  # a device operation: the images before it become its init images
+    makes_batch: bool = False  # its images are a batch of their own (`lifecycle.child_batch`)
 
     @property
     def qualified(self) -> str:
@@ -314,7 +318,8 @@ OPERATIONS: dict[str, Operation] = {
         Operation("postprocessing", "save", SaveParams, False, "keep the images as outputs (files when configured)",
                   _pass_through, True),
         Operation("inference", "batch_process", BatchProcessParams, True,
-                  "batch_config.total_images images from generation_params, seeds seed + i", uses_images=False),
+                  "batch_config.total_images images from generation_params, seeds seed + i, as a batch",
+                  uses_images=False, makes_batch=True),
         Operation("model", "load_model", ModelParams, False, "load a model on every device worker",
                   answers=lambda params, pool: device_answers.load_model(pool, params.model_id)),
         Operation("model", "unload_model", ModelParams, False, "unload a model from every device worker",

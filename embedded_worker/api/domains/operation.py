@@ -4,7 +4,7 @@
 `{domains: [{domain: "inference", operation: "text2img", parameters}]}`, so
 direct calls get sessions, progress, pause, cancel and outputs like any
 workflow. `inference.batch_process` is `execute_batch` (as a coordination
-step it is an operation of the session instead). The inference domain also
+step it makes the same batch, a child of the session: `lifecycle.child_batch`). The inference domain also
 answers what the batch manager knows: the batch size the memory monitor
 would pick now (`recommend_batch_size`) and its figures (`get_metrics`).
 """
