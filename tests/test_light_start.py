@@ -37,3 +37,22 @@ def test_a_close_while_the_devices_start_ends_the_start(model_cache):
     assert report["imported"] == []
     assert report["close"]["success"], report["close"]
     assert report["workers"] == 0  # closed before the start made them: none was made
+
+
+def test_devices_that_cannot_start_fail_the_work_sent_and_say_why(make_worker, monkeypatch):
+    """Whether the work came before or after the start failed, it ends with the reason, never queued for ever."""
+    from embedded_worker.diffusion import offline
+
+    def broken() -> None:
+        raise RuntimeError("no device library here")
+
+    monkeypatch.setattr(offline, "quiet_libraries", broken)
+    worker = make_worker()
+    reply = worker.execute_workflow(workflow_id="img-generation-basic", background=False,
+                                    parameters={"prompt": "never drawn", "steps": 2, "seed": 1})
+    assert (reply["status"], reply["error_code"]) == ("failed", "unavailable"), reply
+    assert "the devices could not start" in reply["error"] and "no device library here" in reply["error"], reply
+    status = worker.execute("device.get_status", {})
+    assert "no device library here" in status["start_error"] and "starting" not in status
+    loading = worker.execute("model.load_model", {"model_id": "builtin:tiny-sd"})
+    assert loading["error_code"] == "unavailable" and "could not start" in loading["error"], loading

@@ -229,13 +229,17 @@ class DevicePool:
         with self.queue.cond:
             if self._closed:
                 raise Unavailable("the worker is closing")
-            if self._start_error is not None:
-                raise self._start_error
             refused = self.cluster.refusal() if self.cluster is not None else None
             if refused is not None:
                 raise refused
-            if task.state == NEW:  # not cancelled between its creation and now
-                self.queue.put(task)
+            failed = self._start_error
+            if failed is None:
+                if task.state == NEW:  # not cancelled between its creation and now
+                    self.queue.put(task)
+                return
+            task.state = DONE
+        if not task.future.done():
+            task.future.set_exception(failed)  # as the images that waited when the start failed: with why
 
     def pause(self, task: DenoiseTask) -> None:
         """Queued: parked at once. Running: at the next step boundary."""
