@@ -101,8 +101,7 @@ class Engine:
         self.book.listeners = [self.store.record_event, self.feed.record_event, self.retention.record_event,
                                self.jobs.children.record_event]
         self._close_lock = threading.Lock()  # a racing second close waits for the first
-        self.pool.start()
-        self.pool.on_every_worker(lambda worker: worker.load(config.default_model))  # warm, not awaited
+        self.pool.start(then=lambda worker: worker.load(config.default_model))  # warm, not awaited
         self.recovery_report = self.loop.call(restore, self.store, self.outputs, self.book, self.jobs,
                                               self.sessions, self.batches, config.recovery)
         self.retention.start()

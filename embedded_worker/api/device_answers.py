@@ -41,8 +41,9 @@ def unload_model(pool: DevicePool, model_id: str) -> dict:
 def device_status(pool: DevicePool) -> dict:
     status = pool.status()
     answer = {"workers": status["workers"], "memory": status["memory"], "queued_images": status["queued_images"]}
-    if "cluster" in status:
-        answer["cluster"] = status["cluster"]  # a lost Ray head shows here: state, head_losses, lost_since
+    for part in ("starting", "start_error", "cluster"):  # a lost Ray head shows in cluster: state, head_losses
+        if part in status:
+            answer[part] = status[part]
     return answer
 
 

@@ -31,9 +31,9 @@ class DenoiseActor:
         from ..config import WorkerConfig
         from ..diffusion.device_pool import DevicePool
         from ..diffusion.models import ModelCatalog
-        from ..diffusion.offline import set_offline_environment
+        from ..diffusion.offline import quiet_libraries
 
-        set_offline_environment()
+        quiet_libraries()
         self.name = name
         worker_config = WorkerConfig.model_validate(config)
         # no work state here (the head's loop owns it): what happens to an image is told on one thread of its own

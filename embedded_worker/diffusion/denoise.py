@@ -29,47 +29,17 @@ Design notes
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .families import adapter_for
-from .schedulers import DEFAULT_SCHEDULER, step_kwargs
+from .image_spec import ImageSpec
+from .schedulers import step_kwargs
 
 if TYPE_CHECKING:
     from .conditioning import Conditioning
-
-
-@dataclass(frozen=True, eq=False)
-class ImageSpec:
-    """Everything that decides one image's pixels."""
-
-    model_id: str
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 20
-    guidance_scale: float = 7.5
-    width: int = 512
-    height: int = 512
-    scheduler: str = DEFAULT_SCHEDULER
-    strength: float = 1.0
-    init_image: np.ndarray | None = field(default=None, repr=False)  # uint8 HWC, for img2img
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    def forward_key(self) -> tuple:
-        """What must match for two images to share one denoiser forward."""
-        return (self.model_id, self.height, self.width, self.uses_guidance)
-
-    def schedule_key(self) -> tuple:
-        """What must match for two images to share one scheduler (a cohort)."""
-        strength = self.strength if self.init_image is not None else 1.0
-        return (*self.forward_key(), self.steps, self.scheduler, self.guidance_scale, strength)
 
 
 def encode_prompt(pipe, spec: ImageSpec) -> Conditioning:

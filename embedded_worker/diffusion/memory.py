@@ -19,10 +19,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 GROW_AFTER_CLEAN_FORWARDS = 20
 MEASURE_FIRST = 2  # forwards of a size whose memory is always measured
@@ -50,21 +52,24 @@ class MemoryProbe(Protocol):
 
 class CudaProbe:
     def __init__(self, device: torch.device):
+        import torch  # made on the device side's start thread, which imports torch anyway
+
+        self.cuda = torch.cuda
         self.device = device
         self._base_allocated = 0
         self._base_used = 0
 
     def read(self) -> MemoryReading:
-        free, total = torch.cuda.mem_get_info(self.device)
+        free, total = self.cuda.mem_get_info(self.device)
         return MemoryReading(total - free, total)
 
     def reset_peak(self) -> None:
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._base_allocated = torch.cuda.memory_allocated(self.device)
+        self.cuda.reset_peak_memory_stats(self.device)
+        self._base_allocated = self.cuda.memory_allocated(self.device)
         self._base_used = self.read().used
 
     def peak_used(self) -> int:
-        return self._base_used + torch.cuda.max_memory_allocated(self.device) - self._base_allocated
+        return self._base_used + self.cuda.max_memory_allocated(self.device) - self._base_allocated
 
 
 class ProcessProbe:

@@ -16,13 +16,15 @@ import logging
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidRequest, NotFound, WorkerError
-from .families import ADAPTERS, PIPELINE_FAMILIES
-from .families.defaults import ModelDefaults
-from .offline import set_offline_environment
+from .offline import quiet_libraries
 from .shipped_models import SHIPPED_GUIDANCE, SHIPPED_MODELS
 from .tiny_model import CONSTRUCTION_LOCK, TINY_MODELS, ensure_tiny_model, tiny_family, tiny_model_folder
+
+if TYPE_CHECKING:
+    from .families.defaults import ModelDefaults
 
 log = logging.getLogger("embedded_worker.models")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -176,6 +178,8 @@ class ModelCatalog:
 
 def read_family(folder: Path) -> str:
     """The family of a model folder, from the pipeline class its model_index.json names."""
+    from .families import PIPELINE_FAMILIES  # torch: imported when a folder is first read, not at the start
+
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -224,7 +228,7 @@ def load_pipeline(folder: Path, device, dtype):
     """A pipeline on `device` in `dtype`, loaded offline from safetensors."""
     from diffusers import DiffusionPipeline
 
-    set_offline_environment()
+    quiet_libraries()
     # SD folders may carry a safety checker; the service filters content itself, so it is not loaded
     skip = {"safety_checker": None, "requires_safety_checker": False} if read_family(folder) == "sd" else {}
     with CONSTRUCTION_LOCK:  # loading turns weight initialisation off process-wide (see CONSTRUCTION_LOCK)
@@ -243,6 +247,8 @@ def load_pipeline(folder: Path, device, dtype):
 
 def model_defaults(folder: Path) -> ModelDefaults:
     """The model's own steps, guidance, size and T5 length, read from its configs without loading weights."""
+    from .families import ADAPTERS
+
     return ADAPTERS[read_family(folder)].defaults(folder)
 
 
@@ -269,4 +275,6 @@ def check_weights_cover_configs(pipe, folder: Path) -> None:
 
 def native_size(folder: Path) -> tuple[int, int]:
     """(width, height) the model was trained at, read from its configs without loading weights."""
+    from .families import ADAPTERS
+
     return ADAPTERS[read_family(folder)].native_size(folder)

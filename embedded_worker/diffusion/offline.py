@@ -15,12 +15,19 @@ class _DeprecationsAndErrors(logging.Filter):
 
 
 def set_offline_environment() -> None:
-    """Make any stray hub access fail at once instead of hanging on a closed network, keep the
-    libraries' progress bars out of the host's console, and let their deprecations through."""
+    """Make any stray hub access fail at once instead of hanging on a closed network; set before the
+    libraries are imported (they read it then), and cheap: the worker's start sets it."""
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[name] = "1"
     for name in ("HF_HUB_DISABLE_TELEMETRY", "DISABLE_TELEMETRY", "HF_HUB_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(name, "1")
+
+
+def quiet_libraries() -> None:
+    """Offline, and the libraries' progress bars kept out of the host's console with their deprecations
+    let through. Imports diffusers and transformers (seconds), so it is called where they are about to
+    work: a model load or build, and the device side's start thread."""
+    set_offline_environment()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SCHEDULERS = {
     "pndm": "PNDMScheduler",

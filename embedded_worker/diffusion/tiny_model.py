@@ -20,7 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .offline import set_offline_environment
+from .offline import quiet_libraries
 
 RECIPE_VERSION = "v1"
 TINY_MODELS = {  # model id -> recipe
@@ -334,7 +334,7 @@ def ensure_tiny_model(model_id: str, cache_dir: Path) -> Path:
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        set_offline_environment()
+        quiet_libraries()
         try:
             RECIPES[recipe][1]().save_pretrained(staging, safe_serialization=True)
             try:

@@ -33,8 +33,8 @@ from ..api import device_answers
 from ..api.field_names import spellings
 from ..api.messages import MAX_SEED, BatchConfiguration, ExecuteBatchRequest, Id, Number, one_batch_count
 from ..config import Limits
-from ..diffusion.denoise import ImageSpec
 from ..diffusion.device_pool import DevicePool
+from ..diffusion.image_spec import ImageSpec
 from ..diffusion.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ..errors import InvalidRequest
 from ..outputs import postprocess
