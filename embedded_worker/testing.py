@@ -96,3 +96,8 @@ def held_for(worker: ProcessingWorker, owner_id: str) -> list[str]:
     if owner_id in engine.book.sessions or owner_id in engine.book.batches:
         places.append("records")
     return places
+
+
+def device_side_closed(worker: ProcessingWorker) -> bool:
+    """The device pool refuses work from now on (a close reached it)."""
+    return worker._engine.pool._closed

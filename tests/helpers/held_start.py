@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         quiet_libraries()
 
     offline.quiet_libraries = held_back
-    from embedded_worker import ProcessingWorker
+    from embedded_worker import ProcessingWorker, testing
 
     worker = ProcessingWorker({"model_cache_dir": model_cache, "state_path": ":memory:", "workflows_dir": None,
                                "default_model": "builtin:tiny-sd"})
@@ -47,10 +47,10 @@ def main(argv: list[str]) -> int:
     else:
         closing = threading.Thread(target=lambda: report.update(close=worker.close(timeout=60)))
         closing.start()
-        until(lambda: worker._engine.pool._closed, (True,))  # closed while held: the start must see it
+        until(lambda: testing.device_side_closed(worker), (True,))  # closed while held: the start must see it
         held.set()
         closing.join()
-        report["workers"] = len(worker._engine.pool.workers)
+        report["workers"] = len(testing.device_workers(worker))
     print(json.dumps(report), flush=True)
     worker.close()
     return 0
