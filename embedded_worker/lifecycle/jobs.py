@@ -119,10 +119,10 @@ class Job:
         self._move(run, S.PAUSED)
 
     def off_device(self, run: WorkflowRun) -> None:
-        """Its images left the device: a crash from now on is not theirs."""
+        """Its images left the device: a crash from now on is not theirs (stored like the on-device mark, also
+        once a suspending close froze the book: a next start must not blame it for a close)."""
         if run is self.run and self.record.on_device:
-            self.record.on_device = False
-            self.service.book.update(self.record)
+            self.service._mark_on_device([], {self.record.id})
 
     def failed(self, run: WorkflowRun, error: WorkerError) -> None:
         if error.code == "cancelled":
