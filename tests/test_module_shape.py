@@ -15,12 +15,14 @@ def module_name(path: Path, root: Path = PACKAGE.parent) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path, modules: set[str], root: Path = PACKAGE.parent) -> set[str]:
-    """Every module of the package that `path` imports, wherever the import statement is."""
+def imports_of(path: Path, modules: set[str], root: Path = PACKAGE.parent, at_import_time: bool = False) -> set[str]:
+    """Every module of the package that `path` imports, wherever the import statement is; `at_import_time`:
+    only those it imports when it is imported (module-level, not behind TYPE_CHECKING or inside functions)."""
     name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in (tree.body if at_import_time else ast.walk(tree)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -83,25 +85,6 @@ def test_no_module_is_over_the_line_limit():
 MAX_IMPORT_CHAIN = 13
 
 
-def imported_at_import_time(path: Path, modules: set[str]) -> set[str]:
-    """The package's modules `path` imports when it is imported: module-level imports, not those behind
-    TYPE_CHECKING or inside functions."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package
-            for _ in range(node.level - 1):
-                base = base.rpartition(".")[0]
-            target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
-            for alias in node.names:
-                found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
-    return {module for module in found if module in modules and module != name}
-
-
 def longest_chain(edges: dict[str, set[str]]) -> list[str]:
     """The longest path of imports (the graph has no cycle): how many modules deep one import reaches."""
     longest: dict[str, list[str]] = {}
@@ -119,6 +102,6 @@ def test_the_longest_import_chain_stays_short():
     behind TYPE_CHECKING (the cycle check above still counts them)."""
     paths = list(PACKAGE.rglob("*.py"))
     modules = {module_name(path) for path in paths}
-    edges = {module_name(p): imported_at_import_time(p, modules) - {"embedded_worker"} for p in paths}
+    edges = {module_name(p): imports_of(p, modules, at_import_time=True) - {"embedded_worker"} for p in paths}
     chain = longest_chain(edges)
     assert len(chain) <= MAX_IMPORT_CHAIN, " -> ".join(chain)
