@@ -62,6 +62,9 @@ def test_the_batch_step_is_a_batch_every_batch_command_sees(make_worker):
     assert (step["status"], step["images"], step["result"]) == ("completed", 3, {"batch_id": "child"})
     assert worker.execute("inference.get_metrics", {"batch_id": "child"})["metrics"]["total_images_generated"] == 3
     assert worker.get_status()["processing"]["batches"]["completed"] == 1
+    # the session's own inference part counts its child batch's images (the C# demo aggregates it so)
+    inference = worker.execute("inference.status", {"session_id": "coord"})
+    assert inference["counts"]["done"] == 3 and sorted(i["seed"] for i in inference["images"]) == [11, 12, 13]
 
     generated = worker.execute_workflow(coordination_id="no-id", background=False, domains=[batch_step(None)])
     batch_id = generated["step_results"][0]["result"]["batch_id"]

@@ -47,7 +47,11 @@ def find_work(engine: "Engine", request: DomainStatusRequest) -> Work | None:
     """The session or batch the request names (NotFound when unknown); None when it names none."""
     if request.session_id is not None:
         record, run = engine.sessions.run_of(request.session_id)
-        return Work("session", record.id, _summary(engine.sessions.describe(record)), [run] if run else [])
+        # a coordination's batch_process step runs as a child batch: its items' images are the session's too
+        children = [batch.id for batch in list(engine.book.batches.values()) if batch.session_id == record.id]
+        runs = [run] if run else []
+        runs += [item_run for batch_id in children for item_run in engine.batches.runs_of(batch_id)[1]]
+        return Work("session", record.id, _summary(engine.sessions.describe(record)), runs)
     if request.batch_id is not None:
         record, runs = engine.batches.runs_of(request.batch_id)
         return Work("batch", record.id, _summary(engine.batches.describe(record, include_items=False)), runs)
