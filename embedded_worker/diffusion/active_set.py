@@ -91,25 +91,29 @@ class ActiveSet:
                 task.cohort_id = cohort_id
 
     def let_leave(self, eta_after_preemption: Callable[[DenoiseTask], float | None]) -> None:
-        """Pauses, cancels and preemptions take effect here, at a step boundary."""
+        """Pauses, cancels and preemptions take effect here, at a step boundary, all under the queue's lock:
+        a resume clears a pause under it, so it comes before this boundary (the image stays) or after it
+        (the image is parked with its cohort and goes back to the queue). Read apart, a pause called off
+        in between left its image with no reason, failed as if the worker had closed."""
         kept: list[Cohort] = []
-        for cohort in self.cohorts:
-            leaving = [i for i, t in enumerate(cohort.members) if t.leaving is not None]
-            if not leaving:
-                kept.append(cohort)
-                continue
-            staying = cohort.size - len(leaving)
-            for position in reversed(leaving):
-                task = cohort.members[position]
-                alone = cohort if staying == 0 and cohort.size == 1 else cohort.split_off([position])
-                self._leave(task, alone, eta_after_preemption)
-            if staying:
-                kept.append(cohort)
+        with self.queue.cond:
+            for cohort in self.cohorts:
+                leaving = [i for i, t in enumerate(cohort.members) if t.leaving is not None]
+                if not leaving:
+                    kept.append(cohort)
+                    continue
+                staying = cohort.size - len(leaving)
+                for position in reversed(leaving):
+                    task = cohort.members[position]
+                    alone = cohort if staying == 0 and cohort.size == 1 else cohort.split_off([position])
+                    self._leave(task, alone, eta_after_preemption)
+                if staying:
+                    kept.append(cohort)
         self.cohorts = kept
 
     def _leave(self, task: DenoiseTask, cohort: Cohort, eta_after_preemption) -> None:
         """Cancelled: done. Paused: parked with its cohort. Preempted: back in the queue with its cohort,
-        at its old rank, still `running` to its run."""
+        at its old rank, still `running` to its run. Under the queue's lock (`let_leave`)."""
         self._left.add(task.record_id)
         with self.queue.cond:
             reason, task.leaving = task.leaving, None
