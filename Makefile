@@ -52,9 +52,10 @@ mono:
 	    exit 1; \
 	  fi; }
 
-# The long load test, then the leak-then-shutdown host ten times over, on Mono and on CoreCLR.
+# The long load test, the control storms (40 rounds, beside a CPU-heavy thread or process), then the
+# leak-then-shutdown host ten times over, on Mono and on CoreCLR.
 soak: setup host
-	$(PY) -m pytest -q -s -m soak -p no:cacheprovider tests/test_soak.py tests/test_concurrency.py tests/test_cluster.py
+	$(PY) -m pytest -q -s -m soak -p no:cacheprovider tests/test_soak.py tests/test_concurrency.py tests/test_control_storm.py tests/test_cluster.py
 	EMBEDDED_WORKER_REQUIRE_DOTNET=1 $(PY) -m pytest -q -m soak -p no:cacheprovider tests/test_dotnet_host.py -k leak
 
 clean:
