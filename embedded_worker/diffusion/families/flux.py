@@ -85,15 +85,8 @@ class Flux:
             scheduler.set_begin_index(0)
             noise = [randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators]
             return scheduler, timesteps, pipe._pack_latents(torch.cat(noise), len(specs), channels, height, width)
-        start = int(max(spec.steps - min(spec.steps * spec.strength, spec.steps), 0)) * scheduler.order
-        timesteps = timesteps[start:]
-        scheduler.set_begin_index(start)
-        noised = []
-        for s, g in zip(specs, generators):
-            clean = encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
-            noise = randn_tensor(shape, generator=g, device=device, dtype=dtype)
-            noised.append(scheduler.scale_noise(clean, timesteps[:1], noise))
-        return scheduler, timesteps, pipe._pack_latents(torch.cat(noised), len(specs), channels, height, width)
+        timesteps, noised = noised_init_images(pipe, scheduler, timesteps, specs, generators, dtype)
+        return scheduler, timesteps, pipe._pack_latents(noised, len(specs), channels, height, width)
 
     def model_input(self, pipe, cohort) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         latents = cohort.latents
@@ -126,6 +119,24 @@ class Flux:
         latents = pipe._unpack_latents(latents, spec.height, spec.width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         return latents.to(pipe.vae.dtype)
+
+
+def noised_init_images(pipe, scheduler, timesteps: torch.Tensor, specs, generators, dtype) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    """img2img on a flow-matching schedule, as Flux's, SD3's and Chroma's img2img pipelines start it: the
+    schedule from where `strength` says, each init image's latents noised to there; (timesteps, latents)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    spec = specs[0]
+    start = int(max(spec.steps - min(spec.steps * spec.strength, spec.steps), 0)) * scheduler.order
+    timesteps = timesteps[start:]
+    scheduler.set_begin_index(start)
+    noised = []
+    for s, g in zip(specs, generators):
+        clean = encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
+        noise = randn_tensor(clean.shape, generator=g, device=clean.device, dtype=dtype)
+        noised.append(scheduler.scale_noise(clean, timesteps[:1], noise))
+    return timesteps, torch.cat(noised)
 
 
 def encode_image(pipe, spec, generator: torch.Generator, dtype) -> torch.Tensor:

@@ -19,7 +19,7 @@ from ...errors import InvalidRequest
 from ..conditioning import Conditioning
 from ..schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .defaults import ModelDefaults
-from .flux import encode_image
+from .flux import noised_init_images
 from .stable_diffusion import read_configs
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 tokens per prompt
@@ -82,16 +82,8 @@ class StableDiffusion3:
         if spec.init_image is None:
             noise = [randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators]
             return scheduler, timesteps, torch.cat(noise)
-        # img2img, as StableDiffusion3Img2ImgPipeline: start where strength says, the image noised to there
-        start = int(max(spec.steps - min(spec.steps * spec.strength, spec.steps), 0)) * scheduler.order
-        timesteps = timesteps[start:]
-        scheduler.set_begin_index(start)
-        noised = []
-        for s, g in zip(specs, generators):
-            clean = encode_image(pipe, s, g, dtype)  # draws from g before the noise does, as the pipeline
-            noise = randn_tensor(clean.shape, generator=g, device=device, dtype=dtype)
-            noised.append(scheduler.scale_noise(clean, timesteps[:1], noise))
-        return scheduler, timesteps, torch.cat(noised)
+        timesteps, noised = noised_init_images(pipe, scheduler, timesteps, specs, generators, dtype)
+        return scheduler, timesteps, noised
 
     def model_input(self, pipe, cohort) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         x = torch.cat([cohort.latents] * 2) if cohort.classifier_free else cohort.latents
