@@ -11,9 +11,10 @@ import time
 
 import torch
 
+from embedded_worker import testing
+
 from .common import median
 from .worker_bench import PROMPT, make_worker, raw_pipeline_rate
-from embedded_worker import testing
 
 STEPS = 20
 

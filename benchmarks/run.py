@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .admission_bench import ADMISSION_TITLE, admission_rows
+from .checkpoint_bench import checkpoint_sections
 from .cluster_bench import CLUSTER_TITLE, cluster_rows
 from .coalescing_bench import coalescing_rows, sweep, write_plots
 from .common import RESULTS, table, write_results
@@ -23,9 +24,8 @@ from .preemption_bench import preemption_rows, write_timeline
 from .prune_bench import PRUNE_TITLE, prune_rows
 from .worker_bench import durability_rows, status_rows, throughput_against_pipeline, tiny_pipeline
 
-
 PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "admission", "durability", "prune", "lifecycle",
-         "host", "cluster", "families")
+         "host", "cluster", "families", "checkpoints")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             sections["Pixels back from a Ray actor, per image (one machine)"] = pixel_rows
     if "families" in parts:
         sections[THROUGHPUT_TITLE], sections[COALESCING_TITLE] = family_rows(args.model_cache, rounds)
+    if "checkpoints" in parts:
+        sections.update(checkpoint_sections(args.model_cache, rounds))
     for title, rows in sections.items():
         print(table(title, rows))
     plots = write_plots(sweep_rows, [s * 1e6 for s in loaded_status_samples], RESULTS) if sweep_rows else []

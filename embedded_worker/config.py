@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,20 @@ class SchedulingConfig(BaseModel):
     cpu_threads: StrictInt = Field(2, ge=1, le=32, description="postprocessing and encoding pool")
 
 
+class CheckpointConfig(BaseModel):
+    """Durable denoise state (issue 19): each image's state is taken every few steps and at a suspending close,
+    so a crash costs at most the steps since its last checkpoint and a suspend none. Durable state only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool = True
+    budget: Number = Field(
+        0.02, gt=0, le=0.5, description="share of the step time checkpoints may take, measured: the interval "
+        "in steps follows from what taking and writing one cost")
+    every_steps: StrictInt | None = Field(
+        None, ge=1, description="a fixed interval in steps instead of the budget's")
+
+
 class ClusterConfig(BaseModel):
     """Remote device workers on a Ray cluster (issue 10). No address: no cluster, and Ray is never imported."""
 
@@ -131,6 +145,7 @@ class DeviceSettings:
     gc_freeze: bool
     scheduling: SchedulingConfig
     local_devices: bool = True  # False: only a cluster's actors take work
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 class WorkerConfig(BaseModel):
@@ -162,6 +177,7 @@ class WorkerConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     gc_freeze: StrictBool = Field(True, description="freeze collector generations after model load (GIL pauses)")
     board_slots: StrictInt = Field(1024, ge=1, le=1_000_000, description="rows of the progress board")
     log_capacity: StrictInt = Field(10_000, ge=1, description="log records kept for the host to drain")
@@ -202,7 +218,8 @@ class WorkerConfig(BaseModel):
     def device_settings(self) -> DeviceSettings:
         """What the device side is given (`diffusion.device_pool.DevicePool`), not the whole configuration."""
         return DeviceSettings(self.device, self.dtype, self.max_loaded_models, self.gc_freeze, self.scheduling,
-                              local_devices=self.cluster.address is None or self.cluster.local_devices)
+                              local_devices=self.cluster.address is None or self.cluster.local_devices,
+                              checkpoints=self.checkpoints)
 
     @property
     def raw_pixels_dir(self) -> Path | None:

@@ -26,6 +26,7 @@ from .errors import NotFound
 from .lifecycle import batch_view
 from .lifecycle.acceptance import Acceptance
 from .lifecycle.batches import BatchService
+from .lifecycle.checkpoints import Checkpoints
 from .lifecycle.child_batch import ChildBatches
 from .lifecycle.jobs import JobService
 from .lifecycle.loop import LifecycleLoop
@@ -55,12 +56,14 @@ class Engine:
         self.config = config
         self.started_at = time.time()
         self.store = StateStore(config.resolved_state_path)
+        self.checkpoints = Checkpoints(self.store, config.checkpoints.enabled)
         try:
             self._start(config, probe_factory)
         except BaseException:
             cluster = getattr(getattr(self, "pool", None), "cluster", None)
             if cluster is not None:
                 cluster.close()  # the driver's actors end with its connection; a private head stops
+            self.checkpoints.close()
             self.store.close()  # a worker that never started must not keep the state file locked
             if hasattr(self, "loop"):
                 self.loop.stop()
@@ -79,13 +82,14 @@ class Engine:
         self.planner = Planner(config, self.models, self.outputs)
         self.cpu = ThreadPoolExecutor(config.scheduling.cpu_threads, thread_name_prefix="ew-post")
         self.pool = DevicePool(config.device_settings(), self.models, events=self.loop,
-                               mark_on_device=self._mark_on_device, probe_factory=probe_factory)
+                               mark_on_device=self._mark_on_device, probe_factory=probe_factory,
+                               checkpoints=self.checkpoints if self.checkpoints.enabled else None)
         if config.cluster.address is not None:  # Ray is imported only here, and only then
             from .cluster.join import join_cluster
 
             join_cluster(self.pool, config)
         self.jobs = JobService(self.book, self.loop, self.pool, self.cpu, self.outputs, self.store,
-                               self.models.native_size, on_progress=self._progressed)
+                               self.models.native_size, on_progress=self._progressed, checkpoints=self.checkpoints)
         self.acceptance = Acceptance(self.book, self.loop, self.jobs, self.pool, config.limits.max_queued_work,
                              config.limits.max_items, config.scheduling.max_batch_size, self.models.native_size)
         self.sessions = SessionService(self.book, self.loop, self.store, self.jobs, self.acceptance, self.planner,
@@ -98,12 +102,12 @@ class Engine:
                                    self.acceptance.closing)
         # who hears a change, in order: on disk first, then the board and trackers, then retention
         # the runs waiting on a step's batch hear its items last, when everything else has
-        self.book.listeners = [self.store.record_event, self.feed.record_event, self.retention.record_event,
-                               self.jobs.children.record_event]
+        self.book.listeners = [self.store.record_event, self.checkpoints.record_event, self.feed.record_event,
+                               self.retention.record_event, self.jobs.children.record_event]
         self._close_lock = threading.Lock()  # a racing second close waits for the first
         self.pool.start(then=lambda worker: worker.load(config.default_model))  # warm, not awaited
         self.recovery_report = self.loop.call(restore, self.store, self.outputs, self.book, self.jobs,
-                                              self.sessions, self.batches, config.recovery)
+                                              self.sessions, self.batches, config.recovery, self.checkpoints)
         self.retention.start()
 
     def _model_known(self, model_id: str) -> bool:
@@ -140,7 +144,7 @@ class Engine:
             "recovery": self.recovery_report,
             "state": {"path": self.store.path, "durable": self.store.durable,
                       "quarantined_rows": self.store.quarantined(), "journal_loss": self.store.journal_loss,
-                      "unsaved_changes": self.store.unsaved_changes()},
+                      "unsaved_changes": self.store.unsaved_changes(), "checkpoints": self.checkpoints.status()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "closing": self.acceptance.closing.is_set(),
         }
@@ -158,13 +162,17 @@ class Engine:
             deadline = time.monotonic() + timeout
             if pending == "finish":
                 self.loop.wait_for(self._all_final, timeout)
-            if pending == "cancel":
-                self.loop.call(self.jobs.cancel_all, "the worker closed")
-            else:  # what is still unfinished stays as stored, to resume at the next start
+            suspend = pending != "cancel"
+            if suspend:  # what is still unfinished stays as stored, to resume at the next start
                 self.loop.call(self.book.freeze)
-            stopped = self.pool.close(max(0.0, deadline - time.monotonic()), STOP_GRACE_SECONDS)
+            else:
+                self.loop.call(self.jobs.cancel_all, "the worker closed")
+            stopped = self.pool.close(max(0.0, deadline - time.monotonic()), STOP_GRACE_SECONDS, suspend)
+            if suspend and self.checkpoints.enabled:
+                self._checkpoint_paused()
             self.cpu.shutdown(wait=True, cancel_futures=True)
             self.loop.stop()  # what the devices and the CPU pool told last is applied first
+            self.checkpoints.close()  # every state handed over is written before the store closes
             if stopped:
                 self.store.forget_starts()
                 self.store.close()
@@ -172,6 +180,15 @@ class Engine:
                 log.error("device threads did not stop within %.0f s of the deadline; the state file stays open",
                           STOP_GRACE_SECONDS)
             return stopped
+
+    def _checkpoint_paused(self) -> None:
+        """A suspending close: paused images leave their state, to continue at their step after a restart."""
+        cohorts = self.loop.call(self.jobs.parked_cohorts)
+        if cohorts:
+            from .diffusion.checkpoint_cadence import hand_over  # torch: loaded, since images were parked
+
+            for cohort in cohorts:
+                hand_over(cohort, self.checkpoints)
 
     def threads_stopped(self) -> bool:
         return not any(worker.thread.is_alive() for worker in self.pool.workers)

@@ -101,3 +101,23 @@ def held_for(worker: ProcessingWorker, owner_id: str) -> list[str]:
 def device_side_closed(worker: ProcessingWorker) -> bool:
     """The device pool refuses work from now on (a close reached it)."""
     return worker._engine.pool._closed
+
+
+def stopping(device_worker) -> bool:
+    """The device worker was asked to stop: it stops at its next step boundary."""
+    with device_worker.queue.cond:
+        return device_worker._stopping
+
+
+def checkpoint_files(worker: ProcessingWorker, record_id: str) -> list:
+    """The checkpoint files kept for a record's images now (after the writes handed over so far)."""
+    checkpoints = worker._engine.checkpoints
+    checkpoints.flush()
+    folder = checkpoints.folder_of(record_id)
+    return sorted(folder.glob("*.state")) if folder.exists() else []
+
+
+def held_states(remote_worker) -> dict[str, int]:
+    """A remote worker's images out on its actor whose state the head holds: record id -> that state's step."""
+    return {task.record_id: task.resume_from.step for task in list(remote_worker._in_flight.values())
+            if task.resume_from is not None}

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from .conftest import generate, session_status
 from embedded_worker import testing
+
+from .conftest import generate, session_status
 
 CASES = [
     ("execute_workflow", {"workflow_id": "nope"}, "not_found", "Workflow 'nope' not found"),

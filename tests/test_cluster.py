@@ -25,9 +25,9 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from embedded_worker import ProcessingWorker, WorkerConfig, testing  # noqa: E402
-from embedded_worker.diffusion.device_worker_protocol import DeviceWorkerProtocol  # noqa: E402
 from embedded_worker.cluster.local_head import LocalRayHead, _group_alive, free_port, ray_script  # noqa: E402
 from embedded_worker.diffusion.denoise import ImageSpec  # noqa: E402
+from embedded_worker.diffusion.device_worker_protocol import DeviceWorkerProtocol  # noqa: E402
 from embedded_worker.errors import Cancelled, Unavailable  # noqa: E402
 
 from .conftest import assert_same_up_to_batch_rounding, generate, run_of, session_status, wait_for  # noqa: E402
@@ -236,10 +236,13 @@ def test_pause_resume_and_cancel_reach_an_image_on_an_actor(make_worker, ray_hea
     assert task.worker == "ew-ray-0"
     worker.control_session(session_id="held", action="pause")
     wait_for(lambda: session_status(worker, "held")["status"] == "paused", timeout=60)
+    parked_at = task.resume_from.step  # the actor sent the paused image's state back to the head
+    assert parked_at >= 3 and task.step == parked_at
     assert worker.control_session(session_id="held", action="resume")["status"] in ("pending", "running")
     wait_for(lambda: session_status(worker, "held")["status"] == "completed", timeout=120)
+    assert task.resumed_from_step == parked_at  # it continued there: not one step computed again
     resumed = worker.get_output(session_status(worker, "held")["outputs"][0]["output_id"])
-    assert_same_up_to_batch_rounding(resumed, expected)  # restarted from step 0 on resume: same seed, same pixels
+    assert_same_up_to_batch_rounding(resumed, expected)
 
     generate(worker, session_id="dropped", seed=32, background=True, **slow)
     task = wait_for(lambda: run_of(worker, "dropped") and run_of(worker, "dropped").all_tasks

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from embedded_worker import ProcessingWorker, WorkerConfig
 
-from .conftest import assert_same_up_to_batch_rounding
+from .conftest import assert_same_up_to_batch_rounding, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,3 +126,65 @@ def test_a_log_lost_after_kill_nine_is_reported_and_unowned_files_are_swept(mode
         assert again.get_session_status(session_id="kept")["outputs"] == [kept]
         assert again.get_output(kept["output_id"]).shape[2] == 3
         assert not [p for p in tmp_path.rglob("*.partial")]
+
+
+def stored_checkpoints(state_dir: Path) -> dict[str, int]:
+    """Record id -> step of each checkpoint row, read beside the running process (SQLite lets a reader in)."""
+    database = sqlite3.connect(f"file:{state_dir / 'state.sqlite3'}?mode=ro", uri=True)
+    try:
+        return dict(database.execute("SELECT record_id, step FROM checkpoints").fetchall())
+    except sqlite3.OperationalError:  # not made yet
+        return {}
+    finally:
+        database.close()
+
+
+def test_kill_nine_with_checkpoints_recomputes_at_most_the_interval_and_keeps_the_pixels(model_cache, tmp_path):
+    """Images checkpointed every 3 steps; the process is killed at step 4 of the images in flight, after their
+    step-3 checkpoint was written: they continue at step 3 (one step computed twice, of at most 3), every item
+    completes once, with the pixels of an uninterrupted run (within batch rounding: resumed images run in
+    cohorts of their own)."""
+    every = 3
+    first = start(tmp_path, model_cache, "ckpt", 6, "--every-steps", str(every), "--trace-steps",
+                  "--hold-at-step", str(every + 1))
+    lines = []
+    for line in first.stdout:
+        lines.append(json.loads(line))
+        if "held" in lines[-1]:
+            break
+    reached: dict[str, int] = {}
+    for message in lines:
+        if "forward" in message:
+            reached[message["forward"]] = max(reached.get(message["forward"], 0), message["step"])
+    in_flight = {record for record, step in reached.items() if step == every + 1}
+    assert in_flight
+    wait_for(lambda: all(stored_checkpoints(tmp_path).get(r) == every for r in in_flight), timeout=60)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    done_before = {m["item"] for m in lines if "item" in m}
+
+    second = start(tmp_path, model_cache, "ckpt", 6, "--trace-steps")
+    after = lines_until(second, done=10**6)
+    assert second.wait(timeout=300) == 0
+    final = after[-1]["final"]
+    assert final["status"] == "completed" and final["processed_items"] == 6
+    assert sorted(o["seed"] for o in final["outputs"]) == list(range(500, 506))  # each once
+    first_forward: dict[str, int] = {}
+    for message in after:
+        if "forward" in message:
+            first_forward.setdefault(message["forward"], message["step"])
+    for record in in_flight:
+        assert first_forward[record] == every + 1  # continued at its checkpoint: step 4 is computed again
+        assert reached[record] - every <= every  # computed twice: at most the interval
+    items = {i["item_id"]: i for i in final["items"]}
+    for record in in_flight:
+        assert items[record.split("/", 1)[1]]["resumed_from_step"] == every
+    assert not any(f"ckpt/{item}" in first_forward for item in done_before)  # finished work is not redone
+    config = WorkerConfig(model_cache_dir=model_cache, state_path=str(tmp_path / "state.sqlite3"))
+    with ProcessingWorker(config) as reopened:
+        for record in in_flight:
+            item = items[record.split("/", 1)[1]]
+            solo = reopened.execute_workflow(workflow_id="img-generation-basic", background=False,
+                                             parameters={"prompt": "calm", "seed": item["seed"], "steps": 8})
+            assert_same_up_to_batch_rounding(reopened.get_output(item["outputs"][0]["output_id"]),
+                                             reopened.get_output(solo["outputs"][0]["output_id"]))

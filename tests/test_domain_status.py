@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-from .test_batches import FakeMemoryProbe, simulate_device_memory
-from .conftest import device_worker
 from embedded_worker import testing
+
+from .conftest import device_worker
+from .test_batches import FakeMemoryProbe, simulate_device_memory
 
 UPSCALED = [{"domain": "inference", "operation": "text2img", "parameters": {"prompt": "a kite", "seed": 3, "steps": 150}},
             {"domain": "postprocessing", "operation": "upscale", "parameters": {"factor": 2}}]

@@ -343,7 +343,7 @@ def test_a_start_on_a_big_prune_backlog_queues_one_prune_at_a_time_and_live_work
 def test_a_new_state_file_is_stamped_with_its_format(durable, tmp_path):
     durable().close(timeout=30)
     database = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
-    assert database.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 1
+    assert database.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 2
     database.close()
 
 
@@ -356,7 +356,7 @@ def altered(tmp_path, *statements: str) -> None:
 
 
 @pytest.mark.parametrize("change, reason", [
-    ("PRAGMA user_version = 99", "has format version 99; this worker reads versions up to 1"),
+    ("PRAGMA user_version = 99", "has format version 99; this worker reads versions up to 2"),
     ("PRAGMA user_version = -3", "has format version -3"),
     ("ALTER TABLE outputs ADD COLUMN thumbnail TEXT", "table outputs has columns (output_id, owner_id, item_id, "
                                                       "seed, raw_path, file_path, metadata, thumbnail)"),

@@ -4,6 +4,7 @@ generation_params are the parameters, and two counts that disagree are refused."
 from __future__ import annotations
 
 import json
+
 from embedded_worker import testing
 
 BATCH_CONFIG = {"total_images": 5, "preferred_batch_size": 2, "max_batch_size": 4, "enable_dynamic_sizing": True,

@@ -20,6 +20,7 @@ from embedded_worker.config import WorkerConfig
 from embedded_worker.diffusion.models import ModelCatalog
 from embedded_worker.diffusion.task import DONE, PARKED, QUEUED, BatchSizing
 from embedded_worker.errors import Cancelled, InvalidState
+from embedded_worker.lifecycle.checkpoints import Checkpoints
 from embedded_worker.lifecycle.jobs import JobService
 from embedded_worker.lifecycle.loop import LifecycleLoop
 from embedded_worker.lifecycle.planning import Planner
@@ -84,7 +85,8 @@ def service():
     outputs = OutputStore(1024)
     cpu = ThreadPoolExecutor(2, thread_name_prefix="test-cpu")
     pool = FakeDevicePool()
-    jobs = JobService(book, loop, pool, cpu, outputs, store, lambda model_id: (32, 32), on_progress=lambda job: None)
+    jobs = JobService(book, loop, pool, cpu, outputs, store, lambda model_id: (32, 32), on_progress=lambda job: None,
+                      checkpoints=Checkpoints(store, enabled=False))
     planner = Planner(config, ModelCatalog(config.models, config.resolved_model_cache_dir), outputs)
     workflow = WorkflowCatalog(None, model_known=lambda model_id: True).take_for_run("img-generation-basic")
     jobs.test_plan = lambda seed: planner.for_workflow(workflow, {"prompt": "p", "steps": 2, "seed": seed})

@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 
-from .conftest import generate
 from embedded_worker import testing
+
+from .conftest import generate
 
 WORKFLOW_FIELDS = {"id", "name", "description", "category", "version", "steps", "parameters", "required_models",
                    "estimated_duration", "is_available", "usage_count", "created_at", "updated_at"}

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic.alias_generators import to_camel
 
-from .conftest import device_worker, generate
 from embedded_worker import testing
+
+from .conftest import device_worker, generate
 
 PARAMETERS = {"prompt": "a red fox in the snow", "seed": 7, "steps": 2}
 NESTED = ("configuration", "batch_config", "items", "domains")  # parts the protocol describes field by field

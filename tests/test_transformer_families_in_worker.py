@@ -10,8 +10,15 @@ import pytest
 
 from embedded_worker.diffusion.families import adapter_for
 
-from .conftest import StepGate, assert_same_up_to_batch_rounding, device_worker, pipeline_of, run_of, \
-    session_status, wait_for
+from .conftest import (
+    StepGate,
+    assert_same_up_to_batch_rounding,
+    device_worker,
+    pipeline_of,
+    run_of,
+    session_status,
+    wait_for,
+)
 
 FAMILIES = ["builtin:tiny-flux", "builtin:tiny-flux-schnell", "builtin:tiny-sd3", "builtin:tiny-chroma"]
 

@@ -41,7 +41,8 @@ def join_cluster(pool, config) -> None:
     connection = ClusterConnection(config.cluster, pool.queue.cond).open()
     _warn_if_unplaceable(config.cluster)
     try:
-        make = remote_worker_factory(config, connection, pool.queue, pool.events, pool.mark_on_device)
+        make = remote_worker_factory(config, connection, pool.queue, pool.events, pool.mark_on_device,
+                                     pool.checkpoints)
         pool.attach_remote([make(index) for index in range(connection.config.actors)], connection, grow=make)
         connection.watch(pool.cluster_lost)
     except BaseException:
@@ -60,7 +61,7 @@ def _warn_if_unplaceable(cluster: ClusterConfig) -> None:
                         resources.get(name, 0), name, cluster.actors, each)
 
 
-def remote_worker_factory(config, connection: ClusterConnection, queue, events, mark_on_device):
+def remote_worker_factory(config, connection: ClusterConnection, queue, events, mark_on_device, checkpoints):
     """index -> a RemoteDeviceWorker (`ew-ray-<index>`) with its actor asked for (not yet ready)."""
     import ray
 
@@ -86,6 +87,6 @@ def remote_worker_factory(config, connection: ClusterConnection, queue, events, 
         admission = Admission(queue, BatchSizer(monitor, window), config.scheduling.coalesce_wait_ms / 1000.0,
                               preempt=False, max_preemptions=config.scheduling.max_preemptions_per_image)
         return RemoteDeviceWorker(f"ew-ray-{index}", index, spawn, connection, queue, admission, monitor, events,
-                                  mark_on_device, window)
+                                  mark_on_device, window, checkpoints)
 
     return make

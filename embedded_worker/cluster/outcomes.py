@@ -1,10 +1,13 @@
-"""How an image handed to an actor ends on the head: its pixels, a pause or cancel applied there, a failure,
-or its actor's death. Completion is recorded here, once, through the image's future; each state move is
+"""What an actor's answers do to the images it was handed, on the head: their progress and states, and how
+each ends: its pixels, a pause or cancel applied there, a failure, or its actor's death. Completion is recorded here, once, through the image's future; each state move is
 made under the queue's lock, as everywhere else.
 
-A paused image's denoising state stays behind on the actor (`parked` is
-None): it starts again from step 0 when resumed, on whichever worker takes
-it. Same seed, same pixels, up to batch rounding.
+The head holds the newest denoise state of every image out on an actor
+(`keep_states`: it comes back with the progress polls, every few steps,
+and a paused image's `run` answers with it), as the image's `resume_from`.
+So a paused image resumes at its step, and a dead actor's or node's images
+continue from the head's last state, on whichever worker takes them next;
+with durable state the head writes them as checkpoints too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ..diffusion.denoise_state import HeldState
 from ..diffusion.task import CANCEL, DONE, PARKED, PAUSE
 from ..errors import Cancelled, InternalError, Unavailable, WorkerError
 
@@ -38,6 +42,47 @@ def complete(queue: WorkQueue, task: DenoiseTask, view: np.ndarray) -> None:
     task.finished_at = time.monotonic()
     if not task.future.done():
         task.future.set_result(pixels)
+
+
+def resume_of(task: DenoiseTask) -> tuple[int, bytes] | None:
+    """What an actor's `run` continues from: (step, state bytes), or None for step 0."""
+    held = task.resume_from
+    return (held.step, held.read()) if held is not None else None
+
+
+def progressed(tasks: dict[str, DenoiseTask], report: dict, checkpoints) -> list[DenoiseTask]:
+    """An actor's progress report (`DenoiseActor.progress`) on the head's images (its key -> image): their
+    step, steps in all and ETA, and the states it took (`keep_states`). The images whose step moved."""
+    keep_states(tasks, report["states"], checkpoints)
+    moved = []
+    for key, task in tasks.items():
+        state = report["images"].get(key)
+        if state is not None and (state[0] != task.step or state[1] != task.total_steps):
+            task.step, task.total_steps, task.eta_seconds, resumed = state
+            task.resumed_from_step = resumed if resumed is not None else task.resumed_from_step
+            moved.append(task)
+    return moved
+
+
+def keep_states(tasks: dict[str, DenoiseTask], states: dict[str, tuple[int, bytes]], checkpoints) -> None:
+    """States an actor took (its key -> (step, bytes)): each image's newest, held on the head to continue from,
+    and written as its checkpoint when the head keeps them (`checkpoints`, durable state)."""
+    for key, (step, data) in states.items():
+        task = tasks.get(key)
+        if task is None:
+            continue
+        task.resume_from = HeldState(step, data)
+        if checkpoints is not None and task.checkpoint_key is not None:
+            checkpoints.save(task.record_id, task.checkpoint_key, task.resume_from)
+
+
+def parked_there(queue: WorkQueue, task: DenoiseTask, state: tuple[int, bytes]) -> bool:
+    """Paused on the actor: its `run` answered with (step, state bytes) (empty bytes: it never started). True
+    when the image is now parked (resumed meanwhile, it waits in the queue instead, from that state)."""
+    if state[1]:
+        task.resume_from = HeldState(*state)
+    with queue.cond:
+        return _settle(queue, task)
 
 
 def ended_without_pixels(queue: WorkQueue, task: DenoiseTask, error: Exception, where: str) -> bool:
@@ -75,9 +120,10 @@ def take_back(queue: WorkQueue, tasks: list[DenoiseTask],
 
 def _settle(queue: WorkQueue, task: DenoiseTask) -> bool:
     """With the queue's lock held: paused -> parked (True); cancelled, or the queue closed -> done;
-    otherwise (never asked to leave, or resumed before the pause landed) -> queued again from step 0."""
+    otherwise (never asked to leave, or resumed before the pause landed) -> queued again, from the state the
+    head holds (step 0 without one)."""
     reason, task.leaving = task.leaving, None
-    task.step, task.parked = 0, None
+    task.step, task.parked = task.resume_from.step if task.resume_from is not None else 0, None
     if reason == PAUSE:
         task.state = PARKED
         return True

@@ -14,20 +14,20 @@ Design notes
   in flight at a time). What happened to each image is posted to the
   lifecycle loop, as from a local worker.
 - Pause and cancel reach the actor at its next step boundary (its pool's
-  own cancel); what a paused image keeps is in `outcomes`. Preemption
-  never parks a remote image.
+  own); a paused image's state comes back to the head, as every image's
+  does every few steps (`outcomes`). Preemption never parks a remote image.
 - An actor that dies (ActorDiedError, a killed process, a lost node) takes
-  no work with it: its images go back to the queue with their spec and
-  seed, at their old rank, the crash is logged with the actor's name and
-  node, and a fresh actor replaces it. Completion is recorded on the head
+  no work with it: its images go back to the queue at their old rank, from
+  the last state the head holds, the crash is logged with the actor's name
+  and node, and a fresh actor replaces it. Completion is recorded on the head
   only (`outcomes`), through each image's future, once.
 - A lost head (the connection's `HeadWatch` decides) is not an actor's
   death: Ray calls (inside `connection.using_ray()`) raise `HeadLost`; the
   images out go back to the queue for local devices (or fail unavailable
   without any), and the worker takes nothing until the head is back, then
   asks for a fresh actor.
-- Pixels: one copy into the object store, a read-only view from `ray.get`,
-  one copy to our heap (`outcomes.complete`), kept as the output.
+- Pixels: one copy into the object store, a read-only view, one copy to
+  our heap (`outcomes.complete`), kept as the output.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Callable
 from ..diffusion.active_set import announce_start, tell_listeners
 from ..diffusion.device_worker import WorkerCounters
 from ..diffusion.memory import MemoryReading
+from ..diffusion.task import PAUSE
 from ..diffusion.worker_thread import WorkerThread
 from ..errors import Unavailable
 from . import outcomes
@@ -51,6 +52,7 @@ from .connection import HeadLost
 if TYPE_CHECKING:
     from ..diffusion.active_set import OnDeviceMark
     from ..diffusion.admission import Admission
+    from ..diffusion.checkpoint_cadence import CheckpointSink
     from ..diffusion.memory import MemoryMonitor
     from ..diffusion.task import DenoiseTask
     from ..diffusion.work_queue import WorkQueue
@@ -75,7 +77,7 @@ class RemoteDevice:
 class RemoteDeviceWorker(WorkerThread):
     def __init__(self, name: str, index: int, spawn: Callable[[str], object], connection: ClusterConnection,
                  queue: WorkQueue, admission: Admission, monitor: MemoryMonitor, events: Executor,
-                 mark_on_device: OnDeviceMark, window: int):
+                 mark_on_device: OnDeviceMark, window: int, checkpoints: CheckpointSink | None):
         super().__init__(name, queue)
         self.index = index
         self.connection = connection
@@ -85,6 +87,7 @@ class RemoteDeviceWorker(WorkerThread):
         self.events = events
         self.mark_on_device = mark_on_device
         self.window = window
+        self.checkpoints = checkpoints  # the head's: states that come back are written as checkpoints too
         self._spawn = spawn  # actor name -> a new actor handle
         self.actor_name, self.actor = "", None
         self.node_id: str | None = None
@@ -98,7 +101,7 @@ class RemoteDeviceWorker(WorkerThread):
         self._loaded: list[str] = []
         self._in_flight: dict[object, DenoiseTask] = {}  # ObjectRef -> image; the thread only
         self._keys: dict[int, str] = {}  # id(task) -> its key on the actor; the thread only
-        self._cancel_sent: set[int] = set()  # id(task) whose leave was forwarded; the thread only
+        self._leave_sent: dict[int, str] = {}  # id(task) -> the leave (pause, cancel) forwarded; the thread only
         self._progress_ref = None
         self._ready = False  # the current actor answered `ready`; the thread only
         with connection.using_ray():
@@ -273,16 +276,16 @@ class RemoteDeviceWorker(WorkerThread):
         for task in tasks:
             key = uuid.uuid4().hex
             self._keys[id(task)] = key
-            task.step = 0
-            ref = self.actor.run.remote(key, task.spec, task.priority)
+            task.step = task.resume_from.step if task.resume_from is not None else 0
+            ref = self.actor.run.remote(key, task.spec, task.priority, outcomes.resume_of(task))
             self._in_flight[ref] = task
 
     def _forward_leaving(self) -> None:
         """Pause and cancel asked on the head reach the actor, which applies them at its next step boundary."""
         for task in list(self._in_flight.values()):
-            if task.leaving is not None and id(task) not in self._cancel_sent:
-                self._cancel_sent.add(id(task))
-                self.actor.cancel.remote(self._keys[id(task)])
+            if task.leaving is not None and self._leave_sent.get(id(task)) != task.leaving:
+                self._leave_sent[id(task)] = task.leaving
+                (self.actor.pause if task.leaving == PAUSE else self.actor.cancel).remote(self._keys[id(task)])
 
     def _collect(self) -> None:
         import ray
@@ -306,6 +309,10 @@ class RemoteDeviceWorker(WorkerThread):
                 continue
             del self._in_flight[ref]
             self._forget(task)
+            if isinstance(view, tuple):  # paused there: its state came back instead of pixels
+                if outcomes.parked_there(self.queue, task, view):
+                    self._tell(lambda listener, parked: listener.task_parked(parked), [task])
+                continue
             outcomes.complete(self.queue, task, view)
             self.counters.images_done += 1
 
@@ -325,15 +332,8 @@ class RemoteDeviceWorker(WorkerThread):
         self._loaded = report["loaded_models"]
         memory = report["memory"]
         self.monitor.probe.reading = MemoryReading(memory["used_bytes"], memory["total_bytes"])
-        moved = []
-        for task in self._in_flight.values():
-            state = report["images"].get(self._keys.get(id(task)))
-            if state is None:
-                continue
-            step, total, eta = state
-            if step != task.step or total != task.total_steps:
-                task.step, task.total_steps, task.eta_seconds = step, total, eta
-                moved.append(task)
+        moved = outcomes.progressed({self._keys.get(id(t)): t for t in self._in_flight.values()}, report,
+                                    self.checkpoints)
         if moved:
             self.counters.steps += 1
             self._tell(lambda listener, task: listener.task_stepped(task), moved, once_per_listener=True)
@@ -382,7 +382,7 @@ class RemoteDeviceWorker(WorkerThread):
 
     def _forget(self, task: DenoiseTask) -> None:
         self._keys.pop(id(task), None)
-        self._cancel_sent.discard(id(task))
+        self._leave_sent.pop(id(task), None)
 
     def _tell(self, tell: Callable, tasks: list[DenoiseTask], once_per_listener: bool = False) -> None:
         self.events.submit(tell_listeners, self.name, tell, tasks, once_per_listener)  # as ActiveSet.tell

@@ -4,7 +4,8 @@ A cohort is a group of images that share a schedule and started together
 (`denoise.Cohort`); the active set holds the cohorts of one forward key,
 and every step is one forward over all of them. At a boundary:
 - images join: fresh ones in new cohorts by schedule, resumed or preempted
-  ones with the cohort they parked with. Before any work on them, they are
+  ones with the cohort they parked with, checkpointed ones (a restart's)
+  in a cohort restored from their checkpoint, at its step. Before any work on them, they are
   stored as on the device, and the records whose images left the device
   since the last start as off it (`mark_on_device`: the device thread's one
   write, so a crash in what follows blames the images that were there and
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 from ..errors import Cancelled, InternalError, Unavailable, WorkerError
 from .conditioning import join_conditioning
 from .denoise import start_cohort
+from .denoise_state import DenoiseState
 from .task import CANCEL, DONE, PARKED, PAUSE, PREEMPT, DenoiseTask
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ class ActiveSet:
             if task.parked is not None:
                 self.cohorts.append(task.parked)
                 task.parked = None
+            elif task.resume_from is not None and self._restore(task):
+                continue
             else:
                 fresh.setdefault(task.spec.schedule_key(), []).append(task)
         for members in fresh.values():
@@ -89,6 +93,28 @@ class ActiveSet:
             for task in members:
                 task.total_steps = cohort.total_steps
                 task.cohort_id = cohort_id
+
+    def _restore(self, task: DenoiseTask) -> bool:
+        """A checkpointed image continues at its checkpoint's step, in a cohort of its own; False (logged, and
+        it starts from step 0) when the checkpoint cannot be used."""
+        stored, task.resume_from = task.resume_from, None
+        try:
+            pipe, _ = self.pipelines.get(task.spec.model_id)
+            conditioning = join_conditioning([self.pipelines.conditioning(pipe, task.spec)])
+            cohort = DenoiseState.from_bytes(stored.read()).restore(pipe, task, task.spec, conditioning,
+                                                                    self.pipelines.device)
+        except Exception as error:  # unreadable, torn, refused: this image starts again, nothing else is touched
+            self.counters.checkpoints_refused += 1
+            log.warning("%s: image %s of %s starts from step 0: its checkpoint at step %d cannot be used (%s)",
+                        self.name, task.checkpoint_key, task.record_id, stored.step, error)
+            return False
+        self.cohorts.append(cohort)
+        task.resumed_from_step = task.step = cohort.step_index
+        task.total_steps = cohort.total_steps
+        task.cohort_id = next(_cohort_ids)
+        self.counters.resumed_images += 1
+        self.counters.steps_restored += cohort.step_index
+        return True
 
     def let_leave(self, eta_after_preemption: Callable[[DenoiseTask], float | None]) -> None:
         """Pauses, cancels and preemptions take effect here, at a step boundary, all under the queue's lock:

@@ -66,6 +66,7 @@ class Cohort:
         self.conditioning = conditioning
         self.generators = generators
         self.step_index = 0
+        self.checkpointed_at = 0  # the step its state was last taken at (`checkpoint_cadence`)
         self.guidance_scale = specs[0].guidance_scale
         self.classifier_free = adapter.classifier_free(specs[0])  # two rows per image: negative and prompt
 
@@ -114,7 +115,7 @@ class Cohort:
             self.conditioning.take(taken_index),
             [self.generators[i] for i in positions],
         )
-        taken.step_index = self.step_index
+        taken.step_index = taken.checkpointed_at = self.step_index
         self.members = [self.members[i] for i in keep]
         self.specs = [self.specs[i] for i in keep]
         self.latents = self.latents.index_select(0, kept_index)

@@ -167,8 +167,27 @@ class DenoiseState:
         generator.set_state(self.tensors["generator"])
         cohort = Cohort(adapter_for(pipe), [member], [spec], scheduler, tensor("timesteps"), tensor("latents"),
                         conditioning, [generator])
-        cohort.step_index = self.step_index
+        cohort.step_index = cohort.checkpointed_at = self.step_index
         return cohort
+
+
+@dataclass(frozen=True)
+class HeldState:
+    """A state's bytes held in memory (the head's copy of an image on an actor): resumable like a checkpoint
+    file, and written as one."""
+
+    step: int
+    data: bytes
+
+    @property
+    def step_index(self) -> int:
+        return self.step
+
+    def read(self) -> bytes:
+        return self.data
+
+    def to_bytes(self) -> bytes:
+        return self.data
 
 
 _MISSING = object()

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..config import DeviceSettings
+    from .checkpoint_cadence import CheckpointSink
     from .device_worker import DeviceWorker, OnDeviceMark
     from .device_worker_protocol import DeviceWorkerProtocol
     from .models import ModelCatalog
@@ -55,6 +56,7 @@ class DevicePool:
         events: Executor,
         mark_on_device: OnDeviceMark,
         probe_factory: ProbeFactory = probe_for,
+        checkpoints: CheckpointSink | None = None,
     ):
         scheduling = settings.scheduling
         self.catalog = catalog
@@ -62,6 +64,7 @@ class DevicePool:
         self.settings = settings
         self.mark_on_device = mark_on_device
         self.events = events  # the lifecycle loop: the workers post what happened to each image there
+        self.checkpoints = checkpoints  # where images' states are written (None: not checkpointed)
         # the start thread publishes the local workers' parts as new dicts and a new list, so a reader on
         # another thread never iterates one that changes size under it
         self._monitors: dict[str, MemoryMonitor] = {}
@@ -126,10 +129,12 @@ class DevicePool:
         self._remote += 1
 
     def _make_worker(self, device: "torch.device", index: int) -> "DeviceWorker":
+        from .checkpoint_cadence import CheckpointCadence
         from .device_worker import DeviceWorker
         from .devices import resolve_dtype
 
         scheduling = self.settings.scheduling
+        checkpoints = self.checkpoints
         return DeviceWorker(
             name=f"ew-device-{device.type}{device.index or 0}-{index}",
             device=device,
@@ -143,6 +148,7 @@ class DevicePool:
             mark_on_device=self.mark_on_device,
             max_loaded_models=self.settings.max_loaded_models,
             gc_freeze=self.settings.gc_freeze,
+            checkpoints=None if checkpoints is None else CheckpointCadence(checkpoints, self.settings.checkpoints),
         )
 
     def start(self, then: Callable | None = None) -> None:
@@ -320,16 +326,22 @@ class DevicePool:
             status["cluster"] = self.cluster.status()
         return status
 
-    def close(self, timeout: float, grace: float) -> bool:
+    def close(self, timeout: float, grace: float, suspend: bool = False) -> bool:
         """Stop taking work, fail what waits, stop the workers at their next step boundary and join them:
         within `timeout`, then up to `grace` more for a step (or a model load) still under way.
-        True when every worker thread has ended."""
+        `suspend`: the images in flight and the preempted ones waiting leave their state as checkpoints, to
+        continue where they stopped at the next start. True when every worker thread has ended."""
         with self.queue.cond:
             self._closed = True  # the start thread makes no worker from here on
         for task in self.queue.drain():
+            if suspend and task.parked is not None and self.checkpoints is not None:
+                from .checkpoint_cadence import hand_over  # torch: loaded by now, since an image was parked
+
+                hand_over(task.parked, self.checkpoints)
             if not task.future.done():
                 task.future.set_exception(Unavailable("the worker closed before this image started"))
         for worker in self._workers:
+            worker.suspending = suspend
             worker.stop()
         threads = [worker.thread for worker in self._workers]
         if self._starter is not None:

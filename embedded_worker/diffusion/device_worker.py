@@ -39,6 +39,7 @@ from .worker_thread import WorkerThread
 if TYPE_CHECKING:
     from .active_set import OnDeviceMark
     from .admission import Admission
+    from .checkpoint_cadence import CheckpointCadence
     from .memory import MemoryMonitor
     from .models import ModelCatalog
     from .task import DenoiseTask
@@ -56,6 +57,9 @@ class WorkerCounters:
     images_done: int = 0
     cohorts_started: int = 0
     out_of_memory: int = 0
+    resumed_images: int = 0  # images that continued from a checkpoint
+    steps_restored: int = 0  # the steps those did not compute again
+    checkpoints_refused: int = 0  # checkpoints that could not be used: their images started from step 0
 
 
 class DeviceWorker(WorkerThread):
@@ -72,6 +76,7 @@ class DeviceWorker(WorkerThread):
         mark_on_device: OnDeviceMark,
         max_loaded_models: int,
         gc_freeze: bool,
+        checkpoints: CheckpointCadence | None = None,
     ):
         super().__init__(name, queue)
         self.device = device
@@ -92,6 +97,7 @@ class DeviceWorker(WorkerThread):
         # profilers to observe or hold a step (`embedded_worker.testing.on_step`); empty in production
         self.step_hooks: list[Callable[["DeviceWorker"], None]] = []
         self._stream = None  # this worker's CUDA stream, made on its own thread
+        self.checkpoints = checkpoints  # None: nothing is checkpointed (no durable state)
 
     # ---- other threads -------------------------------------------------------------------
 
@@ -126,6 +132,14 @@ class DeviceWorker(WorkerThread):
             "preemptions": self.counters.preemptions,
             "preempted_images": self.counters.preempted_images,
             "out_of_memory_events": self.counters.out_of_memory,
+            "checkpoints": None if self.checkpoints is None else {
+                "interval_steps": self.checkpoints.interval(self.active_images, self.seconds_per_step),
+                "images_taken": self.checkpoints.images_taken,
+                "capture_seconds_per_image": self.checkpoints.capture_seconds,
+                "resumed_images": self.counters.resumed_images,
+                "steps_restored": self.counters.steps_restored,
+                "refused": self.counters.checkpoints_refused,
+            },
         }
 
     # ---- the worker thread -----------------------------------------------------------------
@@ -145,6 +159,9 @@ class DeviceWorker(WorkerThread):
                     self.active.let_leave(self._eta_after_preemption)
                     if self.active.cohorts:
                         self._step()
+                        if self.checkpoints is not None:
+                            self.checkpoints.after_step(self.active.cohorts, self.active_images,
+                                                        self.seconds_per_step)
                         self._finish()
                 except Exception as error:  # a bug must cost the images in flight, never the device thread
                     log.exception("%s: unexpected error; failing the images in flight", self.name)
@@ -258,6 +275,9 @@ class DeviceWorker(WorkerThread):
 
     def _shutdown(self) -> None:
         self._refuse_calls()
+        if self.suspending and self.checkpoints is not None:
+            for cohort in self.active.cohorts:  # a suspend costs no step: they continue here at the next start
+                self.checkpoints.take(cohort)
         self.active.fail_all(Unavailable("the worker closed before this image finished"))
         self.active.store_left()
         self.pipelines.clear()

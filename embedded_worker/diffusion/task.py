@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from .denoise import Cohort, ImageSpec
 
 
+class StoredState(Protocol):
+    """A checkpoint to continue from: its step, and its `DenoiseState` bytes, read when a device takes it."""
+
+    step: int
+
+    def read(self) -> bytes: ...
+
+
 NEW, QUEUED, ACTIVE, PARKED, DONE = "new", "queued", "active", "parked", "done"
 # why an active image leaves at the next step boundary; a later reason only replaces a weaker one
 PREEMPT, PAUSE, CANCEL = "preempt", "pause", "cancel"
@@ -90,6 +98,9 @@ class DenoiseTask:
         self.cohort_id: int | None = None  # which forward group it started in, for batch metrics
         self.finished_at: float | None = None
         self.worker: str | None = None  # the device worker that took it last: where it runs
+        self.checkpoint_key: str | None = None  # its name among its record's images: checkpointed under it
+        self.resume_from: StoredState | None = None  # a checkpoint to continue from instead of step 0
+        self.resumed_from_step: int | None = None  # the step it did continue from
 
     @property
     def share_group(self):

@@ -26,6 +26,7 @@ class WorkerThread:
         self.queue = queue
         self._calls: deque[tuple[Callable, Future]] = deque()  # guarded by queue.cond
         self._stopping = False  # guarded by queue.cond
+        self.suspending = False  # set by a suspending close: the images in flight leave their state behind
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:

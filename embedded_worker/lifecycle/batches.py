@@ -35,6 +35,7 @@ from ..api.messages import BatchConfiguration, iso, ok, parse
 from ..diffusion.task import BatchSizing
 from ..errors import InvalidRequest, InvalidState, NotFound, WorkerError
 from . import batch_view
+from .launched_steps import resumed_from_step
 from .state import COMPLETED, FAILED, FINAL, PAUSED, PENDING, RUNNING, BatchRecord, ItemRecord, WorkState
 
 if TYPE_CHECKING:
@@ -393,5 +394,7 @@ class BatchService:
         }
         if item.error_details:
             state["error_code"] = item.error_details.get("error_code")
+        if item.restarts and run is not None:  # recovered work: where its images continued from
+            state["resumed_from_step"] = resumed_from_step(run.all_tasks)
         return state
 

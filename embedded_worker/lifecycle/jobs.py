@@ -33,6 +33,7 @@ import logging
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Callable
 
+from ..diffusion.task import PARKED
 from ..errors import InvalidState
 from .recovery_decisions import FAIL, KEEP_PAUSED, QUARANTINE
 from .run import BatchSteps, WorkflowRun
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from ..errors import WorkerError
     from ..outputs.store import OutputBuffer, OutputStore
     from ..workflows.operations import StepImage
+    from .checkpoints import Checkpoints
     from .loop import LifecycleLoop
     from .planning import RunPlan
     from .recovery_decisions import Decision
@@ -80,8 +82,8 @@ class Job:
             return
         service = self.service
         old, self.run = self.run, WorkflowRun(self.plan, self, service.pool, service.cpu, service.loop,
-                                              service.native_size, service.children, sizing=self.sizing,
-                                              isolated=isolated)
+                                              service.native_size, service.children, service.checkpoints,
+                                              sizing=self.sizing, isolated=isolated)
         if old is not None:
             old.cancel()
         self.run.start(paused=paused)
@@ -181,7 +183,8 @@ class JobService:
     """Every method on the lifecycle loop (`loop`), except `mark_on_device`, which a device thread calls."""
 
     def __init__(self, book: StateBook, loop: LifecycleLoop, pool: DevicePool, cpu: Executor, outputs: OutputStore,
-                 store: StateStore, native_size: Callable[[str], tuple[int, int]], on_progress: Callable[[Job], None]):
+                 store: StateStore, native_size: Callable[[str], tuple[int, int]], on_progress: Callable[[Job], None],
+                 checkpoints: Checkpoints):
         self.book = book
         self.loop = loop
         self.pool = pool
@@ -190,6 +193,7 @@ class JobService:
         self.store = store
         self.native_size = native_size
         self.on_progress = on_progress  # each denoising step of a job: keep it cheap
+        self.checkpoints = checkpoints  # images' denoise states, kept while their records are unfinished
         self._jobs: dict[str, Job] = {}  # record id -> its job; written on the loop, read anywhere
         self.children: BatchSteps | None = None  # makes batch_process steps' batches (set by the engine)
 
@@ -262,6 +266,7 @@ class JobService:
         if isinstance(job.record, SessionRecord):
             job.record.step_results = []
         self.outputs.release(job.owner_id, item_id=job.item_id)
+        self.checkpoints.forget(job.record.id)  # a restart starts over: nothing continues from the last attempt
         job.begin()  # the old run is cancelled: what it still tells is ignored, its outputs discarded
 
     def delete(self, owner_id: str, jobs: list[Job], delete_files: bool) -> list[dict]:
@@ -277,6 +282,11 @@ class JobService:
             self._jobs.pop(job.record.id, None)
             job.run = None  # whatever its run still tells is ignored
         return released
+
+    def parked_cohorts(self) -> list:
+        """The denoising state of every paused image: what a suspending close checkpoints."""
+        return [task.parked for job in self._jobs.values() if job.run is not None
+                for task in job.run.all_tasks if task.state == PARKED and task.parked is not None]
 
     def cancel_all(self, reason: str) -> None:
         for job in list(self._jobs.values()):

@@ -132,6 +132,12 @@ def image_metadata(task: DenoiseTask, plan: RunPlan) -> dict:
     return {key: value for key, value in metadata.items() if value is not None}
 
 
+def resumed_from_step(tasks: list[DenoiseTask]) -> int | None:
+    """The earliest step a run's images continued from after a restart (None: none continued)."""
+    steps = [t.resumed_from_step for t in tasks if t.resumed_from_step is not None]
+    return min(steps) if steps else None
+
+
 def as_worker_error(error: BaseException | None) -> WorkerError:
     if isinstance(error, WorkerError):
         return error

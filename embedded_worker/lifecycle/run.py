@@ -24,8 +24,9 @@ Design notes
   (`child_batch`); the run steers it with the session and takes its images.
 - Pause: images on the device park at the next step boundary (their state is
   kept); a CPU step finishes, then the run waits before the next step.
-  Resume continues exactly there. Cancel ends it at once; images still on
-  the device stop at their next step boundary and skip the VAE decode.
+  Resume continues exactly there (after a restart, from each image's
+  checkpoint: `checkpoints`). Cancel ends it at once; images still on the
+  device stop at their next step boundary and skip the VAE decode.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .state import WorkState
 if TYPE_CHECKING:
     from ..diffusion.device_pool import DevicePool
     from ..diffusion.task import BatchSizing
+    from .checkpoints import Checkpoints
     from .loop import LifecycleLoop
     from .planning import PlannedStep, RunPlan
     from .state import Record
@@ -85,7 +87,8 @@ class WorkflowRun:
         cpu: Executor,
         loop: LifecycleLoop,
         native_size: Callable[[str], tuple[int, int]],
-        children: BatchSteps | None = None,
+        children: BatchSteps | None,
+        checkpoints: Checkpoints,
         *,
         sizing: BatchSizing | None = None,
         isolated: bool = False,
@@ -97,6 +100,7 @@ class WorkflowRun:
         self.loop = loop
         self.native_size = native_size  # model id -> (width, height) it was trained at
         self.children = children  # makes a batch_process step's batch
+        self.checkpoints = checkpoints  # where its images' states are kept, and continue from after a restart
         self.record_id = job.record.id  # whose images these are: named in the store while they are on a device
         self.priority = job.record.priority
         self.sizing = sizing
@@ -219,15 +223,13 @@ class WorkflowRun:
     def _live_tasks(self) -> list[DenoiseTask]:
         return [t for w in self.work for t in w.tasks if not t.future.done()]
 
-    def _cpu_in_flight(self) -> bool:
-        return any(w.cpu is not None and not w.cpu.done() for w in self.work)
-
     def _children(self) -> list:
         return [w.child for w in self.work if w.child is not None]
 
     def _parked_if_all(self) -> None:
         """Pausing, with every image parked, every step's batch paused and no CPU step under way: paused."""
-        if self.state is WorkState.PAUSING and not self._cpu_in_flight() and \
+        cpu_busy = any(w.cpu is not None and not w.cpu.done() for w in self.work)
+        if self.state is WorkState.PAUSING and not cpu_busy and \
                 all(t.state == PARKED for t in self._live_tasks()) and all(c.parked for c in self._children()):
             self.job.parked(self)
 
@@ -315,12 +317,12 @@ class WorkflowRun:
     def _launch_on_device(self, work: StepWork, inputs: list[StepImage]) -> None:
         step = work.step
         model_id = step.params.model or self.plan.model_id
-        sizing = self.sizing
         init_images = inputs if step.operation.uses_images else []
         specs = image_specs(step.params, init_images, model_id, self.native_size(model_id))
-        tasks = [DenoiseTask(spec, self.priority, listener=self, sizing=sizing, submitted_at=self.submitted_at,
+        tasks = [DenoiseTask(spec, self.priority, listener=self, sizing=self.sizing, submitted_at=self.submitted_at,
                              isolated=self.isolated, record_id=self.record_id)
                  for spec in specs]
+        self.checkpoints.name_images(self.record_id, step.order, tasks)
         work.tasks = tasks
         self.all_tasks.extend(tasks)
         for task in tasks:

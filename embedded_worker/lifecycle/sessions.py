@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..api import field_names
 from ..api.messages import ExecuteWorkflowRequest, iso, ok, parse
 from ..errors import InvalidRequest, InvalidState, NotFound
+from .launched_steps import resumed_from_step
 from .state import COMPLETED, FINAL, PAUSED, BatchRecord, SessionRecord, WorkState
 
 if TYPE_CHECKING:
@@ -238,4 +239,6 @@ class SessionService:
             reply["error_code"] = record.error_details.get("error_code")
             if record.error_details.get("details") is not None:
                 reply["error_details"] = record.error_details["details"]
+        if record.restarts and run is not None:  # recovered work: where its images continued from
+            reply["detailed_progress"]["resumed_from_step"] = resumed_from_step(run.all_tasks)
         return reply

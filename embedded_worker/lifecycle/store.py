@@ -17,6 +17,9 @@ Design notes
 - A row this version cannot read (damaged JSON, a newer version's fields)
   is moved to `quarantined_records` with the reason, kept for a person to
   look at, and reported; it never stops a start.
+- Checkpoints (`checkpoints.Checkpoints`) are files beside the state file,
+  each named by a row here (written after its file is whole), one per image
+  of unfinished work: the row is what makes a checkpoint count.
 - The file says which format it is (PRAGMA user_version, FORMAT_VERSION).
   A start checks it and the tables' columns before anything is accepted: a
   newer or unknown format, a missing table or a column this version does
@@ -60,7 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedded_worker.store")
 MEMORY = ":memory:"
 KINDS: dict[str, type[Record]] = {"session": SessionRecord, "batch": BatchRecord, "item": ItemRecord}
-FORMAT_VERSION = 1  # PRAGMA user_version this version writes; 0 is the same format, made before the stamp
+FORMAT_VERSION = 2  # PRAGMA user_version this version writes; 0 is version 1, made before the stamp
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, completed_at REAL, data TEXT NOT NULL);
@@ -70,12 +73,17 @@ CREATE TABLE IF NOT EXISTS outputs (
 CREATE INDEX IF NOT EXISTS outputs_by_owner ON outputs (owner_id);
 CREATE TABLE IF NOT EXISTS quarantined_records (
     id TEXT, kind TEXT, data TEXT, reason TEXT NOT NULL, found_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    record_id TEXT NOT NULL, image TEXT NOT NULL, step INTEGER NOT NULL, path TEXT NOT NULL, bytes INTEGER NOT NULL,
+    written_at REAL NOT NULL, PRIMARY KEY (record_id, image));
 """
 COLUMNS = {  # every table this version reads and writes, with its columns in order: checked at each start
     "records": ("id", "kind", "status", "completed_at", "data"),
     "outputs": ("output_id", "owner_id", "item_id", "seed", "raw_path", "file_path", "metadata"),
     "quarantined_records": ("id", "kind", "data", "reason", "found_at"),
+    "checkpoints": ("record_id", "image", "step", "path", "bytes", "written_at"),
 }
+TABLES_SINCE = {0: {"records", "outputs"}, 1: {"records", "outputs", "quarantined_records"}, 2: set(COLUMNS)}
 UPSERT_RECORD = ("INSERT INTO records (id, kind, status, completed_at, data) VALUES (?, ?, ?, ?, ?) "
                  "ON CONFLICT(id) DO UPDATE SET status = excluded.status, completed_at = excluded.completed_at, "
                  "data = excluded.data")
@@ -135,7 +143,7 @@ class StateStore:
         tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if version == 0 and not tables:
             return version  # a new file
-        required = set(COLUMNS) if version else {"records", "outputs"}  # quarantine came after the first files
+        required = TABLES_SINCE[version]  # what each version's files have; a start adds the later ones
         missing = sorted(required - tables)
         if missing:
             raise Unavailable(f"the state file {self.path} has no table {', '.join(missing)} (tables: "
@@ -269,6 +277,28 @@ class StateStore:
             rows = self._db.execute("SELECT id, kind, reason, found_at FROM quarantined_records").fetchall()
         return [{"id": record_id, "kind": kind, "reason": reason, "found_at": found_at}
                 for record_id, kind, reason, found_at in rows]
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def put_checkpoint(self, record_id: str, image: str, step: int, path: str, size: int) -> None:
+        """An image's newest checkpoint, replacing its last; the error when the disk refuses it."""
+        with self._lock:
+            error = self._write(("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+                                 (record_id, image, step, path, size, time.time())))
+        if error is not None:
+            raise error
+
+    def checkpoint_rows(self) -> list[tuple[str, str, int, str]]:
+        """(record id, image, step, path) of every stored checkpoint."""
+        with self._lock:
+            return self._db.execute("SELECT record_id, image, step, path FROM checkpoints").fetchall()
+
+    def remove_checkpoints(self, record_ids: list[str]) -> None:
+        """Forget the records' checkpoints (kept for the next write when the disk refuses it)."""
+        with self._lock:
+            self._unsaved_deletes += [("DELETE FROM checkpoints WHERE record_id = ?", (record_id,))
+                                      for record_id in record_ids]
+            self._write()
 
     # ---- outputs --------------------------------------------------------------------------------
 

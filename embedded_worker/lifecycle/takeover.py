@@ -23,6 +23,7 @@ from .state import FINAL, BatchRecord, ItemRecord, SessionRecord
 if TYPE_CHECKING:
     from ..outputs.store import OutputStore
     from .batches import BatchService
+    from .checkpoints import Checkpoints
     from .jobs import JobService
     from .sessions import SessionService
     from .state import Record, StateBook
@@ -32,14 +33,15 @@ log = logging.getLogger("embedded_worker.recovery")
 
 
 def restore(store: StateStore, outputs: OutputStore, book: StateBook, jobs: JobService, sessions: SessionService,
-            batches: BatchService, mode: str) -> dict:
+            batches: BatchService, mode: str, checkpoints: Checkpoints) -> dict:
     """Load every stored record into the book and resume the unfinished ones; a report of what happened."""
     files = outputs.sweep_unowned()
     records = store.load_records()
     actions = (recovery_decisions.REQUEUE, recovery_decisions.KEEP_PAUSED, recovery_decisions.FAIL,
                recovery_decisions.QUARANTINE)
     report = {"records": len(records), "sessions": {}, "batches": {f"{action}_items": 0 for action in actions},
-              "journal_loss": store.journal_loss, **files}
+              "journal_loss": store.journal_loss, **files,
+              "stale_checkpoints": checkpoints.keep_only({r.id for r in records if r.status not in FINAL})}
     if not records:
         return report
     ordered = sorted(records, key=lambda r: {"batch": 0, "item": 1, "session": 2}[r.kind])
