@@ -16,6 +16,7 @@ from embedded_worker.cluster.ray_environment import prepare_driver  # noqa: E402
 
 from .conftest import assert_same_up_to_batch_rounding, wait_for  # noqa: E402
 
+pytestmark = pytest.mark.own_processes
 LOOPBACK = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
 
 

@@ -17,6 +17,7 @@ from embedded_worker import ProcessingWorker, WorkerConfig
 
 from .conftest import assert_same_up_to_batch_rounding, wait_for
 
+pytestmark = pytest.mark.own_processes
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ namespace EmbeddedWorkerHost
     {
         public static int Run(PythonRuntime runtime, string[] pytestArguments)
         {
-            var arguments = new List<object> { "-q", "-p", "no:cacheprovider", "-m", "not soak and not dotnet" };
+            var arguments = new List<object> { "-q", "-p", "no:cacheprovider", "-m", "not soak and not dotnet and not own_processes" };
             if (!Array.Exists(pytestArguments, NamesTests)) arguments.Add(Path.Combine(runtime.RepoRoot, "tests"));
             arguments.AddRange(pytestArguments);
             Environment.CurrentDirectory = runtime.RepoRoot;
