@@ -21,6 +21,7 @@ import torch
 
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
+from ..modules import device_of, dtype_of
 from ..schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .defaults import ModelDefaults
 from .stable_diffusion import read_configs
@@ -73,7 +74,7 @@ class Flux:
         spec = specs[0]
         if spec.scheduler != DEFAULT_SCHEDULER:
             raise InvalidRequest(f"{self.name} models run their own flow-matching scheduler, not '{spec.scheduler}'")
-        device = pipe.transformer.device
+        device = device_of(pipe.transformer)
         height, width = latent_size(pipe, spec)
         channels = pipe.transformer.config.in_channels // 4
         scheduler = make_scheduler(pipe, DEFAULT_SCHEDULER)
@@ -118,7 +119,7 @@ class Flux:
     def vae_latents(self, pipe, latents: torch.Tensor, spec) -> torch.Tensor:
         latents = pipe._unpack_latents(latents, spec.height, spec.width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        return latents.to(pipe.vae.dtype)
+        return latents.to(dtype_of(pipe.vae))
 
 
 def noised_init_images(pipe, scheduler, timesteps: torch.Tensor, specs, generators, dtype) \
