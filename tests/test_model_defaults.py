@@ -58,3 +58,18 @@ def test_model_status_gives_each_models_defaults(worker):
     assert models["builtin:tiny-flux"]["defaults"]["guidance_scale"] == 3.5
     assert models["builtin:tiny-sd3"]["defaults"]["max_sequence_length"] == 256
     assert ModelDefaults(**models["builtin:tiny-chroma"]["defaults"]).steps == 35
+
+
+def test_a_models_native_size_is_read_from_its_folder_once_not_per_image(worker, monkeypatch):
+    """The lifecycle loop asks for it at every image it launches; reading the configs each time held the GIL
+    the device thread steps with."""
+    from embedded_worker.diffusion import models
+
+    reads = []
+    real = models.native_size
+    monkeypatch.setattr(models, "native_size", lambda folder: reads.append(folder) or real(folder))
+    for seed in (1, 5):
+        batch = worker.execute_batch(workflow_id="img-generation-basic", background=False, parameters={
+            "prompt": "a red fox", "seed": seed, "steps": 1, "total_images": 4, "model": "builtin:tiny-flux"})
+        assert batch["status"] == "completed", batch
+    assert len(reads) <= 1, reads

@@ -36,6 +36,7 @@ import torch
 
 from .families import adapter_for
 from .image_spec import ImageSpec
+from .modules import dtype_of
 from .schedulers import step_kwargs
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ def predict_noise(pipe, cohorts: list[Cohort], max_rows: int) -> None:
 def decode_pixels(pipe, cohort: Cohort, max_images: int) -> list[np.ndarray]:
     """VAE decode to uint8 HWC images, each written once into its own C-contiguous array."""
     vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    upcast = dtype_of(vae) == torch.float16 and vae.config.force_upcast
     if upcast:
         vae.to(torch.float32)
     latents = cohort.adapter.vae_latents(pipe, cohort.latents, cohort.specs[0])

@@ -169,6 +169,10 @@ class DevicePool:
 
             devices = resolve_devices(self.settings.device) if self._devices is None else self._devices
             scheduling = self.settings.scheduling
+            if scheduling.torch_threads is not None and any(device.type == "cpu" for device in devices):
+                import torch
+
+                torch.set_num_threads(scheduling.torch_threads)  # before any worker's first operation
             monitors = {str(device): MemoryMonitor(self._probe_factory(device)) for device in devices}
             sizers = {name: BatchSizer(monitor, scheduling.max_batch_size) for name, monitor in monitors.items()}
             self._devices = devices

@@ -47,13 +47,14 @@ class ModelCatalog:
 
     def __init__(self, configured: dict[str, str], cache_dir: Path):
         self._cache_dir = Path(cache_dir)
-        # guards `_entries`, `_folders` and `_defaults`: `model.load` may add a model while workers read
+        # guards `_entries`, `_folders`, `_defaults` and `_sizes`: `model.load` may add a model while workers read
         self._lock = threading.Lock()
         self._entries = {model_id: ModelEntry(model_id, model_id) for model_id in TINY_MODELS}
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in SHIPPED_MODELS.items()})
         self._entries.update({model_id: ModelEntry(model_id, str(path)) for model_id, path in configured.items()})
         self._folders: dict[str, Path] = {}
         self._defaults: dict[str, ModelDefaults] = {}  # read once per model: every batch item plans with them
+        self._sizes: dict[str, tuple[int, int]] = {}  # read once per model: every image's spec starts from it
         self._problems = {model_id: problem for model_id, path in configured.items()
                           if (problem := folder_problem(Path(path))) is not None}
         for model_id, problem in self._problems.items():
@@ -105,6 +106,7 @@ class ModelCatalog:
                 self._entries.pop(model_id, None)
                 self._folders.pop(model_id, None)
                 self._defaults.pop(model_id, None)
+                self._sizes.pop(model_id, None)
 
     def folder(self, model_id: str) -> Path:
         """The checked folder of `model_id`, building a built-in model on first use."""
@@ -156,7 +158,16 @@ class ModelCatalog:
             return None
 
     def native_size(self, model_id: str) -> tuple[int, int]:
-        return native_size(self.folder(model_id))
+        """Read from the folder's configs once: the lifecycle loop asks for every image it launches, and the
+        reads (two to three JSON files) held the GIL the device thread steps with."""
+        with self._lock:
+            cached = self._sizes.get(model_id)
+        if cached is not None:
+            return cached
+        size = native_size(self.folder(model_id))
+        with self._lock:
+            self._sizes[model_id] = size
+        return size
 
     def defaults(self, model_id: str) -> ModelDefaults:
         """What a request that leaves steps, guidance or size empty gets on `model_id` (may build it)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,15 +21,22 @@ SCHEDULERS = {
     "heun": "HeunDiscreteScheduler",
 }
 DEFAULT_SCHEDULER = "default"  # the one the model folder ships with
+_FRESH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipe -> {name: a scheduler never stepped}
 
 
 def make_scheduler(pipe, name: str):
-    """A fresh scheduler instance of `name`, configured like the model's own."""
-    if name == DEFAULT_SCHEDULER:
-        return type(pipe.scheduler).from_config(pipe.scheduler.config)
-    import diffusers
+    """A fresh scheduler instance of `name`, configured like the model's own: a copy of one made from the
+    config once per pipe (`from_config` took 0.6-1.5 ms of the device thread at every cohort start, a copy
+    0.2 ms)."""
+    made = _FRESH.setdefault(pipe, {})
+    if name not in made:
+        if name == DEFAULT_SCHEDULER:
+            made[name] = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        else:
+            import diffusers
 
-    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+            made[name] = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    return copy.deepcopy(made[name])
 
 
 @functools.cache

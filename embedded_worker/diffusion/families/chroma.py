@@ -15,7 +15,7 @@ import torch
 
 from ..conditioning import Conditioning
 from .defaults import ModelDefaults
-from .flux import MAX_SEQUENCE_LENGTH, Flux, latent_size
+from .flux import MAX_SEQUENCE_LENGTH, Flux, position_ids
 
 STEPS, GUIDANCE_SCALE = 35, 5.0  # ChromaPipeline's defaults
 
@@ -46,9 +46,7 @@ class Chroma(Flux):
 
     def forward(self, pipe, sample, timestep, rows: dict[str, torch.Tensor], spec) -> torch.Tensor:
         text = rows["encoder_hidden_states"]
-        text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=pipe.text_encoder.dtype)
-        height, width = latent_size(pipe, spec)
-        image_ids = pipe._prepare_latent_image_ids(1, height // 2, width // 2, text.device, text.dtype)
+        text_ids, image_ids = position_ids(pipe, spec, text)
         # the prompt's mask, then every image token attended (the pipeline's _prepare_attention_mask)
         image_tokens = torch.ones(sample.shape[0], sample.shape[1], device=text.device, dtype=torch.bool)
         mask = torch.cat([rows["text_mask"], image_tokens], dim=1)

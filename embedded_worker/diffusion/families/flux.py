@@ -12,6 +12,7 @@ follows `FluxImg2ImgPipeline`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
+from ..modules import device_of, dtype_of
 from ..schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .defaults import ModelDefaults
 from .stable_diffusion import read_configs
@@ -30,6 +32,8 @@ MAX_SEQUENCE_LENGTH = 512  # the pipeline's default and its limit for T5 tokens
 # was trained to draw in 4 steps, with no guidance and 256 T5 tokens (its model card's call)
 DISTILLED_GUIDANCE = ModelDefaults(28, 3.5, 0, 0, MAX_SEQUENCE_LENGTH)
 DISTILLED_TIMESTEPS = ModelDefaults(4, 0.0, 0, 0, 256)
+# pipe -> {(height, width, text tokens, device, dtype): (text ids, image ids)}; the device thread's only
+_POSITION_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Flux:
@@ -70,7 +74,7 @@ class Flux:
         spec = specs[0]
         if spec.scheduler != DEFAULT_SCHEDULER:
             raise InvalidRequest(f"{self.name} models run their own flow-matching scheduler, not '{spec.scheduler}'")
-        device = pipe.transformer.device
+        device = device_of(pipe.transformer)
         height, width = latent_size(pipe, spec)
         channels = pipe.transformer.config.in_channels // 4
         scheduler = make_scheduler(pipe, DEFAULT_SCHEDULER)
@@ -100,10 +104,7 @@ class Flux:
 
     def forward(self, pipe, sample, timestep, rows: dict[str, torch.Tensor], spec) -> torch.Tensor:
         text = rows["encoder_hidden_states"]
-        text_dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.transformer.dtype
-        text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=text_dtype)
-        height, width = latent_size(pipe, spec)
-        image_ids = pipe._prepare_latent_image_ids(1, height // 2, width // 2, text.device, text.dtype)
+        text_ids, image_ids = position_ids(pipe, spec, text)
         return pipe.transformer(
             hidden_states=sample,
             timestep=timestep / 1000,
@@ -118,7 +119,7 @@ class Flux:
     def vae_latents(self, pipe, latents: torch.Tensor, spec) -> torch.Tensor:
         latents = pipe._unpack_latents(latents, spec.height, spec.width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        return latents.to(pipe.vae.dtype)
+        return latents.to(dtype_of(pipe.vae))
 
 
 def noised_init_images(pipe, scheduler, timesteps: torch.Tensor, specs, generators, dtype) \
@@ -149,6 +150,21 @@ def encode_image(pipe, spec, generator: torch.Generator, dtype) -> torch.Tensor:
     image = image.to(device=pipe.vae.device, dtype=dtype)
     latents = retrieve_latents(pipe.vae.encode(image), generator=generator)
     return (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+
+def position_ids(pipe, spec, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text ids, image ids) as `FluxPipeline` makes them once before its loop. Kept per pipe and shape: made
+    at every step, they cost about 45 us of the step's Python (the text encoder's dtype lookup walks its
+    modules), as much as the rest of the step together on a tiny model. Chroma's are the same."""
+    key = (spec.height, spec.width, text.shape[1], text.device, text.dtype)
+    made = _POSITION_IDS.setdefault(pipe, {})
+    if key not in made:
+        text_dtype = pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None \
+            else pipe.transformer.dtype
+        height, width = latent_size(pipe, spec)
+        made[key] = (torch.zeros(text.shape[1], 3, device=text.device, dtype=text_dtype),
+                     pipe._prepare_latent_image_ids(1, height // 2, width // 2, text.device, text.dtype))
+    return made[key]
 
 
 def latent_size(pipe, spec) -> tuple[int, int]:

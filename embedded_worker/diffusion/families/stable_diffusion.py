@@ -14,6 +14,7 @@ import torch
 
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
+from ..modules import device_of
 from ..schedulers import make_scheduler
 from .defaults import ModelDefaults
 
@@ -54,7 +55,7 @@ class StableDiffusion:
         """(scheduler, timesteps, latents): the pipeline's steps 4 to 6, each image from its own generator."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        device = pipe.unet.device
+        device = device_of(pipe.unet)
         spec = specs[0]
         scheduler = make_scheduler(pipe, spec.scheduler)
         scheduler.set_timesteps(spec.steps, device=device)

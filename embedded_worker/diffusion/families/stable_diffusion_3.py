@@ -17,6 +17,7 @@ import torch
 
 from ...errors import InvalidRequest
 from ..conditioning import Conditioning
+from ..modules import device_of
 from ..schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .defaults import ModelDefaults
 from .flux import noised_init_images
@@ -66,7 +67,7 @@ class StableDiffusion3:
         spec = specs[0]
         if spec.scheduler != DEFAULT_SCHEDULER:
             raise InvalidRequest(f"SD3 models run their own flow-matching scheduler, not '{spec.scheduler}'")
-        device = pipe.transformer.device
+        device = device_of(pipe.transformer)
         scale = pipe.vae_scale_factor
         shape = (1, pipe.transformer.config.in_channels, spec.height // scale, spec.width // scale)
         scheduler = make_scheduler(pipe, DEFAULT_SCHEDULER)
