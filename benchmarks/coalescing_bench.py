@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .common import median
+from .common import median, repository_path
 from .worker_bench import PROMPT, make_worker, raw_pipeline_rate
 from embedded_worker import testing
 
@@ -108,7 +108,7 @@ def write_plots(sweep_rows: list[dict], status_samples_us: list[float], folder) 
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    written.append(str(path))
+    written.append(repository_path(path))
 
     figure, axis = plt.subplots(figsize=(6.4, 4))
     axis.hist(status_samples_us, bins=[2 ** (k / 4) for k in range(4, 4 * 15)], color="tab:blue")
@@ -121,5 +121,5 @@ def write_plots(sweep_rows: list[dict], status_samples_us: list[float], folder) 
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    written.append(str(path))
+    written.append(repository_path(path))
     return written
