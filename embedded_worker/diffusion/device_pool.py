@@ -143,6 +143,7 @@ class DevicePool:
             mark_on_device=self.mark_on_device,
             max_loaded_models=self.settings.max_loaded_models,
             gc_freeze=self.settings.gc_freeze,
+            compile_cache_dir=self.settings.compile_cache_dir,
         )
 
     def start(self, then: Callable | None = None) -> None:
