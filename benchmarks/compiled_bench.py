@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from embedded_worker import ProcessingWorker, WorkerConfig, testing
+from embedded_worker.diffusion.devices import resolve_devices, resolve_dtype
 from embedded_worker.diffusion.models import ModelCatalog, load_pipeline
 
 from .coalescing_bench import concurrent_rate
@@ -30,7 +31,7 @@ from .worker_bench import PROMPT, raw_pipeline_rate, worker_rate
 
 STEPS = 20
 MODELS = {"builtin:shapes": {"size": 64, "guidance_scale": 3.0}, "builtin:tiny-sd": {"size": 32, "guidance_scale": 7.5}}
-THROUGHPUT_TITLE = f"Compiled denoiser: images/s, raw pipeline vs our eager loop vs our compiled loop ({STEPS} steps, CPU)"
+THROUGHPUT_TITLE = f"Compiled denoiser: images/s, raw pipeline vs our eager loop vs our compiled loop ({STEPS} steps)"
 COALESCED_TITLE = "Compiled denoiser: eight concurrent sessions coalesced against the compiled batch of 8 (shapes, 64 px)"
 START_TITLE = "Compiled denoiser: time to the first image of a fresh process (shapes, 64 px, 20 steps, batch 1)"
 
@@ -69,9 +70,8 @@ def throughput_rows(model_cache: str, compile_cache: str, rounds: int) -> tuple[
     coalesced_rows: list[dict] = []
     for model_id, shape in MODELS.items():
         folder = ModelCatalog({}, model_cache).folder(model_id)
-        import torch
-
-        pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)
+        device = resolve_devices("auto")[0]  # the worker's own choice, so the pipeline runs where it does
+        pipe = load_pipeline(folder, device, resolve_dtype("auto", device))
         call = {"guidance_scale": shape["guidance_scale"], "size": shape["size"]}
         for batch in (1, 8):
             eager = make_worker(model_cache, None, max_batch_size=batch)

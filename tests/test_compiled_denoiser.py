@@ -172,7 +172,8 @@ def test_the_compiled_forward_takes_over_between_two_steps_with_no_step_lost_or_
     assert len(steps_seen) == steps  # DDIM: one forward a step, none lost, none repeated
     assert len(eager_forwards) == handover and compiled.counters.steps_eager == handover
     assert compiled.counters.steps_compiled == compiled.counters.forwards_compiled == steps - handover
-    reference = pixels(make_worker(), generate(make_worker(), SD, steps=steps, seed=3, scheduler="ddim"))
+    eager = make_worker()
+    reference = pixels(eager, generate(eager, SD, steps=steps, seed=3, scheduler="ddim"))
     assert_within_tolerance(pixels(worker, reply), reference)
     status = denoiser_status(worker)
     assert status["path"] == "compiled" and status["graphs"] == 1 and status["compile_seconds"] >= 0
