@@ -3,10 +3,11 @@
 Design notes
 - What is compiled: the family's forward (`adapter.forward`: the UNet or
   transformer call with the family's argument names), exported with
-  `torch.export` and compiled by AOTInductor (`aoti_compile_and_package`,
-  weights frozen into the package so Inductor prepacks them for its own
-  kernels) into one `.pt2` file per model, size, guidance mode and
-  cohort-size bucket. The eager denoiser is never changed, so the eager
+  `torch.export` and compiled by AOTInductor (`aoti_compile_and_package`)
+  into one `.pt2` file per model, size, guidance mode and cohort-size
+  bucket. Freezing the weights into the graph (Inductor's prepacking) was
+  slower on the shapes UNet here (1.39x and 1.74x of eager against 1.64x
+  and 2.03x without, two interleaved runs), so it is off. The eager denoiser is never changed, so the eager
   path keeps the pipeline's pixels exactly.
 - Cohort sizes change every step; a compiled graph wants fixed shapes. The
   rows of a forward chunk are padded up to a bucket: the powers of two below
@@ -34,9 +35,11 @@ Design notes
   a new torch never load a stale one.
 - CUDA: a bucket's package is replayed as a CUDA graph captured on its first
   use (static input buffers; the copy in and out is the only host work).
-- Cost: each package holds its own copy of the (prepacked) denoiser weights,
-  so memory grows by a copy per bucket in use; fine for the small models
-  this runs on a CPU, to be weighed on a GPU with a large model.
+- Cost: each package holds its own copy of the denoiser weights, so memory
+  grows by a copy per bucket in use; fine for the small models this runs on
+  a CPU, to be weighed on a GPU with a large model (unfrozen packages could
+  take the eager module's tensors instead: AOTInductor's user-managed
+  constants, not done).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("embedded_worker.compile")
 FORMAT = 1  # bump when what a package holds changes: old files are then never loaded
-INDUCTOR_OPTIONS = {"freezing": True}
+INDUCTOR_OPTIONS = {"freezing": False}  # measured slower (design notes)
 # compiled and eager pixels of the same request differ by at most this many uint8 levels (fused kernels round
 # differently in the last float bits; measured over 12 seeds each on tiny SD and tiny Flux, README)
 PIXEL_TOLERANCE = 2
