@@ -5,9 +5,10 @@ Design notes
   transformer call with the family's argument names), exported with
   `torch.export` and compiled by AOTInductor (`aoti_compile_and_package`)
   into one `.pt2` file per model, size, guidance mode and cohort-size
-  bucket. Freezing the weights into the graph (Inductor's prepacking) was
-  slower on the shapes UNet here (1.39x and 1.74x of eager against 1.64x
-  and 2.03x without, two interleaved runs), so it is off. The eager denoiser is never changed, so the eager
+  bucket. Freezing the weights into the graph (Inductor's prepacking) did
+  not pay on the shapes UNet here (1.39x and 1.74x of eager against 1.64x
+  and 2.03x without in two interleaved runs, equal in a third), so it is
+  off: the weights stay plain constants. The eager denoiser is never changed, so the eager
   path keeps the pipeline's pixels exactly.
 - Cohort sizes change every step; a compiled graph wants fixed shapes. The
   rows of a forward chunk are padded up to a bucket: the powers of two below
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("embedded_worker.compile")
 FORMAT = 1  # bump when what a package holds changes: old files are then never loaded
-INDUCTOR_OPTIONS = {"freezing": False}  # measured slower (design notes)
+INDUCTOR_OPTIONS = {"freezing": False}  # measured no faster (design notes)
 # compiled and eager pixels of the same request differ by at most this many uint8 levels (fused kernels round
 # differently in the last float bits; measured over 12 seeds each on tiny SD and tiny Flux, README)
 PIXEL_TOLERANCE = 2
