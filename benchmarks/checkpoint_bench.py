@@ -184,7 +184,8 @@ def step_path_rows(model_cache: str, rounds: int) -> list[dict]:
                         cost = (taken["capture_seconds_per_image"] + write) * 8
                         shares.append(cost / (taken["interval_steps"] * device["seconds_per_step"]))
     off, on = median(results["off"]), median(results["on"])
-    return [{"checkpoints": "off", "images_per_s": round(off, 2), "change_pct": 0.0},
+    return [{"checkpoints": "off", "images_per_s": round(off, 2), "change_pct": 0.0, "interval_steps": None,
+             "measured_share_pct": None},
             {"checkpoints": "on (2 % budget)", "images_per_s": round(on, 2),
              "change_pct": round((on - off) / off * 100, 1),
              "interval_steps": median(intervals) if intervals else None,

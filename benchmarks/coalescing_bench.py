@@ -13,7 +13,7 @@ import torch
 
 from embedded_worker import testing
 
-from .common import median
+from .common import median, repository_path
 from .worker_bench import PROMPT, make_worker, raw_pipeline_rate
 
 STEPS = 20
@@ -111,7 +111,7 @@ def write_plots(sweep_rows: list[dict], status_samples_us: list[float], folder) 
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    written.append(str(path))
+    written.append(repository_path(path))
 
     figure, axis = plt.subplots(figsize=(6.4, 4))
     axis.hist(status_samples_us, bins=[2 ** (k / 4) for k in range(4, 4 * 15)], color="tab:blue")
@@ -124,5 +124,5 @@ def write_plots(sweep_rows: list[dict], status_samples_us: list[float], folder) 
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    written.append(str(path))
+    written.append(repository_path(path))
     return written

@@ -9,6 +9,18 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def repository_path(path: Path | str) -> str:
+    """`path` as the results name it: relative to the repository, so a result file reads the same on every
+    machine (it named plots from the machine's root)."""
+    path = Path(path)
+    if path.is_absolute() and path.resolve().is_relative_to(REPOSITORY):
+        return path.resolve().relative_to(REPOSITORY).as_posix()
+    parts = path.parts  # kept from a run on another machine: from its results folder on
+    at = next((i for i in range(len(parts) - 1) if parts[i:i + 2] == ("benchmarks", "results")), None)
+    return Path(*parts[at:]).as_posix() if at is not None else path.as_posix()
 
 
 def percentiles(samples_seconds: list[float]) -> dict:
@@ -49,6 +61,8 @@ def write_results(name: str, sections: dict[str, list[dict]], notes: dict) -> tu
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / f"{name}.json"
     md_path = RESULTS / f"{name}.md"
+    if notes.get("plots"):
+        notes = {**notes, "plots": [repository_path(plot) for plot in notes["plots"]]}
     json_path.write_text(json.dumps({"machine": machine(), "notes": notes, "sections": sections}, indent=2))
     body = [f"# {name}", "", f"machine: {json.dumps(machine())}", ""]
     body += [table(title, rows) for title, rows in sections.items()]

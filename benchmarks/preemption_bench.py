@@ -21,7 +21,7 @@ from pathlib import Path
 
 from embedded_worker import ProcessingWorker, WorkerConfig, testing
 
-from .common import RESULTS, median, table, write_results
+from .common import RESULTS, median, repository_path, table, write_results
 
 STEPS = 20
 BATCH_ITEMS = 48
@@ -156,7 +156,7 @@ def write_timeline(timelines: dict, folder: Path) -> str | None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    return str(path)
+    return repository_path(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from .checkpoint_bench import checkpoint_sections
 from .cluster_bench import CLUSTER_TITLE, cluster_rows
 from .coalescing_bench import coalescing_rows, sweep, write_plots
 from .common import RESULTS, table, write_results
+from .compiled_bench import compiled_rows
 from .families_bench import COALESCING_TITLE, THROUGHPUT_TITLE, family_rows
 from .host_bench import host_rows
 from .lifecycle_bench import LIFECYCLE_TITLE, lifecycle_rows
@@ -25,7 +26,7 @@ from .prune_bench import PRUNE_TITLE, prune_rows
 from .worker_bench import durability_rows, status_rows, throughput_against_pipeline, tiny_pipeline
 
 PARTS = ("status", "throughput", "coalescing", "sweep", "preemption", "admission", "durability", "prune", "lifecycle",
-         "host", "cluster", "families", "checkpoints")
+         "host", "cluster", "families", "checkpoints", "compiled")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         sections[THROUGHPUT_TITLE], sections[COALESCING_TITLE] = family_rows(args.model_cache, rounds)
     if "checkpoints" in parts:
         sections.update(checkpoint_sections(args.model_cache, rounds))
+    compiled_notes = {}
+    if "compiled" in parts:
+        compiled_sections, compiled_notes = compiled_rows(args.model_cache, rounds)
+        sections.update(compiled_sections)
     for title, rows in sections.items():
         print(table(title, rows))
     plots = write_plots(sweep_rows, [s * 1e6 for s in loaded_status_samples], RESULTS) if sweep_rows else []
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
              "goal_board_read_us": 0.1, "goal_coalesced_vs_one_by_one": 1.8, "goal_coalesced_vs_raw_batch_pct": -5,
              "goal_facade_status_p50_us": 3, "goal_service_shape_p50_us": 12, "goal_pollers_p99_us": 100,
              "goal_host_cold_start_ms": 2000, "goal_host_shutdown_ms": 1000,
-             "plots": plots, **coalescing_notes, **preemption_notes, **lifecycle_notes}
+             "plots": plots, **coalescing_notes, **preemption_notes, **lifecycle_notes, **compiled_notes,
+             "goal_compiled_vs_pipeline_batch_8": 1.5, "goal_compiled_vs_pipeline_batch_1": 1.3,
+             "goal_coalesced_vs_compiled_batch_8_pct": -5, "goal_cold_cache_first_image_vs_eager_pct": 10}
     if args.only:
         sections, notes = _with_last_results(sections, notes)
     json_path, md_path = write_results("bench", sections, notes)

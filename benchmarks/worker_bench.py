@@ -48,13 +48,13 @@ def status_latency(worker: ProcessingWorker, seconds: float, load: bool, samples
             "device_busy_throughout": busy if load else "n/a"}
 
 
-def raw_pipeline_rate(pipe, batch: int, steps: int, rounds: int, **call) -> list[float]:
+def raw_pipeline_rate(pipe, batch: int, steps: int, rounds: int, size: int = 32, **call) -> list[float]:
     """`call`: what else the pipeline is given (a transformer family's guidance_scale, max_sequence_length)."""
     rates = []
     for round_index in range(rounds):
         generators = [torch.Generator().manual_seed(round_index * batch + i) for i in range(batch)]
         started = time.perf_counter()
-        pipe([PROMPT] * batch, generator=generators, num_inference_steps=steps, height=32, width=32,
+        pipe([PROMPT] * batch, generator=generators, num_inference_steps=steps, height=size, width=size,
              output_type="np", **call)
         rates.append(batch / (time.perf_counter() - started))
     return rates

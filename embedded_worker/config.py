@@ -139,6 +139,21 @@ class ClusterConfig(BaseModel):
         raise ValueError(f"unknown cluster address '{value}' (auto, local, ray://host:port, host:port)")
 
 
+class CompileConfig(BaseModel):
+    """The compiled denoiser (`diffusion.compiled_denoiser`). Off by default: on a CPU it needs a C++ compiler
+    (g++ or clang; MSVC on Windows) and on CUDA Triton, which a host machine may lack, and its first use of a
+    model and size spends about a minute of background CPU per cohort-size bucket (kept in the cache after)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool = Field(
+        False, description="denoise through an ahead-of-time compiled denoiser once it is built (in a background "
+        "process; the eager denoiser runs until then); on CUDA each cohort-size bucket replays as a CUDA graph")
+    cache_dir: Path | None = Field(
+        None, description="where compiled denoisers are kept across starts; none: compiled/ beside the state file "
+        "(in the user's data folder when state is in memory)")
+
+
 @dataclass(frozen=True)
 class DeviceSettings:
     """The part of the configuration the device side is given (`WorkerConfig.device_settings`): which devices,
@@ -152,6 +167,7 @@ class DeviceSettings:
     scheduling: SchedulingConfig
     local_devices: bool = True  # False: only a cluster's actors take work
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    compile_cache_dir: Path | None = None  # where compiled denoisers are kept; None: eager only
 
 
 class WorkerConfig(BaseModel):
@@ -184,6 +200,7 @@ class WorkerConfig(BaseModel):
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
     gc_freeze: StrictBool = Field(True, description="freeze collector generations after model load (GIL pauses)")
     board_slots: StrictInt = Field(1024, ge=1, le=1_000_000, description="rows of the progress board")
     log_capacity: StrictInt = Field(10_000, ge=1, description="log records kept for the host to drain")
@@ -225,7 +242,15 @@ class WorkerConfig(BaseModel):
         """What the device side is given (`diffusion.device_pool.DevicePool`), not the whole configuration."""
         return DeviceSettings(self.device, self.dtype, self.max_loaded_models, self.gc_freeze, self.scheduling,
                               local_devices=self.cluster.address is None or self.cluster.local_devices,
-                              checkpoints=self.checkpoints)
+                              checkpoints=self.checkpoints,
+                              compile_cache_dir=self.resolved_compile_cache_dir if self.compile.enabled else None)
+
+    @property
+    def resolved_compile_cache_dir(self) -> Path:
+        if self.compile.cache_dir is not None:
+            return self.compile.cache_dir
+        state = default_data_dir() / "state.sqlite3" if not self.durable else Path(self.resolved_state_path)
+        return state.parent / "compiled"
 
     @property
     def raw_pixels_dir(self) -> Path | None:

@@ -29,7 +29,7 @@ Design notes
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from .schedulers import step_kwargs
 
 if TYPE_CHECKING:
     from .conditioning import Conditioning
+
+# (a step's chunks, the row cap) -> the compiled forward for all of them, or None: run eager
+CompiledChoice = Callable[[list, int], "Callable | None"]
 
 
 def encode_prompt(pipe, spec: ImageSpec) -> Conditioning:
@@ -156,13 +159,15 @@ def start_cohort(pipe, members: list, specs: list[ImageSpec], conditioning: Cond
     return Cohort(adapter, members, specs, scheduler, timesteps, latents, conditioning, generators)
 
 
-def predict_noise(pipe, cohorts: list[Cohort], max_rows: int) -> None:
+def predict_noise(pipe, cohorts: list[Cohort], max_rows: int, compiled: CompiledChoice | None = None) -> None:
     """One denoiser forward (in chunks of at most `max_rows`) and a step for every cohort.
 
     The cohorts share a forward key (model, size, guidance mode), so one
     adapter and the first image's spec speak for all of them. The scheduler
     steps only after every chunk succeeded, so an out-of-memory error leaves
-    all latents untouched and the step can simply be retried.
+    all latents untouched and the step can simply be retried. `compiled`
+    picks the step's compiled forward (`compiled_denoiser`) once, for all its
+    chunks; None from it, or no `compiled`, runs the family's eager forward.
     """
     adapter, spec = cohorts[0].adapter, cohorts[0].specs[0]
     parts = [adapter.model_input(pipe, c) for c in cohorts]
@@ -170,11 +175,13 @@ def predict_noise(pipe, cohorts: list[Cohort], max_rows: int) -> None:
     timestep = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     keys = parts[0][2].keys()
     conditions = {k: torch.cat([p[2][k] for p in parts]) if len(parts) > 1 else parts[0][2][k] for k in keys}
-    outputs = []
-    for start in range(0, sample.shape[0], max_rows):
-        rows = slice(start, start + max_rows)
-        chunk = {k: v[rows] for k, v in conditions.items()}
-        outputs.append(adapter.forward(pipe, sample[rows], timestep[rows], chunk, spec))
+    chunks = [(sample[rows], timestep[rows], {k: v[rows] for k, v in conditions.items()})
+              for rows in (slice(start, start + max_rows) for start in range(0, sample.shape[0], max_rows))]
+    run = compiled(chunks, max_rows) if compiled is not None else None
+    if run is None:
+        outputs = [adapter.forward(pipe, x, t, rows, spec) for x, t, rows in chunks]
+    else:
+        outputs = [run(x, t, rows) for x, t, rows in chunks]
     noise = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     offset = 0
     for cohort in cohorts:

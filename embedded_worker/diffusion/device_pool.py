@@ -149,6 +149,7 @@ class DevicePool:
             max_loaded_models=self.settings.max_loaded_models,
             gc_freeze=self.settings.gc_freeze,
             checkpoints=None if checkpoints is None else CheckpointCadence(checkpoints, self.settings.checkpoints),
+            compile_cache_dir=self.settings.compile_cache_dir,
         )
 
     def start(self, then: Callable | None = None) -> None:

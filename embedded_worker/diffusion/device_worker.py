@@ -25,12 +25,14 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..errors import Unavailable
 from .active_set import ActiveSet
+from .compiled_denoiser import CompiledDenoisers
 from .oom_backoff import decode, forward, release_memory
 from .pipelines import PipelineCache
 from .task import DONE
@@ -77,6 +79,7 @@ class DeviceWorker(WorkerThread):
         max_loaded_models: int,
         gc_freeze: bool,
         checkpoints: CheckpointCadence | None = None,
+        compile_cache_dir: Path | None = None,
     ):
         super().__init__(name, queue)
         self.device = device
@@ -86,6 +89,10 @@ class DeviceWorker(WorkerThread):
         self.admission = admission
         self.sizer = admission.sizer
         self.pipelines = PipelineCache(catalog, device, dtype, max_loaded_models, gc_freeze, admission.sizer, name)
+        # the compiled denoiser, when configured: built in the background, taken up between two steps
+        self.compiled = None if compile_cache_dir is None else CompiledDenoisers(name, device, dtype, compile_cache_dir)
+        if self.compiled is not None:
+            self.pipelines.unloaded.append(self.compiled.forget)
         self.trace: deque[dict] = deque(maxlen=4096)  # share group -> images, per forward: the scheduler's recent past
         self.counters = WorkerCounters()
         self.resizes: Counter = Counter()  # batch (sizing group) -> size changes while its images were in flight
@@ -140,6 +147,7 @@ class DeviceWorker(WorkerThread):
                 "steps_restored": self.counters.steps_restored,
                 "refused": self.counters.checkpoints_refused,
             },
+            "denoiser": {"path": "eager", "compile": "off"} if self.compiled is None else self.compiled.status(),
         }
 
     # ---- the worker thread -----------------------------------------------------------------
@@ -212,10 +220,18 @@ class DeviceWorker(WorkerThread):
                 self.resizes.update(self.active.groups())
             self._reported_capacity = self.capacity
         cohorts = self.active.cohorts
-        pipe = self.pipeline(cohorts[0].specs[0].model_id)[0]
+        spec = cohorts[0].specs[0]
+        pipe, family = self.pipeline(spec.model_id)
+        compiled = None
+        if self.compiled is not None:
+            # buckets follow the device's capacity, not this step's images: the cap, and with it the set of
+            # graphs, stays put while cohorts grow and shrink (it moves only when memory resizes the capacity)
+            folder, rows_per_image = self.catalog.folder(spec.model_id), 2 if cohorts[0].classifier_free else 1
+            compiled = lambda chunks, max_rows: self.compiled.for_step(  # noqa: E731
+                spec.model_id, folder, family, spec, chunks, max(max_rows, self.capacity * rows_per_image))
         try:
             elapsed, chunk = forward(pipe, cohorts, min(images, self.capacity), key, self.monitor, self._stream,
-                                     self._shrink)
+                                     self._shrink, compiled)
         except Exception as error:
             self.active.fail_all(error)
             return
@@ -280,6 +296,8 @@ class DeviceWorker(WorkerThread):
                 self.checkpoints.take(cohort)
         self.active.fail_all(Unavailable("the worker closed before this image finished"))
         self.active.store_left()
+        if self.compiled is not None:
+            self.compiled.close()
         self.pipelines.clear()
 
 

@@ -21,7 +21,7 @@ from ..errors import ResourceExhausted, is_out_of_memory
 from .denoise import decode_pixels, predict_noise
 
 if TYPE_CHECKING:
-    from .denoise import Cohort
+    from .denoise import Cohort, CompiledChoice
     from .memory import MemoryMonitor
 
 
@@ -32,17 +32,17 @@ def release_memory(device: torch.device) -> None:
 
 
 def forward(pipe, cohorts: list[Cohort], chunk: int, key: tuple, monitor: MemoryMonitor, stream,
-            shrink: Callable[[int], int]) -> tuple[float, int]:
+            shrink: Callable[[int], int], compiled: CompiledChoice | None = None) -> tuple[float, int]:
     """One denoising step of `cohorts`: (seconds the forward took, the chunk it ran at). `shrink(chunk)`
     hears every out-of-memory (and frees what it can) and gives the next chunk; ResourceExhausted at a
-    chunk of one."""
+    chunk of one. `compiled`: see `predict_noise`."""
     rows_per_image = 2 if cohorts[0].classifier_free else 1
     while True:
         try:
             measured = monitor.due(key, chunk)
             used_before = monitor.begin() if measured else 0
             started = time.perf_counter()
-            predict_noise(pipe, cohorts, chunk * rows_per_image)
+            predict_noise(pipe, cohorts, chunk * rows_per_image, compiled)
             if stream is not None:
                 stream.synchronize()
             elapsed = time.perf_counter() - started

@@ -42,6 +42,7 @@ class PipelineCache:
         self._prompts: OrderedDict[tuple, Conditioning] = OrderedDict()
         self.loading: str | None = None  # the model being loaded now; read by status calls
         self.load_errors: dict[str, str] = {}  # model id -> why its last load failed
+        self.unloaded: list = []  # called with each model id that leaves (what was made for it goes too)
 
     def loaded(self) -> list[str]:
         return list(self._pipes)
@@ -85,6 +86,8 @@ class PipelineCache:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.sizer.forget()
+        for forget in self.unloaded:
+            forget(model_id)
         return True
 
     def conditioning(self, pipe, spec) -> Conditioning:
