@@ -46,7 +46,10 @@ def _measure(runtime: str) -> dict:
     # the JSON-lines worker the host starts inherits this configuration: both run the same model
     model = os.environ.get("EMBEDDED_WORKER_BENCH_MODEL", BENCH_MODEL)
     config = {"state_path": ":memory:", "default_model": model}
-    environment = {**os.environ, "EMBEDDED_WORKER_VENV": sys.prefix, "EMBEDDED_WORKER_CONFIG": json.dumps(config),
+    # the host imports this checkout's package, not the one the venv's editable install names (another worktree's)
+    search_path = os.pathsep.join(p for p in (str(HOST.parent), os.environ.get("PYTHONPATH")) if p)
+    environment = {**os.environ, "PYTHONPATH": search_path, "EMBEDDED_WORKER_VENV": sys.prefix,
+                   "EMBEDDED_WORKER_CONFIG": json.dumps(config),
                    "EMBEDDED_WORKER_BENCH_MODEL": model, "MONO_THREADS_SUSPEND": "preemptive",
                    "DOTNET_SYSTEM_GLOBALIZATION_INVARIANT": "1"}
     started = time.perf_counter()

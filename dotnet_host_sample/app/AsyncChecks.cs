@@ -1,14 +1,15 @@
 // `--check-async`: cancellation tokens, progress from the board, typed
 // errors, where JSON calls run, how command names travel, replies read
-// from threads that come and go, and pixel buffers and the board read after
-// (or while) they are released, checked
-// against the real worker. Prints one line per failed check and "async
+// from threads that come and go (and strings freed after they were read),
+// and pixel buffers and the board read after (or while) they are released,
+// checked against the real worker. Prints one line per failed check and "async
 // checks passed" when none failed.
 using System;
 using System.Collections.Generic;
 using System.Threading;
 using System.Threading.Tasks;
 using EmbeddedWorker;
+using Python.Runtime;
 
 namespace EmbeddedWorkerHost
 {
@@ -180,6 +181,24 @@ namespace EmbeddedWorkerHost
             }
             check(wrong == 0, "6,000 replies from 12 threads, each naming its own id: " + wrong + " wrong");
             check(worker.GetSessionStatus(id).Status == "completed", "calls still work after those threads ended");
+
+            // 9b. strings Python shares (more than the reply holds them), read, then freed while new strings of the
+            //     same size take their memory: the reader keeps such strings by address, so it must hold them alive
+            int stale = 0;
+            using (Py.GIL())
+            {
+                for (int i = 0; i < 2000; i++)
+                {
+                    string expected = "shared-" + i.ToString("D6");
+                    using (var text = new PyString(expected))
+                    using (var dict = new PyDict())
+                    {
+                        dict["k"] = text;
+                        if (PyConvert.ToReply(dict).Text("k") != expected) stale++;
+                    }
+                }
+            }
+            check(stale == 0, "2,000 shared strings, each freed after its read: " + stale + " answered with freed text");
 
             // 10. buffers: the format is read (through the C API, also on CoreCLR, where pythonnet's PyBUF.FORMATS
             //     aborted the process); a read after release, or racing it, is ObjectDisposedException, never a crash

@@ -114,6 +114,9 @@ namespace EmbeddedWorker
         /// </summary>
         public static string SnakeCase(string name)
         {
+            int upper = 0;
+            while (upper < name.Length && !char.IsUpper(name[upper])) upper++;
+            if (upper == name.Length) return name;  // snake_case already (a reply's own field names): no copy
             var text = new StringBuilder(name.Length + 8);
             for (int i = 0; i < name.Length; i++)
             {

@@ -49,7 +49,8 @@ namespace EmbeddedWorker
             {
                 object value;
                 if (fields.TryGetValue(name, out value)) return value;
-                return fields.TryGetValue(PyConvert.SnakeCase(name), out value) ? value : null;
+                var snake = PyConvert.SnakeCase(name);  // a missing field is looked up once more only when spelled otherwise
+                return !ReferenceEquals(snake, name) && fields.TryGetValue(snake, out value) ? value : null;
             }
         }
 

@@ -5,13 +5,19 @@
 //   else becomes its str() text: no Python object ever reaches the caller,
 //   so a caller has nothing to dispose and nothing is left to a finalizer.
 // - The facade only returns JSON-able values; the fallback is for bugs.
-// - Making a string is most of a read's cost on Mono (40-60 ns each, against
-//   15 ns for the C API call that finds its bytes), and a status poll
-//   repeats its strings: the keys, the status, the ids, the timestamps of the
-//   work polled. So short strings are made once: a direct-mapped table keyed
-//   by the str object's address, each hit checked against its bytes (an
-//   address is reused by other strings once the first is freed).
-// - Call with the GIL held (it also guards the table). `value` stays the caller's.
+// - Each C API call costs 10-50 ns, making a string 40-60 ns more, and a
+//   status poll repeats most of its values: the keys, the status, the ids,
+//   the timestamps (Python formats each once), small numbers. So str and
+//   int objects that Python shares (a reference count above the reply's
+//   own: interned keys, a record's fields, small ints) are kept in a
+//   direct-mapped table keyed by the object's address, with the C# value
+//   read from them. The table holds a reference to each: an object it names
+//   cannot be freed, so its address cannot be reused, and str and int
+//   objects never change, so a hit is answered with no call and no compare.
+//   Values made afresh for one reply (a refcount of one) are read and not
+//   kept, so they never push out the ones that repeat.
+// - Call with the GIL held (it also guards the table). `value` stays the
+//   caller's. Release drops the table's references before the interpreter ends.
 using System;
 using System.Collections.Generic;
 
@@ -21,17 +27,11 @@ namespace EmbeddedWorker
     {
         sealed class Known
         {
-            public readonly IntPtr Object;
-            public readonly string Text;
-
-            public Known(IntPtr value, string text)
-            {
-                Object = value;
-                Text = text;
-            }
+            public IntPtr Object;  // one reference owned by the table
+            public object Value;
         }
 
-        const int KnownLength = 64;  // longer strings are made each time: rarely repeated, costly to compare
+        const int KnownLength = 64;  // longer strings are not kept: rarely repeated, and their memory stays held
         static readonly Known[] known = new Known[1024];  // guarded by the GIL
         static readonly object BoxedTrue = true, BoxedFalse = false;
 
@@ -41,16 +41,12 @@ namespace EmbeddedWorker
             if (value == PythonApi.True) return BoxedTrue;
             if (value == PythonApi.False) return BoxedFalse;
             var type = PythonApi.TypeOf(value);
-            if (type == PythonApi.UnicodeType) return Text(value);
-            if (type == PythonApi.LongType)
+            if (type == PythonApi.UnicodeType || type == PythonApi.LongType)
             {
-                long number = PythonApi.AsLong(value);
-                if (number == -1 && PythonApi.ErrorOccurred() != IntPtr.Zero)
-                {
-                    PythonApi.ClearError();
-                    return PythonApi.LongAsDouble(value);
-                }
-                return number;
+                int slot = (int)(((long)value >> 4) & (known.Length - 1));
+                var hit = known[slot];
+                if (hit != null && hit.Object == value) return hit.Value;
+                return type == PythonApi.UnicodeType ? Text(value, slot) : Number(value, slot);
             }
             if (type == PythonApi.FloatType) return PythonApi.AsDouble(value);
             if (depth > 64) return null;
@@ -81,35 +77,60 @@ namespace EmbeddedWorker
             IntPtr position = IntPtr.Zero, key, item;
             while (PythonApi.DictNext(dict, ref position, out key, out item) != 0)
             {
-                var name = PythonApi.TypeOf(key) == PythonApi.UnicodeType ? Text(key) : Read(key, depth + 1) as string;
+                var name = Read(key, depth + 1) as string;
                 if (name == null) name = Convert.ToString(Read(key, depth + 1), System.Globalization.CultureInfo.InvariantCulture);
                 fields[name] = Read(item, depth + 1);
             }
             return new Reply(fields);
         }
     
-        /// <summary>A str as a string, made once while the same object keeps the same text.</summary>
-        static string Text(IntPtr value)
+        /// <summary>A str as a string, kept when Python shares the object.</summary>
+        static string Text(IntPtr value, int slot)
         {
             byte* bytes;
             int length;
             if (!PythonApi.Utf8Of(value, out bytes, out length)) return null;
-            if (length > KnownLength) return PythonApi.Decode(bytes, length);
-            int slot = (int)(((long)value >> 4) & (known.Length - 1));
-            var hit = known[slot];
-            if (hit != null && hit.Object == value && Same(hit.Text, bytes, length)) return hit.Text;
             var text = PythonApi.Decode(bytes, length);
-            known[slot] = new Known(value, text);
+            if (length <= KnownLength) Keep(slot, value, text);
             return text;
         }
 
-        /// <summary>Equal only when `bytes` are ASCII and spell `text` (UTF-8 longer than its UTF-16 text is never equal).</summary>
-        static bool Same(string text, byte* bytes, int length)
+        /// <summary>An int as a long (beyond 64 bits: a double), kept when Python shares the object.</summary>
+        static object Number(IntPtr value, int slot)
         {
-            if (text.Length != length) return false;
-            for (int i = 0; i < length; i++)
-                if (text[i] != bytes[i]) return false;
-            return true;
+            long number = PythonApi.AsLong(value);
+            if (number == -1 && PythonApi.ErrorOccurred() != IntPtr.Zero)
+            {
+                PythonApi.ClearError();
+                return PythonApi.LongAsDouble(value);
+            }
+            object boxed = number;
+            Keep(slot, value, boxed);
+            return boxed;
+        }
+
+        /// <summary>Remember `value` for the object at `slot`'s address, holding a reference to it, when more than
+        /// the reply holds it; the object the slot named before is let go.</summary>
+        static void Keep(int slot, IntPtr value, object read)
+        {
+            if ((long)*(IntPtr*)value <= 1) return;  // ob_refcnt: made for this reply alone
+            PythonApi.IncRef(value);
+            var entry = known[slot];
+            if (entry == null) known[slot] = entry = new Known();
+            else PythonApi.DecRef(entry.Object);
+            entry.Object = value;
+            entry.Value = read;
+        }
+
+        /// <summary>Let go of every kept object; with the GIL held, before the interpreter ends.</summary>
+        public static void Release()
+        {
+            for (int i = 0; i < known.Length; i++)
+            {
+                if (known[i] == null) continue;
+                PythonApi.DecRef(known[i].Object);
+                known[i] = null;
+            }
         }
     }
 }

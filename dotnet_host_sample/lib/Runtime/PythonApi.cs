@@ -9,9 +9,13 @@
 //   missing, or the object layout is not the one checked at start (ob_type
 //   right after ob_refcnt), `Available` is false and callers take the
 //   pythonnet path instead.
+// - How each is called differs by runtime (DirectCall): CoreCLR's stubs for
+//   delegates made from a function pointer cost more than the C calls they
+//   wrap, so there a call is a bare calli; Mono keeps its delegate stubs.
 // - Every function here must be called with the GIL held.
 using System;
 using System.IO;
+using System.Reflection.Emit;
 using System.Runtime.InteropServices;
 using System.Text;
 
@@ -259,7 +263,52 @@ namespace EmbeddedWorker
 
         static T Get<T>(Func<string, IntPtr> symbol, string name) where T : class
         {
-            return (T)(object)Marshal.GetDelegateForFunctionPointer(symbol(name), typeof(T));
+            var address = symbol(name);
+            return (DotNetRuntime.IsMono ? null : DirectCall<T>(address, name))
+                   ?? (T)(object)Marshal.GetDelegateForFunctionPointer(address, typeof(T));
+        }
+
+        /// <summary>
+        /// A delegate whose body is one unmanaged `calli` to `address`: what a C# 9 function pointer compiles to.
+        /// CoreCLR's marshalling stub for a GetDelegateForFunctionPointer delegate costs more than the C call it
+        /// wraps (it clears and saves the thread's last error, and finds the target through the delegate); calli
+        /// costs only the GC transition. Mono runs calli from a dynamic method slower than its own stubs, so it
+        /// keeps them. Only signatures C reads as they are in memory; null otherwise. A byref goes to C as a
+        /// plain pointer, unpinned: callers pass locals (on the stack, which the GC does not move).
+        /// </summary>
+        static T DirectCall<T>(IntPtr address, string name) where T : class
+        {
+            var invoke = typeof(T).GetMethod("Invoke");
+            var parameters = invoke.GetParameters();
+            var types = new Type[parameters.Length];
+            for (int i = 0; i < parameters.Length; i++)
+            {
+                types[i] = parameters[i].ParameterType;
+                if (!Blittable(types[i].IsByRef ? types[i].GetElementType() : types[i])) return null;
+            }
+            if (invoke.ReturnType != typeof(void) && !Blittable(invoke.ReturnType)) return null;
+            try
+            {
+                var method = new DynamicMethod(name, invoke.ReturnType, types, typeof(PythonApi).Module, true);
+                var il = method.GetILGenerator();
+                for (int i = 0; i < types.Length; i++) il.Emit(OpCodes.Ldarg, (short)i);
+                il.Emit(OpCodes.Ldc_I8, (long)address);
+                il.Emit(OpCodes.Conv_I);
+                il.EmitCalli(OpCodes.Calli, CallingConvention.Cdecl, invoke.ReturnType, types);
+                il.Emit(OpCodes.Ret);
+                return (T)(object)method.CreateDelegate(typeof(T));
+            }
+            catch (Exception)
+            {
+                return null;  // no code generation here: the marshalling stub works everywhere
+            }
+        }
+
+        /// <summary>Passed to C as it is in memory (a string or a bool would need marshalling: the stub does it).</summary>
+        static bool Blittable(Type type)
+        {
+            return type == typeof(IntPtr) || type == typeof(int) || type == typeof(long) || type == typeof(double)
+                   || type.IsPointer;
         }
 
         /// <summary>dlopen/dlsym, or LoadLibrary/GetProcAddress: the library pythonnet already loaded.</summary>

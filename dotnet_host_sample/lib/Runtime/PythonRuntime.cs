@@ -157,7 +157,11 @@ namespace EmbeddedWorker
                     Console.Error.WriteLine("shutdown: library calls still inside Python after 30 s; shutting down anyway");
                 using (Gil.Hold())
                 {
-                    if (PythonApi.Available) RequestWriter.Release();
+                    if (PythonApi.Available)
+                    {
+                        RequestWriter.Release();
+                        ReplyReader.Release();
+                    }
                 }
                 for (int round = 0; round < 3; round++)
                 {
