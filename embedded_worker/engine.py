@@ -183,12 +183,14 @@ class Engine:
 
     def _checkpoint_paused(self) -> None:
         """A suspending close: paused images leave their state, to continue at their step after a restart."""
-        cohorts = self.loop.call(self.jobs.parked_cohorts)
-        if cohorts:
-            from .diffusion.checkpoint_cadence import hand_over  # torch: loaded, since images were parked
+        for task in self.loop.call(self.jobs.parked_images):
+            if task.parked is not None:
+                from .diffusion.checkpoint_cadence import hand_over  # torch: loaded, since an image was parked
 
-            for cohort in cohorts:
-                hand_over(cohort, self.checkpoints)
+                hand_over(task.parked, self.checkpoints)
+            elif task.resume_from is not None and task.checkpoint_key is not None and \
+                    hasattr(task.resume_from, "to_bytes"):  # its state in host memory (offloaded)
+                self.checkpoints.save(task.record_id, task.checkpoint_key, task.resume_from)
 
     def threads_stopped(self) -> bool:
         return not any(worker.thread.is_alive() for worker in self.pool.workers)

@@ -121,3 +121,10 @@ def held_states(remote_worker) -> dict[str, int]:
     """A remote worker's images out on its actor whose state the head holds: record id -> that state's step."""
     return {task.record_id: task.resume_from.step for task in list(remote_worker._in_flight.values())
             if task.resume_from is not None}
+
+
+def park_in_host_memory(worker: ProcessingWorker) -> None:
+    """Paused images' states go to host memory as they do on an accelerator (on the CPU they are there
+    already, so the worker does not move them): the GPU path, exercised here."""
+    for device in device_workers(worker):
+        device.active.offload_parked = True

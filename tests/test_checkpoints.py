@@ -13,7 +13,7 @@ import pytest
 
 from embedded_worker import testing
 
-from .conftest import generate, session_status, wait_for
+from .conftest import assert_same_up_to_batch_rounding, generate, session_status, wait_for
 
 STEPS = 10
 
@@ -166,3 +166,42 @@ def test_the_checkpoints_of_work_that_ends_go_with_it(durable):
     testing.drain(worker)
     wait_for(lambda: testing.checkpoint_files(worker, "cancelled") == [], timeout=60)
     assert worker.get_status()["state"]["checkpoints"]["stored"] == 0
+
+
+def test_a_paused_images_state_in_host_memory_is_counted_and_continues_exactly(durable):
+    """What an accelerator does with a paused image (its state leaves device memory), forced on the CPU: the
+    memory monitor counts it while it waits; resumed, it continues at its step; still paused at a suspending
+    close, it is written and continues at its step after the restart."""
+    worker = durable(checkpoints={"every_steps": 1000})
+    testing.park_in_host_memory(worker)
+    log = StepLog(worker)
+    reached, release, remove = held_after(worker, log, 3)
+    for session_id, seed in (("here", 61), ("kept", 62)):
+        generate(worker, session_id=session_id, background=True, steps=STEPS, seed=seed)
+    assert reached.wait(300)
+    pausing = [threading.Thread(target=worker.control_session, kwargs={"session_id": s, "action": "pause"})
+               for s in ("here", "kept")]
+    for thread in pausing:
+        thread.start()
+    wait_for(lambda: all(testing.run_of(worker, s).state.value in ("pausing", "paused") for s in ("here", "kept")))
+    release.set()
+    for thread in pausing:
+        thread.join(120)
+    remove()
+    tasks = {s: testing.run_of(worker, s).all_tasks[0] for s in ("here", "kept")}
+    assert all(t.parked is None and t.resume_from.step == 3 for t in tasks.values())  # off the device
+    memory = lambda w: w.get_status()["device"]["memory"]["cpu"]["parked_host_bytes"]  # noqa: E731
+    assert memory(worker) == sum(len(t.resume_from.data) for t in tasks.values())
+    kept_bytes = len(tasks["kept"].resume_from.data)
+    worker.control_session(session_id="here", action="resume")
+    wait_for(lambda: session_status(worker, "here")["status"] == "completed")
+    assert log.forwards["here"][3] == 4 and memory(worker) == kept_bytes  # continued at its step
+    assert_same_up_to_batch_rounding(output_pixels(worker, "here"), solo_pixels(worker, 61))
+    worker.close(timeout=60, pending="suspend")
+
+    second = durable()
+    after = StepLog(second)
+    second.control_session(session_id="kept", action="resume")
+    status = wait_for(lambda: (s := session_status(second, "kept"))["status"] == "completed" and s)
+    assert after.forwards["kept"][0] == 4 and status["detailed_progress"]["resumed_from_step"] == 3
+    assert_same_up_to_batch_rounding(output_pixels(second, "kept"), solo_pixels(second, 62))

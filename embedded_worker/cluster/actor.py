@@ -88,8 +88,9 @@ class DenoiseActor:
             while not watch.parked.wait(0.02):
                 if task.future.done():
                     return task.future.result()
-            cohort = task.parked
-            state = (cohort.step_index, DenoiseState.capture(cohort)[0].to_bytes()) if cohort is not None else (0, b"")
+            cohort, held = task.parked, task.resume_from  # offloaded to host memory on an accelerator: held
+            state = (cohort.step_index, DenoiseState.capture(cohort)[0].to_bytes()) if cohort is not None else \
+                (held.step, held.read()) if held is not None else (0, b"")
             self.pool.cancel(task)  # ended here: the head holds what it needs to go on
             return state
         finally:

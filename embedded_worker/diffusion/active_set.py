@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Callable
 from ..errors import Cancelled, InternalError, Unavailable, WorkerError
 from .conditioning import join_conditioning
 from .denoise import start_cohort
-from .denoise_state import DenoiseState
+from .denoise_state import DenoiseState, OffloadedState
 from .task import CANCEL, DONE, PARKED, PAUSE, PREEMPT, DenoiseTask
 
 if TYPE_CHECKING:
     from .denoise import Cohort
+    from .memory import MemoryMonitor
     from .pipelines import PipelineCache
     from .work_queue import WorkQueue
 
@@ -42,13 +43,16 @@ OnDeviceMark = Callable[[list[DenoiseTask], set[str]], None]  # (starting, recor
 
 class ActiveSet:
     def __init__(self, name: str, queue: WorkQueue, pipelines: PipelineCache, events: Executor,
-                 mark_on_device: OnDeviceMark, counters):
+                 mark_on_device: OnDeviceMark, counters, monitor: MemoryMonitor):
         self.name = name
         self.queue = queue
         self.pipelines = pipelines
         self.events = events  # one thread, shared by the pool's workers
         self.mark_on_device = mark_on_device
         self.counters = counters
+        self.monitor = monitor
+        # paused images' states go to host memory: on an accelerator (on the CPU they are there already)
+        self.offload_parked = pipelines.device.type != "cpu"
         self.cohorts: list[Cohort] = []  # the worker's thread only
         self._left: set[str] = set()  # records whose images left since the last start; the thread only
 
@@ -98,6 +102,8 @@ class ActiveSet:
         """A checkpointed image continues at its checkpoint's step, in a cohort of its own; False (logged, and
         it starts from step 0) when the checkpoint cannot be used."""
         stored, task.resume_from = task.resume_from, None
+        if isinstance(stored, OffloadedState):
+            stored.release()
         try:
             pipe, _ = self.pipelines.get(task.spec.model_id)
             conditioning = join_conditioning([self.pipelines.conditioning(pipe, task.spec)])
@@ -157,6 +163,8 @@ class ActiveSet:
             if reason == PAUSE:
                 task.state = PARKED
                 task.parked = cohort
+                if self.offload_parked:
+                    self._offload(task)
             else:
                 task.state = DONE
         if reason == PAUSE:
@@ -164,6 +172,13 @@ class ActiveSet:
         elif not task.future.done():
             task.future.set_exception(Cancelled("cancelled") if reason == CANCEL
                                       else Unavailable("the worker closed before this image finished"))
+
+    def _offload(self, task: DenoiseTask) -> None:
+        """A paused image may wait for hours: its state leaves device memory for host memory (as bytes, the
+        monitor counting them) and is restored, exactly, when it is admitted again."""
+        state = DenoiseState.capture(task.parked)[0]
+        task.parked, task.resume_from = None, OffloadedState(state.step_index, state.to_bytes(), self.monitor)
+        self.monitor.parked_host_bytes += len(task.resume_from.data)
 
     def take_finished(self) -> list[Cohort]:
         done = [c for c in self.cohorts if c.finished]

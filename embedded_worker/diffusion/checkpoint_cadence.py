@@ -59,6 +59,7 @@ class CheckpointCadence:
         self.every_steps = settings.every_steps
         self.capture_seconds: float | None = None  # per image, on the device thread, smoothed
         self.images_taken = 0
+        self.interval_steps: int | None = None  # the interval the last step boundary used
 
     def interval(self, images: int, seconds_per_step: float | None) -> int:
         """Steps between two checkpoints of an image now; 1 until the cost is known."""
@@ -71,7 +72,7 @@ class CheckpointCadence:
 
     def after_step(self, cohorts: list[Cohort], images: int, seconds_per_step: float | None) -> None:
         """At a step boundary: the unfinished cohorts due for a checkpoint have their state taken."""
-        every = self.interval(images, seconds_per_step)
+        every = self.interval_steps = self.interval(images, seconds_per_step)
         for cohort in cohorts:
             if not cohort.finished and cohort.step_index - cohort.checkpointed_at >= every:
                 self.take(cohort)

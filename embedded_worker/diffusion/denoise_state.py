@@ -190,6 +190,17 @@ class HeldState:
         return self.data
 
 
+@dataclass(frozen=True)
+class OffloadedState(HeldState):
+    """A paused image's state moved off its accelerator into host memory (`ActiveSet`), counted by the device's
+    memory monitor until it is restored or dropped (`release`)."""
+
+    monitor: object = None  # the MemoryMonitor counting it
+
+    def release(self) -> None:
+        self.monitor.parked_host_bytes -= len(self.data)
+
+
 _MISSING = object()
 _references: "weakref.WeakKeyDictionary[Cohort, dict]" = weakref.WeakKeyDictionary()
 

@@ -284,6 +284,9 @@ class DevicePool:
             elif task.state in (NEW, PARKED):
                 task.state = DONE
                 task.parked = None
+                if task.resume_from is not None and hasattr(task.resume_from, "release"):  # offloaded to host
+                    task.resume_from.release()
+                    task.resume_from = None
         if not task.future.done():
             task.future.set_exception(Cancelled("cancelled"))
 

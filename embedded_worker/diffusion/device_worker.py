@@ -99,7 +99,7 @@ class DeviceWorker(WorkerThread):
         self.seconds_per_step: float | None = None
         self.seconds_per_decode: float | None = None
         self._reported_capacity: int | None = None  # the size the groups in flight were last counted at
-        self.active = ActiveSet(name, queue, self.pipelines, events, mark_on_device, self.counters)
+        self.active = ActiveSet(name, queue, self.pipelines, events, mark_on_device, self.counters, monitor)
         # called on this thread after each forward, before the step boundary: the supported way for tests and
         # profilers to observe or hold a step (`embedded_worker.testing.on_step`); empty in production
         self.step_hooks: list[Callable[["DeviceWorker"], None]] = []
@@ -140,7 +140,7 @@ class DeviceWorker(WorkerThread):
             "preempted_images": self.counters.preempted_images,
             "out_of_memory_events": self.counters.out_of_memory,
             "checkpoints": None if self.checkpoints is None else {
-                "interval_steps": self.checkpoints.interval(self.active_images, self.seconds_per_step),
+                "interval_steps": self.checkpoints.interval_steps,
                 "images_taken": self.checkpoints.images_taken,
                 "capture_seconds_per_image": self.checkpoints.capture_seconds,
                 "resumed_images": self.counters.resumed_images,

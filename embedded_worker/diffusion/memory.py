@@ -119,6 +119,7 @@ class MemoryMonitor:
         self._forwards: dict[tuple, int] = {}  # (key, images) -> forwards seen; the device thread's only
         self._reading: tuple[MemoryProbe, float, MemoryReading] | None = None  # the last reading, and when
         self.peak_used = 0
+        self.parked_host_bytes = 0  # paused images' states moved off this device into host memory
 
     def due(self, key: tuple, images: int) -> bool:
         """Measure this forward's memory? Its first forwards of each size, then every MEASURE_EVERY-th:
@@ -166,7 +167,7 @@ class MemoryMonitor:
     def snapshot(self) -> dict:
         reading = self.probe.read()
         return {"used_bytes": int(reading.used), "total_bytes": int(reading.total), "free_bytes": int(reading.free),
-                "peak_used_bytes": int(self.peak_used)}
+                "peak_used_bytes": int(self.peak_used), "parked_host_bytes": int(self.parked_host_bytes)}
 
 
 class BatchSizer:

@@ -283,10 +283,10 @@ class JobService:
             job.run = None  # whatever its run still tells is ignored
         return released
 
-    def parked_cohorts(self) -> list:
-        """The denoising state of every paused image: what a suspending close checkpoints."""
-        return [task.parked for job in self._jobs.values() if job.run is not None
-                for task in job.run.all_tasks if task.state == PARKED and task.parked is not None]
+    def parked_images(self) -> list[DenoiseTask]:
+        """Every paused image: what a suspending close checkpoints (its cohort, or its state in host memory)."""
+        return [task for job in self._jobs.values() if job.run is not None
+                for task in job.run.all_tasks if task.state == PARKED]
 
     def cancel_all(self, reason: str) -> None:
         for job in list(self._jobs.values()):

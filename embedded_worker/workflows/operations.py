@@ -12,7 +12,6 @@ through it unchanged.
 from __future__ import annotations
 
 import functools
-
 import random
 import uuid
 from dataclasses import dataclass, field, replace
