@@ -84,7 +84,9 @@ def back_on_the_head(worker, remote) -> dict:
 def worker_on(model_cache: str, address: str, local_devices: bool) -> ProcessingWorker:
     return ProcessingWorker(WorkerConfig.model_validate({
         "model_cache_dir": model_cache, "workflows_dir": None, "state_path": ":memory:",
-        "default_model": "builtin:tiny-sd", "scheduling": {"coalesce_wait_ms": 5.0},
+        # the local device admits at most 4 at once, so of a batch of 8 the actor always gets some (a batch
+        # accepted within the coalescing wait all went to the local device: nothing out on the actor)
+        "default_model": "builtin:tiny-sd", "scheduling": {"coalesce_wait_ms": 5.0, "max_batch_size": 4},
         "cluster": {"address": address, "actors": 1, "cpus_per_actor": 1, "in_flight_per_actor": 4,
                     "local_devices": local_devices, "head_check_s": 0.2}}))
 
