@@ -59,6 +59,7 @@ def test_work_stored_before_a_later_write_failed_is_accepted_and_runs(durable):
         reply = generate(worker, session_id="stored", steps=3, background=True)
     assert reply["success"] and reply["duplicate"] is False, reply
     wait_for(lambda: session_status(worker, "stored")["status"] == "completed")
+    testing.checkpoint_files(worker, "stored")  # the checkpoint writer is done: its deletes are store writes too
     with FullDisk(testing.state_store(worker), writes=1, after=3):  # the batch and its two items
         reply = submit_batch(worker, "stored-batch")
     assert reply["success"], reply
