@@ -126,7 +126,8 @@ def test_a_log_lost_after_kill_nine_is_reported_and_unowned_files_are_swept(mode
             assert again.get_batch_status(batch_id="crashy")["error_code"] == "not_found"
         assert again.get_session_status(session_id="kept")["outputs"] == [kept]
         assert again.get_output(kept["output_id"]).shape[2] == 3
-        assert not [p for p in tmp_path.rglob("*.partial")]
+        checkpoints = tmp_path / "state.sqlite3.checkpoints"  # the resumed batch's own may be mid-write now
+        assert not [p for p in tmp_path.rglob("*.partial") if not p.is_relative_to(checkpoints)]
 
 
 def stored_checkpoints(state_dir: Path) -> dict[str, int]:

@@ -145,10 +145,10 @@ class Checkpoints:
                 return  # it ended (or restarted) since the state was taken
         folder = self.folder_of(record_id)
         path = folder / f"{image}.{state.step_index}.state"
+        partial = path.with_suffix(".partial")
         try:
             data = state.to_bytes()
             folder.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
             partial.write_bytes(data)
             os.replace(partial, path)
             self.store.put_checkpoint(record_id, image, state.step_index, str(path), len(data))
@@ -156,6 +156,7 @@ class Checkpoints:
             self.failed += 1
             log.warning("checkpoint of %s image %s at step %d not written: %s", record_id, image,
                         state.step_index, error)
+            partial.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
             path.unlink(missing_ok=True)
             return
         with self._lock:
