@@ -6,12 +6,13 @@
   the device thread (`DenoiseState.capture`: copies to host), time on the
   checkpoint writer (bytes, file, rename, SQLite row) and time to read,
   check and restore it onto the model (what a resumed image pays instead of
-  recomputing its steps).
+  recomputing its steps), beside what one step of that image costs (the
+  restored image's own next step: denoiser forward and scheduler step).
 - A kill -9 at a random point of a batch with the default budget (2 % of
   step time): real processes (`tests/helpers/crash_worker.py`), the steps
   each interrupted image computed twice, counted from the per-forward trace
-  of both processes; the interval the budget chose; the second process's
-  resume time against the time the saved steps would have taken.
+  of both processes, beside the bound the second worker reports itself
+  (`steps_recomputed_at_most`), and the steps it saved.
 - The step path before and after: images/s of a batch of 8 with durable
   state, checkpoints off and on (default budget).
 
@@ -35,7 +36,7 @@ import torch
 
 from embedded_worker import ProcessingWorker, WorkerConfig
 from embedded_worker.diffusion.conditioning import join_conditioning
-from embedded_worker.diffusion.denoise import Cohort, encode_prompt
+from embedded_worker.diffusion.denoise import Cohort, encode_prompt, predict_noise
 from embedded_worker.diffusion.denoise_state import DenoiseState
 from embedded_worker.diffusion.families import adapter_for
 from embedded_worker.diffusion.image_spec import ImageSpec
@@ -46,7 +47,8 @@ from embedded_worker.lifecycle.store import StateStore
 from .common import median, table
 from .worker_bench import MODEL, tiny_pipeline
 
-CHECKPOINT_TITLE = "Checkpoint cost per image (CPU; device thread = copies to host, writer = bytes + file + row)"
+CHECKPOINT_TITLE = ("Checkpoint cost per image (CPU; device thread = copies to host, writer = bytes + file + row; "
+                    "restore against one step of the same image)")
 KILL_TITLE = "kill -9 at a random point, default budget (real processes, 8 items of 20 steps, 2 in flight)"
 STEP_PATH_TITLE = "The step path with checkpoints: batch of 8, 20 steps, durable state (img/s)"
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def cost_rows(pipe, rounds: int) -> list[dict]:
                     cohort = _cohort(pipe, side, name, seed=side)
                     spec = cohort.specs[0]
                     checkpoints.name_images("bench", 0, [_Named()])
-                    capture, write, restore, size = [], [], [], 0
+                    capture, write, restore, one_step, size = [], [], [], [], 0
                     for _ in range(rounds):
                         started = time.perf_counter()
                         (state,) = DenoiseState.capture(cohort)
@@ -90,14 +92,19 @@ def cost_rows(pipe, rounds: int) -> list[dict]:
                         write.append(time.perf_counter() - started)
                         stored = checkpoints._index["bench"]["0.0"]
                         started = time.perf_counter()
-                        DenoiseState.from_bytes(stored.read()).restore(pipe, None, spec, cohort.conditioning,
-                                                                       torch.device("cpu"))
+                        restored = DenoiseState.from_bytes(stored.read()).restore(
+                            pipe, None, spec, cohort.conditioning, torch.device("cpu"))
                         restore.append(time.perf_counter() - started)
+                        started = time.perf_counter()
+                        predict_noise(pipe, [restored], max_rows=1)  # what each step not saved would cost
+                        one_step.append(time.perf_counter() - started)
                         size = stored.path.stat().st_size
                     rows.append({"latents": f"4x{side}x{side}", "scheduler": type(cohort.scheduler).__name__,
                                  "bytes": size, "device_thread_ms": round(median(capture) * 1e3, 3),
                                  "writer_ms": round(median(write) * 1e3, 3),
-                                 "read_and_restore_ms": round(median(restore) * 1e3, 3)})
+                                 "read_and_restore_ms": round(median(restore) * 1e3, 3),
+                                 "one_step_ms": round(median(one_step) * 1e3, 2),
+                                 "restore_in_steps": round(median(restore) / median(one_step), 3)})
         finally:
             checkpoints.close()
             store.close()
@@ -144,7 +151,7 @@ def kill_rows(model_cache: str, rounds: int) -> tuple[list[dict], dict]:
                     resumed.setdefault(message["forward"], message["step"] - 1)
                     total = max(total, message["step"])
                 if "final" in message:
-                    status = message["final"]
+                    status, counted = message["final"], message["checkpoints"]
             second.wait(timeout=600)
             seconds = time.perf_counter() - started
         interrupted = {r: s for r, s in reached.items() if r in resumed and s < total}
@@ -154,6 +161,7 @@ def kill_rows(model_cache: str, rounds: int) -> tuple[list[dict], dict]:
                      "steps_reached": sum(interrupted.values()),
                      "steps_saved": sum(resumed[r] for r in interrupted),
                      "steps_recomputed": sum(recomputed), "most_recomputed_per_image": max(recomputed, default=0),
+                     "worker_bound_resumed": counted["steps_recomputed_at_most"],
                      "items_completed": status["processed_items"], "second_process_s": round(seconds, 2)})
     return rows, {}
 

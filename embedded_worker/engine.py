@@ -183,14 +183,11 @@ class Engine:
 
     def _checkpoint_paused(self) -> None:
         """A suspending close: paused images leave their state, to continue at their step after a restart."""
-        for task in self.loop.call(self.jobs.parked_images):
-            if task.parked is not None:
-                from .diffusion.checkpoint_cadence import hand_over  # torch: loaded, since an image was parked
+        paused = self.loop.call(self.jobs.parked_images)
+        if paused:
+            from .diffusion.checkpoint_cadence import hand_over_waiting
 
-                hand_over(task.parked, self.checkpoints)
-            elif task.resume_from is not None and task.checkpoint_key is not None and \
-                    hasattr(task.resume_from, "to_bytes"):  # its state in host memory (offloaded)
-                self.checkpoints.save(task.record_id, task.checkpoint_key, task.resume_from)
+            hand_over_waiting(paused, self.checkpoints)
 
     def threads_stopped(self) -> bool:
         return not any(worker.thread.is_alive() for worker in self.pool.workers)

@@ -77,10 +77,12 @@ def models(worker: ProcessingWorker):
 
 
 def drain(worker: ProcessingWorker, timeout: float = 60.0) -> None:
-    """Wait until what the CPU pool and then the lifecycle loop had queued before this call has been applied."""
+    """Wait until what the CPU pool and then the lifecycle loop had queued before this call has been applied,
+    and the checkpoint writes and removals handed over by then are done."""
     engine = worker._engine
     engine.cpu.submit(lambda: None).result(timeout)
     engine.loop.submit(lambda: None).result(timeout)
+    engine.checkpoints.flush()
 
 
 def held_for(worker: ProcessingWorker, owner_id: str) -> list[str]:

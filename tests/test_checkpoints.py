@@ -89,6 +89,7 @@ def test_a_suspending_close_costs_no_step_and_the_image_ends_with_the_same_pixel
     assert status["detailed_progress"]["resumed_from_step"] == 4
     checkpoints = testing.device_workers(second)[0].status()["checkpoints"]
     assert checkpoints["resumed_images"] == 1 and checkpoints["steps_restored"] == 4
+    assert checkpoints["steps_recomputed_at_most"] == 0  # taken where it stopped
     np.testing.assert_array_equal(output_pixels(second, "suspended"), solo_pixels(second, 31))
     assert testing.checkpoint_files(second, "suspended") == []  # it completed: its state is gone
 

@@ -253,6 +253,35 @@ def test_pause_resume_and_cancel_reach_an_image_on_an_actor(make_worker, ray_hea
     assert task.step < 60 and session_status(worker, "dropped")["outputs"] == []
 
 
+def test_a_suspending_close_brings_back_each_image_on_an_actor_at_the_step_it_reached(make_worker, ray_head,
+                                                                                       tmp_path):
+    """State is taken only at the close (every 1000 steps otherwise): unless the actor pauses its images and
+    sends their states back, the head holds none and they start again from step 0 after the restart."""
+    state = str(tmp_path / "state.sqlite3")
+    worker = make_worker(state_path=state, checkpoints={"every_steps": 1000},
+                         cluster={"address": ray_head, "actors": 1, "cpus_per_actor": 1, "local_devices": False})
+    for remote in remote_workers(worker):
+        wait_for(lambda: remote.status()["loaded_models"], timeout=120)
+    slow = {"prompt": "a slow one", "steps": 60, "width": 64, "height": 64}
+    generate(worker, session_id="suspended", seed=33, background=True, **slow)
+    task = wait_for(lambda: run_of(worker, "suspended") and run_of(worker, "suspended").all_tasks
+                    and run_of(worker, "suspended").all_tasks[0], timeout=120)
+    wait_for(lambda: task.step >= 3, timeout=120)
+    assert task.worker == "ew-ray-0" and task.resume_from is None  # no state on the head yet
+    assert worker.close(timeout=60, pending="suspend")["threads_stopped"]
+    stopped_at = task.resume_from.step  # the actor paused it and sent its state back
+    assert 3 <= stopped_at < 60
+
+    again = make_worker(state_path=state)  # this machine's device takes it
+    status = wait_for(lambda: (s := session_status(again, "suspended"))["status"] == "completed" and s,
+                      timeout=120)
+    assert status["detailed_progress"]["resumed_from_step"] == stopped_at
+    counted = testing.device_workers(again)[0].status()["checkpoints"]
+    assert counted["steps_restored"] == stopped_at and counted["steps_recomputed_at_most"] == 0
+    expected = again.get_output(generate(again, seed=33, background=False, **slow)["outputs"][0]["output_id"])
+    assert_same_up_to_batch_rounding(again.get_output(status["outputs"][0]["output_id"]), expected)
+
+
 def test_an_actor_forgets_cancels_whose_run_never_comes(model_cache, monkeypatch):
     """A cancel that finds no image is kept for the `run` it may have overtaken, but not for ever: the image may
     have finished before the cancel arrived, and then no `run` will ever ask for it."""

@@ -181,6 +181,10 @@ def test_kill_nine_with_checkpoints_recomputes_at_most_the_interval_and_keeps_th
     items = {i["item_id"]: i for i in final["items"]}
     for record in in_flight:
         assert items[record.split("/", 1)[1]]["resumed_from_step"] == every
+    counted = after[-1]["checkpoints"]  # the worker's own count: steps saved, and the bound on those redone
+    assert counted["resumed_images"] == len(in_flight) and counted["steps_restored"] == every * len(in_flight)
+    recomputed = sum(reached[record] - every for record in in_flight)  # from the traces of both processes
+    assert recomputed <= counted["steps_recomputed_at_most"] == every * len(in_flight)
     assert not any(f"ckpt/{item}" in first_forward for item in done_before)  # finished work is not redone
     config = WorkerConfig(model_cache_dir=model_cache, state_path=str(tmp_path / "state.sqlite3"))
     with ProcessingWorker(config) as reopened:

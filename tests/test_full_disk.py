@@ -59,7 +59,7 @@ def test_work_stored_before_a_later_write_failed_is_accepted_and_runs(durable):
         reply = generate(worker, session_id="stored", steps=3, background=True)
     assert reply["success"] and reply["duplicate"] is False, reply
     wait_for(lambda: session_status(worker, "stored")["status"] == "completed")
-    testing.checkpoint_files(worker, "stored")  # the checkpoint writer is done: its deletes are store writes too
+    testing.drain(worker)  # the checkpoint writer is done too: its deletes are store writes
     with FullDisk(testing.state_store(worker), writes=1, after=3):  # the batch and its two items
         reply = submit_batch(worker, "stored-batch")
     assert reply["success"], reply
@@ -110,7 +110,7 @@ def test_an_output_the_disk_cannot_hold_fails_its_work_and_leaves_no_files(durab
     assert doomed["status"] == "failed" and "No space left on device" in doomed["error"], doomed
     assert fine["status"] == "completed" and Path(fine["outputs"][0]["path"]).is_file()
     state = tmp_path / "state"
-    testing.checkpoint_files(worker, "doomed")  # the checkpoint writer is done: it removes the ended work's files
+    testing.drain(worker)  # the checkpoint writer is done too: it removes the ended work's files
     assert [p for p in state.rglob("*") if p.name.endswith(".partial")] == []
     assert [p for p in state.rglob("*") if p.is_file() and p.parent.name == owner_folder("doomed")] == []
     monkeypatch.undo()  # space returns

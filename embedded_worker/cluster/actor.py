@@ -71,7 +71,8 @@ class DenoiseActor:
         """Denoise and decode one image (from `resume`, its (step, state bytes), when given); its pixels, uint8
         HWC, or, paused, its (step, state bytes) (empty when it never started). Cancelled when the head
         cancelled it."""
-        from ..diffusion.denoise_state import DenoiseState, HeldState
+        from ..diffusion.denoise_state import DenoiseState
+        from ..diffusion.resume_points import HeldState
         from ..diffusion.task import DenoiseTask
         from ..errors import Cancelled
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ..diffusion.denoise_state import HeldState
+from ..diffusion.resume_points import HeldState
 from ..diffusion.task import CANCEL, DONE, PARKED, PAUSE
 from ..errors import Cancelled, InternalError, Unavailable, WorkerError
 
@@ -135,6 +135,36 @@ def _settle(queue: WorkQueue, task: DenoiseTask) -> bool:
         return False
     queue.put(task)
     return False
+
+
+def park_for_suspend(where: str, connection, actor, in_flight: dict, keys: dict[int, str], checkpoints,
+                     seconds_per_step: float | None) -> None:
+    """A suspending close: the images out on the actor (`in_flight`: ref -> image) pause there and their states
+    come back and are written as checkpoints, so after a restart they continue at the step they reached, not
+    at the head's last state (up to a checkpoint interval older). What does not answer within a few steps
+    (10 s at most: the close has a deadline) keeps the head's last state."""
+    import ray
+
+    back = 0
+    try:
+        with connection.using_ray():
+            for task in in_flight.values():
+                actor.pause.remote(keys[id(task)])
+            ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight),
+                                timeout=min(10.0, 1.0 + 3 * (seconds_per_step or 1.0)))
+            for ref in ready:
+                try:
+                    answer = ray.get(ref)
+                except Exception:  # cancelled or failed there: nothing to continue from
+                    continue
+                task = in_flight[ref]
+                if isinstance(answer, tuple) and answer[1] and task.checkpoint_key is not None:
+                    task.resume_from = HeldState(*answer)
+                    checkpoints.save(task.record_id, task.checkpoint_key, task.resume_from)
+                    back += 1
+    except Exception:  # the head or the actor went: the images keep the head's last states
+        log.exception("%s: the images out could not be paused for the suspend", where)
+    log.info("%s: %d of %d images out paused there for the suspend", where, back, len(in_flight))
 
 
 def fail(queue: WorkQueue, tasks: list[DenoiseTask], error: BaseException, where: str) -> None:

@@ -15,7 +15,8 @@ Design notes
   lifecycle loop, as from a local worker.
 - Pause and cancel reach the actor at its next step boundary (its pool's
   own); a paused image's state comes back to the head, as every image's
-  does every few steps (`outcomes`). Preemption never parks a remote image.
+  does every few steps, and at a suspending close every image out pauses
+  there (`outcomes`). Preemption never parks a remote image.
 - An actor that dies (ActorDiedError, a killed process, a lost node) takes
   no work with it: its images go back to the queue at their old rank, from
   the last state the head holds, the crash is logged with the actor's name
@@ -26,8 +27,7 @@ Design notes
   images out go back to the queue for local devices (or fail unavailable
   without any), and the worker takes nothing until the head is back, then
   asks for a fresh actor.
-- Pixels: one copy into the object store, a read-only view, one copy to
-  our heap (`outcomes.complete`), kept as the output.
+- Pixels: one copy into the object store, a read-only view, one copy to our heap (`outcomes.complete`).
 """
 
 from __future__ import annotations
@@ -90,8 +90,7 @@ class RemoteDeviceWorker(WorkerThread):
         self.checkpoints = checkpoints  # the head's: states that come back are written as checkpoints too
         self._spawn = spawn  # actor name -> a new actor handle
         self.actor_name, self.actor = "", None
-        self.node_id: str | None = None
-        self.actor_pid: int | None = None
+        self.node_id, self.actor_pid = None, None  # where the current actor runs, once ready
         self.device = RemoteDevice(name)
         self.counters = WorkerCounters()
         self.resizes: Counter = Counter()  # remote forwards do not resize under the head's eyes
@@ -128,9 +127,7 @@ class RemoteDeviceWorker(WorkerThread):
             "active_images": self.active_images,
             "capacity": self.capacity,
             "seconds_per_step": self.seconds_per_step,
-            "forwards": self.counters.forwards,
-            "images_done": self.counters.images_done,
-            "cohorts_started": self.counters.cohorts_started,
+            **{name: getattr(self.counters, name) for name in ("forwards", "images_done", "cohorts_started")},
             **dict.fromkeys(("preemptions", "preempted_images", "out_of_memory_events"), 0),  # not on an actor
             "actor_deaths": self.actor_deaths,
         }
@@ -391,6 +388,9 @@ class RemoteDeviceWorker(WorkerThread):
         import ray
 
         self._refuse_calls()
+        if self.suspending and self.checkpoints is not None and self._in_flight and self.connection.connected:
+            outcomes.park_for_suspend(f"{self.name} ({self.actor_name})", self.connection, self.actor,
+                                      self._in_flight, self._keys, self.checkpoints, self.seconds_per_step)
         tasks, self._in_flight = list(self._in_flight.values()), {}
         outcomes.fail(self.queue, tasks, Unavailable("the worker closed before this image finished"), self.name)
         try:

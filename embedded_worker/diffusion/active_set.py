@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Callable
 from ..errors import Cancelled, InternalError, Unavailable, WorkerError
 from .conditioning import join_conditioning
 from .denoise import start_cohort
-from .denoise_state import DenoiseState, OffloadedState
+from .denoise_state import DenoiseState
+from .resume_points import OffloadedState
 from .task import CANCEL, DONE, PARKED, PAUSE, PREEMPT, DenoiseTask
 
 if TYPE_CHECKING:
@@ -102,13 +103,12 @@ class ActiveSet:
         """A checkpointed image continues at its checkpoint's step, in a cohort of its own; False (logged, and
         it starts from step 0) when the checkpoint cannot be used."""
         stored, task.resume_from = task.resume_from, None
-        if isinstance(stored, OffloadedState):
-            stored.release()
+        stored.release()
         try:
             pipe, _ = self.pipelines.get(task.spec.model_id)
             conditioning = join_conditioning([self.pipelines.conditioning(pipe, task.spec)])
-            cohort = DenoiseState.from_bytes(stored.read()).restore(pipe, task, task.spec, conditioning,
-                                                                    self.pipelines.device)
+            state = DenoiseState.from_bytes(stored.read())
+            cohort = state.restore(pipe, task, task.spec, conditioning, self.pipelines.device)
         except Exception as error:  # unreadable, torn, refused: this image starts again, nothing else is touched
             self.counters.checkpoints_refused += 1
             log.warning("%s: image %s of %s starts from step 0: its checkpoint at step %d cannot be used (%s)",
@@ -120,6 +120,7 @@ class ActiveSet:
         task.cohort_id = next(_cohort_ids)
         self.counters.resumed_images += 1
         self.counters.steps_restored += cohort.step_index
+        self.counters.steps_recomputed_at_most += state.interval
         return True
 
     def let_leave(self, eta_after_preemption: Callable[[DenoiseTask], float | None]) -> None:

@@ -34,14 +34,14 @@ class CheckpointSink(Protocol):
     def save(self, record_id: str, image: str, state: DenoiseState) -> None: ...
 
 
-def hand_over(cohort: Cohort, sink: CheckpointSink) -> int:
+def hand_over(cohort: Cohort, sink: CheckpointSink, interval: int = 0) -> int:
     """Take the state of `cohort`'s members that are checkpointed (a record's images) and hand it to `sink`;
-    how many were."""
+    how many were. `interval`: the steps until their next checkpoint (0: they stop here)."""
     keyed = [task.checkpoint_key is not None for task in cohort.members]
     if not any(keyed):
         return 0
     try:
-        states = DenoiseState.capture(cohort)
+        states = DenoiseState.capture(cohort, interval)
     except NotCapturable as error:
         log.warning("images of %s cannot be checkpointed: %s", cohort.specs[0].model_id, error)
         return 0
@@ -50,6 +50,20 @@ def hand_over(cohort: Cohort, sink: CheckpointSink) -> int:
             sink.save(task.record_id, task.checkpoint_key, state)
     cohort.checkpointed_at = cohort.step_index
     return sum(keyed)
+
+
+def hand_over_waiting(tasks: list, sink: CheckpointSink) -> None:
+    """A suspending close: images off every device (preempted and queued, or paused) leave their state, to
+    continue at their step after a restart: their parked cohort's, or the state they hold only in memory
+    (a paused image's moved to host memory, an actor's sent back to the head)."""
+    parked = {}
+    for task in tasks:
+        if task.parked is not None:
+            parked[id(task.parked)] = task.parked  # one capture per cohort, for all its members
+        elif task.resume_from is not None and task.resume_from.in_memory_only and task.checkpoint_key is not None:
+            sink.save(task.record_id, task.checkpoint_key, task.resume_from)
+    for cohort in parked.values():
+        hand_over(cohort, sink)
 
 
 class CheckpointCadence:
@@ -75,11 +89,13 @@ class CheckpointCadence:
         every = self.interval_steps = self.interval(images, seconds_per_step)
         for cohort in cohorts:
             if not cohort.finished and cohort.step_index - cohort.checkpointed_at >= every:
-                self.take(cohort)
+                self.take(cohort, every)
 
-    def take(self, cohort: Cohort) -> None:
+    def take(self, cohort: Cohort, interval: int = 0) -> None:
+        """Take `cohort`'s state now; `interval`: the steps until its next checkpoint (0: a suspend, the
+        images stop here)."""
         started = time.perf_counter()
-        taken = hand_over(cohort, self.sink)
+        taken = hand_over(cohort, self.sink, interval)
         if taken:
             seconds = (time.perf_counter() - started) / taken
             self.capture_seconds = seconds if self.capture_seconds is None else \

@@ -79,6 +79,9 @@ class DenoiseState:
     tensors: dict[str, torch.Tensor]  # on the CPU: latents, timesteps, generator, scheduler/<name>[/<i>]
     scheduler_values: dict  # attribute -> {"value": v} | {"tensor": key} | {"array": key} | {"list": [...]}
     on_device: list[str]  # the tensors that lived on the image's device (the rest on the CPU)
+    # steps until the image's next checkpoint when this one was taken: a process that died after writing it had
+    # computed at most that many more (0: taken where the image stopped, by a pause or a suspend)
+    interval: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +93,7 @@ class DenoiseState:
         header = json.dumps({"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
                              "step_index": self.step_index, "total_steps": self.total_steps,
                              "scheduler_class": self.scheduler_class, "scheduler": self.scheduler_values,
-                             "on_device": self.on_device}, sort_keys=True)
+                             "on_device": self.on_device, "interval": self.interval}, sort_keys=True)
         return save_tensors(self.tensors, metadata={"state": header, "sha256": _checksum(header, self.tensors)})
 
     @classmethod
@@ -112,13 +115,14 @@ class DenoiseState:
         if metadata.get("sha256") != _checksum(metadata["state"], tensors):
             raise StateRefused("the checksum does not match: the state was altered or torn")
         return cls(header["fingerprint"], header["step_index"], header["total_steps"], header["scheduler_class"],
-                   tensors, header["scheduler"], header["on_device"])
+                   tensors, header["scheduler"], header["on_device"], header.get("interval", 0))
 
     # ---- a cohort's members in, a cohort out -----------------------------------------------------
 
     @classmethod
-    def capture(cls, cohort: Cohort) -> list["DenoiseState"]:
-        """Each member's state now, copied to the CPU (the cohort goes on stepping meanwhile)."""
+    def capture(cls, cohort: Cohort, interval: int = 0) -> list["DenoiseState"]:
+        """Each member's state now, copied to the CPU (the cohort goes on stepping meanwhile); `interval`: the
+        steps until its next one (0: the image stops here)."""
         scheduler = cohort.scheduler
         reference = _reference(cohort)
         rank, size = cohort.latents.ndim, cohort.size
@@ -144,7 +148,7 @@ class DenoiseState:
                     continue
                 values[name] = _describe(f"scheduler/{name}", value, keep)
             states.append(cls(fingerprint(spec), cohort.step_index, cohort.total_steps, type(scheduler).__name__,
-                              tensors, values, on_device))
+                              tensors, values, on_device, interval))
         return states
 
     def restore(self, pipe, member, spec: ImageSpec, conditioning: Conditioning, device: torch.device) -> Cohort:
@@ -169,36 +173,6 @@ class DenoiseState:
                         conditioning, [generator])
         cohort.step_index = cohort.checkpointed_at = self.step_index
         return cohort
-
-
-@dataclass(frozen=True)
-class HeldState:
-    """A state's bytes held in memory (the head's copy of an image on an actor): resumable like a checkpoint
-    file, and written as one."""
-
-    step: int
-    data: bytes
-
-    @property
-    def step_index(self) -> int:
-        return self.step
-
-    def read(self) -> bytes:
-        return self.data
-
-    def to_bytes(self) -> bytes:
-        return self.data
-
-
-@dataclass(frozen=True)
-class OffloadedState(HeldState):
-    """A paused image's state moved off its accelerator into host memory (`ActiveSet`), counted by the device's
-    memory monitor until it is restored or dropped (`release`)."""
-
-    monitor: object = None  # the MemoryMonitor counting it
-
-    def release(self) -> None:
-        self.monitor.parked_host_bytes -= len(self.data)
 
 
 _MISSING = object()

@@ -284,7 +284,7 @@ class DevicePool:
             elif task.state in (NEW, PARKED):
                 task.state = DONE
                 task.parked = None
-                if task.resume_from is not None and hasattr(task.resume_from, "release"):  # offloaded to host
+                if task.resume_from is not None:
                     task.resume_from.release()
                     task.resume_from = None
         if not task.future.done():
@@ -341,11 +341,12 @@ class DevicePool:
         continue where they stopped at the next start. True when every worker thread has ended."""
         with self.queue.cond:
             self._closed = True  # the start thread makes no worker from here on
-        for task in self.queue.drain():
-            if suspend and task.parked is not None and self.checkpoints is not None:
-                from .checkpoint_cadence import hand_over  # torch: loaded by now, since an image was parked
+        left = self.queue.drain()
+        if suspend and left and self.checkpoints is not None:
+            from .checkpoint_cadence import hand_over_waiting
 
-                hand_over(task.parked, self.checkpoints)
+            hand_over_waiting(left, self.checkpoints)
+        for task in left:
             if not task.future.done():
                 task.future.set_exception(Unavailable("the worker closed before this image started"))
         for worker in self._workers:

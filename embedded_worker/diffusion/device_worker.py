@@ -61,6 +61,9 @@ class WorkerCounters:
     out_of_memory: int = 0
     resumed_images: int = 0  # images that continued from a checkpoint
     steps_restored: int = 0  # the steps those did not compute again
+    # what they may compute again: the steps a process that died (or an actor lost) did after their states were
+    # taken, each state's interval (plus any taken while its next write was on its way); 0 after a pause or suspend
+    steps_recomputed_at_most: int = 0
     checkpoints_refused: int = 0  # checkpoints that could not be used: their images started from step 0
 
 
@@ -145,6 +148,7 @@ class DeviceWorker(WorkerThread):
                 "capture_seconds_per_image": self.checkpoints.capture_seconds,
                 "resumed_images": self.counters.resumed_images,
                 "steps_restored": self.counters.steps_restored,
+                "steps_recomputed_at_most": self.counters.steps_recomputed_at_most,
                 "refused": self.counters.checkpoints_refused,
             },
             "denoiser": {"path": "eager", "compile": "off"} if self.compiled is None else self.compiled.status(),

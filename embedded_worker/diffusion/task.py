@@ -17,14 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .denoise import Cohort, ImageSpec
-
-
-class StoredState(Protocol):
-    """A checkpoint to continue from: its step, and its `DenoiseState` bytes, read when a device takes it."""
-
-    step: int
-
-    def read(self) -> bytes: ...
+    from .resume_points import ResumePoint
 
 
 NEW, QUEUED, ACTIVE, PARKED, DONE = "new", "queued", "active", "parked", "done"
@@ -99,7 +92,7 @@ class DenoiseTask:
         self.finished_at: float | None = None
         self.worker: str | None = None  # the device worker that took it last: where it runs
         self.checkpoint_key: str | None = None  # its name among its record's images: checkpointed under it
-        self.resume_from: StoredState | None = None  # a checkpoint to continue from instead of step 0
+        self.resume_from: ResumePoint | None = None  # a state to continue from instead of step 0
         self.resumed_from_step: int | None = None  # the step it did continue from
 
     @property

@@ -31,10 +31,10 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..diffusion.resume_points import StoredState
 from .state import FINAL, REMOVED
 
 if TYPE_CHECKING:
@@ -44,17 +44,6 @@ if TYPE_CHECKING:
     from .store import StateStore
 
 log = logging.getLogger("embedded_worker.checkpoints")
-
-
-@dataclass(frozen=True)
-class StoredState:
-    """A checkpoint on disk: where an image resumes from, read when a device takes it."""
-
-    path: Path
-    step: int
-
-    def read(self) -> bytes:
-        return self.path.read_bytes()
 
 
 class Checkpoints:

@@ -4,7 +4,7 @@
         [--every-steps K] [--trace-steps] [--hold-at-step N] [--steps N] [--model ID]
 
 One JSON line per completed item ({"item": ..., "seed": ..., "output_id": ..., "sha256": ...}), then
-{"final": status reply}. --every-steps checkpoints each image every K steps; --trace-steps adds a line per
+{"final": status reply, "checkpoints": the device's checkpoint counters}. --every-steps checkpoints each image every K steps; --trace-steps adds a line per
 image per forward ({"forward": record id, "step": its step after it}); --hold-at-step holds the device
 thread for good once an image reaches step N (after saying {"held": N}), so a test can kill -9 the
 process at that boundary. With --poison, the process kills itself (os._exit, as a native crash would)
@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
         with worker.track_batch(batch_id, on_update=report) as tracker:
             tracker.wait(timeout=600)
         report({})
-        print(json.dumps({"final": worker.get_batch_status(batch_id=batch_id, include_items=True)}), flush=True)
+        print(json.dumps({"final": worker.get_batch_status(batch_id=batch_id, include_items=True),
+                          "checkpoints": worker.get_status()["device"]["devices"][0]["checkpoints"]}), flush=True)
     return 0
 
 
