@@ -3,10 +3,13 @@
 Per model (the built-in shapes model at 64 px, tiny SD at 32 px) and batch
 (1 and 8): images/s of the pipeline's own call, of the worker with the eager
 denoiser, and of the worker with the compiled one (warmed first), interleaved
-round by round; eight concurrent single-image sessions coalesced on the
-compiled worker against its batch of 8; the time to the first image of a
-fresh process with compiling off, on with a cold cache, and on with a warm
-one; and what the compiles cost.
+round by round, the compiled round right after the pipeline's: besides the
+ratio of medians, the median of the per-round ratios (compiled over pipeline,
+back to back), which a load swing between rounds moves less; eight
+concurrent single-image sessions coalesced on the compiled worker against
+its batch of 8; the time to the first image of a fresh process with
+compiling off, on with a cold cache, and on with a warm one; and what the
+compiles cost. The shapes model's batch of 8 runs twice the rounds.
 
     python -m benchmarks.run --only compiled
 """
@@ -81,10 +84,10 @@ def throughput_rows(model_cache: str, compile_cache: str, rounds: int) -> tuple[
                 worker_rate(eager, batch, STEPS, 1, **parameters(model_id))
                 warm(compiled, lambda: worker_rate(compiled, batch, STEPS, 1, **parameters(model_id)))
                 raw, ours_eager, ours_compiled = [], [], []
-                for _ in range(rounds):
+                for _ in range(goal_rounds(model_id, batch, rounds)):
                     raw += raw_pipeline_rate(pipe, batch, STEPS, 1, **call)
-                    ours_eager += worker_rate(eager, batch, STEPS, 1, **parameters(model_id))
                     ours_compiled += worker_rate(compiled, batch, STEPS, 1, **parameters(model_id))
+                    ours_eager += worker_rate(eager, batch, STEPS, 1, **parameters(model_id))
                 status = testing.device_workers(compiled)[0].compiled.status()
                 if model_id == "builtin:shapes" and batch == 8:
                     coalesced_rows = coalesced(compiled, model_id, rounds)
@@ -92,17 +95,29 @@ def throughput_rows(model_cache: str, compile_cache: str, rounds: int) -> tuple[
                 eager.close(30)
                 compiled.close(30)
             raw_rate, eager_rate, compiled_rate = median(raw), median(ours_eager), median(ours_compiled)
+            paired = [ours / theirs for ours, theirs in zip(ours_compiled, raw)]  # each round's, back to back
             rows.append({"model": model_id, "size": shape["size"], "batch": batch,
                          "pipeline_img_s": round(raw_rate, 2), "eager_img_s": round(eager_rate, 2),
                          "compiled_img_s": round(compiled_rate, 2),
                          "compiled_vs_pipeline": round(compiled_rate / raw_rate, 2),
+                         "compiled_vs_pipeline_paired": round(median(paired), 2), "spread_paired": spread(paired),
                          "compiled_vs_eager": round(compiled_rate / eager_rate, 2),
-                         "spread_compiled_img_s": f"{min(ours_compiled):.2f}-{max(ours_compiled):.2f}",
-                         "graphs": status["graphs"], "rounds": rounds})
+                         "spread_compiled_img_s": spread(ours_compiled),
+                         "graphs": status["graphs"], "rounds": len(raw)})
             compile_costs[f"{model_id} batch {batch}"] = {
                 "graphs_built": status["graphs_built"], "compile_seconds": status["compile_seconds"],
                 "load_seconds": status["load_seconds"]}
     return rows, coalesced_rows, compile_costs
+
+
+def goal_rounds(model_id: str, batch: int, rounds: int) -> int:
+    """Twice the rounds for the shapes model's batch of 8: its goal (1.5x) is the one this shared VM's noise
+    swung most (per-round ratios 1.13 to 1.8 in one run)."""
+    return 2 * rounds if (model_id, batch) == ("builtin:shapes", 8) else rounds
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
 
 
 def coalesced(worker: ProcessingWorker, model_id: str, rounds: int) -> list[dict]:
