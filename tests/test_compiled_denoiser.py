@@ -9,7 +9,9 @@ guidance) and tiny Flux at batch 1 (1 row). The storm of cohort sizes counts gra
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ import torch
 from embedded_worker import testing
 from embedded_worker.diffusion.compiled_denoiser import PIXEL_TOLERANCE, _StepRunner, bucket_for, buckets
 from embedded_worker.diffusion.families import ADAPTERS
+from embedded_worker.diffusion.package_runners import LibraryRunner, LoaderRunner
 
 from .conftest import device_worker, pipeline_of, run_of, session_status, wait_for
 
@@ -282,3 +285,42 @@ def test_a_restart_loads_the_compiled_graph_from_the_cache_instead_of_compiling(
     warm(second, SD)
     counters = device_worker(second).compiled.counters
     assert counters.graphs_built == 0 and counters.graphs_loaded == 1
+
+
+def test_a_compiled_forward_lets_other_threads_run_python_meanwhile(make_compiled_worker):
+    """AOTInductor's own loader holds the GIL through a whole forward, so status calls and the host's polls
+    would wait out every step; the worker calls the package's library, which lets it go. With a switch
+    interval far longer than the test, another thread gets the GIL only when a forward lets it go: counted."""
+    worker = make_compiled_worker()
+    warm(worker, SD)
+    compiled = device_worker(worker).compiled
+    (key,) = compiled.graphs(SD)
+    runner = compiled._runners[key]
+    inputs = {name: torch.randn(shape) if dtype.startswith("float") else torch.full(shape, 500, dtype=getattr(
+        torch, dtype)) for name, shape, dtype in key.inputs}
+    sample, timestep = inputs.pop("sample"), inputs.pop("timestep")
+    forwards, started, done = 10, threading.Event(), threading.Event()
+
+    def run_forwards() -> None:
+        started.set()
+        for _ in range(forwards):
+            runner(sample, timestep, inputs)
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        thread = threading.Thread(target=run_forwards)
+        thread.start()
+        started.wait()
+        turns = 0
+        while not done.wait(0.0005):
+            turns += 1
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert turns >= forwards, f"this thread ran {turns} times during {forwards} compiled forwards"
+    assert isinstance(runner, LibraryRunner)
+    (package,) = Path(compiled.cache_dir).glob(f"sd-{key.height}x{key.width}-rows{key.bucket}-*.pt2")
+    loader = LoaderRunner(package, torch.device("cpu"))  # AOTInductor's own way in: the same output, bit for bit
+    assert torch.equal(runner(sample, timestep, inputs), loader(sample, timestep, inputs))

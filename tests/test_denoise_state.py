@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from embedded_worker.config import CheckpointConfig
+from embedded_worker.diffusion.checkpoint_cadence import CheckpointCadence
 from embedded_worker.diffusion.conditioning import join_conditioning
 from embedded_worker.diffusion.denoise import decode_pixels, encode_prompt, predict_noise, start_cohort
 from embedded_worker.diffusion.denoise_state import FORMAT_VERSION, DenoiseState, StateRefused
@@ -107,3 +109,40 @@ def test_a_state_resumes_only_the_request_it_was_taken_from(sd_pipe):
     with pytest.raises(StateRefused, match="another request"):
         state.restore(sd_pipe, 6, other, encode_prompt(sd_pipe, other), torch.device("cpu"))
     assert state.restore(sd_pipe, 5, spec, encode_prompt(sd_pipe, spec), torch.device("cpu")).step_index == 1
+
+
+class _Image:
+    """A record's image as the cadence sees it: named, so it is checkpointed."""
+
+    def __init__(self, name: str):
+        self.record_id, self.checkpoint_key = "record", name
+
+
+class _Sink:
+    """Where taken states go (the checkpoint writer's place), with the write cost the cadence reads."""
+
+    def __init__(self):
+        self.seconds_per_image = None
+        self.taken: list[tuple[int, int]] = []  # (step, interval) of each state handed over
+
+    def save(self, record_id, image, state) -> None:
+        self.taken.append((state.step_index, state.interval))
+
+
+@torch.inference_mode()
+def test_each_checkpoint_comes_within_the_interval_the_last_one_carries(sd_pipe):
+    """The first checkpoint is taken before its cost is known (interval 1) and the budget then allows one every
+    many steps: the next still comes one step later, so each state's interval bounds the steps a process that
+    died after writing it had gone past it."""
+    specs = [image_spec(prompt="a lighthouse", seed=3, steps=10)]
+    cohort = start_cohort(sd_pipe, [_Image("0.0")], specs, join_conditioning([encode_prompt(sd_pipe, specs[0])]))
+    sink = _Sink()
+    cadence = CheckpointCadence(sink, CheckpointConfig())
+    while not cohort.finished:
+        predict_noise(sd_pipe, [cohort], 10_000)
+        cadence.after_step([cohort], 1, seconds_per_step=0.01)
+        sink.seconds_per_image = 0.001  # measured once the first write landed: the budget's interval grows
+    first, second, *rest = sink.taken
+    assert first == (1, 1) and second[0] == 2 and second[1] > 1  # the promise of the first state was kept
+    for (step, interval), (next_step, _) in zip(sink.taken, sink.taken[1:]):
+        assert next_step - step <= interval

@@ -48,7 +48,7 @@ def hand_over(cohort: Cohort, sink: CheckpointSink, interval: int = 0) -> int:
     for task, state, key in zip(cohort.members, states, keyed):
         if key:
             sink.save(task.record_id, task.checkpoint_key, state)
-    cohort.checkpointed_at = cohort.step_index
+    cohort.checkpointed_at, cohort.promised_every = cohort.step_index, interval or None
     return sum(keyed)
 
 
@@ -85,10 +85,13 @@ class CheckpointCadence:
         return max(1, math.ceil((self.capture_seconds + write) * images / (self.budget * seconds_per_step)))
 
     def after_step(self, cohorts: list[Cohort], images: int, seconds_per_step: float | None) -> None:
-        """At a step boundary: the unfinished cohorts due for a checkpoint have their state taken."""
+        """At a step boundary: the unfinished cohorts due for a checkpoint have their state taken. A cohort's
+        next checkpoint never comes later than the interval its last one carries (`DenoiseState.interval`),
+        however the interval grew since (the first, uncalibrated one is 1): that is what makes it a bound."""
         every = self.interval_steps = self.interval(images, seconds_per_step)
         for cohort in cohorts:
-            if not cohort.finished and cohort.step_index - cohort.checkpointed_at >= every:
+            due = every if cohort.promised_every is None else min(every, cohort.promised_every)
+            if not cohort.finished and cohort.step_index - cohort.checkpointed_at >= due:
                 self.take(cohort, every)
 
     def take(self, cohort: Cohort, interval: int = 0) -> None:

@@ -48,7 +48,7 @@ def build_package(job: dict) -> None:
     example = {name: torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
                for name, shape, dtype in key["inputs"]}
     sample, timestep = example.pop("sample"), example.pop("timestep")
-    example = dict(sorted(example.items()))  # the rows by name: the order `_PackageRunner` passes them in
+    example = dict(sorted(example.items()))  # the rows by name: the order `package_runners` passes them in
     with torch.no_grad():
         exported = torch.export.export(DenoiserForward(pipe, adapter, spec).eval(), (sample, timestep, example),
                                        strict=False)

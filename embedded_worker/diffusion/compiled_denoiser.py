@@ -34,8 +34,11 @@ Design notes
   shapes and dtypes, the bucket, the device, torch's version, the options),
   so a restart loads it instead of compiling again, and changed weights or
   a new torch never load a stale one.
-- CUDA: a bucket's package is replayed as a CUDA graph captured on its first
-  use (static input buffers; the copy in and out is the only host work).
+- Calling a package (`package_runners`): on the CPU through its library's C
+  entry point, which lets the GIL go for the forward (AOTInductor's loader
+  holds it through a whole call); on CUDA replayed as a CUDA graph captured
+  on its first use (static input buffers; the copy in and out is the only
+  host work).
 - Cost: each package holds its own copy of the denoiser weights, so memory
   grows by a copy per bucket in use; fine for the small models this runs on
   a CPU, to be weighed on a GPU with a large model (unfrozen packages could
@@ -59,6 +62,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from .package_runners import load_runner
 
 if TYPE_CHECKING:
     from .image_spec import ImageSpec
@@ -263,9 +268,7 @@ class CompiledDenoisers:
             log.info("%s compiled %s (%s) in %.1f s", self.worker_name, job.key.model_id, job.path.name,
                      time.perf_counter() - started)
         started = time.perf_counter()
-        runner = _PackageRunner(job.path, self.device)
-        if self.device.type == "cuda":
-            runner = _CudaGraphRunner(runner, self.device)
+        runner = load_runner(job.path, self.device)
         with self._cond:
             self.counters.graphs_loaded += 1
             self.counters.load_seconds += time.perf_counter() - started
@@ -295,20 +298,6 @@ class CompiledDenoisers:
             raise RuntimeError(f"the compiler process exited with {child.returncode}: {errors.strip()[-1500:]}")
 
 
-class _PackageRunner:
-    """A package called through AOTInductor's C++ loader: loading it through `torch._inductor` imported
-    seconds of Python here first (GIL held), and its wrapper parsed the call's tree spec on every call. The
-    inputs go flat in the order the package was traced with (`build_package`): sample, timestep, then the
-    conditioning rows by name."""
-
-    def __init__(self, path: Path, device: torch.device):
-        index = device.index or 0 if device.type == "cuda" else -1
-        self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
-
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, rows: dict) -> torch.Tensor:
-        return self._loader.run([sample, timestep, *(rows[name] for name in sorted(rows))])[0]
-
-
 class _StepRunner:
     """One step's compiled forward: each chunk padded to its bucket, run, and cut back to its rows."""
 
@@ -330,39 +319,6 @@ def _pad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     if missing:
         tensor = torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
     return tensor.contiguous()
-
-
-class _CudaGraphRunner:
-    """A package replayed as a CUDA graph: captured on first use with static inputs; later calls copy in,
-    replay, and copy the output out (the next replay overwrites it)."""
-
-    def __init__(self, runner, device: torch.device):
-        self._runner = runner
-        self._device = device
-        self._graph = None
-        self._inputs = None
-        self._output = None
-
-    def __call__(self, sample, timestep, rows):
-        inputs = [sample, timestep, *rows.values()]
-        if self._graph is None:
-            self._inputs = [t.clone() for t in inputs]
-            side = torch.cuda.Stream(self._device)
-            side.wait_stream(torch.cuda.current_stream(self._device))
-            with torch.cuda.stream(side):
-                self._call_static(rows)  # warm-up outside the capture
-            torch.cuda.current_stream(self._device).wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._output = self._call_static(rows)
-        for static, value in zip(self._inputs, inputs):
-            static.copy_(value)
-        self._graph.replay()
-        return self._output.clone()
-
-    def _call_static(self, rows: dict):
-        sample, timestep, *conditions = self._inputs
-        return self._runner(sample, timestep, dict(zip(rows, conditions)))
 
 
 def _lowest_priority() -> None:

@@ -71,6 +71,7 @@ class Cohort:
         self.generators = generators
         self.step_index = 0
         self.checkpointed_at = 0  # the step its state was last taken at (`checkpoint_cadence`)
+        self.promised_every: int | None = None  # the interval that state carries: the next comes within it
         self.guidance_scale = specs[0].guidance_scale
         self.classifier_free = adapter.classifier_free(specs[0])  # two rows per image: negative and prompt
 
@@ -120,6 +121,7 @@ class Cohort:
             [self.generators[i] for i in positions],
         )
         taken.step_index = taken.checkpointed_at = self.step_index
+        taken.promised_every = self.promised_every
         self.members = [self.members[i] for i in keep]
         self.specs = [self.specs[i] for i in keep]
         self.latents = self.latents.index_select(0, kept_index)
