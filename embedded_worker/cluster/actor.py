@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..diffusion.smoothing import smoothed
+
 CANCEL_MEMORY_S = 300.0  # a cancel that overtook its `run` waits this long for it; then the image had finished
 
 
@@ -174,7 +176,5 @@ class StatesForHead:
         started = time.perf_counter()
         taken = {key: (state.step_index, state.to_bytes()) for key, state in newest.items()}
         if taken:
-            seconds = (time.perf_counter() - started) / len(taken)
-            self.seconds_per_image = seconds if self.seconds_per_image is None else \
-                0.8 * self.seconds_per_image + 0.2 * seconds
+            self.seconds_per_image = smoothed(self.seconds_per_image, (time.perf_counter() - started) / len(taken))
         return taken

@@ -67,13 +67,18 @@ def progressed(tasks: dict[str, DenoiseTask], report: dict, checkpoints) -> list
 def keep_states(tasks: dict[str, DenoiseTask], states: dict[str, tuple[int, bytes]], checkpoints) -> None:
     """States an actor took (its key -> (step, bytes)): each image's newest, held on the head to continue from,
     and written as its checkpoint when the head keeps them (`checkpoints`, durable state)."""
-    for key, (step, data) in states.items():
+    for key, state in states.items():
         task = tasks.get(key)
-        if task is None:
-            continue
-        task.resume_from = HeldState(step, data)
-        if checkpoints is not None and task.checkpoint_key is not None:
-            checkpoints.save(task.record_id, task.checkpoint_key, task.resume_from)
+        if task is not None:
+            _hold(task, state, checkpoints)
+
+
+def _hold(task: DenoiseTask, state: tuple[int, bytes], checkpoints) -> None:
+    """The head keeps `state` (step, bytes) as the image's newest, to continue from, and writes it as its
+    checkpoint when it keeps them (`checkpoints`, durable state)."""
+    task.resume_from = HeldState(*state)
+    if checkpoints is not None and task.checkpoint_key is not None:
+        checkpoints.save(task.record_id, task.checkpoint_key, task.resume_from)
 
 
 def parked_there(queue: WorkQueue, task: DenoiseTask, state: tuple[int, bytes]) -> bool:
@@ -157,10 +162,8 @@ def park_for_suspend(where: str, connection, actor, in_flight: dict, keys: dict[
                     answer = ray.get(ref)
                 except Exception:  # cancelled or failed there: nothing to continue from
                     continue
-                task = in_flight[ref]
-                if isinstance(answer, tuple) and answer[1] and task.checkpoint_key is not None:
-                    task.resume_from = HeldState(*answer)
-                    checkpoints.save(task.record_id, task.checkpoint_key, task.resume_from)
+                if isinstance(answer, tuple) and answer[1]:  # paused there: its state (empty: never started)
+                    _hold(in_flight[ref], answer, checkpoints)
                     back += 1
     except Exception:  # the head or the actor went: the images keep the head's last states
         log.exception("%s: the images out could not be paused for the suspend", where)

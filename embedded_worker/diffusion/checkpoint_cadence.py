@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from .denoise_state import DenoiseState, NotCapturable
+from .smoothing import smoothed
 
 if TYPE_CHECKING:
     from ..config import CheckpointConfig
@@ -100,7 +101,5 @@ class CheckpointCadence:
         started = time.perf_counter()
         taken = hand_over(cohort, self.sink, interval)
         if taken:
-            seconds = (time.perf_counter() - started) / taken
-            self.capture_seconds = seconds if self.capture_seconds is None else \
-                0.8 * self.capture_seconds + 0.2 * seconds
+            self.capture_seconds = smoothed(self.capture_seconds, (time.perf_counter() - started) / taken)
             self.images_taken += taken

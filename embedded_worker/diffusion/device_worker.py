@@ -35,6 +35,7 @@ from .active_set import ActiveSet
 from .compiled_denoiser import CompiledDenoisers
 from .oom_backoff import decode, forward, release_memory
 from .pipelines import PipelineCache
+from .smoothing import smoothed
 from .task import DONE
 from .worker_thread import WorkerThread
 
@@ -247,7 +248,7 @@ class DeviceWorker(WorkerThread):
         self.counters.steps += 1
         for hook in self.step_hooks:
             hook(self)
-        self.seconds_per_step = _smoothed(self.seconds_per_step, elapsed)
+        self.seconds_per_step = smoothed(self.seconds_per_step, elapsed)
         decode_seconds = self.seconds_per_decode or 0.0
         for cohort in cohorts:
             remaining = cohort.total_steps - cohort.step_index
@@ -278,7 +279,7 @@ class DeviceWorker(WorkerThread):
             except Exception as error:
                 self.active.fail(cohort.members, error)
                 continue
-            self.seconds_per_decode = _smoothed(self.seconds_per_decode, per_image)
+            self.seconds_per_decode = smoothed(self.seconds_per_decode, per_image)
             for task, pixels in zip(cohort.members, images):
                 with self.queue.cond:
                     task.state = DONE
@@ -303,8 +304,3 @@ class DeviceWorker(WorkerThread):
         if self.compiled is not None:
             self.compiled.close()
         self.pipelines.clear()
-
-
-def _smoothed(average: float | None, sample: float) -> float:
-    """An exponential moving average: steady enough for an ETA, quick to follow a change of load."""
-    return sample if average is None else 0.8 * average + 0.2 * sample

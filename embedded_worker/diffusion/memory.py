@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
+from .smoothing import smoothed
+
 if TYPE_CHECKING:
     import torch
 
@@ -265,8 +267,7 @@ class ForwardTimes:
     def record(self, key: tuple, images: int, seconds: float) -> None:
         with self._lock:
             sizes = self._seconds.setdefault(key, {})
-            old = sizes.get(images)
-            sizes[images] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            sizes[images] = smoothed(sizes.get(images), seconds)
 
     def estimate(self, key: tuple, images: int) -> float | None:
         with self._lock:

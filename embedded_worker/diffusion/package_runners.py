@@ -46,8 +46,8 @@ class LibraryRunner:
     its outputs, which become tensors without a copy."""
 
     def __init__(self, library: Path):
+        self._container = ctypes.c_void_p()  # first: `__del__` reads it even when loading failed
         self._library = ctypes.CDLL(str(library))
-        self._container = ctypes.c_void_p()
         _check(self._library.AOTInductorModelContainerCreateWithDevice(
             ctypes.byref(self._container), ctypes.c_size_t(1), b"cpu", None), "load")
         outputs = ctypes.c_size_t()

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..diffusion.resume_points import StoredState
+from ..diffusion.smoothing import smoothed
 from .state import FINAL, REMOVED
 
 if TYPE_CHECKING:
@@ -159,9 +160,7 @@ class Checkpoints:
             return
         if previous is not None and previous.path != path:
             previous.path.unlink(missing_ok=True)
-        seconds = time.perf_counter() - started
-        self.seconds_per_image = seconds if self.seconds_per_image is None else \
-            0.8 * self.seconds_per_image + 0.2 * seconds
+        self.seconds_per_image = smoothed(self.seconds_per_image, time.perf_counter() - started)
         self.written += 1
         self.bytes_written += len(data)
 
