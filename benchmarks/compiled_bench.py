@@ -2,10 +2,12 @@
 
 Per model (the built-in shapes model at 64 px, tiny SD at 32 px) and batch
 (1 and 8): images/s of the pipeline's own call, of the worker with the eager
-denoiser, and of the worker with the compiled one (warmed first), interleaved
-round by round, the compiled round right after the pipeline's: besides the
-ratio of medians, the median of the per-round ratios (compiled over pipeline,
-back to back), which a load swing between rounds moves less; eight
+denoiser, and of the worker with the compiled one (warmed first), its
+forwards over single-threaded lanes (the default) and whole on two threads
+(`compile.lanes` 1), interleaved round by round, the compiled round right
+after the pipeline's: besides the ratio of medians, the median of the
+per-round ratios (compiled over pipeline, back to back), which a load swing
+between rounds moves less; eight
 concurrent single-image sessions coalesced on the compiled worker against
 its batch of 8; the time to the first image of a fresh process with
 compiling off, on with a cold cache, and on with a warm one; and what the
@@ -39,11 +41,12 @@ COALESCED_TITLE = "Compiled denoiser: eight concurrent sessions coalesced agains
 START_TITLE = "Compiled denoiser: time to the first image of a fresh process (shapes, 64 px, 20 steps, batch 1)"
 
 
-def make_worker(model_cache: str, compile_cache: str | None, **scheduling) -> ProcessingWorker:
+def make_worker(model_cache: str, compile_cache: str | None, lanes: int | None = None,
+                **scheduling) -> ProcessingWorker:
     config = {"model_cache_dir": model_cache, "state_path": ":memory:",
               "scheduling": {"coalesce_wait_ms": 50.0, **scheduling}}
     if compile_cache is not None:
-        config["compile"] = {"enabled": True, "cache_dir": compile_cache}
+        config["compile"] = {"enabled": True, "cache_dir": compile_cache, "lanes": lanes}
     return ProcessingWorker(WorkerConfig.model_validate(config))
 
 
@@ -79,14 +82,17 @@ def throughput_rows(model_cache: str, compile_cache: str, rounds: int) -> tuple[
         for batch in (1, 8):
             eager = make_worker(model_cache, None, max_batch_size=batch)
             compiled = make_worker(model_cache, compile_cache, max_batch_size=batch)
+            whole = make_worker(model_cache, compile_cache, lanes=1, max_batch_size=batch)
             try:
                 raw_pipeline_rate(pipe, batch, STEPS, 1, **call)
                 worker_rate(eager, batch, STEPS, 1, **parameters(model_id))
-                warm(compiled, lambda: worker_rate(compiled, batch, STEPS, 1, **parameters(model_id)))
-                raw, ours_eager, ours_compiled = [], [], []
+                for worker in (compiled, whole):
+                    warm(worker, lambda: worker_rate(worker, batch, STEPS, 1, **parameters(model_id)))
+                raw, ours_eager, ours_compiled, ours_whole = [], [], [], []
                 for _ in range(goal_rounds(model_id, batch, rounds)):
                     raw += raw_pipeline_rate(pipe, batch, STEPS, 1, **call)
                     ours_compiled += worker_rate(compiled, batch, STEPS, 1, **parameters(model_id))
+                    ours_whole += worker_rate(whole, batch, STEPS, 1, **parameters(model_id))
                     ours_eager += worker_rate(eager, batch, STEPS, 1, **parameters(model_id))
                 status = testing.device_workers(compiled)[0].compiled.status()
                 if model_id == "builtin:shapes" and batch == 8:
@@ -94,14 +100,19 @@ def throughput_rows(model_cache: str, compile_cache: str, rounds: int) -> tuple[
             finally:
                 eager.close(30)
                 compiled.close(30)
+                whole.close(30)
             raw_rate, eager_rate, compiled_rate = median(raw), median(ours_eager), median(ours_compiled)
             paired = [ours / theirs for ours, theirs in zip(ours_compiled, raw)]  # each round's, back to back
+            lanes_paired = [ours / whole for ours, whole in zip(ours_compiled, ours_whole)]
             rows.append({"model": model_id, "size": shape["size"], "batch": batch,
                          "pipeline_img_s": round(raw_rate, 2), "eager_img_s": round(eager_rate, 2),
                          "compiled_img_s": round(compiled_rate, 2),
                          "compiled_vs_pipeline": round(compiled_rate / raw_rate, 2),
                          "compiled_vs_pipeline_paired": round(median(paired), 2), "spread_paired": spread(paired),
                          "compiled_vs_eager": round(compiled_rate / eager_rate, 2),
+                         "lanes": status["lanes"], "one_lane_img_s": round(median(ours_whole), 2),
+                         "lanes_vs_one_lane_paired": round(median(lanes_paired), 2),
+                         "spread_lanes_paired": spread(lanes_paired),
                          "spread_compiled_img_s": spread(ours_compiled),
                          "graphs": status["graphs"], "rounds": len(raw)})
             compile_costs[f"{model_id} batch {batch}"] = {

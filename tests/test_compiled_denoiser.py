@@ -93,8 +93,37 @@ def test_rows_pad_to_a_bucket_and_come_back_cut_to_the_real_ones():
 
     key = GraphKey("m", 8, 8, (("sample", (4, 3), "float32"),))
     sample, timestep, text = torch.randn(3, 3), torch.arange(3.0), torch.randn(3, 5)
-    out = _StepRunner({key: rowwise}, [key])(sample, timestep, {"text": text})
+    out = _StepRunner({key: rowwise}, [(key, 1)])(sample, timestep, {"text": text})
     assert seen == [4] and torch.equal(out, rowwise(sample, timestep, {"text": text}))
+
+
+def test_a_forward_over_lanes_runs_its_rows_at_once_on_single_threaded_lanes():
+    """Two lanes: the bucket of 4 rows is the 2-row package twice, each half on a lane thread of its own whose
+    OpenMP count is 1, the two running at the same time, while this thread keeps torch's count."""
+    from embedded_worker.diffusion.compiled_denoiser import GraphKey
+    from embedded_worker.diffusion.forward_lanes import ForwardLanes
+
+    threads_here = torch.get_num_threads()
+    lanes = ForwardLanes(2, "test")
+    both_in = threading.Barrier(2)
+    calls = []
+
+    def rowwise(sample, timestep, rows):
+        calls.append((threading.current_thread().name, sample.shape[0], torch.get_num_threads()))
+        both_in.wait(30)  # breaks (and fails the test) unless the other half runs meanwhile
+        return sample * 2 + timestep.view(-1, 1) + rows["text"].sum(1, keepdim=True)
+
+    try:
+        key = GraphKey("m", 8, 8, (("sample", (2, 3), "float32"),))
+        sample, timestep, text = torch.randn(3, 3), torch.arange(3.0), torch.randn(3, 5)
+        out = _StepRunner({key: rowwise}, [(key, 2)], lanes)(sample, timestep, {"text": text})
+    finally:
+        lanes.close()
+    assert sorted(rows for _, rows, _ in calls) == [2, 2] and len({name for name, _, _ in calls}) == 2
+    assert all(name.startswith("ew-lane-test") and threads == 1 for name, _, threads in calls), calls
+    assert torch.get_num_threads() == threads_here
+    expected = sample * 2 + timestep.view(-1, 1) + text.sum(1, keepdim=True)
+    assert out.shape == (3, 3) and torch.equal(out, expected)
 
 
 def stand_in_build(worker, built: list):
@@ -180,6 +209,10 @@ def test_the_compiled_forward_takes_over_between_two_steps_with_no_step_lost_or_
     assert_within_tolerance(pixels(worker, reply), reference)
     status = denoiser_status(worker)
     assert status["path"] == "compiled" and status["graphs"] == 1 and status["compile_seconds"] >= 0
+    # a lane per intra-op thread; one image with guidance is 2 rows: on two lanes or more, the 1-row package twice
+    (key,) = compiled.graphs(SD)
+    threads = torch.get_num_threads()
+    assert status["lanes"] == (threads if threads > 1 else 1) and key.bucket == 2 // min(status["lanes"], 2)
 
 
 def assert_within_tolerance(compiled: np.ndarray, eager: np.ndarray) -> int:

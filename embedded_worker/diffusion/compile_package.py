@@ -39,6 +39,7 @@ def build_package(job: dict) -> None:
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1  # no pool of compile workers: the child is the background work
+    inductor_config.cpp.threads = job["threads"]  # what each kernel's parallel loops are written for
     key = job["key"]
     device = torch.device(job["device"])
     pipe = load_pipeline(Path(job["folder"]), device, getattr(torch, job["dtype"]))

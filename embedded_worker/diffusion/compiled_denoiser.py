@@ -24,6 +24,12 @@ Design notes
   stalling every step by up to the switch interval per op. This process
   only loads the finished package (a shared library and its weights), on
   the compiler thread.
+- Lanes, on a CPU: a forward's rows (padded to their bucket) are split over
+  one single-threaded lane per intra-op thread, which run at once
+  (`forward_lanes`: fewer waits between threads than one forward on all
+  of them); the packages are then built for one thread and the lane's
+  rows, so a bucket of 16 rows on two lanes is the 8-row package twice.
+  `compile.lanes` 1 runs each forward whole on the device thread.
 - Handover between steps: the device thread asks once per step
   (`for_step`) whether every chunk's bucket is ready; only then does the
   step run compiled, else it runs eager and the missing buckets are queued.
@@ -63,6 +69,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .forward_lanes import ForwardLanes, LanesUnavailable
 from .package_runners import load_runner
 
 if TYPE_CHECKING:
@@ -101,6 +108,7 @@ class BuildJob:
     dtype: str
     path: Path
     guidance_scale: float
+    threads: int  # intra-op threads its kernels are written for
 
 
 @dataclass
@@ -131,11 +139,15 @@ def bucket_for(rows: int, max_rows: int) -> int:
 class CompiledDenoisers:
     """Compiled forwards of the models one device worker runs, looked up by the device thread once per step."""
 
-    def __init__(self, worker_name: str, device: torch.device, dtype: torch.dtype, cache_dir: Path):
+    def __init__(self, worker_name: str, device: torch.device, dtype: torch.dtype, cache_dir: Path,
+                 lanes: int | None = None):
         self.worker_name = worker_name
         self.device = device
         self.dtype = dtype
         self.cache_dir = Path(cache_dir)
+        self.lanes = _make_lanes(worker_name, device, lanes)
+        # what each package's kernels are written for: one thread in a lane, else the device worker's threads
+        self.threads = 1 if self.lanes is not None or device.type != "cpu" else torch.get_num_threads()
         self.counters = CompileCounters()
         # guards _runners, _queued, _wanted, _failed, _closing and the counters the compiler thread writes
         self._cond = threading.Condition()
@@ -159,14 +171,16 @@ class CompiledDenoisers:
                  chunks: list[tuple[torch.Tensor, torch.Tensor, dict]], max_rows: int) -> Callable | None:
         """The compiled forward for this step's chunks when every chunk's bucket is ready (a callable of
         sample, timestep, rows), else None, with the missing buckets queued for building."""
-        keys = [self._key(model_id, spec, chunk, bucket_for(chunk[0].shape[0], max_rows)) for chunk in chunks]
+        parts = [self._parts(bucket_for(chunk[0].shape[0], max_rows)) for chunk in chunks]
+        keys = [self._key(model_id, spec, chunk, -(-bucket // count)) for chunk, (bucket, count) in zip(chunks, parts)]
         with self._cond:
             runners = [self._runners.get(key) for key in keys]
             self.last_path = "compiled" if all(runners) else "eager"
             if all(runners):
                 self.counters.steps_compiled += 1
                 self.counters.forwards_compiled += len(chunks)
-                return _StepRunner(dict(zip(keys, runners)), keys)
+                return _StepRunner(dict(zip(keys, runners)), [(key, count) for key, (_, count) in zip(keys, parts)],
+                                   self.lanes)
             self.counters.steps_eager += 1
             if (model_id, spec.height, spec.width) in self._failed or self._closing:
                 return None
@@ -176,6 +190,10 @@ class CompiledDenoisers:
                     self._queued.append(self._job(key, folder, family, spec))
                     self._cond.notify_all()
         return None
+
+    def _parts(self, bucket: int) -> tuple[int, int]:
+        """(bucket, lanes it is split over): each lane at least one row."""
+        return bucket, 1 if self.lanes is None else min(self.lanes.count, bucket)
 
     def _key(self, model_id: str, spec: ImageSpec, chunk: tuple, bucket: int) -> GraphKey:
         sample, timestep, rows = chunk
@@ -189,11 +207,12 @@ class CompiledDenoisers:
         identity = {"format": FORMAT, "folder": str(Path(folder).resolve()), "family": family,
                     "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
                     "inputs": key.inputs, "size": (key.height, key.width), "device": self.device.type,
-                    "dtype": str(self.dtype), "torch": torch.__version__, "options": INDUCTOR_OPTIONS}
+                    "dtype": str(self.dtype), "torch": torch.__version__, "options": INDUCTOR_OPTIONS,
+                    "threads": self.threads}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
         path = self.cache_dir / f"{family}-{key.height}x{key.width}-rows{key.bucket}-{digest}.pt2"
         return BuildJob(key, Path(folder), family, str(self.device), str(self.dtype).removeprefix("torch."), path,
-                        spec.guidance_scale)
+                        spec.guidance_scale, self.threads)
 
     # ---- other threads -----------------------------------------------------------------------
 
@@ -201,7 +220,8 @@ class CompiledDenoisers:
         """For device.get_status: which path the worker's steps take, the graphs it holds, the time spent."""
         with self._cond:
             counters = self.counters
-            return {"path": self.last_path, "compiling": bool(self._wanted),
+            return {"path": self.last_path, "lanes": 1 if self.lanes is None else self.lanes.count,
+                    "compiling": bool(self._wanted),
                     "graphs": len(self._runners), "building": None if self.building is None else
                     f"{self.building.model_id} {self.building.height}x{self.building.width} "
                     f"rows {self.building.bucket}",
@@ -229,6 +249,8 @@ class CompiledDenoisers:
         if child is not None and child.poll() is None:
             child.kill()  # the child we started, by its handle
         self._thread.join(30)
+        if self.lanes is not None:
+            self.lanes.close()
 
     # ---- the compiler thread -----------------------------------------------------------------
 
@@ -268,7 +290,7 @@ class CompiledDenoisers:
             log.info("%s compiled %s (%s) in %.1f s", self.worker_name, job.key.model_id, job.path.name,
                      time.perf_counter() - started)
         started = time.perf_counter()
-        runner = load_runner(job.path, self.device)
+        runner = load_runner(job.path, self.device, 1 if self.lanes is None else self.lanes.count)
         with self._cond:
             self.counters.graphs_loaded += 1
             self.counters.load_seconds += time.perf_counter() - started
@@ -279,7 +301,7 @@ class CompiledDenoisers:
         spec = {"key": {"model_id": job.key.model_id, "height": job.key.height, "width": job.key.width,
                         "inputs": job.key.inputs},
                 "folder": str(job.folder), "family": job.family, "device": job.device, "dtype": job.dtype,
-                "path": str(job.path), "guidance_scale": job.guidance_scale}
+                "path": str(job.path), "guidance_scale": job.guidance_scale, "threads": job.threads}
         # the child finds this process's packages (a .NET host's sys.executable is the base interpreter)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                "TORCHINDUCTOR_CACHE_DIR": str(self.cache_dir / "inductor"), "HF_HUB_OFFLINE": "1"}
@@ -299,18 +321,23 @@ class CompiledDenoisers:
 
 
 class _StepRunner:
-    """One step's compiled forward: each chunk padded to its bucket, run, and cut back to its rows."""
+    """One step's compiled forward: each chunk padded to its package's rows times its lanes, run (over the
+    lanes, each its package's rows), and cut back to its rows."""
 
-    def __init__(self, runners: dict, keys: list[GraphKey]):
+    def __init__(self, runners: dict, plan: list[tuple[GraphKey, int]], lanes: ForwardLanes | None = None):
         self._runners = runners
-        self._keys = iter(keys)
+        self._plan = iter(plan)  # per chunk: its package's key and the lanes it is split over
+        self._lanes = lanes
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, rows: dict) -> torch.Tensor:
-        key = next(self._keys)
-        count, bucket = sample.shape[0], key.bucket
-        padded = [_pad(t, bucket) for t in (sample, timestep)]
-        conditions = {k: _pad(v, bucket) for k, v in rows.items()}
-        return self._runners[key](*padded, conditions)[:count]
+        key, parts = next(self._plan)
+        count, padded_rows = sample.shape[0], key.bucket * parts
+        padded = [_pad(t, padded_rows) for t in (sample, timestep)]
+        conditions = {k: _pad(v, padded_rows) for k, v in rows.items()}
+        runner = self._runners[key]
+        if self._lanes is None:
+            return runner(*padded, conditions)[:count]
+        return self._lanes.run(runner, parts, *padded, conditions)[:count]
 
 
 def _pad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -319,6 +346,18 @@ def _pad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     if missing:
         tensor = torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
     return tensor.contiguous()
+
+
+def _make_lanes(worker_name: str, device: torch.device, wanted: int | None) -> ForwardLanes | None:
+    """A CPU worker's lanes: `wanted`, or one per intra-op thread; None for one lane or off the CPU."""
+    count = (wanted or torch.get_num_threads()) if device.type == "cpu" else 1
+    if count < 2:
+        return None
+    try:
+        return ForwardLanes(count, worker_name)
+    except LanesUnavailable as why:
+        log.warning("%s: compiled forwards run whole on the device thread: %s", worker_name, why)
+        return None
 
 
 def _lowest_priority() -> None:

@@ -150,6 +150,7 @@ class DevicePool:
             gc_freeze=self.settings.gc_freeze,
             checkpoints=None if checkpoints is None else CheckpointCadence(checkpoints, self.settings.checkpoints),
             compile_cache_dir=self.settings.compile_cache_dir,
+            compile_lanes=self.settings.compile_lanes,
         )
 
     def start(self, then: Callable | None = None) -> None:

@@ -84,6 +84,7 @@ class DeviceWorker(WorkerThread):
         gc_freeze: bool,
         checkpoints: CheckpointCadence | None = None,
         compile_cache_dir: Path | None = None,
+        compile_lanes: int | None = None,
     ):
         super().__init__(name, queue)
         self.device = device
@@ -94,7 +95,8 @@ class DeviceWorker(WorkerThread):
         self.sizer = admission.sizer
         self.pipelines = PipelineCache(catalog, device, dtype, max_loaded_models, gc_freeze, admission.sizer, name)
         # the compiled denoiser, when configured: built in the background, taken up between two steps
-        self.compiled = None if compile_cache_dir is None else CompiledDenoisers(name, device, dtype, compile_cache_dir)
+        self.compiled = None if compile_cache_dir is None else CompiledDenoisers(name, device, dtype, compile_cache_dir,
+                                                                                 compile_lanes)
         if self.compiled is not None:
             self.pipelines.unloaded.append(self.compiled.forget)
         self.trace: deque[dict] = deque(maxlen=4096)  # share group -> images, per forward: the scheduler's recent past

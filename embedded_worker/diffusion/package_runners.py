@@ -28,28 +28,30 @@ log = logging.getLogger("embedded_worker.compile")
 _PARTS = (".cpp", ".json", ".so")  # what a package whose library holds everything has under data/
 
 
-def load_runner(path: Path, device: torch.device):
-    """A callable (sample, timestep, rows) -> noise prediction for the package at `path`."""
+def load_runner(path: Path, device: torch.device, concurrent: int = 1):
+    """A callable (sample, timestep, rows) -> noise prediction for the package at `path`, which `concurrent`
+    threads may call at once (`forward_lanes`)."""
     if device.type == "cuda":
         return CudaGraphRunner(LoaderRunner(path, device), device)
     library = _library_alone(path)
     if library is None:
-        log.info("%s holds more than its library: called through AOTInductor's loader (holding the GIL)",
-                 path.name)
-        return LoaderRunner(path, device)
-    return LibraryRunner(library)
+        log.info("%s holds more than its library: called through AOTInductor's loader (holding the GIL, so "
+                 "lanes run one after another)", path.name)
+        return LoaderRunner(path, device, concurrent)
+    return LibraryRunner(library, concurrent)
 
 
 class LibraryRunner:
     """The package's library called through its C entry point (`AOTInductorModelContainerRun`), by ctypes,
     which releases the GIL for the call. The run takes over the input handles and hands back new ones for
-    its outputs, which become tensors without a copy."""
+    its outputs, which become tensors without a copy. A container of `concurrent` model instances (sharing one
+    copy of the weights) takes as many calls at once."""
 
-    def __init__(self, library: Path):
+    def __init__(self, library: Path, concurrent: int = 1):
         self._container = ctypes.c_void_p()  # first: `__del__` reads it even when loading failed
         self._library = ctypes.CDLL(str(library))
         _check(self._library.AOTInductorModelContainerCreateWithDevice(
-            ctypes.byref(self._container), ctypes.c_size_t(1), b"cpu", None), "load")
+            ctypes.byref(self._container), ctypes.c_size_t(concurrent), b"cpu", None), "load")
         outputs = ctypes.c_size_t()
         _check(self._library.AOTInductorModelContainerGetNumOutputs(self._container, ctypes.byref(outputs)),
                "count the outputs of")
@@ -75,9 +77,9 @@ class LoaderRunner:
     """A package called through AOTInductor's C++ loader (loading it through `torch._inductor` imported
     seconds of Python first, GIL held, and its wrapper parsed the call's tree spec on every call)."""
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, concurrent: int = 1):
         index = device.index or 0 if device.type == "cuda" else -1
-        self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, concurrent, index)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, rows: dict) -> torch.Tensor:
         return self._loader.run([sample, timestep, *(rows[name] for name in sorted(rows))])[0]
