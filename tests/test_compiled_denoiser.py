@@ -9,8 +9,10 @@ guidance) and tiny Flux at batch 1 (1 row). The storm of cohort sizes counts gra
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +359,31 @@ def test_a_compiled_forward_lets_other_threads_run_python_meanwhile(make_compile
     (package,) = Path(compiled.cache_dir).glob(f"sd-{key.height}x{key.width}-rows{key.bucket}-*.pt2")
     loader = LoaderRunner(package, torch.device("cpu"))  # AOTInductor's own way in: the same output, bit for bit
     assert torch.equal(runner(sample, timestep, inputs), loader(sample, timestep, inputs))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class")
+def test_the_compiler_child_runs_in_the_idle_scheduling_class(tmp_path):
+    """The build's child process lowers itself to the idle class first thing, before its imports (so a cold cache
+    costs the device's first steps little); seen from outside while it runs, here a build of a model folder that
+    is not there. Only the interpreter's own start runs before it, in the usual class."""
+    from embedded_worker.diffusion.compiled_denoiser import BuildJob, CompiledDenoisers, GraphKey
+
+    compiled = CompiledDenoisers("idle", torch.device("cpu"), torch.float32, tmp_path, lanes=1)
+    key = GraphKey("missing", 32, 32, (("sample", (1, 4, 4, 4), "float32"), ("timestep", (1,), "float32")))
+    job = BuildJob(key, tmp_path / "no-model", "sd", "cpu", "float32", tmp_path / "x.pt2", 3.5, threads=1)
+    errors, policies = [], []
+    builder = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, compiled._build_in_child, job)))
+    builder.start()
+    while builder.is_alive():
+        child = compiled._child
+        try:
+            policy = os.sched_getscheduler(child.pid) if child is not None else None
+        except ProcessLookupError:
+            continue
+        if policy is not None and policy not in policies[-1:]:
+            policies.append(policy)
+        time.sleep(0.002)
+    builder.join()
+    compiled.close()
+    assert errors and "exited with" in str(errors[0].value)  # it failed in the child, at the model's folder
+    assert policies[-1] == os.SCHED_IDLE and policies.count(os.SCHED_IDLE) == 1, policies  # idle, and it stayed

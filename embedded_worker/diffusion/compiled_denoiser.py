@@ -308,10 +308,8 @@ class CompiledDenoisers:
         with self._cond:
             if self._closing:
                 raise RuntimeError("the worker is closing")
-            self._child = subprocess.Popen(
-                [sys.executable, "-m", "embedded_worker.diffusion.compile_package", json.dumps(spec)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                preexec_fn=_lowest_priority if hasattr(os, "nice") else None)
+            self._child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], env=env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             child = self._child
         _, errors = child.communicate()
         with self._cond:
@@ -360,5 +358,15 @@ def _make_lanes(worker_name: str, device: torch.device, wanted: int | None) -> F
         return None
 
 
-def _lowest_priority() -> None:
-    os.nice(19)  # the child compiles in what the device leaves over
+# The child's first lines: the lowest CPU priority there is (Linux's idle class, else nice 19), then the build. The
+# child sets it itself, not through a preexec_fn, so that Popen may vfork this large process instead of copying
+# it. Its compiler's processes inherit it. At nice 19 a cold cache's first image took 19 % longer than with
+# compiling off; in the idle class 11 % (5 fresh processes each, interleaved).
+_CHILD = """
+import os, runpy
+try:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except (AttributeError, OSError):
+    os.nice(19) if hasattr(os, "nice") else None
+runpy.run_module("embedded_worker.diffusion.compile_package", run_name="__main__")
+"""
