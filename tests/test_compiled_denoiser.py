@@ -93,15 +93,16 @@ def test_rows_pad_to_a_bucket_and_come_back_cut_to_the_real_ones():
 
     from embedded_worker.diffusion.compiled_denoiser import GraphKey
 
-    key = GraphKey("m", 8, 8, (("sample", (4, 3), "float32"),))
+    key = GraphKey("m", 8, 8, (("sample", (4, 3), "float32"),), threads=2)
     sample, timestep, text = torch.randn(3, 3), torch.arange(3.0), torch.randn(3, 5)
     out = _StepRunner({key: rowwise}, [(key, 1)])(sample, timestep, {"text": text})
     assert seen == [4] and torch.equal(out, rowwise(sample, timestep, {"text": text}))
 
 
 def test_a_forward_over_lanes_runs_its_rows_at_once_on_single_threaded_lanes():
-    """Two lanes: the bucket of 4 rows is the 2-row package twice, each half on a lane thread of its own whose
-    OpenMP count is 1, the two running at the same time, while this thread keeps torch's count."""
+    """Two lanes: the bucket of 4 rows is the 2-row, one-thread package twice, each half on a lane thread of its
+    own whose OpenMP count is 1, the two running at the same time, while this thread keeps torch's count; a
+    bucket of 1 row runs on one lane at two threads."""
     from embedded_worker.diffusion.compiled_denoiser import GraphKey
     from embedded_worker.diffusion.forward_lanes import ForwardLanes
 
@@ -116,13 +117,17 @@ def test_a_forward_over_lanes_runs_its_rows_at_once_on_single_threaded_lanes():
         return sample * 2 + timestep.view(-1, 1) + rows["text"].sum(1, keepdim=True)
 
     try:
-        key = GraphKey("m", 8, 8, (("sample", (2, 3), "float32"),))
+        key = GraphKey("m", 8, 8, (("sample", (2, 3), "float32"),), threads=1)
         sample, timestep, text = torch.randn(3, 3), torch.arange(3.0), torch.randn(3, 5)
         out = _StepRunner({key: rowwise}, [(key, 2)], lanes)(sample, timestep, {"text": text})
+        assert sorted(rows for _, rows, _ in calls) == [2, 2] and len({name for name, _, _ in calls}) == 2
+        assert all(name.startswith("ew-lane-test") and threads == 1 for name, _, threads in calls), calls
+        both_in = threading.Barrier(1)
+        alone = GraphKey("m", 8, 8, (("sample", (1, 3), "float32"),), threads=2)
+        single = _StepRunner({alone: rowwise}, [(alone, 1)], lanes)(sample[:1], timestep[:1], {"text": text[:1]})
+        assert calls[2][1:] == (1, 2) and torch.equal(single, out[:1])
     finally:
         lanes.close()
-    assert sorted(rows for _, rows, _ in calls) == [2, 2] and len({name for name, _, _ in calls}) == 2
-    assert all(name.startswith("ew-lane-test") and threads == 1 for name, _, threads in calls), calls
     assert torch.get_num_threads() == threads_here
     expected = sample * 2 + timestep.view(-1, 1) + text.sum(1, keepdim=True)
     assert out.shape == (3, 3) and torch.equal(out, expected)
@@ -370,7 +375,7 @@ def test_the_compiler_child_runs_in_the_idle_scheduling_class(tmp_path):
 
     compiled = CompiledDenoisers("idle", torch.device("cpu"), torch.float32, tmp_path, lanes=1)
     key = GraphKey("missing", 32, 32, (("sample", (1, 4, 4, 4), "float32"), ("timestep", (1,), "float32")))
-    job = BuildJob(key, tmp_path / "no-model", "sd", "cpu", "float32", tmp_path / "x.pt2", 3.5, threads=1)
+    job = BuildJob(key, tmp_path / "no-model", "sd", "cpu", "float32", tmp_path / "x.pt2", 3.5)
     errors, policies = [], []
     builder = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, compiled._build_in_child, job)))
     builder.start()

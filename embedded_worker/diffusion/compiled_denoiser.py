@@ -25,11 +25,12 @@ Design notes
   only loads the finished package (a shared library and its weights), on
   the compiler thread.
 - Lanes, on a CPU: a forward's rows (padded to their bucket) are split over
-  one single-threaded lane per intra-op thread, which run at once
-  (`forward_lanes`: fewer waits between threads than one forward on all
-  of them); the packages are then built for one thread and the lane's
-  rows, so a bucket of 16 rows on two lanes is the 8-row package twice.
-  `compile.lanes` 1 runs each forward whole on the device thread.
+  lanes that run at once, as many as there are rows up to one per intra-op
+  thread, the threads shared out between them (`forward_lanes`: fewer waits
+  between threads than one forward on all of them). A package is built for
+  a lane's rows and threads: on two threads a bucket of 16 rows is the
+  8-row, one-thread package twice, a bucket of 1 row the 1-row, two-thread
+  package once. `compile.lanes` 1 runs each forward whole on all threads.
 - Handover between steps: the device thread asks once per step
   (`for_step`) whether every chunk's bucket is ready; only then does the
   step run compiled, else it runs eager and the missing buckets are queued.
@@ -85,12 +86,14 @@ PIXEL_TOLERANCE = 2
 
 @dataclass(frozen=True)
 class GraphKey:
-    """What decides one compiled graph: the model, the forward's input shapes (rows at the bucket) and dtypes."""
+    """What decides one compiled graph: the model, the forward's input shapes (rows: a lane's) and dtypes, and
+    the intra-op threads its kernels are written for."""
 
     model_id: str
     height: int
     width: int
-    inputs: tuple  # (name, shape, dtype) of sample, timestep and each conditioning row, rows at the bucket
+    inputs: tuple  # (name, shape, dtype) of sample, timestep and each conditioning row, rows at a lane's
+    threads: int = 1
 
     @property
     def bucket(self) -> int:
@@ -108,7 +111,6 @@ class BuildJob:
     dtype: str
     path: Path
     guidance_scale: float
-    threads: int  # intra-op threads its kernels are written for
 
 
 @dataclass
@@ -145,9 +147,8 @@ class CompiledDenoisers:
         self.device = device
         self.dtype = dtype
         self.cache_dir = Path(cache_dir)
+        self.threads = torch.get_num_threads() if device.type == "cpu" else 1  # what lanes share out
         self.lanes = _make_lanes(worker_name, device, lanes)
-        # what each package's kernels are written for: one thread in a lane, else the device worker's threads
-        self.threads = 1 if self.lanes is not None or device.type != "cpu" else torch.get_num_threads()
         self.counters = CompileCounters()
         # guards _runners, _queued, _wanted, _failed, _closing and the counters the compiler thread writes
         self._cond = threading.Condition()
@@ -172,7 +173,8 @@ class CompiledDenoisers:
         """The compiled forward for this step's chunks when every chunk's bucket is ready (a callable of
         sample, timestep, rows), else None, with the missing buckets queued for building."""
         parts = [self._parts(bucket_for(chunk[0].shape[0], max_rows)) for chunk in chunks]
-        keys = [self._key(model_id, spec, chunk, -(-bucket // count)) for chunk, (bucket, count) in zip(chunks, parts)]
+        keys = [self._key(model_id, spec, chunk, -(-bucket // count), max(1, self.threads // count))
+                for chunk, (bucket, count) in zip(chunks, parts)]
         with self._cond:
             runners = [self._runners.get(key) for key in keys]
             self.last_path = "compiled" if all(runners) else "eager"
@@ -195,12 +197,12 @@ class CompiledDenoisers:
         """(bucket, lanes it is split over): each lane at least one row."""
         return bucket, 1 if self.lanes is None else min(self.lanes.count, bucket)
 
-    def _key(self, model_id: str, spec: ImageSpec, chunk: tuple, bucket: int) -> GraphKey:
+    def _key(self, model_id: str, spec: ImageSpec, chunk: tuple, bucket: int, threads: int) -> GraphKey:
         sample, timestep, rows = chunk
         described = [("sample", sample), ("timestep", timestep), *sorted(rows.items())]
         inputs = tuple((name, (bucket, *tensor.shape[1:]), str(tensor.dtype).removeprefix("torch."))
                        for name, tensor in described)
-        return GraphKey(model_id, spec.height, spec.width, inputs)
+        return GraphKey(model_id, spec.height, spec.width, inputs, threads)
 
     def _job(self, key: GraphKey, folder: Path, family: str, spec: ImageSpec) -> BuildJob:
         weights = sorted(p for p in Path(folder).glob("*/*.safetensors") if p.parent.name in ("unet", "transformer"))
@@ -208,11 +210,11 @@ class CompiledDenoisers:
                     "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
                     "inputs": key.inputs, "size": (key.height, key.width), "device": self.device.type,
                     "dtype": str(self.dtype), "torch": torch.__version__, "options": INDUCTOR_OPTIONS,
-                    "threads": self.threads}
+                    "threads": key.threads}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
-        path = self.cache_dir / f"{family}-{key.height}x{key.width}-rows{key.bucket}-{digest}.pt2"
+        path = self.cache_dir / f"{family}-{key.height}x{key.width}-rows{key.bucket}-threads{key.threads}-{digest}.pt2"
         return BuildJob(key, Path(folder), family, str(self.device), str(self.dtype).removeprefix("torch."), path,
-                        spec.guidance_scale, self.threads)
+                        spec.guidance_scale)
 
     # ---- other threads -----------------------------------------------------------------------
 
@@ -301,7 +303,7 @@ class CompiledDenoisers:
         spec = {"key": {"model_id": job.key.model_id, "height": job.key.height, "width": job.key.width,
                         "inputs": job.key.inputs},
                 "folder": str(job.folder), "family": job.family, "device": job.device, "dtype": job.dtype,
-                "path": str(job.path), "guidance_scale": job.guidance_scale, "threads": job.threads}
+                "path": str(job.path), "guidance_scale": job.guidance_scale, "threads": job.key.threads}
         # the child finds this process's packages (a .NET host's sys.executable is the base interpreter)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                "TORCHINDUCTOR_CACHE_DIR": str(self.cache_dir / "inductor"), "HF_HUB_OFFLINE": "1"}
@@ -335,7 +337,7 @@ class _StepRunner:
         runner = self._runners[key]
         if self._lanes is None:
             return runner(*padded, conditions)[:count]
-        return self._lanes.run(runner, parts, *padded, conditions)[:count]
+        return self._lanes.run(runner, parts, key.threads, *padded, conditions)[:count]
 
 
 def _pad(tensor: torch.Tensor, rows: int) -> torch.Tensor:

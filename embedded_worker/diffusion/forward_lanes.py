@@ -34,43 +34,55 @@ class LanesUnavailable(RuntimeError):
 
 
 class ForwardLanes:
-    """`count` lane threads; `run` spreads one forward's rows over them and waits for all."""
+    """`count` lane threads; `run` spreads one forward's rows over some of them and waits for all."""
 
     def __init__(self, count: int, name: str):
-        set_openmp, set_mkl = _thread_count_setters()
+        self._set_openmp, self._set_mkl = _thread_count_setters()
         self.count = count
+        self._mine = threading.local()  # on each lane thread: the thread count it runs at
         self._pool = ThreadPoolExecutor(count, thread_name_prefix=f"ew-lane-{name}")
-        # every lane thread made now and set to one thread: a lane's first forward must not be the one to do it
+        # every lane thread made and set now: a lane's first forward must not be the one to do it
         everyone = threading.Barrier(count)
-        settled = [self._pool.submit(_one_thread, set_openmp, set_mkl, everyone) for _ in range(count)]
+        settled = [self._pool.submit(self._settle, everyone) for _ in range(count)]
         threads = {future.result() for future in settled}
         if threads != {1}:
             self._pool.shutdown(wait=False)
             raise LanesUnavailable(f"a lane thread still runs {threads} threads")
 
-    def run(self, runner, parts: int, sample: torch.Tensor, timestep: torch.Tensor, rows: dict) -> torch.Tensor:
-        """`runner` over `parts` equal slices of the rows, one slice a lane, at once; the outputs in row order."""
+    def run(self, runner, parts: int, threads: int, sample: torch.Tensor, timestep: torch.Tensor,
+            rows: dict) -> torch.Tensor:
+        """`runner` over `parts` equal slices of the rows, one slice a lane of `threads` threads, at once; the
+        outputs in row order."""
         size = sample.shape[0] // parts
         cuts = [slice(part * size, (part + 1) * size) for part in range(parts)]
-        futures = [self._pool.submit(runner, sample[cut], timestep[cut], {k: v[cut] for k, v in rows.items()})
-                   for cut in cuts]
+        futures = [self._pool.submit(self._call, runner, threads, sample[cut], timestep[cut],
+                                     {k: v[cut] for k, v in rows.items()}) for cut in cuts]
         outputs = [future.result() for future in futures]
         return torch.cat(outputs) if parts > 1 else outputs[0]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
+    def _call(self, runner, threads: int, *inputs) -> torch.Tensor:
+        if self._mine.threads != threads:
+            self._set_threads(threads)
+        return runner(*inputs)
 
-def _one_thread(set_openmp, set_mkl, everyone: threading.Barrier) -> int:
-    """On a lane thread: torch's per-thread setup first (it would otherwise set the count back on this thread's
-    first parallel operation), then one OpenMP and one MKL thread for this thread only. Waits for the other
-    lanes so that each setup runs on a thread of its own."""
-    torch.get_num_threads()
-    set_openmp(1)
-    if set_mkl is not None:
-        set_mkl(1)
-    everyone.wait(60)
-    return torch.get_num_threads()
+    def _settle(self, everyone: threading.Barrier) -> int:
+        """On a new lane thread: torch's per-thread setup first (it would otherwise set the count back on this
+        thread's first parallel operation), then one thread. Waits for the other lanes, so that each setup runs
+        on a thread of its own."""
+        torch.get_num_threads()
+        self._set_threads(1)
+        everyone.wait(60)
+        return torch.get_num_threads()
+
+    def _set_threads(self, threads: int) -> None:
+        """This thread's OpenMP and MKL thread counts; no other thread's."""
+        self._set_openmp(threads)
+        if self._set_mkl is not None:
+            self._set_mkl(threads)
+        self._mine.threads = threads
 
 
 @functools.cache
