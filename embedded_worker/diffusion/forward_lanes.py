@@ -1,4 +1,4 @@
-"""ForwardLanes: one compiled forward's rows split over single-threaded lanes that run at once, a lane a core.
+"""ForwardLanes: one compiled forward's rows split over lanes that run at once, the threads shared out.
 
 Why: a forward on torch's intra-op threads is hundreds of parallel regions (each compiled kernel, each oneDNN
 convolution, each attention), and the threads of each region wait for one another at its end. At the sizes
@@ -8,12 +8,11 @@ meet once per forward: the shapes UNet's 16 rows ran 1.07x to 1.12x faster as tw
 forward on two threads, and 2 rows 1.15x faster as two lanes of 1 (paired, one process), bit for bit the
 same rows. The pictures are those of the compiled path (`compiled_denoiser.PIXEL_TOLERANCE`).
 
-How: a lane is a thread whose OpenMP (libgomp's per-thread `omp_set_num_threads`) and MKL
-(`MKL_Set_Num_Threads_Local`) thread counts are 1, which leaves the process's own (torch's setting, what the
-eager path and the device thread use) as they were; the lanes call packages built for one thread (Inductor
-writes the count into each kernel) through their library, which lets the GIL go (`package_runners`), so the
-lanes run at once.
-"""
+How: a lane is a thread that sets its own OpenMP (libgomp's per-thread `omp_set_num_threads`) and MKL
+(`MKL_Set_Num_Threads_Local`) thread counts to its share, which leaves the process's own (torch's setting,
+what the eager path and the device thread use) as they were; the lanes call packages built for that share
+(Inductor writes the count into each kernel) through their library, which lets the GIL go
+(`package_runners`), so the lanes run at once."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ log = logging.getLogger("embedded_worker.compile")
 
 
 class LanesUnavailable(RuntimeError):
-    """This torch build gives no way to run a thread on one core alone (no OpenMP runtime in reach)."""
+    """This torch build gives no way to set one thread's thread count alone (no OpenMP runtime in reach)."""
 
 
 class ForwardLanes:
