@@ -122,7 +122,7 @@ def test_a_forward_over_lanes_runs_its_rows_at_once_on_single_threaded_lanes():
         out = _StepRunner({key: rowwise}, [(key, 2)], lanes)(sample, timestep, {"text": text})
         assert sorted(rows for _, rows, _ in calls) == [2, 2] and len({name for name, _, _ in calls}) == 2
         assert all(name.startswith("ew-lane-test") and threads == 1 for name, _, threads in calls), calls
-        both_in = threading.Barrier(1)
+        both_in = threading.Barrier(1)  # one lane from here: nothing to wait for
         alone = GraphKey("m", 8, 8, (("sample", (1, 3), "float32"),), threads=2)
         single = _StepRunner({alone: rowwise}, [(alone, 1)], lanes)(sample[:1], timestep[:1], {"text": text[:1]})
         assert calls[2][1:] == (1, 2) and torch.equal(single, out[:1])
@@ -374,7 +374,7 @@ def test_the_compiler_child_runs_in_the_idle_scheduling_class(tmp_path):
     from embedded_worker.diffusion.compiled_denoiser import BuildJob, CompiledDenoisers, GraphKey
 
     compiled = CompiledDenoisers("idle", torch.device("cpu"), torch.float32, tmp_path, lanes=1)
-    key = GraphKey("missing", 32, 32, (("sample", (1, 4, 4, 4), "float32"), ("timestep", (1,), "float32")))
+    key = GraphKey("missing", 32, 32, (("sample", (1, 4, 4, 4), "float32"), ("timestep", (1,), "float32")), threads=1)
     job = BuildJob(key, tmp_path / "no-model", "sd", "cpu", "float32", tmp_path / "x.pt2", 3.5)
     errors, policies = [], []
     builder = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, compiled._build_in_child, job)))

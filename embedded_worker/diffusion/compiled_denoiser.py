@@ -93,7 +93,7 @@ class GraphKey:
     height: int
     width: int
     inputs: tuple  # (name, shape, dtype) of sample, timestep and each conditioning row, rows at a lane's
-    threads: int = 1
+    threads: int
 
     @property
     def bucket(self) -> int:
@@ -148,7 +148,7 @@ class CompiledDenoisers:
         self.dtype = dtype
         self.cache_dir = Path(cache_dir)
         self.threads = torch.get_num_threads() if device.type == "cpu" else 1  # what lanes share out
-        self.lanes = _make_lanes(worker_name, device, lanes)
+        self.lanes = _make_lanes(worker_name, lanes or self.threads) if device.type == "cpu" else None
         self.counters = CompileCounters()
         # guards _runners, _queued, _wanted, _failed, _closing and the counters the compiler thread writes
         self._cond = threading.Condition()
@@ -172,16 +172,15 @@ class CompiledDenoisers:
                  chunks: list[tuple[torch.Tensor, torch.Tensor, dict]], max_rows: int) -> Callable | None:
         """The compiled forward for this step's chunks when every chunk's bucket is ready (a callable of
         sample, timestep, rows), else None, with the missing buckets queued for building."""
-        parts = [self._parts(bucket_for(chunk[0].shape[0], max_rows)) for chunk in chunks]
-        keys = [self._key(model_id, spec, chunk, -(-bucket // count), max(1, self.threads // count))
-                for chunk, (bucket, count) in zip(chunks, parts)]
+        plans = [self._plan(bucket_for(chunk[0].shape[0], max_rows)) for chunk in chunks]
+        keys = [self._key(model_id, spec, chunk, rows, threads) for chunk, (_, rows, threads) in zip(chunks, plans)]
         with self._cond:
             runners = [self._runners.get(key) for key in keys]
             self.last_path = "compiled" if all(runners) else "eager"
             if all(runners):
                 self.counters.steps_compiled += 1
                 self.counters.forwards_compiled += len(chunks)
-                return _StepRunner(dict(zip(keys, runners)), [(key, count) for key, (_, count) in zip(keys, parts)],
+                return _StepRunner(dict(zip(keys, runners)), [(key, lanes) for key, (lanes, _, _) in zip(keys, plans)],
                                    self.lanes)
             self.counters.steps_eager += 1
             if (model_id, spec.height, spec.width) in self._failed or self._closing:
@@ -193,9 +192,10 @@ class CompiledDenoisers:
                     self._cond.notify_all()
         return None
 
-    def _parts(self, bucket: int) -> tuple[int, int]:
-        """(bucket, lanes it is split over): each lane at least one row."""
-        return bucket, 1 if self.lanes is None else min(self.lanes.count, bucket)
+    def _plan(self, bucket: int) -> tuple[int, int, int]:
+        """How a bucket runs: (lanes, rows of each, threads of each); each lane at least one row."""
+        lanes = 1 if self.lanes is None else min(self.lanes.count, bucket)
+        return lanes, -(-bucket // lanes), max(1, self.threads // lanes)
 
     def _key(self, model_id: str, spec: ImageSpec, chunk: tuple, bucket: int, threads: int) -> GraphKey:
         sample, timestep, rows = chunk
@@ -348,9 +348,8 @@ def _pad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def _make_lanes(worker_name: str, device: torch.device, wanted: int | None) -> ForwardLanes | None:
-    """A CPU worker's lanes: `wanted`, or one per intra-op thread; None for one lane or off the CPU."""
-    count = (wanted or torch.get_num_threads()) if device.type == "cpu" else 1
+def _make_lanes(worker_name: str, count: int) -> ForwardLanes | None:
+    """A CPU worker's `count` lanes; None for one (each forward whole, on the device thread)."""
     if count < 2:
         return None
     try:
@@ -362,13 +361,14 @@ def _make_lanes(worker_name: str, device: torch.device, wanted: int | None) -> F
 
 # The child's first lines: the lowest CPU priority there is (Linux's idle class, else nice 19), then the build. The
 # child sets it itself, not through a preexec_fn, so that Popen may vfork this large process instead of copying
-# it. Its compiler's processes inherit it. At nice 19 a cold cache's first image took 19 % longer than with
-# compiling off; in the idle class 11 % (5 fresh processes each, interleaved).
+# it. Its compiler's processes inherit it. A cold cache's first image against compiling off (5 fresh processes
+# each, interleaved): nice 19 through a preexec_fn +19 %, the idle class through one +11 %, set here -3 % to +9 %.
 _CHILD = """
 import os, runpy
 try:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 except (AttributeError, OSError):
-    os.nice(19) if hasattr(os, "nice") else None
+    if hasattr(os, "nice"):
+        os.nice(19)
 runpy.run_module("embedded_worker.diffusion.compile_package", run_name="__main__")
 """
