@@ -33,7 +33,7 @@ def test_from_dict_file_and_environment(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", [
     {"device": "tpu"}, {"dtype": "float8"}, {"limits": {"max_steps": 0}}, {"unknown": 1},
-    {"default_model": "not-configured"}, "{broken", "/no/such/file.json",
+    {"default_model": "not-configured"}, "{broken", "/no/such/file.json", {"compile": {"lanes": 0}},
 ])
 def test_bad_configuration_is_refused_with_the_reason(bad):
     with pytest.raises(InvalidRequest, match="configuration"):
@@ -49,7 +49,7 @@ def test_the_worker_passes_a_bad_config_as_an_exception_at_construction_only(mod
 
 @pytest.mark.parametrize("bad", [{"board_slots": True}, {"scheduling": {"max_batch_size": True}},
                                  {"retention": {"max_age_hours": float("nan")}}, {"gc_freeze": "yes"},
-                                 {"limits": {"max_items": 2.5}}])
+                                 {"limits": {"max_items": 2.5}}, {"compile": {"lanes": True}}])
 def test_config_integers_booleans_and_numbers_are_exactly_that(bad):
     with pytest.raises(InvalidRequest, match="invalid worker configuration"):
         WorkerConfig.load(bad)
